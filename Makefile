@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Both create the virtualenv and install the project on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
+
+.PHONY: run test lint typecheck proto bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+proto: $(INSTALLED)
+	$(PY) tools/genproto.py
+
+run: $(INSTALLED)
+	$(PY) main.py
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(INSTALLED)
+	$(PY) -m mypy orchestrator
+
+test: $(INSTALLED) lint typecheck
+	$(PY) -m pytest
+
+bench: $(INSTALLED)
+	$(PY) bench/sync_booking.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,173 @@
+"""The example booking service: `python main.py` serves it; `main.py upstream NAME` one upstream.
+
+The root `app.yaml` is the embedded default: an in-memory broker and both
+upstream services inside this process, so nothing else has to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+import facade.async_booking
+import facade.sync_booking
+from handler import BookingHandler
+from node import Upstreams
+from orchestrator import (
+    ConfigError,
+    GrpcService,
+    Orchestrator,
+    OrchestratorServer,
+    Settings,
+    StrictModel,
+    broker_from_settings,
+    configure_logging,
+    load_settings,
+    run,
+)
+from pb import booking_pb2, booking_pb2_grpc
+from upstream.server import RunningUpstream, serve_upstream
+
+log = logging.getLogger("booking")
+
+
+class UpstreamSettings(StrictModel):
+    """Where an upstream service listens."""
+
+    address: str
+
+
+class UpstreamsSettings(StrictModel):
+    """The upstream services the booking nodes call."""
+
+    order: UpstreamSettings = UpstreamSettings(address="127.0.0.1:50051")
+    payment: UpstreamSettings = UpstreamSettings(address="127.0.0.1:50052")
+    timeout_seconds: float = Field(default=3.0, gt=0, le=300)
+
+
+class EmbeddedUpstreamSettings(StrictModel):
+    """An upstream service started inside the orchestrator's process."""
+
+    port: int = Field(ge=0, le=65535)
+    db_path: str = ":memory:"
+
+
+class EmbeddedSettings(StrictModel):
+    """Upstream services to start in this process (the embedded default)."""
+
+    order: EmbeddedUpstreamSettings | None = None
+    payment: EmbeddedUpstreamSettings | None = None
+
+
+class AppSettings(Settings):
+    """app.yaml of the booking service: the framework's sections plus its own."""
+
+    upstreams: UpstreamsSettings = Field(default_factory=UpstreamsSettings)
+    embedded_upstreams: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    log_format: Literal["text", "json"] = "text"
+
+
+@dataclass
+class BookingApp:
+    """The assembled service: orchestrator, server, upstream clients and embedded upstreams."""
+
+    settings: AppSettings
+    orchestrator: Orchestrator
+    server: OrchestratorServer
+    upstreams: Upstreams
+    embedded: list[RunningUpstream] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        """Stop serving, then close the clients and the embedded upstreams."""
+        await self.server.stop()
+        await self.upstreams.close()
+        for running in self.embedded:
+            await running.stop()
+
+
+async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[RunningUpstream]]:
+    """Start the configured embedded upstreams; point the clients at their bound ports."""
+    started: list[RunningUpstream] = []
+    addresses = {}
+    for name in ("order", "payment"):
+        embedded = getattr(settings.embedded_upstreams, name)
+        if embedded is None:
+            continue
+        running = await serve_upstream(name, port=embedded.port, db_path=embedded.db_path)
+        started.append(running)
+        addresses[name] = UpstreamSettings(address=running.target)
+    upstreams = settings.upstreams.model_copy(update=addresses)
+    return settings.model_copy(update={"upstreams": upstreams}), started
+
+
+def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -> BookingApp:
+    """Wire the booking service: one Orchestrator, the facades, the handler, the server."""
+    orchestrator = Orchestrator(broker_from_settings(settings.broker))
+    upstreams = Upstreams.connect(
+        order_address=settings.upstreams.order.address,
+        payment_address=settings.upstreams.payment.address,
+        timeout_seconds=settings.upstreams.timeout_seconds,
+    )
+    facade.sync_booking.register(orchestrator, upstreams)
+    facade.async_booking.register(orchestrator, upstreams)
+    booking_service = GrpcService(
+        booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name,
+        booking_pb2_grpc.add_BookingServiceServicer_to_server,
+        BookingHandler(orchestrator),
+    )
+    server = OrchestratorServer(orchestrator, settings.grpc, [booking_service])
+    return BookingApp(settings, orchestrator, server, upstreams, list(embedded))
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: AppSettings) -> AsyncIterator[BookingApp]:
+    """Start the whole service (embedded upstreams included) and stop it on exit."""
+    settings, embedded = await start_embedded(settings)
+    app = build_app(settings, embedded)
+    try:
+        await app.server.start()
+        yield app
+    finally:
+        await app.stop()
+
+
+async def serve(settings: AppSettings) -> int:
+    """Serve until SIGINT or SIGTERM; returns the exit status."""
+    settings, embedded = await start_embedded(settings)
+    app = build_app(settings, embedded)
+    log.info(
+        "booking service starting",
+        extra={"port": settings.grpc.port, "broker": settings.broker.safe_url},
+    )
+    try:
+        await app.server.serve_until_signalled()
+    finally:
+        await app.upstreams.close()
+        for running in app.embedded:
+            await running.stop()
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point: `main.py [upstream order|payment ...]`."""
+    if argv[:1] == ["upstream"]:
+        from upstream.server import main as upstream_main
+
+        return upstream_main(argv[1:])
+    try:
+        settings = load_settings(AppSettings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    return run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""Booking nodes: create the order, take the payment, and undo both on rollback.
+
+Each upstream call carries the saga's idempotency key, so a retried or
+redelivered step returns the record it created the first time.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from dto import BookingMsgDTO
+from node.upstream import Upstreams
+from orchestrator import AsyncNode, Context, Rollback, RollbackNode, SyncNode, idempotency_metadata
+from pb import booking_pb2, order_pb2, payment_pb2
+
+UNIT_PRICE = 100
+"""The demo's price of one product, in cents."""
+
+SyncBookingNode = SyncNode[booking_pb2.BookingRequest, booking_pb2.BookingSyncResponse]
+SyncBookingContext = Context[booking_pb2.BookingRequest, booking_pb2.BookingSyncResponse]
+
+
+async def _create_order(up: Upstreams, request_id: str, product_id: int, count: int) -> int:
+    order = await up.order.CreateOrder(
+        order_pb2.CreateOrderRequest(RequestID=request_id, ProductID=product_id, Count=count),
+        metadata=idempotency_metadata(request_id, "create_order"),
+        timeout=up.timeout_seconds,
+    )
+    return order.OrderID
+
+
+async def _create_payment(
+    up: Upstreams, request_id: str, order_id: int, count: int, fault_inject: bool
+) -> int:
+    payment = await up.payment.CreatePayment(
+        payment_pb2.CreatePaymentRequest(
+            RequestID=request_id,
+            OrderID=order_id,
+            Amount=count * UNIT_PRICE,
+            FaultInject=fault_inject,
+        ),
+        metadata=idempotency_metadata(request_id, "create_payment"),
+        timeout=up.timeout_seconds,
+    )
+    return payment.PaymentID
+
+
+def create_order_sync_node(up: Upstreams) -> SyncBookingNode:
+    """Sync node: create the order and put its id in the response."""
+
+    async def create_order(request_id: str, ctx: SyncBookingContext) -> None:
+        request = ctx.request
+        ctx.response.OrderID = await _create_order(up, request_id, request.ProductID, request.Count)
+
+    return create_order
+
+
+def create_payment_sync_node(up: Upstreams) -> SyncBookingNode:
+    """Sync node: pay for the order and put the payment's id in the response."""
+
+    async def create_payment(request_id: str, ctx: SyncBookingContext) -> None:
+        request = ctx.request
+        ctx.response.PaymentID = await _create_payment(
+            up, request_id, ctx.response.OrderID, request.Count, request.FaultInject
+        )
+
+    return create_payment
+
+
+def create_order_async_node(up: Upstreams) -> AsyncNode[BookingMsgDTO]:
+    """Async node: create the order and record its id in the DTO."""
+
+    async def create_order(dto: BookingMsgDTO) -> BookingMsgDTO:
+        dto.order_id = await _create_order(up, dto.request_id, dto.product_id, dto.count)
+        return dto
+
+    return create_order
+
+
+def create_payment_async_node(up: Upstreams) -> AsyncNode[BookingMsgDTO]:
+    """Async node: pay for the order and record the payment's id in the DTO."""
+
+    async def create_payment(dto: BookingMsgDTO) -> BookingMsgDTO:
+        dto.payment_id = await _create_payment(
+            up, dto.request_id, dto.order_id, dto.count, dto.fault_inject
+        )
+        return dto
+
+    return create_payment
+
+
+def cancel_booking_node(up: Upstreams) -> RollbackNode:
+    """Rollback node of both facades: refund the payment and cancel the order of the request id.
+
+    It works from the request id alone, so it also undoes a create whose answer
+    was lost (a timeout after the upstream applied it). Both undos are tried
+    even when one fails; raising makes the broker deliver the rollback again.
+    """
+
+    async def cancel_booking(rollback: Rollback) -> None:
+        request_id = rollback.request_id
+        errors: list[grpc.aio.AioRpcError] = []
+        try:
+            await up.payment.RefundPayment(
+                payment_pb2.RefundPaymentRequest(RequestID=request_id),
+                metadata=idempotency_metadata(request_id, "refund_payment"),
+                timeout=up.timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # no payment: nothing to refund
+                errors.append(exc)
+        try:
+            await up.order.CancelOrder(
+                order_pb2.CancelOrderRequest(RequestID=request_id),
+                metadata=idempotency_metadata(request_id, "cancel_order"),
+                timeout=up.timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # no order: nothing to cancel
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    return cancel_booking

@@ -1,0 +1,92 @@
+"""orchestrator: saga orchestration of microservices over gRPC and RabbitMQ.
+
+Facades chain nodes. A sync facade runs its nodes in the caller's request,
+passing the protobuf request and response in a Context; an async facade
+publishes a JSON DTO from topic to topic through the broker and consumes it
+itself. A node that raises rolls the saga back through the facade's rollback
+topic.
+"""
+
+from orchestrator.broker import (
+    Broker,
+    BrokerUnavailable,
+    DeadLetter,
+    DeadLetteredMessage,
+    Delivery,
+    InMemoryBroker,
+    UnroutableError,
+    broker_from_settings,
+)
+from orchestrator.config import (
+    BrokerSettings,
+    GrpcSettings,
+    Settings,
+    StrictModel,
+    TopicSettings,
+    load_settings,
+    redact_url,
+)
+from orchestrator.context import IDEMPOTENCY_KEY_HEADER, Context, idempotency_metadata
+from orchestrator.dto import AsyncFacadeContext, Rollback
+from orchestrator.endpoint import endpoint
+from orchestrator.errors import (
+    ConfigError,
+    FailedPrecondition,
+    Failure,
+    InvalidArgument,
+    SagaError,
+    SagaFailed,
+    Unavailable,
+    classify,
+)
+from orchestrator.facade import AsyncFacade, AsyncNode, RollbackNode, SyncFacade, SyncNode
+from orchestrator.logs import configure_logging
+from orchestrator.registry import Orchestrator, UnknownFacadeError
+from orchestrator.request_id import REQUEST_ID_HEADER, new_request_id, resolve_request_id
+from orchestrator.server import GrpcService, OrchestratorServer, run
+
+__all__ = [
+    "IDEMPOTENCY_KEY_HEADER",
+    "REQUEST_ID_HEADER",
+    "AsyncFacade",
+    "AsyncFacadeContext",
+    "AsyncNode",
+    "Broker",
+    "BrokerSettings",
+    "BrokerUnavailable",
+    "ConfigError",
+    "Context",
+    "DeadLetter",
+    "DeadLetteredMessage",
+    "Delivery",
+    "FailedPrecondition",
+    "Failure",
+    "GrpcService",
+    "GrpcSettings",
+    "InMemoryBroker",
+    "InvalidArgument",
+    "Orchestrator",
+    "OrchestratorServer",
+    "Rollback",
+    "RollbackNode",
+    "SagaError",
+    "SagaFailed",
+    "Settings",
+    "StrictModel",
+    "SyncFacade",
+    "SyncNode",
+    "TopicSettings",
+    "Unavailable",
+    "UnknownFacadeError",
+    "UnroutableError",
+    "broker_from_settings",
+    "classify",
+    "configure_logging",
+    "endpoint",
+    "idempotency_metadata",
+    "load_settings",
+    "new_request_id",
+    "redact_url",
+    "resolve_request_id",
+    "run",
+]

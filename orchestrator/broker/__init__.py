@@ -1,0 +1,34 @@
+"""Brokers: the protocol, the in-memory default and RabbitMQ, chosen by URL."""
+
+from orchestrator.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    DeadLetter,
+    DeadLetteredMessage,
+    Delivery,
+    MessageHandler,
+    UnroutableError,
+)
+from orchestrator.broker.memory import InMemoryBroker
+from orchestrator.config import BrokerSettings
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "DeadLetter",
+    "DeadLetteredMessage",
+    "Delivery",
+    "InMemoryBroker",
+    "MessageHandler",
+    "UnroutableError",
+    "broker_from_settings",
+]
+
+
+def broker_from_settings(settings: BrokerSettings) -> Broker:
+    """The broker the settings' URL names: `memory://` or `amqp://`."""
+    if settings.scheme == "memory":
+        return InMemoryBroker(settings)
+    from orchestrator.broker.rabbitmq import RabbitMQBroker
+
+    return RabbitMQBroker(settings)

@@ -1,0 +1,122 @@
+"""The broker protocol: what a facade needs from a message broker.
+
+Semantics every implementation keeps:
+
+- `publish` returns only once the broker has taken responsibility for the
+  message (a publisher confirm); it raises BrokerUnavailable otherwise, and
+  UnroutableError when no queue exists for the topic.
+- A handler's delivery is acknowledged only after the handler returns, so
+  whatever the handler published first is safe before the input is dropped.
+- A handler that raises DeadLetter sends the delivery to the dead-letter queue
+  with its reason; any other exception requeues it, up to the delivery limit,
+  after which it is dead-lettered too. Nothing is requeued in a loop forever.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.errors import BrokerUnavailable
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "DeadLetter",
+    "DeadLetteredMessage",
+    "Delivery",
+    "MessageHandler",
+    "UnroutableError",
+]
+
+REASON_HEADER = "x-orchestrator-reason"
+
+
+class DeadLetter(Exception):
+    """Raised by a handler: this delivery can never succeed; dead-letter it with the reason."""
+
+
+class UnroutableError(BrokerUnavailable):
+    """A publish reached no queue: a message the broker would silently drop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to a handler."""
+
+    topic: str
+    body: bytes
+    message_id: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delivery_count: int = 1
+
+    @property
+    def redelivered(self) -> bool:
+        """True when an earlier attempt at this message did not finish."""
+        return self.delivery_count > 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetteredMessage:
+    """A message that left its topic for the dead-letter queue, and why."""
+
+    topic: str
+    body: bytes
+    message_id: str
+    reason: str
+
+
+MessageHandler = Callable[[Delivery], Awaitable[None]]
+HealthListener = Callable[[bool], None]
+
+
+class Broker(abc.ABC):
+    """A topic broker with at-least-once delivery; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._health_listeners: list[HealthListener] = []
+        self._healthy = False
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and declare what is needed; idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop consuming and disconnect; unacknowledged deliveries go back to their topics."""
+
+    @abc.abstractmethod
+    async def declare(self, topic: str) -> None:
+        """Make sure the topic's queue exists, so a publish to it is kept before anyone consumes."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish and wait for the confirm; raises BrokerUnavailable or UnroutableError."""
+
+    @abc.abstractmethod
+    async def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        """Consume `topic` with `handler`, as many at once as the topic's concurrency allows."""
+
+    @property
+    def healthy(self) -> bool:
+        """True while the broker is reachable."""
+        return self._healthy
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call `listener(healthy)` on every change of reachability."""
+        self._health_listeners.append(listener)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        for listener in self._health_listeners:
+            listener(healthy)

@@ -1,0 +1,168 @@
+"""An in-process broker with RabbitMQ's semantics, for the embedded default and unit tests.
+
+Messages live in memory: they survive nothing but themselves. It is the
+default so that `python main.py` needs nothing installed; production uses
+RabbitMQ through the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.broker.base import (
+    Broker,
+    DeadLetter,
+    DeadLetteredMessage,
+    Delivery,
+    MessageHandler,
+    UnroutableError,
+)
+from orchestrator.config import BrokerSettings
+
+__all__ = ["InMemoryBroker"]
+
+log = logging.getLogger("orchestrator.broker.memory")
+
+
+@dataclass(slots=True)
+class _Message:
+    body: bytes
+    message_id: str
+    headers: Mapping[str, str]
+    delivery_count: int = 0
+
+
+class InMemoryBroker(Broker):
+    """Topics are asyncio queues; failed deliveries come back after a short backoff."""
+
+    def __init__(self, settings: BrokerSettings | None = None) -> None:
+        super().__init__()
+        self._settings = settings or BrokerSettings()
+        self._queues: dict[str, asyncio.Queue[_Message]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._retry_handles: set[asyncio.TimerHandle] = set()
+        self._unfinished = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.dead_letters: list[DeadLetteredMessage] = []
+        """Every message dead-lettered so far, in order."""
+
+    async def start(self) -> None:
+        """Nothing to connect to: the broker is healthy at once."""
+        self._set_healthy(True)
+
+    async def close(self) -> None:
+        """Stop the consumers; messages still queued are dropped with the process."""
+        for handle in self._retry_handles:
+            handle.cancel()
+        self._retry_handles.clear()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        self._set_healthy(False)
+
+    async def declare(self, topic: str) -> None:
+        """Create the topic's queue if it does not exist."""
+        self._queue(topic)
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Enqueue the message; raises UnroutableError when the topic was never declared."""
+        queue = self._queues.get(topic)
+        if queue is None:
+            raise UnroutableError(f"no queue for topic {topic!r}")
+        self._enqueue(queue, _Message(body, message_id, dict(headers or {})))
+
+    async def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        """Start the topic's concurrency in worker tasks, each handling one delivery at a time."""
+        queue = self._queue(topic)
+        for _ in range(self._settings.concurrency_of(topic)):
+            self._workers.append(asyncio.create_task(self._consume(topic, queue, handler)))
+
+    async def join(self) -> None:
+        """Wait until every published message has been handled, acknowledged or dead-lettered."""
+        await self._idle.wait()
+
+    def depth(self, topic: str) -> int:
+        """Messages waiting in the topic's queue."""
+        queue = self._queues.get(topic)
+        return queue.qsize() if queue else 0
+
+    def _queue(self, topic: str) -> asyncio.Queue[_Message]:
+        return self._queues.setdefault(topic, asyncio.Queue())
+
+    def _enqueue(self, queue: asyncio.Queue[_Message], message: _Message) -> None:
+        self._unfinished += 1
+        self._idle.clear()
+        queue.put_nowait(message)
+
+    def _finish(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._idle.set()
+
+    async def _consume(
+        self, topic: str, queue: asyncio.Queue[_Message], handler: MessageHandler
+    ) -> None:
+        while True:
+            message = await queue.get()
+            message.delivery_count += 1
+            delivery = Delivery(
+                topic=topic,
+                body=message.body,
+                message_id=message.message_id,
+                headers=message.headers,
+                delivery_count=message.delivery_count,
+            )
+            try:
+                await handler(delivery)
+            except asyncio.CancelledError:
+                # Shutting down: the delivery was not acknowledged, so it goes back.
+                queue.put_nowait(message)
+                raise
+            except DeadLetter as exc:
+                self._dead_letter(topic, message, str(exc))
+            except Exception as exc:
+                self._retry_or_dead_letter(topic, queue, message, exc)
+            else:
+                self._finish()
+
+    def _retry_or_dead_letter(
+        self, topic: str, queue: asyncio.Queue[_Message], message: _Message, exc: Exception
+    ) -> None:
+        limit = self._settings.delivery_limit
+        if message.delivery_count >= limit:
+            self._dead_letter(topic, message, f"delivery limit {limit} reached: {exc!r}")
+            return
+        log.warning(
+            "handler failed, redelivering",
+            extra={"topic": topic, "message_id": message.message_id, "error": repr(exc)},
+        )
+        delay = self._settings.redelivery_delay_seconds * message.delivery_count
+
+        def requeue() -> None:
+            self._retry_handles.discard(handle)
+            queue.put_nowait(message)
+
+        handle = asyncio.get_running_loop().call_later(delay, requeue)
+        self._retry_handles.add(handle)
+
+    def _dead_letter(self, topic: str, message: _Message, reason: str) -> None:
+        log.error(
+            "message dead-lettered",
+            extra={"topic": topic, "message_id": message.message_id, "reason": reason},
+        )
+        self.dead_letters.append(
+            DeadLetteredMessage(topic, message.body, message.message_id, reason)
+        )
+        self._finish()

@@ -1,0 +1,162 @@
+"""Configuration: `app.yaml` loaded with pyyaml into pydantic models.
+
+Unknown keys and bad values stop startup with a message naming the file and
+the key. An application extends `Settings` with sections of its own and passes
+its class to `load_settings`.
+
+Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
+`ORCH_BROKER_URL` (`memory://` or `amqp://user:password@host:port/vhost`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from orchestrator.errors import ConfigError
+
+__all__ = [
+    "BrokerSettings",
+    "GrpcSettings",
+    "Settings",
+    "StrictModel",
+    "TopicSettings",
+    "load_settings",
+    "redact_url",
+]
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GrpcSettings(StrictModel):
+    """The orchestrator's gRPC server."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=10000, ge=0, le=65535)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
+    """In-flight calls get this long to finish after SIGTERM."""
+
+
+class TopicSettings(StrictModel):
+    """Per-topic consumer settings."""
+
+    concurrency: int = Field(ge=1, le=10_000)
+    """Deliveries handled at once (the prefetch count on RabbitMQ)."""
+
+
+class BrokerSettings(StrictModel):
+    """The message broker the facades publish to and consume from."""
+
+    url: SecretStr = SecretStr("memory://")
+    topic_prefix: str = ""
+    """Prepended to every topic name, so several deployments can share a broker."""
+    default_concurrency: int = Field(default=16, ge=1, le=10_000)
+    topics: dict[str, TopicSettings] = Field(default_factory=dict)
+    publish_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    delivery_limit: int = Field(default=5, ge=1, le=1000)
+    """Deliveries of one message before it is dead-lettered."""
+    redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
+    heartbeat_seconds: int = Field(default=30, ge=1, le=600)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"memory", "amqp", "amqps"}:
+            raise ValueError(f"unsupported broker scheme {scheme!r}: use memory:// or amqp://")
+        return value
+
+    @property
+    def scheme(self) -> str:
+        """`memory`, `amqp` or `amqps`."""
+        return urlsplit(self.url.get_secret_value()).scheme
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, fit for logs."""
+        return redact_url(self.url.get_secret_value())
+
+    def concurrency_of(self, topic: str) -> int:
+        """How many deliveries of `topic` are handled at once."""
+        configured = self.topics.get(topic)
+        return configured.concurrency if configured else self.default_concurrency
+
+    def queue_name(self, topic: str) -> str:
+        """The broker-side name of a topic."""
+        return f"{self.topic_prefix}{topic}"
+
+
+class Settings(StrictModel):
+    """The framework's settings; applications subclass it to add sections."""
+
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    log_level: str = "INFO"
+
+
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def load_settings(
+    model: type[SettingsT],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> SettingsT:
+    """Read `path` (or `$ORCH_CONFIG`, or `app.yaml`), apply environment overrides, validate."""
+    env = os.environ if environ is None else environ
+    config_path = Path(path or env.get("ORCH_CONFIG") or "app.yaml")
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping")
+    _apply_environment(raw, env)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{config_path}: {_describe(exc)}") from None
+
+
+def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    if port := env.get("ORCH_GRPC_PORT"):
+        raw.setdefault("grpc", {})["port"] = port
+    if url := env.get("ORCH_BROKER_URL"):
+        raw.setdefault("broker", {})["url"] = url
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)

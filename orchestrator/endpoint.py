@@ -1,0 +1,60 @@
+"""`@endpoint`: the glue between a gRPC servicer method and the facades."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from orchestrator.errors import SagaError, SagaFailed, classify
+from orchestrator.request_id import REQUEST_ID_HEADER, resolve_request_id
+
+__all__ = ["endpoint"]
+
+log = logging.getLogger("orchestrator.endpoint")
+
+ServicerT = TypeVar("ServicerT")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+EndpointMethod = Callable[
+    [ServicerT, RequestT, grpc.aio.ServicerContext[Any, Any], str], Awaitable[ResponseT]
+]
+
+
+def endpoint(
+    method: EndpointMethod[ServicerT, RequestT, ResponseT],
+) -> Callable[[ServicerT, RequestT, grpc.aio.ServicerContext[Any, Any]], Awaitable[ResponseT]]:
+    """Wrap `async def method(self, request, context, request_id)` as a gRPC servicer method.
+
+    It resolves the request id (the caller's `x-request-id`, validated, or a
+    new UUID), echoes it as `x-request-id` response metadata, and turns every
+    failure into a status that fits its cause, with the request id in the
+    message: SagaFailed and SagaError keep their code, anything else is INTERNAL.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: ServicerT, request: RequestT, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ResponseT:
+        try:
+            request_id = resolve_request_id(context.invocation_metadata())
+        except SagaError as exc:
+            await context.abort(exc.code, str(exc))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        try:
+            return await method(self, request, context, request_id)
+        except SagaFailed as exc:
+            await context.abort(exc.code, str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            failure = classify(exc)
+            if failure.bug:
+                log.exception("endpoint failed", extra={"request_id": request_id})
+            await context.abort(failure.code, f"{failure.reason} (request_id={request_id})")
+
+    return wrapper

@@ -1,0 +1,208 @@
+"""The async facade: each node is a hop through a broker topic, carrying a JSON DTO."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, Self, TypeVar
+
+import grpc
+import pydantic
+
+from orchestrator.broker.base import DeadLetter, Delivery
+from orchestrator.dto import AsyncFacadeContext, Rollback
+from orchestrator.errors import Failure, classify
+from orchestrator.facade.base import FacadeBase, RollbackNode
+
+__all__ = ["AsyncFacade", "AsyncNode", "SagaEndListener"]
+
+log = logging.getLogger("orchestrator.facade.async")
+
+DtoT = TypeVar("DtoT", bound=AsyncFacadeContext)
+
+AsyncNode = Callable[[DtoT], Awaitable[DtoT]]
+"""`async def node(dto) -> dto`: returning publishes it to the next topic, raising rolls back."""
+
+SagaEndListener = Callable[[DtoT, Failure | None], Awaitable[None]]
+"""Called once a saga's last node returned (failure None) or a node failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Hop(Generic[DtoT]):
+    topic: str
+    name: str
+    node: AsyncNode[DtoT]
+
+
+class AsyncFacade(FacadeBase, Generic[DtoT]):
+    """Chains nodes through broker topics that the orchestrator publishes and consumes itself.
+
+        flow = AsyncFacade(topic.CANCEL_ASYNC_BOOKING, dto=BookingMsgDTO)
+        flow.use(topic.CREATE_ORDER, create_order).use(topic.CREATE_PAYMENT, create_payment)
+        flow.consume_rollback(topic.CANCEL_ASYNC_BOOKING, cancel_booking)
+        orchestrator.register_async_facade("AsyncBooking", flow)
+
+    A message is acknowledged only after its outcome (the next hop or the
+    rollback) is confirmed by the broker, so a crash at any point replays the
+    hop: nodes must be idempotent, which the idempotency key makes easy.
+    """
+
+    kind = "async"
+
+    def __init__(self, rollback_topic: str, *, dto: type[DtoT]) -> None:
+        super().__init__()
+        if not rollback_topic:
+            raise ValueError("the rollback topic must not be empty")
+        self._declared_rollback_topic = rollback_topic
+        self._rollback_topic = rollback_topic
+        self._dto = dto
+        self._hops: list[_Hop[DtoT]] = []
+        self._end_listeners: list[SagaEndListener[DtoT]] = []
+
+    @property
+    def topics(self) -> list[str]:
+        """The node topics, in order."""
+        return [hop.topic for hop in self._hops]
+
+    def use(self, topic: str, node: AsyncNode[DtoT], *, name: str | None = None) -> Self:
+        """Append a node that consumes `topic` (the Go original's TopicNodePair)."""
+        if not topic:
+            raise ValueError("the topic must not be empty")
+        if topic in self.topics or topic == self._declared_rollback_topic:
+            raise ValueError(f"topic {topic!r} is already used by this facade")
+        step_name: str = name or str(getattr(node, "__name__", topic))
+        self._hops.append(_Hop(topic, step_name, node))
+        return self
+
+    def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
+        """Consume the facade's rollback topic with `node` (the Go TopicRollbackNodePair)."""
+        if topic != self._declared_rollback_topic:
+            expected = self._declared_rollback_topic
+            raise ValueError(f"this facade publishes rollbacks to {expected!r}, not {topic!r}")
+        self._set_rollback(topic, node)
+        return self
+
+    def on_end(self, listener: SagaEndListener[DtoT]) -> Self:
+        """Call `listener(dto, failure)` whenever a saga of this facade ends on this replica."""
+        self._end_listeners.append(listener)
+        return self
+
+    async def start(self) -> None:
+        """Declare every topic first, then consume: no hop may publish into a missing queue."""
+        if not self._hops:
+            raise ValueError(f"async facade {self.name!r} has no nodes")
+        for hop in self._hops:
+            await self.broker.declare(hop.topic)
+        await self.broker.declare(self._rollback_topic)
+        await super().start()
+        for index, hop in enumerate(self._hops):
+            await self.broker.subscribe(hop.topic, self._consumer(index, hop))
+
+    async def run(self, request_id: str, dto: DtoT) -> None:
+        """Start a saga: publish the DTO to the first topic and wait for the broker's confirm."""
+        dto.request_id = request_id
+        dto.current_index = 0
+        dto.topics = self.topics
+        dto.rollback_topic = self._rollback_topic
+        await self._publish_hop(dto)
+
+    async def _publish_hop(self, dto: DtoT) -> None:
+        topic = dto.topics[dto.current_index]
+        await self.broker.publish(
+            topic,
+            dto.model_dump_json().encode(),
+            message_id=f"{dto.request_id}:{dto.current_index}:{topic}",
+        )
+
+    def _consumer(self, index: int, hop: _Hop[DtoT]) -> Callable[[Delivery], Awaitable[None]]:
+        async def consume(delivery: Delivery) -> None:
+            await self._handle(index, hop, delivery)
+
+        return consume
+
+    async def _handle(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> None:
+        dto = await self._parse(index, hop, delivery)
+        try:
+            result = await hop.node(dto)
+        except Exception as exc:
+            failure = classify(exc)
+            log.log(
+                logging.ERROR if failure.bug else logging.INFO,
+                "node failed, rolling back",
+                exc_info=failure.bug,
+                extra=_fields(dto, hop, failure),
+            )
+            await self._publish_rollback(self._rollback_of(dto, hop.name, failure))
+            await self._notify_end(dto, failure)
+            return
+        result.current_index = index + 1
+        if result.current_index < len(result.topics):
+            await self._publish_hop(result)
+        else:
+            log.info("saga completed", extra=_fields(result, hop, None))
+            await self._notify_end(result, None)
+
+    async def _parse(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> DtoT:
+        """The delivery's DTO; a message that can never be handled is dead-lettered."""
+        try:
+            raw: Any = json.loads(delivery.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DeadLetter(f"malformed JSON: {exc}") from None
+        try:
+            dto = self._dto.model_validate(raw)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            await self._reject(raw, hop, f"schema: {where}: {error['msg']}")
+        if dto.current_index != index or dto.topics[index : index + 1] != [hop.topic]:
+            await self._reject(
+                raw,
+                hop,
+                f"topic index {dto.current_index} does not match {hop.topic!r} "
+                f"(position {index} of {len(self._hops)})",
+            )
+        return dto
+
+    async def _reject(self, raw: Any, hop: _Hop[DtoT], reason: str) -> NoReturn:
+        """Dead-letter an invalid message, first rolling its saga back when its id is readable."""
+        request_id = raw.get("request_id") if isinstance(raw, dict) else None
+        if isinstance(request_id, str) and request_id:
+            await self._publish_rollback(
+                Rollback(
+                    request_id=request_id,
+                    facade=self.name,
+                    kind="async",
+                    failed_step=hop.name,
+                    code=grpc.StatusCode.INVALID_ARGUMENT.name,
+                    reason=f"invalid message: {reason}",
+                    data=raw,
+                )
+            )
+        raise DeadLetter(reason)
+
+    def _rollback_of(self, dto: DtoT, step: str, failure: Failure) -> Rollback:
+        return Rollback(
+            request_id=dto.request_id,
+            facade=self.name,
+            kind="async",
+            failed_step=step,
+            code=failure.code.name,
+            reason=failure.reason,
+            data=dto.model_dump(),
+        )
+
+    async def _notify_end(self, dto: DtoT, failure: Failure | None) -> None:
+        for listener in self._end_listeners:
+            try:
+                await listener(dto, failure)
+            except Exception:
+                log.exception("saga end listener failed", extra={"request_id": dto.request_id})
+
+
+def _fields(dto: AsyncFacadeContext, hop: _Hop[Any], failure: Failure | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": dto.request_id, "step": hop.name, "topic": hop.topic}
+    if failure is not None:
+        fields.update(code=failure.code.name, reason=failure.reason)
+    return fields

@@ -1,0 +1,118 @@
+"""The sync facade: nodes run one after another in the caller's gRPC request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Self, TypeVar
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from orchestrator.context import Context
+from orchestrator.dto import Rollback
+from orchestrator.errors import Failure, SagaFailed, classify
+from orchestrator.facade.base import FacadeBase, RollbackNode
+
+__all__ = ["SyncFacade", "SyncNode"]
+
+log = logging.getLogger("orchestrator.facade.sync")
+
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+SyncNode = Callable[[str, Context[RequestT, ResponseT]], Awaitable[None]]
+"""`async def node(request_id, ctx)`: returning runs the next node, raising rolls back."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Step(Generic[RequestT, ResponseT]):
+    name: str
+    node: SyncNode[RequestT, ResponseT]
+
+
+class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
+    """Chains nodes over one protobuf request and response, in process.
+
+    flow = SyncFacade[BookingRequest, BookingSyncResponse]()
+    flow.use(create_order).use(create_payment)
+    flow.consume_rollback(topic.CANCEL_SYNC_BOOKING, cancel_booking)
+    orchestrator.register_sync_facade("SyncBooking", flow)
+    """
+
+    kind = "sync"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._steps: list[_Step[RequestT, ResponseT]] = []
+
+    def use(self, node: SyncNode[RequestT, ResponseT], *, name: str | None = None) -> Self:
+        """Append a node; `name` (default: the function's name) labels it in logs and errors."""
+        step_name: str = name or str(getattr(node, "__name__", f"step{len(self._steps) + 1}"))
+        if any(step.name == step_name for step in self._steps):
+            raise ValueError(f"a step named {step_name!r} is already used; pass name=")
+        self._steps.append(_Step(step_name, node))
+        return self
+
+    def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
+        """On failure, publish a Rollback to `topic`; `node` consumes it and undoes the saga."""
+        self._set_rollback(topic, node)
+        return self
+
+    @property
+    def steps(self) -> list[str]:
+        """The step names, in order."""
+        return [step.name for step in self._steps]
+
+    async def run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
+        """Run every node in order and return the response they built.
+
+        Raises SagaFailed, carrying the gRPC status for the caller, once the
+        rollback of a failed run is safely with the broker.
+        """
+        ctx = Context(request_id, request, response, self.name)
+        for step in self._steps:
+            try:
+                await step.node(request_id, ctx)
+            except asyncio.CancelledError:
+                # The caller went away mid-saga: what was done must still be undone.
+                await asyncio.shield(self._fail(ctx, step.name, classify(asyncio.CancelledError())))
+                raise
+            except Exception as exc:
+                failure = classify(exc)
+                log.log(
+                    logging.ERROR if failure.bug else logging.INFO,
+                    "step failed",
+                    exc_info=failure.bug,
+                    extra={
+                        "request_id": request_id,
+                        "facade": self.name,
+                        "step": step.name,
+                        "code": failure.code.name,
+                        "reason": failure.reason,
+                    },
+                )
+                await self._fail(ctx, step.name, failure)
+                raise SagaFailed(
+                    request_id=request_id, facade=self.name, step=step.name, failure=failure
+                ) from exc
+        return ctx.response
+
+    async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:
+        data: dict[str, Any] = {
+            "request": MessageToDict(ctx.request, preserving_proto_field_name=True),
+            "response": MessageToDict(ctx.response, preserving_proto_field_name=True),
+        }
+        await self._publish_rollback(
+            Rollback(
+                request_id=ctx.request_id,
+                facade=self.name,
+                kind="sync",
+                failed_step=step,
+                code=failure.code.name,
+                reason=failure.reason,
+                data=data,
+            )
+        )

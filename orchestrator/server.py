@@ -1,0 +1,134 @@
+"""Serving an Orchestrator over gRPC: health, reflection, and a graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.config import GrpcSettings
+from orchestrator.registry import Orchestrator
+
+__all__ = ["GrpcService", "OrchestratorServer", "run"]
+
+log = logging.getLogger("orchestrator.server")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcService:
+    """A servicer and how to add it: `GrpcService("pb.BookingService", add_..._to_server, obj)`."""
+
+    name: str
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: object
+
+
+class OrchestratorServer:
+    """A grpc.aio server that serves the application's services beside health and reflection.
+
+    Health is SERVING only while the orchestrator's broker is reachable, and
+    turns NOT_SERVING the moment shutdown begins, so load balancers drain it
+    before in-flight calls are cut.
+    """
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        settings: GrpcSettings,
+        services: Sequence[GrpcService],
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.settings = settings
+        self._services = list(services)
+        # Without this, a second server could bind the same port and silently share its traffic.
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._health = health_aio.HealthServicer()
+        self._stopping = False
+        self._health_task: asyncio.Task[None] | None = None
+        self.port = 0
+        """The bound port, once started (useful with port 0)."""
+
+    async def start(self) -> int:
+        """Start the orchestrator, then serve; returns the bound port."""
+        for service in self._services:
+            service.add_to_server(service.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [
+                *(service.name for service in self._services),
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self._server.add_insecure_port(address)
+        await self.orchestrator.start()
+        broker = self.orchestrator.broker
+        broker.add_health_listener(self._on_broker_health)
+        await self._server.start()
+        await self._set_health(broker.healthy)
+        log.info("serving", extra={"address": f"{self.settings.host}:{self.port}"})
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Turn NOT_SERVING, let in-flight calls finish within `grace`, then close the broker."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._health.enter_graceful_shutdown()
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self._server.stop(grace)
+        await self.orchestrator.close()
+        log.info("stopped")
+
+    async def serve_until_signalled(self) -> None:
+        """Start, serve until SIGINT or SIGTERM, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("signal received, shutting down")
+        finally:
+            await self.stop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    def _on_broker_health(self, healthy: bool) -> None:
+        if not self._stopping:
+            # Keep a reference: the loop holds tasks weakly.
+            self._health_task = asyncio.get_running_loop().create_task(self._set_health(healthy))
+
+    async def _set_health(self, healthy: bool) -> None:
+        if self._stopping:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *(service.name for service in self._services)):
+            await self._health.set(name, status)
+        log.info("health changed", extra={"serving": healthy})
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop when it is installed (10-15% more throughput), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

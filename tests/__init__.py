@@ -1,0 +1,1 @@
+"""Test suite of the orchestrator framework and the example booking service."""

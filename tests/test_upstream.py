@@ -1,0 +1,437 @@
+"""The demo upstreams, served by real grpc.aio servers on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pb import order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
+from upstream import RunningUpstream, serve_upstream
+from upstream.ledger import Ledger
+from upstream.server import DEFAULT_PORTS, Service, build_arg_parser
+
+if TYPE_CHECKING:
+    from pb.order_pb2_grpc import OrderServiceAsyncStub
+    from pb.payment_pb2_grpc import PaymentServiceAsyncStub
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "x-idempotency-key"
+
+
+class Upstreams:
+    """Starts servers and opens channels for one test; :meth:`close` ends them all."""
+
+    def __init__(self) -> None:
+        self._servers: list[RunningUpstream] = []
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def start(self, service: Service, **options: Any) -> RunningUpstream:
+        running = await serve_upstream(service, port=0, **options)
+        self._servers.append(running)
+        return running
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(target)
+        self._channels.append(channel)
+        return channel
+
+    async def orders(self, **options: Any) -> tuple[RunningUpstream, OrderServiceAsyncStub]:
+        running = await self.start("order", **options)
+        return running, order_pb2_grpc.OrderServiceStub(self.channel(running.target))
+
+    async def payments(self, **options: Any) -> tuple[RunningUpstream, PaymentServiceAsyncStub]:
+        running = await self.start("payment", **options)
+        return running, payment_pb2_grpc.PaymentServiceStub(self.channel(running.target))
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+        for running in reversed(self._servers):
+            await running.stop(None)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    started = Upstreams()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def order_upstream(upstreams: Upstreams) -> tuple[RunningUpstream, OrderServiceAsyncStub]:
+    return await upstreams.orders()
+
+
+@pytest.fixture
+def orders(order_upstream: tuple[RunningUpstream, OrderServiceAsyncStub]) -> OrderServiceAsyncStub:
+    return order_upstream[1]
+
+
+@pytest.fixture
+def order_ledger(order_upstream: tuple[RunningUpstream, OrderServiceAsyncStub]) -> Ledger:
+    return order_upstream[0].ledger
+
+
+@pytest.fixture
+async def payment_upstream(
+    upstreams: Upstreams,
+) -> tuple[RunningUpstream, PaymentServiceAsyncStub]:
+    return await upstreams.payments()
+
+
+@pytest.fixture
+def payments(
+    payment_upstream: tuple[RunningUpstream, PaymentServiceAsyncStub],
+) -> PaymentServiceAsyncStub:
+    return payment_upstream[1]
+
+
+async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """The error ``call`` fails with; fails the test when it succeeds."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def new_order(request_id: str = "r-1", product_id: int = 7, count: int = 2) -> Any:
+    return order_pb2.CreateOrderRequest(RequestID=request_id, ProductID=product_id, Count=count)
+
+
+def new_payment(request_id: str = "r-1", order_id: int = 1, amount: int = 100) -> Any:
+    return payment_pb2.CreatePaymentRequest(RequestID=request_id, OrderID=order_id, Amount=amount)
+
+
+# Orders.
+
+
+async def test_create_order_returns_created_order_with_id(orders: OrderServiceAsyncStub) -> None:
+    order = await orders.CreateOrder(new_order("r-1", product_id=7, count=2))
+
+    assert order.OrderID > 0
+    assert (order.RequestID, order.ProductID, order.Count) == ("r-1", 7, 2)
+    assert order.Status == order_pb2.CREATED
+
+
+async def test_create_order_count_zero_means_one(orders: OrderServiceAsyncStub) -> None:
+    order = await orders.CreateOrder(new_order(count=0))
+
+    assert order.Count == 1
+
+
+async def test_same_idempotency_key_returns_same_order_once(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    first = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    second = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    found = await orders.GetOrder(order_pb2.GetOrderRequest(RequestID="r-1"))
+
+    assert second.OrderID == first.OrderID
+    assert found.OrderID == first.OrderID
+    assert order_ledger.count_orders("r-1") == 1
+
+
+async def test_different_idempotency_keys_create_different_orders(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    first = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    second = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-2"),))
+
+    assert second.OrderID != first.OrderID
+    assert order_ledger.count_orders("r-1") == 2
+
+
+async def test_create_without_idempotency_key_creates_a_new_order_each_call(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    first = await orders.CreateOrder(new_order("r-1"))
+    second = await orders.CreateOrder(new_order("r-1"))
+
+    assert second.OrderID != first.OrderID
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        new_order(product_id=0),
+        new_order(product_id=-3),
+        new_order(count=-1),
+        new_order(request_id=""),
+    ],
+    ids=["zero-product", "negative-product", "negative-count", "no-request-id"],
+)
+async def test_invalid_create_order_is_invalid_argument_and_records_nothing(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger, request_: Any
+) -> None:
+    error = await rpc_error(orders.CreateOrder(request_))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert order_ledger.count_orders(request_.RequestID) == 0
+
+
+async def test_error_message_names_the_request_id(orders: OrderServiceAsyncStub) -> None:
+    error = await rpc_error(orders.CreateOrder(new_order("r-42", product_id=0)))
+
+    assert "r-42" in (error.details() or "")
+
+
+async def test_cancel_by_request_id_returns_cancelled_order(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    created = await orders.CreateOrder(new_order("r-1"))
+
+    cancelled = await orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1"))
+
+    assert cancelled.OrderID == created.OrderID
+    assert cancelled.Status == order_pb2.CANCELLED
+
+
+async def test_cancel_twice_returns_the_same_cancelled_order(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    created = await orders.CreateOrder(new_order("r-1"))
+    first = await orders.CancelOrder(order_pb2.CancelOrderRequest(OrderID=created.OrderID))
+
+    second = await orders.CancelOrder(order_pb2.CancelOrderRequest(OrderID=created.OrderID))
+
+    assert second == first
+
+
+async def test_cancel_by_request_id_cancels_every_order_and_returns_the_latest(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    older = await orders.CreateOrder(new_order("r-1"))
+    newer = await orders.CreateOrder(new_order("r-1"))
+
+    cancelled = await orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1"))
+    older_now = await orders.GetOrder(order_pb2.GetOrderRequest(OrderID=older.OrderID))
+
+    assert cancelled.OrderID == newer.OrderID
+    assert older_now.Status == order_pb2.CANCELLED
+
+
+async def test_cancel_unknown_order_is_not_found(orders: OrderServiceAsyncStub) -> None:
+    error = await rpc_error(orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="nope")))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [order_pb2.GetOrderRequest(OrderID=999), order_pb2.GetOrderRequest(RequestID="nope")],
+    ids=["by-order-id", "by-request-id"],
+)
+async def test_get_unknown_order_is_not_found(orders: OrderServiceAsyncStub, request_: Any) -> None:
+    error = await rpc_error(orders.GetOrder(request_))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_get_and_cancel_without_ids_are_invalid_argument(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    get_error = await rpc_error(orders.GetOrder(order_pb2.GetOrderRequest()))
+    cancel_error = await rpc_error(orders.CancelOrder(order_pb2.CancelOrderRequest()))
+
+    assert get_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert cancel_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Payments.
+
+
+async def test_create_payment_returns_paid_payment(payments: PaymentServiceAsyncStub) -> None:
+    payment = await payments.CreatePayment(new_payment("r-1", order_id=3, amount=250))
+
+    assert payment.PaymentID > 0
+    assert (payment.RequestID, payment.OrderID, payment.Amount) == ("r-1", 3, 250)
+    assert payment.Status == payment_pb2.PAID
+
+
+async def test_same_idempotency_key_returns_same_payment(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    first = await payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),))
+    second = await payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),))
+
+    assert second.PaymentID == first.PaymentID
+
+
+async def test_fault_inject_declines_payment_and_records_nothing(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    request = payment_pb2.CreatePaymentRequest(RequestID="r-1", OrderID=1, FaultInject=True)
+
+    error = await rpc_error(payments.CreatePayment(request))
+    lookup = await rpc_error(payments.GetPayment(payment_pb2.GetPaymentRequest(RequestID="r-1")))
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "payment declined (fault injected)" in (error.details() or "")
+    assert lookup.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_refund_returns_refunded_payment_and_is_idempotent(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    paid = await payments.CreatePayment(new_payment("r-1"))
+
+    first = await payments.RefundPayment(payment_pb2.RefundPaymentRequest(RequestID="r-1"))
+    second = await payments.RefundPayment(
+        payment_pb2.RefundPaymentRequest(PaymentID=paid.PaymentID)
+    )
+
+    assert first.PaymentID == paid.PaymentID
+    assert first.Status == payment_pb2.REFUNDED
+    assert second == first
+
+
+async def test_invalid_create_payment_is_invalid_argument(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    error = await rpc_error(payments.CreatePayment(new_payment("r-1", order_id=0)))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_refund_unknown_payment_is_not_found(payments: PaymentServiceAsyncStub) -> None:
+    error = await rpc_error(payments.RefundPayment(payment_pb2.RefundPaymentRequest(PaymentID=9)))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Persistence, injected faults and serving.
+
+
+async def test_file_ledger_keeps_orders_across_restart(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "orders.db")
+    first_run, orders = await upstreams.orders(db_path=db)
+    created = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    await first_run.stop()
+
+    _, orders = await upstreams.orders(db_path=db)
+    found = await orders.GetOrder(order_pb2.GetOrderRequest(OrderID=created.OrderID))
+    replayed = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+
+    assert found == created
+    assert replayed.OrderID == created.OrderID
+
+
+async def test_fail_rate_one_is_unavailable_and_records_nothing(upstreams: Upstreams) -> None:
+    running, orders = await upstreams.orders(fail_rate=1.0)
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1")))
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "transient failure (injected)" in (error.details() or "")
+    assert running.ledger.count_orders("r-1") == 0
+
+
+async def test_latency_ms_delays_each_call(upstreams: Upstreams) -> None:
+    _, orders = await upstreams.orders(latency_ms=100)
+
+    started = time.monotonic()
+    await orders.CreateOrder(new_order())
+
+    assert time.monotonic() - started >= 0.1
+
+
+async def test_fault_options_out_of_range_are_rejected() -> None:
+    with pytest.raises(ValueError, match="fail_rate"):
+        await serve_upstream("order", port=0, fail_rate=1.5)
+    with pytest.raises(ValueError, match="latency_ms"):
+        await serve_upstream("payment", port=0, latency_ms=-1)
+
+
+@pytest.mark.parametrize("service", ["", "pb.OrderService"])
+async def test_health_check_reports_serving(
+    upstreams: Upstreams,
+    order_upstream: tuple[RunningUpstream, OrderServiceAsyncStub],
+    service: str,
+) -> None:
+    health = health_pb2_grpc.HealthStub(upstreams.channel(order_upstream[0].target))
+
+    response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_service(
+    upstreams: Upstreams, payment_upstream: tuple[RunningUpstream, PaymentServiceAsyncStub]
+) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(
+        upstreams.channel(payment_upstream[0].target)
+    )
+    call = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+
+    response = await call.read()
+    names = {service.name for service in response.list_services_response.service}
+
+    assert "pb.PaymentService" in names
+    assert "grpc.health.v1.Health" in names
+
+
+async def test_port_in_use_is_refused(
+    upstreams: Upstreams, order_upstream: tuple[RunningUpstream, OrderServiceAsyncStub]
+) -> None:
+    with pytest.raises(RuntimeError):
+        await serve_upstream("order", port=order_upstream[0].port)
+
+
+# The command line.
+
+
+def test_arg_parser_defaults() -> None:
+    args = build_arg_parser().parse_args(["payment"])
+
+    assert (args.service, args.port, args.db) == ("payment", None, ":memory:")
+    assert (args.latency_ms, args.fail_rate) == (0.0, 0.0)
+    assert DEFAULT_PORTS == {"order": 50051, "payment": 50052}
+
+
+def test_arg_parser_rejects_fail_rate_above_one() -> None:
+    with pytest.raises(SystemExit):
+        build_arg_parser().parse_args(["order", "--fail-rate", "2"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be delivered on Windows")
+async def test_command_line_serves_until_sigterm_then_exits_zero(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    script = "import sys; from upstream.server import main; sys.exit(main(sys.argv[1:]))"
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", script, "order", "--port", "0", "--db", str(tmp_path / "o.db")),
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        match = re.search(rb"serving on (\S+)", line)
+        assert match, line
+        health = health_pb2_grpc.HealthStub(upstreams.channel(match.group(1).decode()))
+        response = await health.Check(health_pb2.HealthCheckRequest(service="pb.OrderService"))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+        process.send_signal(signal.SIGTERM)
+
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
