@@ -134,7 +134,9 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 exc_info=failure.bug,
                 extra=_fields(dto, hop, failure),
             )
-            await self._publish_rollback(self._rollback_of(dto, hop.name, failure))
+            await self._publish_rollback(
+                self._rollback_of(dto, hop.name, failure), inline_fallback=False
+            )
             await self._notify_end(dto, failure)
             return
         result.current_index = index + 1
@@ -178,7 +180,8 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                     code=grpc.StatusCode.INVALID_ARGUMENT.name,
                     reason=f"invalid message: {reason}",
                     data=raw,
-                )
+                ),
+                inline_fallback=False,
             )
         raise DeadLetter(reason)
 

@@ -68,8 +68,13 @@ class FacadeBase:
             await self.broker.declare(self._rollback_topic)
             await self.broker.subscribe(self._rollback_topic, self._on_rollback)
 
-    async def _publish_rollback(self, rollback: Rollback) -> None:
-        """Hand the rollback to the broker; if the broker cannot take it, undo inline."""
+    async def _publish_rollback(self, rollback: Rollback, *, inline_fallback: bool) -> None:
+        """Hand the rollback to the broker.
+
+        With `inline_fallback`, a broker that cannot take it makes the rollback
+        node run here instead (a sync caller has nothing to redeliver);
+        without, the error propagates so the input message is redelivered.
+        """
         if self._rollback_node is None:
             return
         body = rollback.model_dump_json().encode()
@@ -78,6 +83,8 @@ class FacadeBase:
                 self._rollback_topic, body, message_id=f"{rollback.request_id}:rollback"
             )
         except BrokerUnavailable:
+            if not inline_fallback:
+                raise
             # Losing the rollback would leave the saga half-done: run it here instead.
             log.warning(
                 "broker refused the rollback, running it inline",

@@ -114,5 +114,6 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 code=failure.code.name,
                 reason=failure.reason,
                 data=data,
-            )
+            ),
+            inline_fallback=True,
         )

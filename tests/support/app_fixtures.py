@@ -1,0 +1,111 @@
+"""Fixtures that run the booking service and its upstreams on free ports, in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from main import AppSettings, BookingApp, EmbeddedSettings, UpstreamSettings, UpstreamsSettings
+from main import running_app as run_booking_app
+from orchestrator import GrpcSettings
+from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
+from upstream.server import RunningUpstream, serve_upstream
+
+
+@dataclass
+class Upstreams:
+    """The demo upstream servers and clients to inspect their ledgers."""
+
+    order: RunningUpstream
+    payment: RunningUpstream
+    order_stub: order_pb2_grpc.OrderServiceAsyncStub
+    payment_stub: payment_pb2_grpc.PaymentServiceAsyncStub
+
+    async def order_of(self, request_id: str) -> order_pb2.Order | None:
+        """The order created for `request_id`, or None."""
+        try:
+            return await self.order_stub.GetOrder(
+                order_pb2.GetOrderRequest(RequestID=request_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def payment_of(self, request_id: str) -> payment_pb2.Payment | None:
+        """The payment taken for `request_id`, or None."""
+        try:
+            return await self.payment_stub.GetPayment(
+                payment_pb2.GetPaymentRequest(RequestID=request_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within: float = 10.0, interval: float = 0.02
+) -> None:
+    """Wait until `check()` is true; fail the test after `within` seconds."""
+    async with asyncio.timeout(within):
+        # Polling on purpose: the state lives in another service, which sends no events.
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """Order and Payment services on free ports with in-memory ledgers."""
+    order = await serve_upstream("order", port=0)
+    payment = await serve_upstream("payment", port=0)
+    order_channel = grpc.aio.insecure_channel(order.target)
+    payment_channel = grpc.aio.insecure_channel(payment.target)
+    try:
+        yield Upstreams(
+            order,
+            payment,
+            order_pb2_grpc.OrderServiceStub(order_channel),
+            payment_pb2_grpc.PaymentServiceStub(payment_channel),
+        )
+    finally:
+        await order_channel.close(None)
+        await payment_channel.close(None)
+        await order.stop(None)
+        await payment.stop(None)
+
+
+def app_settings(upstreams: Upstreams, **broker: object) -> AppSettings:
+    """Settings for a booking service on a free port that calls `upstreams`."""
+    return AppSettings.model_validate(
+        {
+            "grpc": GrpcSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1),
+            "broker": {"url": "memory://", "redelivery_delay_seconds": 0.01, **broker},
+            "upstreams": UpstreamsSettings(
+                order=UpstreamSettings(address=upstreams.order.target),
+                payment=UpstreamSettings(address=upstreams.payment.target),
+                timeout_seconds=2,
+            ),
+            "embedded_upstreams": EmbeddedSettings(),
+        }
+    )
+
+
+@pytest.fixture
+async def booking_app(upstreams: Upstreams) -> AsyncIterator[BookingApp]:
+    """The booking service with an in-memory broker, serving on a free port."""
+    async with run_booking_app(app_settings(upstreams)) as app:
+        yield app
+
+
+@pytest.fixture
+async def booking(
+    booking_app: BookingApp,
+) -> AsyncIterator[booking_pb2_grpc.BookingServiceAsyncStub]:
+    """A client of the running booking service."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{booking_app.server.port}") as channel:
+        yield booking_pb2_grpc.BookingServiceStub(channel)

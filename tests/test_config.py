@@ -1,0 +1,104 @@
+"""Configuration: app.yaml into pydantic models, with clear errors and environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from main import AppSettings
+from orchestrator import BrokerSettings, ConfigError, Settings, load_settings, redact_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "app.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_root_app_yaml_is_the_embedded_default() -> None:
+    settings = load_settings(AppSettings, ROOT / "app.yaml", environ={})
+
+    assert settings.grpc.port == 10000
+    assert settings.broker.scheme == "memory"
+    assert settings.embedded_upstreams.order is not None
+    assert settings.embedded_upstreams.payment is not None
+
+
+def test_the_local_deployment_app_yaml_is_valid() -> None:
+    settings = load_settings(AppSettings, ROOT / "deployment/local/app.yaml", environ={})
+
+    assert settings.broker.scheme == "amqp"
+    assert settings.embedded_upstreams.order is None
+
+
+def test_an_unknown_key_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "grpc:\n  prot: 1\n")
+    with pytest.raises(ConfigError, match=r"app.yaml: grpc.prot: unknown key"):
+        load_settings(Settings, path, environ={})
+
+
+def test_a_bad_value_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "broker:\n  topics:\n    create_order: {concurrency: 0}\n")
+    with pytest.raises(
+        ConfigError, match=r"broker.topics.create_order.concurrency: Input should be"
+    ):
+        load_settings(Settings, path, environ={})
+
+
+def test_an_unsupported_broker_scheme_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "broker:\n  url: kafka://localhost\n")
+    with pytest.raises(ConfigError, match="unsupported broker scheme 'kafka'"):
+        load_settings(Settings, path, environ={})
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_settings(Settings, tmp_path / "nope.yaml", environ={})
+
+
+def test_invalid_yaml_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(Settings, write(tmp_path, "grpc: [1\n"), environ={})
+
+
+def test_environment_overrides_port_broker_and_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "grpc: {port: 1}\n")
+    settings = load_settings(
+        Settings,
+        environ={
+            "ORCH_CONFIG": str(path),
+            "ORCH_GRPC_PORT": "2345",
+            "ORCH_BROKER_URL": "amqp://u:p@h:5672/",
+        },
+    )
+
+    assert settings.grpc.port == 2345
+    assert settings.broker.url.get_secret_value() == "amqp://u:p@h:5672/"
+
+
+def test_the_broker_password_never_shows_in_reprs_or_errors(tmp_path: Path) -> None:
+    settings = BrokerSettings(url="amqp://user:s3cret-pw@host:5672/")  # type: ignore[arg-type]
+    assert "s3cret-pw" not in repr(settings)
+    assert settings.safe_url == "amqp://user:***@host:5672/"
+
+    path = write(tmp_path, "broker:\n  url: amqp://user:s3cret-pw@host/\n  bogus: 1\n")
+    with pytest.raises(ConfigError) as failure:
+        load_settings(Settings, path, environ={})
+    assert "s3cret-pw" not in str(failure.value)
+
+
+def test_redact_url_leaves_urls_without_password_alone() -> None:
+    assert redact_url("amqp://guest@localhost/") == "amqp://guest@localhost/"
+    assert redact_url("memory://") == "memory://"
+
+
+def test_per_topic_concurrency_falls_back_to_the_default() -> None:
+    settings = BrokerSettings.model_validate(
+        {"default_concurrency": 8, "topics": {"create_order": {"concurrency": 64}}}
+    )
+
+    assert settings.concurrency_of("create_order") == 64
+    assert settings.concurrency_of("create_payment") == 8
