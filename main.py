@@ -148,9 +148,7 @@ async def serve(settings: AppSettings) -> int:
     try:
         await app.server.serve_until_signalled()
     finally:
-        await app.upstreams.close()
-        for running in app.embedded:
-            await running.stop()
+        await app.stop()
     return 0
 
 

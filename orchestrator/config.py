@@ -45,6 +45,9 @@ class GrpcSettings(StrictModel):
     port: int = Field(default=10000, ge=0, le=65535)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     """In-flight calls get this long to finish after SIGTERM."""
+    drain_seconds: float = Field(default=0.0, ge=0, le=600)
+    """After SIGTERM, health answers NOT_SERVING this long before new calls are refused,
+    so load balancers that poll it stop routing here first."""
 
 
 class TopicSettings(StrictModel):
@@ -68,6 +71,10 @@ class BrokerSettings(StrictModel):
     redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
     heartbeat_seconds: int = Field(default=30, ge=1, le=600)
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
+    connect_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    """How long `start()` keeps retrying the first connection before giving up."""
+    reconnect_interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    """Pause between reconnection attempts after the broker connection is lost."""
 
     @field_validator("url")
     @classmethod

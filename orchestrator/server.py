@@ -87,13 +87,20 @@ class OrchestratorServer:
             return
         self._stopping = True
         await self._health.enter_graceful_shutdown()
+        if self.settings.drain_seconds:
+            # Health checks still answer (NOT_SERVING) here; server.stop refuses them.
+            await asyncio.sleep(self.settings.drain_seconds)
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._server.stop(grace)
         await self.orchestrator.close()
         log.info("stopped")
 
     async def serve_until_signalled(self) -> None:
-        """Start, serve until SIGINT or SIGTERM, then stop gracefully."""
+        """Start, serve until SIGINT or SIGTERM, then stop gracefully.
+
+        The signal handlers stay installed after the first signal, so a second
+        one cannot kill the process halfway through its shutdown.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -104,8 +111,6 @@ class OrchestratorServer:
             log.info("signal received, shutting down")
         finally:
             await self.stop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
 
     def _on_broker_health(self, healthy: bool) -> None:
         if not self._stopping:

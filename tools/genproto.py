@@ -32,10 +32,9 @@ def generate(out_dir: Path) -> None:
     """Write *_pb2.py, *_pb2_grpc.py and their .pyi stubs for every proto into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
+    saved_path = os.environ.get("PATH", "")
     # protoc finds the mypy plugins on PATH; they live beside this interpreter.
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    if shutil.which("protoc-gen-mypy") is None:
-        raise SystemExit("protoc-gen-mypy not found: pip install mypy-protobuf")
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{saved_path}"
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -50,10 +49,13 @@ def generate(out_dir: Path) -> None:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
+        if shutil.which("protoc-gen-mypy") is None:
+            raise SystemExit("protoc-gen-mypy not found: pip install mypy-protobuf")
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
     finally:
         os.chdir(cwd)
+        os.environ["PATH"] = saved_path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,578 @@
+"""RabbitMQ through aio-pika, with the semantics of `orchestrator.broker.base`.
+
+Topology, all durable so that it and persistent messages survive a restart:
+
+- one direct exchange `<prefix>orchestrator`; per topic a quorum queue named
+  `settings.queue_name(topic)`, bound with that name as routing key, with a
+  delivery limit and at-least-once dead-lettering to
+- one direct exchange `<prefix>orchestrator.dlx`; per topic a quorum queue
+  `<queue>.dlq` bound with the topic queue's name, which receives both the
+  messages a handler dead-letters and those RabbitMQ dead-letters itself.
+
+Publishing uses one channel with publisher confirms, `mandatory` and
+`on_return_raises`, so `publish` returns only once RabbitMQ has the message on
+disk and raises when no queue took it. Each subscription has its own channel
+with the topic's concurrency as prefetch, and runs every delivery's handler in
+a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import aio_pika
+import aiormq
+import aiormq.abc
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+from aio_pika.connection import make_url
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    AuthenticationError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    ProbableAuthenticationError,
+    PublishError,
+)
+from pamqp.common import FieldValue
+
+from orchestrator.broker.base import (
+    REASON_HEADER,
+    Broker,
+    BrokerUnavailable,
+    DeadLetter,
+    DeadLetteredMessage,
+    Delivery,
+    MessageHandler,
+    UnroutableError,
+)
+from orchestrator.config import BrokerSettings
+
+__all__ = ["TOPIC_HEADER", "RabbitMQBroker"]
+
+log = logging.getLogger("orchestrator.broker.rabbitmq")
+
+TOPIC_HEADER = "x-orchestrator-topic"
+"""Header naming the logical topic of a message a handler dead-lettered."""
+
+_T = TypeVar("_T")
+_DELIVERY_COUNT_HEADER = "x-delivery-count"
+# What a failed ack/nack or publish can raise once the connection or channel is gone.
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, TimeoutError)
+
+
+class RabbitMQBroker(Broker):
+    """A `Broker` on RabbitMQ quorum queues; see the module docstring for the topology."""
+
+    CLOSE_GRACE_SECONDS: ClassVar[float] = 5.0
+    """How long `close()` lets in-flight handlers finish before cancelling them."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__()
+        self._settings = settings
+        prefix = settings.topic_prefix
+        self._exchange_name = f"{prefix}orchestrator"
+        self._dlx_name = f"{prefix}orchestrator.dlx"
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._topology_channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._declared: set[str] = set()  # cache, cleared when a new connection starts
+        self._known_topics: set[str] = set()
+        self._declare_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
+        self._consumers: list[tuple[AbstractRobustChannel, AbstractRobustQueue, str]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (retrying for `connect_timeout_seconds`), open channels, declare the exchanges.
+
+        Raises BrokerUnavailable when RabbitMQ cannot be reached in time or
+        refuses the credentials.
+        """
+        async with self._start_lock:
+            if self._connection is not None:
+                return
+            self._closing = False
+            self._declared.clear()
+            connection = await self._connect()
+            try:
+                await self._open_channels(connection)
+            except BaseException:
+                await self._close_connection(connection)
+                raise
+            self._connection = connection
+            connection.close_callbacks.add(self._on_connection_lost)
+            connection.reconnect_callbacks.add(self._on_reconnected)
+            log.info("connected to broker", extra={"url": self._settings.safe_url})
+            self._set_healthy(True)
+
+    async def close(self) -> None:
+        """Cancel consumers, let in-flight handlers finish briefly, then disconnect.
+
+        Handlers still running after `CLOSE_GRACE_SECONDS` are cancelled; their
+        deliveries were not acknowledged, so RabbitMQ requeues them.
+        """
+        connection = self._connection
+        self._closing = True
+        try:
+            if connection is not None:
+                await self._cancel_consumers()
+                await self._drain_handlers()
+                await self._close_connection(connection)
+        finally:
+            self._connection = None
+            self._publish_channel = self._topology_channel = None
+            self._exchange = self._dlx = None
+            self._consumers.clear()
+            self._set_healthy(False)
+
+    # -- topology ----------------------------------------------------------
+
+    async def declare(self, topic: str) -> None:
+        """Declare the topic's quorum queue and dead-letter queue; cached, so cheap to repeat."""
+        if topic in self._declared:
+            return
+        async with self._declare_lock:
+            if topic in self._declared:
+                return
+            channel = _require(self._topology_channel)
+            queue_name = self._settings.queue_name(topic)
+            try:
+                async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                    queue = await channel.declare_queue(
+                        queue_name, durable=True, arguments=self._queue_arguments()
+                    )
+                    await queue.bind(self._exchange_name, routing_key=queue_name)
+                    dlq = await channel.declare_queue(
+                        f"{queue_name}.dlq", durable=True, arguments={"x-queue-type": "quorum"}
+                    )
+                    # Same routing key: RabbitMQ dead-letters with the original one.
+                    await dlq.bind(self._dlx_name, routing_key=queue_name)
+            except _BROKER_ERRORS as exc:
+                raise BrokerUnavailable(f"cannot declare topic {topic!r}: {exc!r}") from exc
+            self._declared.add(topic)
+            self._known_topics.add(topic)
+
+    @property
+    def declared_topics(self) -> frozenset[str]:
+        """Every topic this broker has declared, e.g. to delete their queues after a test."""
+        return frozenset(self._known_topics)
+
+    def _queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self._settings.delivery_limit,
+            "x-dead-letter-exchange": self._dlx_name,
+            # at-least-once dead-lettering silently degrades to at-most-once
+            # unless overflow is reject-publish.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    # -- publishing --------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish persistently and wait for the confirm.
+
+        Raises ValueError for a body over `max_message_bytes`, UnroutableError
+        when the topic has no queue, BrokerUnavailable on a nack, a lost
+        connection or no confirm within `publish_timeout_seconds`.
+        """
+        if len(body) > self._settings.max_message_bytes:
+            raise ValueError(
+                f"message of {len(body)} bytes exceeds max_message_bytes "
+                f"({self._settings.max_message_bytes})"
+            )
+        await self._publish(
+            _require(self._exchange),
+            self._settings.queue_name(topic),
+            body,
+            message_id,
+            dict(headers or {}),
+        )
+
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        headers: dict[str, FieldValue],
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            message_id=message_id,
+            headers=headers,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            # A publish on a dropped robust connection waits for the reconnect:
+            # the timeout turns that into BrokerUnavailable.
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+        except PublishError as exc:
+            raise UnroutableError(
+                f"no queue for routing key {routing_key!r} on exchange {exchange.name!r}"
+            ) from exc
+        except DeliveryError as exc:
+            raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"no publisher confirm for message {message_id} within "
+                f"{self._settings.publish_timeout_seconds}s"
+            ) from exc
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot publish message {message_id}: {exc!r}") from exc
+
+    # -- consuming ---------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        """Consume `topic` on a channel of its own, `concurrency_of(topic)` deliveries at once."""
+        await self.declare(topic)
+        connection = _require(self._connection)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._dispatch(topic, handler, message)
+
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                channel = connection.channel()
+                await channel.initialize()
+                await channel.set_qos(prefetch_count=self._settings.concurrency_of(topic))
+                # Declared on this channel too, so the robust connection restores
+                # the queue and its consumer together after a reconnect.
+                queue = await channel.declare_queue(
+                    self._settings.queue_name(topic),
+                    durable=True,
+                    arguments=self._queue_arguments(),
+                )
+                tag = await queue.consume(on_message)
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot subscribe to topic {topic!r}: {exc!r}") from exc
+        self._consumers.append((channel, queue, tag))
+        log.info(
+            "consuming",
+            extra={"topic": topic, "concurrency": self._settings.concurrency_of(topic)},
+        )
+
+    def _dispatch(
+        self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
+    ) -> None:
+        if self._closing:
+            # Left unacknowledged: RabbitMQ requeues it when we disconnect.
+            return
+        # A task of our own rather than aiormq's consumer task, which the
+        # channel cancels when the connection drops mid-handler.
+        task = asyncio.create_task(self._handle(topic, handler, message))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle(
+        self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
+    ) -> None:
+        delivery = _delivery(topic, message)
+        try:
+            await handler(delivery)
+        except DeadLetter as exc:
+            await self._dead_letter(topic, message, str(exc) or "dead-lettered by handler")
+            return
+        except Exception as exc:
+            await self._retry_or_dead_letter(topic, message, delivery, exc)
+            return
+        await self._settle(message.ack(), "ack", topic, delivery.message_id)
+
+    async def _retry_or_dead_letter(
+        self,
+        topic: str,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        exc: Exception,
+    ) -> None:
+        limit = self._settings.delivery_limit
+        if delivery.delivery_count >= limit:
+            # RabbitMQ's x-delivery-limit allows one delivery more than its
+            # value and records only "delivery_limit"; deciding here keeps the
+            # count exact and the error in the reason. The queue's own limit
+            # remains the backstop for deliveries whose handler never finished.
+            await self._dead_letter(topic, message, f"delivery limit {limit} reached: {exc!r}")
+            return
+        log.warning(
+            "handler failed, redelivering",
+            exc_info=exc,
+            extra={
+                "topic": topic,
+                "message_id": delivery.message_id,
+                "delivery_count": delivery.delivery_count,
+                "reason": repr(exc),
+            },
+        )
+        # A short backoff: a quorum queue hands a requeued message straight back.
+        await asyncio.sleep(self._settings.redelivery_delay_seconds * delivery.delivery_count)
+        await self._settle(message.nack(requeue=True), "nack", topic, delivery.message_id)
+
+    async def _dead_letter(self, topic: str, message: AbstractIncomingMessage, reason: str) -> None:
+        message_id = message.message_id or ""
+        headers = dict(message.headers)
+        headers.pop(_DELIVERY_COUNT_HEADER, None)
+        headers[REASON_HEADER] = reason
+        headers[TOPIC_HEADER] = topic
+        try:
+            await self._publish(
+                _require(self._dlx),
+                self._settings.queue_name(topic),
+                message.body,
+                message_id,
+                headers,
+            )
+        except BrokerUnavailable as exc:
+            log.error(
+                "cannot dead-letter, requeueing",
+                extra={
+                    "topic": topic,
+                    "message_id": message_id,
+                    "reason": reason,
+                    "error": str(exc),
+                },
+            )
+            await self._settle(message.nack(requeue=True), "nack", topic, message_id)
+            return
+        log.error(
+            "message dead-lettered",
+            extra={"topic": topic, "message_id": message_id, "reason": reason},
+        )
+        # Only now: the copy is confirmed, so the original may go.
+        await self._settle(message.ack(), "ack", topic, message_id)
+
+    async def _settle(
+        self, operation: Awaitable[None], kind: str, topic: str, message_id: str
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                await operation
+        except _BROKER_ERRORS as exc:
+            # The delivery tag belonged to a channel that is gone (typically
+            # replaced after a reconnect); RabbitMQ redelivers the message.
+            log.warning(
+                f"{kind} failed, the broker will redeliver",
+                extra={"topic": topic, "message_id": message_id, "error": repr(exc)},
+            )
+
+    # -- ops helpers -------------------------------------------------------
+
+    async def dead_letters(self, topic: str) -> list[DeadLetteredMessage]:
+        """Drain the topic's dead-letter queue, returning its messages with their reasons."""
+        queue_name = f"{self._settings.queue_name(topic)}.dlq"
+        drained: list[DeadLetteredMessage] = []
+        async with self._raw_channel() as channel:
+            last_tag: int | None = None
+            while True:
+                got = await channel.basic_get(queue_name, no_ack=False, timeout=5)
+                if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
+                    break
+                last_tag = got.delivery.delivery_tag
+                properties = got.header.properties
+                drained.append(
+                    DeadLetteredMessage(
+                        topic=topic,
+                        body=got.body,
+                        message_id=properties.message_id or "",
+                        reason=_dead_letter_reason(properties.headers or {}),
+                    )
+                )
+            # One ack for everything, after the list is complete: if anything
+            # failed above, the channel closes and every message goes back.
+            if last_tag is not None:
+                await channel.basic_ack(last_tag, multiple=True)
+        return drained
+
+    async def depth(self, topic: str) -> int:
+        """Messages ready in the topic's queue (0 when it does not exist)."""
+        async with self._raw_channel() as channel:
+            try:
+                declared = await channel.queue_declare(
+                    self._settings.queue_name(topic), passive=True, timeout=5
+                )
+            except ChannelNotFoundEntity:
+                return 0
+        return declared.message_count or 0
+
+    # -- internals ---------------------------------------------------------
+
+    async def _connect(self) -> AbstractRobustConnection:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.connect_timeout_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - loop.time()
+            connection = aio_pika.RobustConnection(
+                make_url(
+                    settings.url.get_secret_value(),
+                    heartbeat=settings.heartbeat_seconds,
+                ),
+                reconnect_interval=settings.reconnect_interval_seconds,
+                client_properties={"connection_name": "orchestrator"},
+            )
+            try:
+                async with asyncio.timeout(max(remaining, 0.1)):
+                    await connection.connect(timeout=max(remaining, 0.1))
+                return connection
+            except (AuthenticationError, ProbableAuthenticationError) as exc:
+                await self._close_connection(connection)
+                # Retrying cannot fix credentials: fail now, naming only the safe URL.
+                raise BrokerUnavailable(
+                    f"broker {settings.safe_url} refused the login: {exc}"
+                ) from None
+            except _BROKER_ERRORS as exc:
+                await self._close_connection(connection)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"broker {settings.safe_url} unreachable for "
+                        f"{settings.connect_timeout_seconds}s: {exc!r}"
+                    ) from None
+                log.warning(
+                    "broker unreachable, retrying",
+                    extra={"url": settings.safe_url, "attempt": attempt, "error": repr(exc)},
+                )
+                await asyncio.sleep(min(0.5 * attempt, 5.0, remaining))
+
+    async def _open_channels(self, connection: AbstractRobustConnection) -> None:
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                publish_channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+                await publish_channel.initialize()
+                topology_channel = connection.channel()
+                await topology_channel.initialize()
+                exchange = await publish_channel.declare_exchange(
+                    self._exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+                )
+                dlx = await publish_channel.declare_exchange(
+                    self._dlx_name, aio_pika.ExchangeType.DIRECT, durable=True
+                )
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot open channels on {self._settings.safe_url}") from exc
+        self._publish_channel, self._topology_channel = publish_channel, topology_channel
+        self._exchange, self._dlx = exchange, dlx
+
+    async def _cancel_consumers(self) -> None:
+        for _channel, queue, tag in self._consumers:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                async with asyncio.timeout(2):
+                    await queue.cancel(tag)
+
+    async def _drain_handlers(self) -> None:
+        if not self._inflight:
+            return
+        _, pending = await asyncio.wait(set(self._inflight), timeout=self.CLOSE_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning(
+                "cancelled handlers still running at close; their messages will be redelivered",
+                extra={"count": len(pending)},
+            )
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _close_connection(self, connection: AbstractRobustConnection) -> None:
+        with contextlib.suppress(*_BROKER_ERRORS):
+            async with asyncio.timeout(5):
+                await connection.close()
+
+    @contextlib.asynccontextmanager
+    async def _raw_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        # A plain aiormq channel: a passive declare of a missing queue closes
+        # its channel, which must not be one the robust connection restores.
+        connection = _require(self._connection)
+        transport = connection.transport
+        if transport is None:
+            raise BrokerUnavailable(f"not connected to {self._settings.safe_url}")
+        try:
+            channel = await transport.connection.channel(publisher_confirms=False, timeout=5)
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await channel.close()
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        if self._closing:
+            return
+        log.warning(
+            "broker connection lost, reconnecting",
+            extra={"url": self._settings.safe_url, "error": repr(exc)},
+        )
+        self._set_healthy(False)
+
+    def _on_reconnected(self, _sender: object) -> None:
+        log.info("broker connection restored", extra={"url": self._settings.safe_url})
+        self._set_healthy(True)
+
+
+def _require(value: _T | None) -> _T:
+    if value is None:
+        raise BrokerUnavailable("the broker is not started")
+    return value
+
+
+def _delivery(topic: str, message: AbstractIncomingMessage) -> Delivery:
+    raw_count = message.headers.get(_DELIVERY_COUNT_HEADER)
+    # Quorum queues count earlier deliveries in x-delivery-count; the
+    # redelivered flag is the only hint a classic queue gives.
+    count = raw_count + 1 if isinstance(raw_count, int) and not isinstance(raw_count, bool) else 1
+    if message.redelivered:
+        count = max(count, 2)
+    headers = {
+        key: _text(value) for key, value in message.headers.items() if key != _DELIVERY_COUNT_HEADER
+    }
+    return Delivery(
+        topic=topic,
+        body=message.body,
+        message_id=message.message_id or "",
+        headers=headers,
+        delivery_count=count,
+    )
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _dead_letter_reason(headers: Mapping[str, object]) -> str:
+    reason = headers.get(REASON_HEADER)
+    if reason is not None:
+        return _text(reason)
+    first = headers.get("x-first-death-reason")
+    if first is not None:
+        return _text(first)
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return _text(deaths[0].get("reason", "unknown"))
+    return "unknown"
