@@ -11,7 +11,7 @@ import pytest
 
 from main import AppSettings, BookingApp, EmbeddedSettings, UpstreamSettings, UpstreamsSettings
 from main import running_app as run_booking_app
-from orchestrator import GrpcSettings
+from orchestrator import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 
@@ -79,12 +79,12 @@ async def upstreams() -> AsyncIterator[Upstreams]:
         await payment.stop(None)
 
 
-def app_settings(upstreams: Upstreams, **broker: object) -> AppSettings:
+def app_settings(upstreams: Upstreams, broker: BrokerSettings | None = None) -> AppSettings:
     """Settings for a booking service on a free port that calls `upstreams`."""
     return AppSettings.model_validate(
         {
             "grpc": GrpcSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1),
-            "broker": {"url": "memory://", "redelivery_delay_seconds": 0.01, **broker},
+            "broker": broker or BrokerSettings(redelivery_delay_seconds=0.01),
             "upstreams": UpstreamsSettings(
                 order=UpstreamSettings(address=upstreams.order.target),
                 payment=UpstreamSettings(address=upstreams.payment.target),

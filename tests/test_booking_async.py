@@ -1,0 +1,234 @@
+"""HandleAsyncBooking on a real RabbitMQ: every saga ends completed or compensated, once.
+
+The upstream services run in the test's process so their ledgers can be read
+directly; the orchestrator runs in process too, or as `python main.py` where
+the test kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from main import BookingApp
+from main import running_app as run_booking_app
+from orchestrator import BrokerSettings
+from orchestrator.broker.rabbitmq import RabbitMQBroker
+from pb import booking_pb2, booking_pb2_grpc
+from tests.support.app_fixtures import Upstreams, app_settings
+from tests.support.broker_fixtures import delete_topology, make_settings
+from tests.support.processes import free_port, start_main, wait_for_serving
+from tests.support.rabbitmq import RabbitMQNode
+from tests.support.sagas import Load, Outcome
+from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
+
+TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
+
+
+async def queues_drained(settings: BrokerSettings) -> dict[str, int]:
+    """Messages left in each topic's queue and dead-letter queue (empty dict: all drained)."""
+    inspector = RabbitMQBroker(settings)
+    await inspector.start()
+    try:
+        left = {}
+        for topic in TOPICS:
+            if depth := await inspector.depth(topic):
+                left[topic] = depth
+            if dead := await inspector.dead_letters(topic):
+                left[f"{topic}.dlq"] = len(dead)
+        return left
+    finally:
+        await inspector.close()
+
+
+@pytest.fixture
+async def rabbit_settings(rabbitmq_url: str) -> AsyncIterator[BrokerSettings]:
+    """Broker settings with a topic prefix of this test's own; the queues go afterwards."""
+    settings = make_settings(rabbitmq_url)
+    yield settings
+    await delete_topology(settings, frozenset(TOPICS))
+
+
+@pytest.fixture
+async def async_app(
+    upstreams: Upstreams, rabbit_settings: BrokerSettings
+) -> AsyncIterator[BookingApp]:
+    """The booking service in this process, on the shared RabbitMQ."""
+    async with run_booking_app(app_settings(upstreams, rabbit_settings)) as app:
+        yield app
+
+
+@pytest.fixture
+async def booking(async_app: BookingApp) -> AsyncIterator[booking_pb2_grpc.BookingServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{async_app.server.port}") as channel:
+        yield booking_pb2_grpc.BookingServiceStub(channel)
+
+
+async def test_a_booking_completes_with_a_created_order_and_a_paid_payment(
+    booking: booking_pb2_grpc.BookingServiceAsyncStub, upstreams: Upstreams
+) -> None:
+    load = Load(size=1, fault_every=0)
+    await load.submit(booking)
+
+    await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
+    assert load.tally(upstreams.order.ledger, upstreams.payment.ledger)[Outcome.COMPLETED] == 1
+
+
+async def test_fault_inject_cancels_the_order_and_takes_no_payment(
+    booking: booking_pb2_grpc.BookingServiceAsyncStub, upstreams: Upstreams
+) -> None:
+    load = Load(size=1, fault_every=1)
+    await load.submit(booking)
+
+    await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
+    [rid] = load.request_ids
+    assert upstreams.payment.ledger.latest_payment_of(rid) is None
+
+
+async def test_500_concurrent_bookings_each_end_completed_or_compensated_once(
+    booking: booking_pb2_grpc.BookingServiceAsyncStub,
+    upstreams: Upstreams,
+    rabbit_settings: BrokerSettings,
+) -> None:
+    load = Load(size=500, fault_every=5)
+    await load.submit(booking, concurrency=64)
+
+    await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
+    tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
+    assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
+    assert await queues_drained(rabbit_settings) == {}
+
+
+async def test_invalid_requests_are_refused_before_anything_is_queued(
+    booking: booking_pb2_grpc.BookingServiceAsyncStub, rabbit_settings: BrokerSettings
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await booking.HandleAsyncBooking(
+            booking_pb2.BookingRequest(ProductID=0),
+            metadata=(("x-request-id", "bad-1"),),
+            timeout=5,
+        )
+
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad-1" in (failure.value.details() or "")
+    assert await queues_drained(rabbit_settings) == {}
+
+
+async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_sagas_finish(
+    booking: booking_pb2_grpc.BookingServiceAsyncStub,
+    upstreams: Upstreams,
+    rabbit_settings: BrokerSettings,
+) -> None:
+    slip = {"topics": [CREATE_ORDER, CREATE_PAYMENT], "rollback_topic": CANCEL_ASYNC_BOOKING}
+    poison = {
+        "malformed": b'{"request_id": "p-1", ',
+        "schema": json.dumps({**slip, "request_id": "p-2", "product_id": "lots"}).encode(),
+        "index": json.dumps(
+            {**slip, "request_id": "p-3", "product_id": 1, "current_index": 9}
+        ).encode(),
+    }
+    load = Load(size=40, fault_every=4)
+    publisher = RabbitMQBroker(rabbit_settings)
+    await publisher.start()
+    try:
+        submitting = asyncio.create_task(load.submit(booking))
+        for name, body in poison.items():
+            await publisher.publish(CREATE_ORDER, body, message_id=f"poison-{name}")
+        await submitting
+        await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
+
+        async with asyncio.timeout(20):
+            dead = []
+            while len(dead) < 3:
+                dead += await publisher.dead_letters(CREATE_ORDER)
+                await asyncio.sleep(0.1)
+    finally:
+        await publisher.close()
+
+    reasons = {letter.message_id: letter.reason for letter in dead}
+    assert reasons["poison-malformed"].startswith("malformed JSON")
+    assert reasons["poison-schema"].startswith("schema: product_id")
+    assert "topic index 9" in reasons["poison-index"]
+    assert len(dead) == 3
+    assert await queues_drained(rabbit_settings) == {}
+
+
+async def test_the_broker_restarted_mid_run_loses_nothing(
+    private_rabbitmq: RabbitMQNode, upstreams: Upstreams
+) -> None:
+    settings = make_settings(private_rabbitmq.url)
+    load = Load(size=500, fault_every=5)
+    async with (
+        run_booking_app(app_settings(upstreams, settings)) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel,
+    ):
+        stub = booking_pb2_grpc.BookingServiceStub(channel)
+        submitting = asyncio.create_task(load.submit(stub, concurrency=32, retry_for=120))
+        await asyncio.wait_for(load.accepted_at_least(150), 60)
+        await private_rabbitmq.astop()
+        await asyncio.sleep(1)
+        await private_rabbitmq.astart()
+        await submitting
+        await load.settle(upstreams.order.ledger, upstreams.payment.ledger, within=120)
+
+    tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
+    assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
+    assert await queues_drained(settings) == {}
+
+
+def orchestrator_config(tmp_path: Path, upstreams: Upstreams, settings: BrokerSettings) -> Path:
+    """An app.yaml for `python main.py` on a free port, this test's broker and upstreams."""
+    config = {
+        "grpc": {"host": "127.0.0.1", "port": free_port(), "shutdown_grace_seconds": 2},
+        "broker": {
+            "url": settings.url.get_secret_value(),
+            "topic_prefix": settings.topic_prefix,
+            "connect_timeout_seconds": 20,
+        },
+        "upstreams": {
+            "order": {"address": upstreams.order.target},
+            "payment": {"address": upstreams.payment.target},
+        },
+        "embedded_upstreams": {},
+        "log_level": "WARNING",
+    }
+    path = tmp_path / "app.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_the_orchestrator_killed_mid_run_loses_nothing_and_does_nothing_twice(
+    tmp_path: Path, upstreams: Upstreams, rabbit_settings: BrokerSettings
+) -> None:
+    config = orchestrator_config(tmp_path, upstreams, rabbit_settings)
+    port = yaml.safe_load(config.read_text())["grpc"]["port"]
+    target = f"127.0.0.1:{port}"
+    load = Load(size=500, fault_every=5)
+    first = start_main(config=config)
+    try:
+        await asyncio.to_thread(wait_for_serving, target, first)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = booking_pb2_grpc.BookingServiceStub(channel)
+            submitting = asyncio.create_task(load.submit(stub, concurrency=32, retry_for=120))
+            await asyncio.wait_for(load.accepted_at_least(200), 60)
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, 10)
+            with start_main(config=config) as second:
+                await asyncio.to_thread(wait_for_serving, target, second)
+                await submitting
+                await load.settle(upstreams.order.ledger, upstreams.payment.ledger, within=120)
+    finally:
+        first.close()
+
+    tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
+    assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
+    assert await queues_drained(rabbit_settings) == {}
