@@ -20,6 +20,7 @@ import facade.sync_booking
 from handler import BookingHandler
 from node import Upstreams
 from orchestrator import (
+    BrokerUnavailable,
     ConfigError,
     GrpcService,
     Orchestrator,
@@ -147,6 +148,9 @@ async def serve(settings: AppSettings) -> int:
     )
     try:
         await app.server.serve_until_signalled()
+    except BrokerUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     finally:
         await app.stop()
     return 0

@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from main import BookingApp
 from main import running_app as run_booking_app
 from orchestrator import BrokerSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from pb import booking_pb2, booking_pb2_grpc
-from tests.support.app_fixtures import Upstreams, app_settings
+from tests.support.app_fixtures import Upstreams, app_settings, eventually
 from tests.support.broker_fixtures import delete_topology, make_settings
 from tests.support.processes import free_port, start_main, wait_for_serving
 from tests.support.rabbitmq import RabbitMQNode
@@ -232,3 +234,71 @@ async def test_the_orchestrator_killed_mid_run_loses_nothing_and_does_nothing_tw
     tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
     assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
     assert await queues_drained(rabbit_settings) == {}
+
+
+async def test_health_follows_the_broker_and_async_bookings_are_refused_while_it_is_down(
+    private_rabbitmq: RabbitMQNode, upstreams: Upstreams
+) -> None:
+    settings = make_settings(private_rabbitmq.url, publish_timeout_seconds=1.0)
+    async with (
+        run_booking_app(app_settings(upstreams, settings)) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = booking_pb2_grpc.BookingServiceStub(channel)
+
+        async def status() -> int:
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return answer.status
+
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        await private_rabbitmq.astop()
+        await eventually(
+            lambda: _equals(status(), health_pb2.HealthCheckResponse.NOT_SERVING), within=20
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.HandleAsyncBooking(
+                booking_pb2.BookingRequest(ProductID=1),
+                metadata=(("x-request-id", "while-down"),),
+                timeout=10,
+            )
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "while-down" in (failure.value.details() or "")
+
+        await private_rabbitmq.astart()
+        await eventually(
+            lambda: _equals(status(), health_pb2.HealthCheckResponse.SERVING), within=30
+        )
+        load = Load(size=5, fault_every=0)
+        await load.submit(stub)
+        await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
+    assert upstreams.order.ledger.latest_order_of("while-down") is None
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+def test_the_broker_password_never_reaches_the_log_of_a_failing_start(tmp_path: Path) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "grpc": {"host": "127.0.0.1", "port": free_port()},
+                "broker": {
+                    "url": f"amqp://orchestrator:{password}@127.0.0.1:{free_port()}/",
+                    "connect_timeout_seconds": 2,
+                },
+                "embedded_upstreams": {},
+                "log_level": "DEBUG",
+            }
+        )
+    )
+    with start_main(config=config) as process:
+        assert process.wait(30) == 1
+        output = process.output()
+
+    assert "unreachable" in output
+    assert "orchestrator:***@127.0.0.1" in output
+    assert password not in output
