@@ -256,9 +256,9 @@ class RabbitMQBroker(Broker):
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._dispatch(topic, handler, message)
 
+        channel = connection.channel()
         try:
             async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                channel = connection.channel()
                 await channel.initialize()
                 await channel.set_qos(prefetch_count=self._settings.concurrency_of(topic))
                 # Declared on this channel too, so the robust connection restores
@@ -270,6 +270,10 @@ class RabbitMQBroker(Broker):
                 )
                 tag = await queue.consume(on_message)
         except _BROKER_ERRORS as exc:
+            # A half-made robust channel would otherwise be restored forever.
+            with contextlib.suppress(*_BROKER_ERRORS):
+                async with asyncio.timeout(2):
+                    await channel.close()
             raise BrokerUnavailable(f"cannot subscribe to topic {topic!r}: {exc!r}") from exc
         self._consumers.append((channel, queue, tag))
         log.info(
@@ -285,9 +289,22 @@ class RabbitMQBroker(Broker):
             return
         # A task of our own rather than aiormq's consumer task, which the
         # channel cancels when the connection drops mid-handler.
-        task = asyncio.create_task(self._handle(topic, handler, message))
+        task = asyncio.create_task(self._handle_safely(topic, handler, message))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    async def _handle_safely(
+        self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
+    ) -> None:
+        try:
+            await self._handle(topic, handler, message)
+        except Exception:
+            # Nothing may escape a detached task; the unsettled delivery is
+            # redelivered when its channel closes.
+            log.exception(
+                "unexpected error while handling a delivery",
+                extra={"topic": topic, "message_id": message.message_id or ""},
+            )
 
     async def _handle(
         self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
@@ -375,20 +392,33 @@ class RabbitMQBroker(Broker):
             # The delivery tag belonged to a channel that is gone (typically
             # replaced after a reconnect); RabbitMQ redelivers the message.
             log.warning(
-                f"{kind} failed, the broker will redeliver",
-                extra={"topic": topic, "message_id": message_id, "error": repr(exc)},
+                "settling a delivery failed, the broker will redeliver it",
+                extra={
+                    "topic": topic,
+                    "message_id": message_id,
+                    "operation": kind,
+                    "error": repr(exc),
+                },
             )
 
     # -- ops helpers -------------------------------------------------------
 
     async def dead_letters(self, topic: str) -> list[DeadLetteredMessage]:
-        """Drain the topic's dead-letter queue, returning its messages with their reasons."""
+        """Drain the topic's dead-letter queue, returning its messages with their reasons.
+
+        The reason is the handler's (`x-orchestrator-reason`) or, for messages
+        RabbitMQ dead-lettered itself, its own (`x-first-death-reason`, such
+        as `delivery_limit`). Raises BrokerUnavailable when disconnected.
+        """
         queue_name = f"{self._settings.queue_name(topic)}.dlq"
         drained: list[DeadLetteredMessage] = []
         async with self._raw_channel() as channel:
             last_tag: int | None = None
             while True:
-                got = await channel.basic_get(queue_name, no_ack=False, timeout=5)
+                try:
+                    got = await channel.basic_get(queue_name, no_ack=False, timeout=5)
+                except ChannelNotFoundEntity:
+                    return []  # never declared: nothing was dead-lettered
                 if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
                     break
                 last_tag = got.delivery.delivery_tag
@@ -408,7 +438,11 @@ class RabbitMQBroker(Broker):
         return drained
 
     async def depth(self, topic: str) -> int:
-        """Messages ready in the topic's queue (0 when it does not exist)."""
+        """Messages ready in the topic's queue (0 when it does not exist).
+
+        Unacknowledged deliveries are not counted, and right after a broker
+        restart a quorum queue still recovering briefly reports 0.
+        """
         async with self._raw_channel() as channel:
             try:
                 declared = await channel.queue_declare(
@@ -459,6 +493,10 @@ class RabbitMQBroker(Broker):
                     extra={"url": settings.safe_url, "attempt": attempt, "error": repr(exc)},
                 )
                 await asyncio.sleep(min(0.5 * attempt, 5.0, remaining))
+            except asyncio.CancelledError:
+                # Its reconnection task would otherwise keep trying in the background.
+                await self._close_connection(connection)
+                raise
 
     async def _open_channels(self, connection: AbstractRobustConnection) -> None:
         try:
@@ -479,10 +517,12 @@ class RabbitMQBroker(Broker):
         self._exchange, self._dlx = exchange, dlx
 
     async def _cancel_consumers(self) -> None:
-        for _channel, queue, tag in self._consumers:
-            with contextlib.suppress(*_BROKER_ERRORS):
-                async with asyncio.timeout(2):
-                    await queue.cancel(tag)
+        # While disconnected a cancel would wait for the reconnect: bound them
+        # all together; the deliveries go back with the connection anyway.
+        cancels = [queue.cancel(tag) for _channel, queue, tag in self._consumers]
+        with contextlib.suppress(*_BROKER_ERRORS):
+            async with asyncio.timeout(2):
+                await asyncio.gather(*cancels, return_exceptions=True)
 
     async def _drain_handlers(self) -> None:
         if not self._inflight:
@@ -516,9 +556,14 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
         try:
             yield channel
+        except ChannelNotFoundEntity:
+            raise
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"broker operation failed: {exc!r}") from exc
         finally:
             with contextlib.suppress(*_BROKER_ERRORS):
-                await channel.close()
+                async with asyncio.timeout(5):
+                    await channel.close()
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
         if self._closing:
