@@ -31,7 +31,7 @@ def endpoint(
     """Wrap `async def method(self, request, context, request_id)` as a gRPC servicer method.
 
     It resolves the request id (the caller's `x-request-id`, validated, or a
-    new UUID), echoes it as `x-request-id` response metadata, and turns every
+    new UUID, which it returns as `x-request-id` response metadata), and turns every
     failure into a status that fits its cause, with the request id in the
     message: SagaFailed and SagaError keep their code, anything else is INTERNAL.
     """
@@ -40,11 +40,15 @@ def endpoint(
     async def wrapper(
         self: ServicerT, request: RequestT, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ResponseT:
+        metadata = context.invocation_metadata()
         try:
-            request_id = resolve_request_id(context.invocation_metadata())
+            request_id = resolve_request_id(metadata)
         except SagaError as exc:
             await context.abort(exc.code, str(exc))
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        if not any(key == REQUEST_ID_HEADER and value for key, value in metadata or ()):
+            # Only a made id is news to the caller. Echoing a sent one would cost
+            # a separate send: grpc.aio cannot queue headers to go with the reply.
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
             return await method(self, request, context, request_id)
         except SagaFailed as exc:
