@@ -11,7 +11,6 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import Field
 
@@ -71,7 +70,6 @@ class AppSettings(Settings):
 
     upstreams: UpstreamsSettings = Field(default_factory=UpstreamsSettings)
     embedded_upstreams: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
-    log_format: Literal["text", "json"] = "text"
 
 
 @dataclass
@@ -122,7 +120,9 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
         booking_pb2_grpc.add_BookingServiceServicer_to_server,
         BookingHandler(orchestrator),
     )
-    server = OrchestratorServer(orchestrator, settings.grpc, [booking_service])
+    server = OrchestratorServer(
+        orchestrator, settings.grpc, [booking_service], metrics=settings.metrics
+    )
     return BookingApp(settings, orchestrator, server, upstreams, list(embedded))
 
 

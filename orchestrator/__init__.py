@@ -20,6 +20,7 @@ from orchestrator.broker import (
 from orchestrator.config import (
     BrokerSettings,
     GrpcSettings,
+    MetricsSettings,
     Settings,
     StrictModel,
     TopicSettings,
@@ -41,6 +42,7 @@ from orchestrator.errors import (
 )
 from orchestrator.facade import AsyncFacade, AsyncNode, RollbackNode, SyncFacade, SyncNode
 from orchestrator.logs import configure_logging
+from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator, UnknownFacadeError
 from orchestrator.request_id import REQUEST_ID_HEADER, new_request_id, resolve_request_id
 from orchestrator.server import GrpcService, OrchestratorServer, run
@@ -65,6 +67,8 @@ __all__ = [
     "GrpcSettings",
     "InMemoryBroker",
     "InvalidArgument",
+    "Metrics",
+    "MetricsSettings",
     "Orchestrator",
     "OrchestratorServer",
     "Rollback",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -24,6 +24,7 @@ from orchestrator.errors import ConfigError
 __all__ = [
     "BrokerSettings",
     "GrpcSettings",
+    "MetricsSettings",
     "Settings",
     "StrictModel",
     "TopicSettings",
@@ -104,12 +105,23 @@ class BrokerSettings(StrictModel):
         return f"{self.topic_prefix}{topic}"
 
 
+class MetricsSettings(StrictModel):
+    """Prometheus metrics over HTTP (`GET /metrics`)."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    log_level: str = "INFO"
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object a line, for log collectors; `text` for people."""
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
@@ -158,6 +170,8 @@ def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault("grpc", {})["port"] = port
     if url := env.get("ORCH_BROKER_URL"):
         raw.setdefault("broker", {})["url"] = url
+    if port := env.get("ORCH_METRICS_PORT"):
+        raw.setdefault("metrics", {}).update(enabled=True, port=port)
 
 
 def _describe(exc: ValidationError) -> str:

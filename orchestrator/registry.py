@@ -9,6 +9,7 @@ from orchestrator.broker.base import Broker
 from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.sync import SyncFacade
+from orchestrator.metrics import Metrics
 
 __all__ = ["Orchestrator", "UnknownFacadeError"]
 
@@ -26,8 +27,10 @@ class Orchestrator:
     function, then `await orchestrator.start()`.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
         self.broker = broker
+        self.metrics = metrics or Metrics()
+        broker.attach_metrics(self.metrics)
         self._sync: dict[str, SyncFacade[Any, Any]] = {}
         self._async: dict[str, AsyncFacade[Any]] = {}
         self._started = False
@@ -83,7 +86,7 @@ class Orchestrator:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        facade.bind(name, self.broker)
+        facade.bind(name, self.broker, self.metrics)
 
     @staticmethod
     def _unknown(kind: str, name: str, known: dict[str, Any]) -> str:

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from orchestrator.config import GrpcSettings
+from orchestrator.config import GrpcSettings, MetricsSettings
+from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
 
 __all__ = ["GrpcService", "OrchestratorServer", "run"]
@@ -46,9 +47,16 @@ class OrchestratorServer:
         orchestrator: Orchestrator,
         settings: GrpcSettings,
         services: Sequence[GrpcService],
+        *,
+        metrics: MetricsSettings | None = None,
     ) -> None:
         self.orchestrator = orchestrator
         self.settings = settings
+        self._metrics_server = (
+            MetricsServer(orchestrator.metrics, metrics.host, metrics.port)
+            if metrics is not None and metrics.enabled
+            else None
+        )
         self._services = list(services)
         # Without this, a second server could bind the same port and silently share its traffic.
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -57,6 +65,11 @@ class OrchestratorServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = 0
         """The bound port, once started (useful with port 0)."""
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound metrics port, once started; 0 when metrics are off."""
+        return self._metrics_server.port if self._metrics_server is not None else 0
 
     async def start(self) -> int:
         """Start the orchestrator, then serve; returns the bound port."""
@@ -74,6 +87,8 @@ class OrchestratorServer:
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self._server.add_insecure_port(address)
         await self.orchestrator.start()
+        if self._metrics_server is not None:
+            await self._metrics_server.start()
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
         await self._server.start()
@@ -93,6 +108,8 @@ class OrchestratorServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._server.stop(grace)
         await self.orchestrator.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         log.info("stopped")
 
     async def serve_until_signalled(self) -> None:

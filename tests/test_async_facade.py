@@ -12,6 +12,7 @@ from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
     BrokerSettings,
+    BrokerUnavailable,
     Failure,
     InMemoryBroker,
     Orchestrator,
@@ -221,3 +222,26 @@ async def test_a_facade_without_nodes_cannot_start(orchestrator: Orchestrator) -
     orchestrator.register_async_facade("Empty", AsyncFacade("cancel", dto=OrderDTO))
     with pytest.raises(ValueError, match="no nodes"):
         await orchestrator.start()
+
+
+async def test_a_hop_failing_while_the_broker_is_down_does_not_spend_the_delivery_limit(
+    orchestrator: Orchestrator, broker: InMemoryBroker
+) -> None:
+    saga = Saga()
+    flow = await started(orchestrator, saga)
+    real_publish = broker.publish
+    refusals = 5  # more than the delivery limit of 3
+
+    async def down(topic: str, body: bytes, **kwargs: object) -> None:
+        nonlocal refusals
+        if topic == "payment" and refusals:
+            refusals -= 1
+            raise BrokerUnavailable("broker restarting")
+        await real_publish(topic, body, **kwargs)  # type: ignore[arg-type]
+
+    broker.publish = down  # type: ignore[method-assign]
+    await flow.run("a7", OrderDTO(request_id="a7", product_id=1))
+    await asyncio.wait_for(saga.done.wait(), 10)
+
+    assert broker.dead_letters == []
+    assert saga.calls[-1] == ("create_payment", 1)

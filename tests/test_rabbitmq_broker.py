@@ -569,3 +569,31 @@ async def test_the_password_never_appears_in_logs(
 def test_broker_from_settings_picks_rabbitmq_for_amqp() -> None:
     settings = BrokerSettings.model_validate({"url": "amqp://guest:guest@127.0.0.1:5672/"})
     assert isinstance(broker_from_settings(settings), RabbitMQBroker)
+
+
+@pytest.mark.timeout(30)
+async def test_a_handler_failing_for_the_broker_is_retried_without_spending_the_delivery_limit(
+    rabbitmq_url: str,
+) -> None:
+    settings = make_settings(rabbitmq_url, delivery_limit=2)
+    attempts = 0
+    handled = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 4:
+            raise BrokerUnavailable("publish channel not restored yet")
+        handled.set()
+
+    try:
+        async with running(settings) as broker:
+            await broker.declare(TOPIC)
+            await broker.subscribe(TOPIC, handler)
+            await broker.publish(TOPIC, b"{}", message_id="outage")
+            async with asyncio.timeout(20):
+                await handled.wait()
+            assert attempts == 5
+            assert await broker.dead_letters(TOPIC) == []
+    finally:
+        await delete_topology(settings, frozenset({TOPIC}))

@@ -10,6 +10,9 @@ Semantics every implementation keeps:
 - A handler that raises DeadLetter sends the delivery to the dead-letter queue
   with its reason; any other exception requeues it, up to the delivery limit,
   after which it is dead-lettered too. Nothing is requeued in a loop forever.
+- A handler that raises BrokerUnavailable (other than UnroutableError) failed
+  because of the broker, not the message: it is retried once the broker
+  recovers, without spending the delivery limit meant for poison messages.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.errors import BrokerUnavailable
+from orchestrator.metrics import Metrics
 
 __all__ = [
     "Broker",
@@ -77,6 +81,20 @@ class Broker(abc.ABC):
     def __init__(self) -> None:
         self._health_listeners: list[HealthListener] = []
         self._healthy = False
+        self._metrics: Metrics | None = None
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Count redeliveries, dead letters and the connection state into `metrics`."""
+        self._metrics = metrics
+        metrics.broker_connected.set(1 if self._healthy else 0)
+
+    def _count_redelivery(self, topic: str) -> None:
+        if self._metrics is not None:
+            self._metrics.redeliveries.labels(topic).inc()
+
+    def _count_dead_letter(self, topic: str) -> None:
+        if self._metrics is not None:
+            self._metrics.dead_lettered.labels(topic).inc()
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -118,5 +136,7 @@ class Broker(abc.ABC):
         if healthy == self._healthy:
             return
         self._healthy = healthy
+        if self._metrics is not None:
+            self._metrics.broker_connected.set(1 if healthy else 0)
         for listener in self._health_listeners:
             listener(healthy)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator.broker.base import (
     Broker,
+    BrokerUnavailable,
     DeadLetter,
     DeadLetteredMessage,
     Delivery,
@@ -33,6 +34,7 @@ class _Message:
     message_id: str
     headers: Mapping[str, str]
     delivery_count: int = 0
+    outages: int = 0
 
 
 class InMemoryBroker(Broker):
@@ -132,6 +134,14 @@ class InMemoryBroker(Broker):
                 raise
             except DeadLetter as exc:
                 self._dead_letter(topic, message, str(exc))
+            except BrokerUnavailable as exc:
+                if isinstance(exc, UnroutableError):
+                    self._retry_or_dead_letter(topic, queue, message, exc)
+                else:
+                    # The broker failed, not the message: this attempt does not count.
+                    message.delivery_count -= 1
+                    message.outages += 1
+                    self._requeue_later(queue, message, min(0.05 * 2**message.outages, 2.0))
             except Exception as exc:
                 self._retry_or_dead_letter(topic, queue, message, exc)
             else:
@@ -144,12 +154,17 @@ class InMemoryBroker(Broker):
         if message.delivery_count >= limit:
             self._dead_letter(topic, message, f"delivery limit {limit} reached: {exc!r}")
             return
+        self._count_redelivery(topic)
         log.warning(
             "handler failed, redelivering",
             extra={"topic": topic, "message_id": message.message_id, "error": repr(exc)},
         )
         delay = self._settings.redelivery_delay_seconds * message.delivery_count
+        self._requeue_later(queue, message, delay)
 
+    def _requeue_later(
+        self, queue: asyncio.Queue[_Message], message: _Message, delay: float
+    ) -> None:
         def requeue() -> None:
             self._retry_handles.discard(handle)
             queue.put_nowait(message)
@@ -158,6 +173,7 @@ class InMemoryBroker(Broker):
         self._retry_handles.add(handle)
 
     def _dead_letter(self, topic: str, message: _Message, reason: str) -> None:
+        self._count_dead_letter(topic)
         log.error(
             "message dead-lettered",
             extra={"topic": topic, "message_id": message.message_id, "reason": reason},

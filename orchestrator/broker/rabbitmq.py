@@ -38,6 +38,7 @@ from aio_pika.connection import make_url
 from aio_pika.exceptions import (
     CONNECTION_EXCEPTIONS,
     AuthenticationError,
+    ChannelInvalidStateError,
     ChannelNotFoundEntity,
     DeliveryError,
     ProbableAuthenticationError,
@@ -75,6 +76,8 @@ class RabbitMQBroker(Broker):
 
     CLOSE_GRACE_SECONDS: ClassVar[float] = 5.0
     """How long `close()` lets in-flight handlers finish before cancelling them."""
+    OUTAGE_RETRY_LIMIT: ClassVar[int] = 30
+    """In-place retries of a handler that failed with BrokerUnavailable (about a minute)."""
 
     def __init__(self, settings: BrokerSettings) -> None:
         super().__init__()
@@ -310,15 +313,44 @@ class RabbitMQBroker(Broker):
         self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
     ) -> None:
         delivery = _delivery(topic, message)
-        try:
-            await handler(delivery)
-        except DeadLetter as exc:
-            await self._dead_letter(topic, message, str(exc) or "dead-lettered by handler")
+        outage_retries = 0
+        while True:
+            try:
+                await handler(delivery)
+            except DeadLetter as exc:
+                await self._dead_letter(topic, message, str(exc) or "dead-lettered by handler")
+                return
+            except BrokerUnavailable as exc:
+                if isinstance(exc, UnroutableError):
+                    await self._retry_or_dead_letter(topic, message, delivery, exc)
+                    return
+                # The broker failed, not the message: retrying must not spend
+                # the delivery limit meant for poison messages.
+                outage_retries += 1
+                if not await self._await_recovery(message, outage_retries):
+                    return
+                continue
+            except Exception as exc:
+                await self._retry_or_dead_letter(topic, message, delivery, exc)
+                return
+            await self._settle(message.ack(), "ack", topic, delivery.message_id)
             return
-        except Exception as exc:
-            await self._retry_or_dead_letter(topic, message, delivery, exc)
-            return
-        await self._settle(message.ack(), "ack", topic, delivery.message_id)
+
+    async def _await_recovery(self, message: AbstractIncomingMessage, attempt: int) -> bool:
+        """Back off while the broker recovers; False when the delivery went back to its queue.
+
+        When the delivery's own channel is gone, RabbitMQ requeues the message
+        and this handling ends; after OUTAGE_RETRY_LIMIT attempts it is nacked
+        back (the queue's own delivery limit still bounds a message that
+        really breaks the broker).
+        """
+        await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+        if self._closing or _channel_gone(message):
+            return False
+        if attempt >= self.OUTAGE_RETRY_LIMIT:
+            await self._settle(message.nack(requeue=True), "nack", "", message.message_id or "")
+            return False
+        return True
 
     async def _retry_or_dead_letter(
         self,
@@ -335,6 +367,7 @@ class RabbitMQBroker(Broker):
             # remains the backstop for deliveries whose handler never finished.
             await self._dead_letter(topic, message, f"delivery limit {limit} reached: {exc!r}")
             return
+        self._count_redelivery(topic)
         log.warning(
             "handler failed, redelivering",
             exc_info=exc,
@@ -375,6 +408,7 @@ class RabbitMQBroker(Broker):
             )
             await self._settle(message.nack(requeue=True), "nack", topic, message_id)
             return
+        self._count_dead_letter(topic)
         log.error(
             "message dead-lettered",
             extra={"topic": topic, "message_id": message_id, "reason": reason},
@@ -583,6 +617,13 @@ def _require(value: _T | None) -> _T:
     if value is None:
         raise BrokerUnavailable("the broker is not started")
     return value
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:  # raised by the property itself once closed
+        return True
 
 
 def _delivery(topic: str, message: AbstractIncomingMessage) -> Delivery:

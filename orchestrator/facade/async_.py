@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, Self, TypeVar
@@ -107,6 +108,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         dto.topics = self.topics
         dto.rollback_topic = self._rollback_topic
         await self._publish_hop(dto)
+        self._metrics.started.inc()
 
     async def _publish_hop(self, dto: DtoT) -> None:
         topic = dto.topics[dto.current_index]
@@ -124,9 +126,13 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
 
     async def _handle(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> None:
         dto = await self._parse(index, hop, delivery)
+        metrics = self._metrics
+        metrics.in_flight.inc()
+        started = time.perf_counter()
         try:
             result = await hop.node(dto)
         except Exception as exc:
+            metrics.observe_step(hop.name, time.perf_counter() - started)
             failure = classify(exc)
             log.log(
                 logging.ERROR if failure.bug else logging.INFO,
@@ -137,14 +143,20 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             await self._publish_rollback(
                 self._rollback_of(dto, hop.name, failure), inline_fallback=False
             )
+            metrics.failed(failure.code.name)
             await self._notify_end(dto, failure)
             return
-        result.current_index = index + 1
-        if result.current_index < len(result.topics):
-            await self._publish_hop(result)
         else:
-            log.info("saga completed", extra=_fields(result, hop, None))
-            await self._notify_end(result, None)
+            metrics.observe_step(hop.name, time.perf_counter() - started)
+            result.current_index = index + 1
+            if result.current_index < len(result.topics):
+                await self._publish_hop(result)
+            else:
+                log.info("saga completed", extra=_fields(result, hop, None))
+                metrics.completed.inc()
+                await self._notify_end(result, None)
+        finally:
+            metrics.in_flight.dec()
 
     async def _parse(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> DtoT:
         """The delivery's DTO; a message that can never be handled is dead-lettered."""

@@ -10,6 +10,7 @@ import pydantic
 from orchestrator.broker.base import Broker, DeadLetter, Delivery
 from orchestrator.dto import Rollback
 from orchestrator.errors import BrokerUnavailable
+from orchestrator.metrics import Metrics
 
 __all__ = ["FacadeBase", "RollbackNode"]
 
@@ -27,6 +28,7 @@ class FacadeBase:
     def __init__(self) -> None:
         self._name = ""
         self._broker: Broker | None = None
+        self._metrics = Metrics().for_facade("", self.kind)
         self._rollback_topic = ""
         self._rollback_node: RollbackNode | None = None
 
@@ -55,12 +57,13 @@ class FacadeBase:
         self._rollback_topic = topic
         self._rollback_node = node
 
-    def bind(self, name: str, broker: Broker) -> None:
+    def bind(self, name: str, broker: Broker, metrics: Metrics) -> None:
         """Called by Orchestrator registration; a facade belongs to one orchestrator."""
         if self._broker is not None:
             raise ValueError(f"facade is already registered as {self._name!r}")
         self._name = name
         self._broker = broker
+        self._metrics = metrics.for_facade(name, self.kind)
 
     async def start(self) -> None:
         """Declare the facade's topics and start consuming them (the broker is started)."""
@@ -97,6 +100,8 @@ class FacadeBase:
                     "inline rollback failed; the saga is left half-done",
                     extra={"request_id": rollback.request_id, "facade": self._name},
                 )
+            else:
+                self._metrics.compensated.inc()
 
     async def _on_rollback(self, delivery: Delivery) -> None:
         assert self._rollback_node is not None
@@ -115,3 +120,5 @@ class FacadeBase:
             },
         )
         await self._rollback_node(rollback)
+        self._metrics.compensated.inc()
+        log.info("rolled back", extra={"request_id": rollback.request_id, "facade": self._name})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
@@ -73,31 +74,44 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         rollback of a failed run is safely with the broker.
         """
         ctx = Context(request_id, request, response, self.name)
-        for step in self._steps:
-            try:
-                await step.node(request_id, ctx)
-            except asyncio.CancelledError:
-                # The caller went away mid-saga: what was done must still be undone.
-                await asyncio.shield(self._fail(ctx, step.name, classify(asyncio.CancelledError())))
-                raise
-            except Exception as exc:
-                failure = classify(exc)
-                log.log(
-                    logging.ERROR if failure.bug else logging.INFO,
-                    "step failed",
-                    exc_info=failure.bug,
-                    extra={
-                        "request_id": request_id,
-                        "facade": self.name,
-                        "step": step.name,
-                        "code": failure.code.name,
-                        "reason": failure.reason,
-                    },
-                )
-                await self._fail(ctx, step.name, failure)
-                raise SagaFailed(
-                    request_id=request_id, facade=self.name, step=step.name, failure=failure
-                ) from exc
+        metrics = self._metrics
+        metrics.started.inc()
+        metrics.in_flight.inc()
+        try:
+            for step in self._steps:
+                started = time.perf_counter()
+                try:
+                    await step.node(request_id, ctx)
+                except asyncio.CancelledError:
+                    # The caller went away mid-saga: what was done must still be undone.
+                    failure = classify(asyncio.CancelledError())
+                    metrics.failed(failure.code.name)
+                    await asyncio.shield(self._fail(ctx, step.name, failure))
+                    raise
+                except Exception as exc:
+                    failure = classify(exc)
+                    metrics.failed(failure.code.name)
+                    log.log(
+                        logging.ERROR if failure.bug else logging.INFO,
+                        "step failed",
+                        exc_info=failure.bug,
+                        extra={
+                            "request_id": request_id,
+                            "facade": self.name,
+                            "step": step.name,
+                            "code": failure.code.name,
+                            "reason": failure.reason,
+                        },
+                    )
+                    await self._fail(ctx, step.name, failure)
+                    raise SagaFailed(
+                        request_id=request_id, facade=self.name, step=step.name, failure=failure
+                    ) from exc
+                finally:
+                    metrics.observe_step(step.name, time.perf_counter() - started)
+        finally:
+            metrics.in_flight.dec()
+        metrics.completed.inc()
         return ctx.response
 
     async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:

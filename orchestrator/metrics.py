@@ -1,0 +1,173 @@
+"""Prometheus metrics of an Orchestrator, served over HTTP on the event loop.
+
+Every Orchestrator owns a `Metrics` with its own registry, so several can
+live in one process (tests do) without clashing in prometheus-client's
+global registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["FacadeMetrics", "Metrics", "MetricsServer"]
+
+log = logging.getLogger("orchestrator.metrics")
+
+# Upstream calls take milliseconds; a stuck one is cut by its timeout.
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The saga, step and broker metrics, labelled by facade, kind, step and topic."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sagas_started = Counter(
+            "orchestrator_sagas_started", "Sagas started.", ["facade", "kind"], registry=r
+        )
+        self.sagas_completed = Counter(
+            "orchestrator_sagas_completed",
+            "Sagas whose every step succeeded.",
+            ["facade", "kind"],
+            registry=r,
+        )
+        self.sagas_failed = Counter(
+            "orchestrator_sagas_failed",
+            "Sagas stopped by a failing step (their rollback follows), by gRPC status.",
+            ["facade", "kind", "code"],
+            registry=r,
+        )
+        self.sagas_compensated = Counter(
+            "orchestrator_sagas_compensated",
+            "Rollbacks that finished: the saga is undone.",
+            ["facade", "kind"],
+            registry=r,
+        )
+        self.sagas_in_flight = Gauge(
+            "orchestrator_sagas_in_flight",
+            "Sync runs, and async hops, in progress on this replica.",
+            ["facade", "kind"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "orchestrator_step_duration_seconds",
+            "Time a step (node) took, success or failure.",
+            ["facade", "step"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.redeliveries = Counter(
+            "orchestrator_redeliveries",
+            "Deliveries requeued for another attempt after their handler failed.",
+            ["topic"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "orchestrator_dead_lettered",
+            "Messages moved to a dead-letter queue.",
+            ["topic"],
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "orchestrator_broker_connected",
+            "1 while the broker is reachable, else 0.",
+            registry=r,
+        )
+
+    def for_facade(self, facade: str, kind: str) -> FacadeMetrics:
+        """The metrics of one facade, with its labels bound once."""
+        return FacadeMetrics(self, facade, kind)
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class FacadeMetrics:
+    """One facade's metric children, resolved once: label lookups stay off the hot path."""
+
+    def __init__(self, metrics: Metrics, facade: str, kind: str) -> None:
+        self._metrics = metrics
+        self._facade = facade
+        self._kind = kind
+        self.started = metrics.sagas_started.labels(facade, kind)
+        self.completed = metrics.sagas_completed.labels(facade, kind)
+        self.compensated = metrics.sagas_compensated.labels(facade, kind)
+        self.in_flight = metrics.sagas_in_flight.labels(facade, kind)
+        self._steps: dict[str, Any] = {}
+
+    def failed(self, code: str) -> None:
+        """Count a saga stopped by a failing step with status `code`."""
+        self._metrics.sagas_failed.labels(self._facade, self._kind, code).inc()
+
+    def observe_step(self, step: str, seconds: float) -> None:
+        """Record how long `step` took."""
+        child = self._steps.get(step)
+        if child is None:
+            child = self._steps[step] = self._metrics.step_seconds.labels(self._facade, step)
+        child.observe(seconds)
+
+
+class MetricsServer:
+    """A minimal HTTP server answering `GET /metrics`, on asyncio (no threads)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self.port = 0
+        """The bound port, once started."""
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics served", extra={"address": f"{self._host}:{self.port}"})
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request_line = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # headers: nothing in them changes the answer
+            method, _, rest = request_line.decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method == "GET" and path == "/metrics":
+                body = self._metrics.exposition()
+                status, content_type = "200 OK", CONTENT_TYPE_LATEST
+            else:
+                body, status, content_type = b"not found\n", "404 Not Found", "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass  # a client that hangs or goes away gets nothing more
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
