@@ -41,35 +41,45 @@ class UpstreamSettings(StrictModel):
     """Where an upstream service listens."""
 
     address: str
+    """`host:port` of its gRPC server."""
 
 
 class UpstreamsSettings(StrictModel):
     """The upstream services the booking nodes call."""
 
     order: UpstreamSettings = UpstreamSettings(address="127.0.0.1:50051")
+    """The Order service."""
     payment: UpstreamSettings = UpstreamSettings(address="127.0.0.1:50052")
+    """The Payment service."""
     timeout_seconds: float = Field(default=3.0, gt=0, le=300)
+    """Deadline of each upstream call."""
 
 
 class EmbeddedUpstreamSettings(StrictModel):
     """An upstream service started inside the orchestrator's process."""
 
     port: int = Field(ge=0, le=65535)
+    """Port it serves on (0: any free port)."""
     db_path: str = ":memory:"
+    """Its SQLite ledger file; `:memory:` keeps nothing across restarts."""
 
 
 class EmbeddedSettings(StrictModel):
     """Upstream services to start in this process (the embedded default)."""
 
     order: EmbeddedUpstreamSettings | None = None
+    """Start the Order service in process."""
     payment: EmbeddedUpstreamSettings | None = None
+    """Start the Payment service in process."""
 
 
 class AppSettings(Settings):
     """app.yaml of the booking service: the framework's sections plus its own."""
 
     upstreams: UpstreamsSettings = Field(default_factory=UpstreamsSettings)
+    """The upstream services the booking nodes call."""
     embedded_upstreams: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    """Upstream services to start inside this process (the embedded default)."""
 
 
 @dataclass

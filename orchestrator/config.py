@@ -13,21 +13,24 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from orchestrator.errors import ConfigError
 
 __all__ = [
+    "ENVIRONMENT_VARIABLES",
     "BrokerSettings",
     "GrpcSettings",
     "MetricsSettings",
     "Settings",
     "StrictModel",
     "TopicSettings",
+    "config_reference",
     "load_settings",
     "redact_url",
 ]
@@ -36,14 +39,17 @@ __all__ = [
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings become field descriptions: the config reference is built from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class GrpcSettings(StrictModel):
     """The orchestrator's gRPC server."""
 
     host: str = "0.0.0.0"
+    """Address the gRPC server binds."""
     port: int = Field(default=10000, ge=0, le=65535)
+    """gRPC port (0: any free port). Env: `ORCH_GRPC_PORT`."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     """In-flight calls get this long to finish after SIGTERM."""
     drain_seconds: float = Field(default=0.0, ge=0, le=600)
@@ -62,16 +68,24 @@ class BrokerSettings(StrictModel):
     """The message broker the facades publish to and consume from."""
 
     url: SecretStr = SecretStr("memory://")
+    """`memory://` (in process) or `amqp://user:password@host:5672/vhost`. Env: `ORCH_BROKER_URL`.
+    Logged only with its password masked."""
     topic_prefix: str = ""
     """Prepended to every topic name, so several deployments can share a broker."""
     default_concurrency: int = Field(default=16, ge=1, le=10_000)
+    """Deliveries handled at once for a topic not listed in `topics`."""
     topics: dict[str, TopicSettings] = Field(default_factory=dict)
+    """Per-topic settings by topic name (without the prefix)."""
     publish_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    """A publish not confirmed by then fails with UNAVAILABLE; also bounds declares and acks."""
     delivery_limit: int = Field(default=5, ge=1, le=1000)
     """Deliveries of one message before it is dead-lettered."""
     redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
+    """Backoff before a failed delivery is retried, times its delivery count."""
     heartbeat_seconds: int = Field(default=30, ge=1, le=600)
+    """AMQP heartbeat: a dead connection is noticed within about twice this."""
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
+    """Larger messages are refused before they reach the broker."""
     connect_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     """How long `start()` keeps retrying the first connection before giving up."""
     reconnect_interval_seconds: float = Field(default=5.0, gt=0, le=300)
@@ -109,17 +123,24 @@ class MetricsSettings(StrictModel):
     """Prometheus metrics over HTTP (`GET /metrics`)."""
 
     enabled: bool = False
+    """Serve `GET /metrics`. Env: `ORCH_METRICS_PORT` enables it on that port."""
     host: str = "0.0.0.0"
+    """Address the metrics server binds."""
     port: int = Field(default=9464, ge=0, le=65535)
+    """Metrics port (0: any free port)."""
 
 
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    """The gRPC server."""
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    """The message broker."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    """Prometheus metrics."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object a line, for log collectors; `text` for people."""
 
@@ -163,6 +184,90 @@ def load_settings(
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{config_path}: {_describe(exc)}") from None
+
+
+ENVIRONMENT_VARIABLES: dict[str, str] = {
+    "ORCH_CONFIG": "Path of the configuration file (default `app.yaml`).",
+    "ORCH_GRPC_PORT": "Overrides `grpc.port`.",
+    "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
+    "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
+}
+"""The environment variables `load_settings` reads, with what each does."""
+
+
+def config_reference(model: type[BaseModel]) -> str:
+    """A Markdown reference of every key of `model` and of the environment variables.
+
+    Built from the models themselves (types, defaults, bounds and attribute
+    docstrings), so documentation generated with it cannot drift.
+    """
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    rows += _reference_rows(model, "")
+    rows += ["", "| environment variable | effect |", "|---|---|"]
+    rows += [f"| `{name}` | {effect} |" for name, effect in ENVIRONMENT_VARIABLES.items()]
+    return "\n".join(rows) + "\n"
+
+
+def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        description = " ".join((field.description or "").split()).replace("|", "\\|")
+        nested = _nested_model(field.annotation)
+        if nested is not None:
+            if get_origin(field.annotation) is dict:
+                rows.append(f"| `{key}` | mapping | `{{}}` | {description} |")
+                rows += _reference_rows(nested, f"{key}.<name>.")
+            else:
+                optional = " (optional)" if _allows_none(field.annotation) else ""
+                rows.append(f"| `{key}` | section{optional} | | {description} |")
+                rows += _reference_rows(nested, f"{key}.")
+            continue
+        bounds = "".join(
+            f", {symbol} {getattr(meta, attr)}"
+            for meta in field.metadata
+            for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+            if getattr(meta, attr, None) is not None
+        )
+        rows.append(
+            f"| `{key}` | {_type_name(field.annotation)}{bounds} | {_default_of(field)} "
+            f"| {description} |"
+        )
+    return rows
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _nested_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _allows_none(annotation: Any) -> bool:
+    return type(None) in get_args(annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
+    if annotation is SecretStr:
+        return "string (secret)"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _default_of(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f"`{value}`" if value not in ("", None) else ("`\"\"`" if value == "" else "")
 
 
 def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:

@@ -29,10 +29,9 @@ def check(target: str, *, service: str = "", timeout: float = DEFAULT_TIMEOUT) -
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
-            code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]  # a grpc.Call
-            details: str | None = exc.details()  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details()
             return f"{code.name}: {details}" if details else str(code.name)
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 def _timeout(text: str) -> float:

@@ -279,7 +279,10 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
-def test_the_broker_password_never_reaches_the_log_of_a_failing_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_broker_password_never_reaches_the_log_of_a_failing_start(
+    tmp_path: Path, log_format: str
+) -> None:
     password = f"pw-{uuid.uuid4().hex}"
     config = tmp_path / "app.yaml"
     config.write_text(
@@ -292,6 +295,7 @@ def test_the_broker_password_never_reaches_the_log_of_a_failing_start(tmp_path: 
                 },
                 "embedded_upstreams": {},
                 "log_level": "DEBUG",
+                "log_format": log_format,
             }
         )
     )

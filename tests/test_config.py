@@ -102,3 +102,35 @@ def test_per_topic_concurrency_falls_back_to_the_default() -> None:
 
     assert settings.concurrency_of("create_order") == 64
     assert settings.concurrency_of("create_payment") == 8
+
+
+def test_the_readme_config_reference_is_current() -> None:
+    from tools.config_reference import README, rendered
+
+    current = README.read_text(encoding="utf-8")
+    assert current == rendered(current), "run: python tools/config_reference.py"
+
+
+def test_every_field_is_documented() -> None:
+    from orchestrator.config import config_reference
+
+    for row in config_reference(AppSettings).splitlines():
+        if row.startswith("| `"):
+            assert not row.rstrip().endswith("|  |"), f"undocumented: {row}"
+
+
+def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> None:
+    from orchestrator.config import ENVIRONMENT_VARIABLES
+
+    path = write(tmp_path, "{}\n")
+    environ = {
+        "ORCH_CONFIG": str(path),
+        "ORCH_GRPC_PORT": "4321",
+        "ORCH_BROKER_URL": "amqp://x@h/",
+        "ORCH_METRICS_PORT": "9999",
+    }
+    assert set(environ) == set(ENVIRONMENT_VARIABLES)
+    settings = load_settings(Settings, environ=environ)
+    assert settings.grpc.port == 4321
+    assert settings.broker.scheme == "amqp"
+    assert settings.metrics.enabled and settings.metrics.port == 9999

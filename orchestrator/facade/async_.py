@@ -138,7 +138,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 logging.ERROR if failure.bug else logging.INFO,
                 "node failed, rolling back",
                 exc_info=failure.bug,
-                extra=_fields(dto, hop, failure),
+                extra=_fields(self.name, dto, hop, failure),
             )
             await self._publish_rollback(
                 self._rollback_of(dto, hop.name, failure), inline_fallback=False
@@ -152,7 +152,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             if result.current_index < len(result.topics):
                 await self._publish_hop(result)
             else:
-                log.info("saga completed", extra=_fields(result, hop, None))
+                log.info("saga completed", extra=_fields(self.name, result, hop, None))
                 metrics.completed.inc()
                 await self._notify_end(result, None)
         finally:
@@ -216,8 +216,15 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 log.exception("saga end listener failed", extra={"request_id": dto.request_id})
 
 
-def _fields(dto: AsyncFacadeContext, hop: _Hop[Any], failure: Failure | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"request_id": dto.request_id, "step": hop.name, "topic": hop.topic}
+def _fields(
+    facade: str, dto: AsyncFacadeContext, hop: _Hop[Any], failure: Failure | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": dto.request_id,
+        "facade": facade,
+        "step": hop.name,
+        "topic": hop.topic,
+    }
     if failure is not None:
         fields.update(code=failure.code.name, reason=failure.reason)
     return fields
