@@ -28,6 +28,7 @@ from orchestrator import (
     StrictModel,
     broker_from_settings,
     configure_logging,
+    configure_tracing,
     load_settings,
     run,
 )
@@ -178,6 +179,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    try:
+        configure_tracing(settings.tracing)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     return run(serve(settings))
 
 

@@ -24,6 +24,7 @@ from orchestrator.config import (
     Settings,
     StrictModel,
     TopicSettings,
+    TracingSettings,
     load_settings,
     redact_url,
 )
@@ -46,6 +47,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator, UnknownFacadeError
 from orchestrator.request_id import REQUEST_ID_HEADER, new_request_id, resolve_request_id
 from orchestrator.server import GrpcService, OrchestratorServer, run
+from orchestrator.tracing import configure_tracing
 
 __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
@@ -80,12 +82,14 @@ __all__ = [
     "SyncFacade",
     "SyncNode",
     "TopicSettings",
+    "TracingSettings",
     "Unavailable",
     "UnknownFacadeError",
     "UnroutableError",
     "broker_from_settings",
     "classify",
     "configure_logging",
+    "configure_tracing",
     "endpoint",
     "idempotency_metadata",
     "load_settings",

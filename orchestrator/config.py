@@ -30,6 +30,7 @@ __all__ = [
     "Settings",
     "StrictModel",
     "TopicSettings",
+    "TracingSettings",
     "config_reference",
     "load_settings",
     "redact_url",
@@ -130,6 +131,19 @@ class MetricsSettings(StrictModel):
     """Metrics port (0: any free port)."""
 
 
+class TracingSettings(StrictModel):
+    """OpenTelemetry tracing (needs `pip install orchestrator[tracing]`)."""
+
+    enabled: bool = False
+    """Record spans and propagate trace context."""
+    exporter: Literal["otlp", "console"] = "otlp"
+    """`otlp`: OTLP over gRPC to `endpoint`; `console`: print spans (for trying it out)."""
+    endpoint: str = "http://localhost:4317"
+    """The OTLP collector."""
+    service_name: str = "orchestrator"
+    """The `service.name` resource attribute."""
+
+
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
@@ -139,6 +153,8 @@ class Settings(StrictModel):
     """The message broker."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     """Prometheus metrics."""
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    """OpenTelemetry tracing."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
@@ -267,7 +283,7 @@ def _default_of(field: FieldInfo) -> str:
         value = value.get_secret_value()
     if isinstance(value, bool):
         value = str(value).lower()
-    return f"`{value}`" if value not in ("", None) else ("`\"\"`" if value == "" else "")
+    return f"`{value}`" if value not in ("", None) else ('`""`' if value == "" else "")
 
 
 def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:

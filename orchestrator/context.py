@@ -6,6 +6,8 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from orchestrator import tracing
+
 __all__ = ["IDEMPOTENCY_KEY_HEADER", "Context", "idempotency_metadata"]
 
 IDEMPOTENCY_KEY_HEADER = "x-idempotency-key"
@@ -18,9 +20,12 @@ def idempotency_metadata(request_id: str, step: str) -> tuple[tuple[str, str], .
     """gRPC metadata for an upstream call made by `step` of saga `request_id`.
 
     The idempotency key is stable across retries and redeliveries of the same
-    step, so an upstream that honours it applies the call once.
+    step, so an upstream that honours it applies the call once. With tracing
+    on, the trace context rides along (`traceparent`).
     """
-    return (("x-request-id", request_id), (IDEMPOTENCY_KEY_HEADER, f"{request_id}:{step}"))
+    metadata = (("x-request-id", request_id), (IDEMPOTENCY_KEY_HEADER, f"{request_id}:{step}"))
+    trace_context = tracing.inject()
+    return metadata + tuple(trace_context.items()) if trace_context else metadata
 
 
 class Context(Generic[RequestT, ResponseT]):

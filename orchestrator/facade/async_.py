@@ -12,6 +12,7 @@ from typing import Any, Generic, NoReturn, Self, TypeVar
 import grpc
 import pydantic
 
+from orchestrator import tracing
 from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.dto import AsyncFacadeContext, Rollback
 from orchestrator.errors import Failure, classify
@@ -107,7 +108,10 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         dto.current_index = 0
         dto.topics = self.topics
         dto.rollback_topic = self._rollback_topic
-        await self._publish_hop(dto)
+        with tracing.span(
+            f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "async"}
+        ):
+            await self._publish_hop(dto)
         self._metrics.started.inc()
 
     async def _publish_hop(self, dto: DtoT) -> None:
@@ -116,11 +120,16 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             topic,
             dto.model_dump_json().encode(),
             message_id=f"{dto.request_id}:{dto.current_index}:{topic}",
+            headers=tracing.inject(),
         )
 
     def _consumer(self, index: int, hop: _Hop[DtoT]) -> Callable[[Delivery], Awaitable[None]]:
+        span_name = f"step {hop.name}"
+        attributes = {"saga.step": hop.name, "messaging.destination": hop.topic}
+
         async def consume(delivery: Delivery) -> None:
-            await self._handle(index, hop, delivery)
+            with tracing.span(span_name, attributes, parent=delivery.headers):
+                await self._handle(index, hop, delivery)
 
         return consume
 

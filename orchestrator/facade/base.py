@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pydantic
 
+from orchestrator import tracing
 from orchestrator.broker.base import Broker, DeadLetter, Delivery
 from orchestrator.dto import Rollback
 from orchestrator.errors import BrokerUnavailable
@@ -83,7 +84,10 @@ class FacadeBase:
         body = rollback.model_dump_json().encode()
         try:
             await self.broker.publish(
-                self._rollback_topic, body, message_id=f"{rollback.request_id}:rollback"
+                self._rollback_topic,
+                body,
+                message_id=f"{rollback.request_id}:rollback",
+                headers=tracing.inject(),
             )
         except BrokerUnavailable:
             if not inline_fallback:
@@ -119,6 +123,11 @@ class FacadeBase:
                 "attempt": delivery.delivery_count,
             },
         )
-        await self._rollback_node(rollback)
+        with tracing.span(
+            f"rollback {rollback.facade}",
+            {"saga.request_id": rollback.request_id, "saga.step": rollback.failed_step},
+            parent=delivery.headers,
+        ):
+            await self._rollback_node(rollback)
         self._metrics.compensated.inc()
         log.info("rolled back", extra={"request_id": rollback.request_id, "facade": self._name})

@@ -12,6 +12,7 @@ from typing import Any, Generic, Self, TypeVar
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
 from orchestrator.errors import Failure, SagaFailed, classify
@@ -73,6 +74,12 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         Raises SagaFailed, carrying the gRPC status for the caller, once the
         rollback of a failed run is safely with the broker.
         """
+        with tracing.span(
+            f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
+        ):
+            return await self._run(request_id, request, response)
+
+    async def _run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
         ctx = Context(request_id, request, response, self.name)
         metrics = self._metrics
         metrics.started.inc()
@@ -81,7 +88,8 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
             for step in self._steps:
                 started = time.perf_counter()
                 try:
-                    await step.node(request_id, ctx)
+                    with tracing.span(f"step {step.name}", {"saga.step": step.name}):
+                        await step.node(request_id, ctx)
                 except asyncio.CancelledError:
                     # The caller went away mid-saga: what was done must still be undone.
                     failure = classify(asyncio.CancelledError())
