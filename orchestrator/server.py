@@ -18,9 +18,13 @@ from orchestrator.config import GrpcSettings, MetricsSettings
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
 
-__all__ = ["GrpcService", "OrchestratorServer", "run"]
+__all__ = ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
 log = logging.getLogger("orchestrator.server")
+
+LIVENESS_SERVICE = "liveness"
+"""Health name that stays SERVING from start until shutdown, whatever the broker's state:
+a liveness probe on it restarts a stuck process, never one waiting out a broker outage."""
 
 T = TypeVar("T")
 
@@ -92,6 +96,7 @@ class OrchestratorServer:
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
         await self._server.start()
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(broker.healthy)
         log.info("serving", extra={"address": f"{self.settings.host}:{self.port}"})
         return self.port

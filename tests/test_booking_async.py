@@ -23,6 +23,7 @@ from main import BookingApp
 from main import running_app as run_booking_app
 from orchestrator import BrokerSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.server import LIVENESS_SERVICE
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings, eventually
 from tests.support.broker_fixtures import delete_topology, make_settings
@@ -256,6 +257,10 @@ async def test_health_follows_the_broker_and_async_bookings_are_refused_while_it
         await eventually(
             lambda: _equals(status(), health_pb2.HealthCheckResponse.NOT_SERVING), within=20
         )
+        liveness = await health.Check(
+            health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=2
+        )
+        assert liveness.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await stub.HandleAsyncBooking(
                 booking_pb2.BookingRequest(ProductID=1),
