@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck proto bench clean
+.PHONY: run test lint typecheck proto bench bench-async clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test: $(INSTALLED) lint typecheck
 
 bench: $(INSTALLED)
 	$(PY) bench/sync_booking.py
+
+bench-async: $(INSTALLED)
+	$(PY) bench/async_booking.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
