@@ -10,7 +10,15 @@ import grpc
 
 from dto import BookingMsgDTO
 from node.upstream import Upstreams
-from orchestrator import AsyncNode, Context, Rollback, RollbackNode, SyncNode, idempotency_metadata
+from orchestrator import (
+    AsyncNode,
+    Context,
+    Rollback,
+    RollbackNode,
+    SyncNode,
+    idempotency_metadata,
+    step_timeout,
+)
 from pb import booking_pb2, order_pb2, payment_pb2
 
 UNIT_PRICE = 100
@@ -24,7 +32,7 @@ async def _create_order(up: Upstreams, request_id: str, product_id: int, count: 
     order = await up.order.CreateOrder(
         order_pb2.CreateOrderRequest(RequestID=request_id, ProductID=product_id, Count=count),
         metadata=idempotency_metadata(request_id, "create_order"),
-        timeout=up.timeout_seconds,
+        timeout=step_timeout(up.timeout_seconds),
     )
     return order.OrderID
 
@@ -40,7 +48,7 @@ async def _create_payment(
             FaultInject=fault_inject,
         ),
         metadata=idempotency_metadata(request_id, "create_payment"),
-        timeout=up.timeout_seconds,
+        timeout=step_timeout(up.timeout_seconds),
     )
     return payment.PaymentID
 
@@ -104,7 +112,7 @@ def cancel_booking_node(up: Upstreams) -> RollbackNode:
             await up.payment.RefundPayment(
                 payment_pb2.RefundPaymentRequest(RequestID=request_id),
                 metadata=idempotency_metadata(request_id, "refund_payment"),
-                timeout=up.timeout_seconds,
+                timeout=step_timeout(up.timeout_seconds),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # no payment: nothing to refund
@@ -113,7 +121,7 @@ def cancel_booking_node(up: Upstreams) -> RollbackNode:
             await up.order.CancelOrder(
                 order_pb2.CancelOrderRequest(RequestID=request_id),
                 metadata=idempotency_metadata(request_id, "cancel_order"),
-                timeout=up.timeout_seconds,
+                timeout=step_timeout(up.timeout_seconds),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # no order: nothing to cancel

@@ -46,11 +46,14 @@ from orchestrator.logs import configure_logging
 from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator, UnknownFacadeError
 from orchestrator.request_id import REQUEST_ID_HEADER, new_request_id, resolve_request_id
+from orchestrator.retry import DEFAULT_RETRYABLE, NO_RETRY, RetryPolicy, step_timeout
 from orchestrator.server import GrpcService, OrchestratorServer, run
 from orchestrator.tracing import configure_tracing
 
 __all__ = [
+    "DEFAULT_RETRYABLE",
     "IDEMPOTENCY_KEY_HEADER",
+    "NO_RETRY",
     "REQUEST_ID_HEADER",
     "AsyncFacade",
     "AsyncFacadeContext",
@@ -73,6 +76,7 @@ __all__ = [
     "MetricsSettings",
     "Orchestrator",
     "OrchestratorServer",
+    "RetryPolicy",
     "Rollback",
     "RollbackNode",
     "SagaError",
@@ -97,4 +101,5 @@ __all__ = [
     "redact_url",
     "resolve_request_id",
     "run",
+    "step_timeout",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ import grpc
 
 from orchestrator.errors import SagaError, SagaFailed, classify
 from orchestrator.request_id import REQUEST_ID_HEADER, resolve_request_id
+from orchestrator.retry import caller_deadline
 
 __all__ = ["endpoint"]
 
@@ -34,6 +36,7 @@ def endpoint(
     new UUID, which it returns as `x-request-id` response metadata), and turns every
     failure into a status that fits its cause, with the request id in the
     message: SagaFailed and SagaError keep their code, anything else is INTERNAL.
+    The caller's gRPC deadline becomes the sync facades' budget (`caller_deadline`).
     """
 
     @functools.wraps(method)
@@ -49,6 +52,10 @@ def endpoint(
             # Only a made id is news to the caller. Echoing a sent one would cost
             # a separate send: grpc.aio cannot queue headers to go with the reply.
             await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # The facades split what is left of the caller's deadline among their steps.
+            caller_deadline.set(asyncio.get_running_loop().time() + remaining)
         try:
             return await method(self, request, context, request_id)
         except SagaFailed as exc:

@@ -69,6 +69,12 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.step_retries = Counter(
+            "orchestrator_step_retries",
+            "Attempts of a step repeated under its retry policy.",
+            ["facade", "step"],
+            registry=r,
+        )
         self.redeliveries = Counter(
             "orchestrator_redeliveries",
             "Deliveries requeued for another attempt after their handler failed.",
@@ -112,6 +118,10 @@ class FacadeMetrics:
     def failed(self, code: str) -> None:
         """Count a saga stopped by a failing step with status `code`."""
         self._metrics.sagas_failed.labels(self._facade, self._kind, code).inc()
+
+    def retried(self, step: str) -> None:
+        """Count one more attempt of `step`."""
+        self._metrics.step_retries.labels(self._facade, step).inc()
 
     def observe_step(self, step: str, seconds: float) -> None:
         """Record how long `step` took."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
@@ -9,8 +10,10 @@ import grpc
 import pytest
 
 from main import BookingApp
+from main import running_app as run_booking_app
 from pb import booking_pb2, booking_pb2_grpc, order_pb2, payment_pb2
-from tests.support.app_fixtures import Upstreams, eventually
+from tests.support.app_fixtures import Upstreams, app_settings, eventually
+from upstream.server import serve_upstream
 
 if TYPE_CHECKING:
     BookingStub = booking_pb2_grpc.BookingServiceAsyncStub
@@ -117,3 +120,39 @@ async def test_order_service_down_fails_with_unavailable_and_creates_nothing(
 
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert await upstreams.payment_of(rid) is None
+
+
+async def test_a_caller_deadline_bounds_the_saga_and_its_work_is_undone(
+    upstreams: Upstreams,
+) -> None:
+    slow_payment = await serve_upstream("payment", port=0, latency_ms=3000)
+    slow = Upstreams(upstreams.order, slow_payment, upstreams.order_stub, upstreams.payment_stub)
+    try:
+        async with (
+            run_booking_app(app_settings(slow)) as app,
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel,
+        ):
+            stub = booking_pb2_grpc.BookingServiceStub(channel)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stub.HandleSyncBooking(
+                    booking_pb2.BookingRequest(ProductID=1),
+                    metadata=(("x-request-id", "deadline-1"),),
+                    timeout=0.6,
+                )
+            elapsed = loop.time() - started
+
+            assert failure.value.code() in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,
+            )
+            assert elapsed < 1.5
+
+            async def cancelled() -> bool:
+                order = await upstreams.order_of("deadline-1")
+                return order is not None and order.Status == order_pb2.CANCELLED
+
+            await eventually(cancelled)
+    finally:
+        await slow_payment.stop(None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -17,8 +18,11 @@ from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.dto import AsyncFacadeContext, Rollback
 from orchestrator.errors import Failure, classify
 from orchestrator.facade.base import FacadeBase, RollbackNode
+from orchestrator.retry import RetryPolicy, call_with_retry
 
 __all__ = ["AsyncFacade", "AsyncNode", "SagaEndListener"]
+
+DEFAULT_POLICY = RetryPolicy()
 
 log = logging.getLogger("orchestrator.facade.async")
 
@@ -36,6 +40,8 @@ class _Hop(Generic[DtoT]):
     topic: str
     name: str
     node: AsyncNode[DtoT]
+    retry: RetryPolicy
+    timeout: float | None
 
 
 class AsyncFacade(FacadeBase, Generic[DtoT]):
@@ -68,14 +74,28 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         """The node topics, in order."""
         return [hop.topic for hop in self._hops]
 
-    def use(self, topic: str, node: AsyncNode[DtoT], *, name: str | None = None) -> Self:
-        """Append a node that consumes `topic` (the Go original's TopicNodePair)."""
+    def use(
+        self,
+        topic: str,
+        node: AsyncNode[DtoT],
+        *,
+        name: str | None = None,
+        retry: RetryPolicy = DEFAULT_POLICY,
+        timeout: float | None = None,
+    ) -> Self:
+        """Append a node that consumes `topic` (the Go original's TopicNodePair).
+
+        `retry` says which failures are retried in place and how; `timeout`
+        bounds each attempt. A node still failing after that rolls back.
+        """
         if not topic:
             raise ValueError("the topic must not be empty")
         if topic in self.topics or topic == self._declared_rollback_topic:
             raise ValueError(f"topic {topic!r} is already used by this facade")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
         step_name: str = name or str(getattr(node, "__name__", topic))
-        self._hops.append(_Hop(topic, step_name, node))
+        self._hops.append(_Hop(topic, step_name, node, retry, timeout))
         return self
 
     def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
@@ -139,7 +159,13 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         metrics.in_flight.inc()
         started = time.perf_counter()
         try:
-            result = await hop.node(dto)
+            result = await call_with_retry(
+                functools.partial(hop.node, dto),
+                policy=hop.retry,
+                attempt_timeout=hop.timeout,
+                deadline=None,
+                on_retry=functools.partial(self._retrying, dto.request_id, hop),
+            )
         except Exception as exc:
             metrics.observe_step(hop.name, time.perf_counter() - started)
             failure = classify(exc)
@@ -205,6 +231,20 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 inline_fallback=False,
             )
         raise DeadLetter(reason)
+
+    def _retrying(self, request_id: str, hop: _Hop[DtoT], exc: BaseException, attempt: int) -> None:
+        self._metrics.retried(hop.name)
+        log.info(
+            "retrying step",
+            extra={
+                "request_id": request_id,
+                "facade": self.name,
+                "step": hop.name,
+                "topic": hop.topic,
+                "attempt": attempt,
+                "error": classify(exc).reason,
+            },
+        )
 
     def _rollback_of(self, dto: DtoT, step: str, failure: Failure) -> Rollback:
         return Rollback(

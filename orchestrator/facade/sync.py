@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,8 +18,11 @@ from orchestrator.context import Context
 from orchestrator.dto import Rollback
 from orchestrator.errors import Failure, SagaFailed, classify
 from orchestrator.facade.base import FacadeBase, RollbackNode
+from orchestrator.retry import RetryPolicy, call_with_retry, caller_deadline
 
 __all__ = ["SyncFacade", "SyncNode"]
+
+DEFAULT_POLICY = RetryPolicy()
 
 log = logging.getLogger("orchestrator.facade.sync")
 
@@ -33,6 +37,8 @@ SyncNode = Callable[[str, Context[RequestT, ResponseT]], Awaitable[None]]
 class _Step(Generic[RequestT, ResponseT]):
     name: str
     node: SyncNode[RequestT, ResponseT]
+    retry: RetryPolicy
+    timeout: float | None
 
 
 class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
@@ -50,12 +56,26 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         super().__init__()
         self._steps: list[_Step[RequestT, ResponseT]] = []
 
-    def use(self, node: SyncNode[RequestT, ResponseT], *, name: str | None = None) -> Self:
-        """Append a node; `name` (default: the function's name) labels it in logs and errors."""
+    def use(
+        self,
+        node: SyncNode[RequestT, ResponseT],
+        *,
+        name: str | None = None,
+        retry: RetryPolicy = DEFAULT_POLICY,
+        timeout: float | None = None,
+    ) -> Self:
+        """Append a node.
+
+        `name` (default: the function's name) labels it in logs, errors and
+        metrics; `retry` says which failures are retried and how; `timeout`
+        bounds each attempt (the caller's deadline may cut it shorter).
+        """
         step_name: str = name or str(getattr(node, "__name__", f"step{len(self._steps) + 1}"))
         if any(step.name == step_name for step in self._steps):
             raise ValueError(f"a step named {step_name!r} is already used; pass name=")
-        self._steps.append(_Step(step_name, node))
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._steps.append(_Step(step_name, node, retry, timeout))
         return self
 
     def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
@@ -84,12 +104,26 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         metrics = self._metrics
         metrics.started.inc()
         metrics.in_flight.inc()
+        loop = asyncio.get_running_loop()
+        deadline = caller_deadline.get()
         try:
-            for step in self._steps:
+            for index, step in enumerate(self._steps):
                 started = time.perf_counter()
+                # The caller's time left is split evenly among the steps still to run.
+                share = (
+                    None
+                    if deadline is None
+                    else loop.time() + (deadline - loop.time()) / (len(self._steps) - index)
+                )
                 try:
                     with tracing.span(f"step {step.name}", {"saga.step": step.name}):
-                        await step.node(request_id, ctx)
+                        await call_with_retry(
+                            functools.partial(step.node, request_id, ctx),
+                            policy=step.retry,
+                            attempt_timeout=step.timeout,
+                            deadline=share,
+                            on_retry=functools.partial(self._retrying, request_id, step.name),
+                        )
                 except asyncio.CancelledError:
                     # The caller went away mid-saga: what was done must still be undone.
                     failure = classify(asyncio.CancelledError())
@@ -121,6 +155,19 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
             metrics.in_flight.dec()
         metrics.completed.inc()
         return ctx.response
+
+    def _retrying(self, request_id: str, step: str, exc: BaseException, attempt: int) -> None:
+        self._metrics.retried(step)
+        log.info(
+            "retrying step",
+            extra={
+                "request_id": request_id,
+                "facade": self.name,
+                "step": step,
+                "attempt": attempt,
+                "error": classify(exc).reason,
+            },
+        )
 
     async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:
         data: dict[str, Any] = {
