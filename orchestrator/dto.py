@@ -40,3 +40,5 @@ class Rollback(BaseModel):
     """The gRPC status name the saga failed with."""
     reason: str
     data: dict[str, Any] = Field(default_factory=dict)
+    completed_steps: list[str] = Field(default_factory=list)
+    """The steps that finished before the failure, in order; their compensations run in reverse."""

@@ -56,6 +56,12 @@ class Metrics:
             ["facade", "kind"],
             registry=r,
         )
+        self.sagas_compensation_failed = Counter(
+            "orchestrator_sagas_compensation_failed",
+            "Rollbacks dead-lettered because a compensation kept failing.",
+            ["facade", "kind"],
+            registry=r,
+        )
         self.sagas_in_flight = Gauge(
             "orchestrator_sagas_in_flight",
             "Sync runs, and async hops, in progress on this replica.",
@@ -112,6 +118,7 @@ class FacadeMetrics:
         self.started = metrics.sagas_started.labels(facade, kind)
         self.completed = metrics.sagas_completed.labels(facade, kind)
         self.compensated = metrics.sagas_compensated.labels(facade, kind)
+        self.compensation_failed = metrics.sagas_compensation_failed.labels(facade, kind)
         self.in_flight = metrics.sagas_in_flight.labels(facade, kind)
         self._steps: dict[str, Any] = {}
 

@@ -61,6 +61,8 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
     retryable: frozenset[grpc.StatusCode] = field(default=DEFAULT_RETRYABLE)
+    any_error: bool = False
+    """Retry every failure, whatever it is (compensations must succeed)."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -77,6 +79,8 @@ class RetryPolicy:
 
     def is_retryable(self, exc: BaseException) -> bool:
         """Whether `exc` says the same call may succeed later."""
+        if self.any_error:
+            return True
         if isinstance(exc, grpc.aio.AioRpcError):
             return exc.code() in self.retryable
         if isinstance(exc, SagaError):

@@ -114,6 +114,10 @@ def test_only_transient_failures_are_retryable(error: Exception, retryable: bool
     assert RetryPolicy().is_retryable(error) is retryable
 
 
+def test_any_error_retries_every_failure() -> None:
+    assert RetryPolicy(any_error=True).is_retryable(KeyError("bug"))
+
+
 async def test_a_transient_failure_is_retried_until_the_step_succeeds(
     orchestrator: Orchestrator,
 ) -> None:

@@ -17,7 +17,7 @@ from orchestrator import tracing
 from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.dto import AsyncFacadeContext, Rollback
 from orchestrator.errors import Failure, classify
-from orchestrator.facade.base import FacadeBase, RollbackNode
+from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
 from orchestrator.retry import RetryPolicy, call_with_retry
 
 __all__ = ["AsyncFacade", "AsyncNode", "SagaEndListener"]
@@ -82,11 +82,15 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         name: str | None = None,
         retry: RetryPolicy = DEFAULT_POLICY,
         timeout: float | None = None,
+        compensate: Callable[[DtoT], Awaitable[None]] | None = None,
+        compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
     ) -> Self:
         """Append a node that consumes `topic` (the Go original's TopicNodePair).
 
         `retry` says which failures are retried in place and how; `timeout`
         bounds each attempt. A node still failing after that rolls back.
+        `compensate` undoes the node once it has completed, should a later
+        step fail: it gets the DTO as the saga left it.
         """
         if not topic:
             raise ValueError("the topic must not be empty")
@@ -95,11 +99,22 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         step_name: str = name or str(getattr(node, "__name__", topic))
+        if any(hop.name == step_name for hop in self._hops):
+            raise ValueError(f"a step named {step_name!r} is already used; pass name=")
         self._hops.append(_Hop(topic, step_name, node, retry, timeout))
+        if compensate is not None:
+            self._add_compensation(
+                step_name, functools.partial(self._compensate, compensate), compensate_retry
+            )
         return self
 
-    def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
-        """Consume the facade's rollback topic with `node` (the Go TopicRollbackNodePair)."""
+    def consume_rollback(self, topic: str, node: RollbackNode | None = None) -> Self:
+        """Consume the facade's rollback topic (the Go TopicRollbackNodePair).
+
+        The consumer runs the compensations of the completed steps in reverse
+        order, then `node`. Compensations alone need no call: the rollback
+        topic is consumed whenever there is something to undo.
+        """
         if topic != self._declared_rollback_topic:
             expected = self._declared_rollback_topic
             raise ValueError(f"this facade publishes rollbacks to {expected!r}, not {topic!r}")
@@ -227,6 +242,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                     code=grpc.StatusCode.INVALID_ARGUMENT.name,
                     reason=f"invalid message: {reason}",
                     data=raw,
+                    completed_steps=self._completed_before(hop.name),
                 ),
                 inline_fallback=False,
             )
@@ -255,7 +271,17 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             code=failure.code.name,
             reason=failure.reason,
             data=dto.model_dump(),
+            completed_steps=self._completed_before(step),
         )
+
+    def _completed_before(self, step: str) -> list[str]:
+        names = [hop.name for hop in self._hops]
+        return names[: names.index(step)]
+
+    async def _compensate(
+        self, undo: Callable[[DtoT], Awaitable[None]], rollback: Rollback
+    ) -> None:
+        await undo(self._dto.model_validate(rollback.data))
 
     async def _notify_end(self, dto: DtoT, failure: Failure | None) -> None:
         for listener in self._end_listeners:

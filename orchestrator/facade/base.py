@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import pydantic
 
 from orchestrator import tracing
 from orchestrator.broker.base import Broker, DeadLetter, Delivery
 from orchestrator.dto import Rollback
-from orchestrator.errors import BrokerUnavailable
+from orchestrator.errors import BrokerUnavailable, classify
 from orchestrator.metrics import Metrics
+from orchestrator.retry import RetryPolicy, call_with_retry
 
-__all__ = ["FacadeBase", "RollbackNode"]
+__all__ = ["DEFAULT_COMPENSATION_RETRY", "Compensation", "FacadeBase", "RollbackNode"]
 
 log = logging.getLogger("orchestrator.facade")
 
 RollbackNode = Callable[[Rollback], Awaitable[None]]
 """Undoes a failed saga; raising makes the broker deliver the rollback again later."""
+
+Compensation = Callable[[Rollback], Awaitable[None]]
+"""Undoes one completed step, given the rollback (each facade adapts it to its node types)."""
+
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(
+    attempts=5, initial_backoff=0.1, max_backoff=2.0, any_error=True
+)
+"""Compensations must succeed: every failure is retried, up to five attempts in about 3 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Compensation:
+    undo: Compensation
+    retry: RetryPolicy
 
 
 class FacadeBase:
@@ -32,6 +49,8 @@ class FacadeBase:
         self._metrics = Metrics().for_facade("", self.kind)
         self._rollback_topic = ""
         self._rollback_node: RollbackNode | None = None
+        self._compensations: dict[str, _Compensation] = {}
+        self._rollback_consumed = False
 
     @property
     def name(self) -> str:
@@ -50,13 +69,21 @@ class FacadeBase:
             raise RuntimeError(f"{type(self).__name__} is not registered with an Orchestrator")
         return self._broker
 
-    def _set_rollback(self, topic: str, node: RollbackNode) -> None:
+    def _set_rollback(self, topic: str, node: RollbackNode | None) -> None:
         if not topic:
             raise ValueError("the rollback topic must not be empty")
-        if self._rollback_node is not None:
+        if self._rollback_consumed:
             raise ValueError(f"rollback is already consumed from {self._rollback_topic!r}")
+        self._rollback_consumed = True
         self._rollback_topic = topic
         self._rollback_node = node
+
+    def _add_compensation(self, step: str, undo: Compensation, retry: RetryPolicy) -> None:
+        self._compensations[step] = _Compensation(undo, retry)
+
+    @property
+    def _consumes_rollback(self) -> bool:
+        return self._rollback_node is not None or bool(self._compensations)
 
     def bind(self, name: str, broker: Broker, metrics: Metrics) -> None:
         """Called by Orchestrator registration; a facade belongs to one orchestrator."""
@@ -68,7 +95,12 @@ class FacadeBase:
 
     async def start(self) -> None:
         """Declare the facade's topics and start consuming them (the broker is started)."""
-        if self._rollback_node is not None:
+        if self._compensations and not self._rollback_topic:
+            raise ValueError(
+                f"facade {self.name!r} has compensations but no rollback topic: "
+                "call consume_rollback(topic) so they survive a crash"
+            )
+        if self._consumes_rollback:
             await self.broker.declare(self._rollback_topic)
             await self.broker.subscribe(self._rollback_topic, self._on_rollback)
 
@@ -79,7 +111,7 @@ class FacadeBase:
         node run here instead (a sync caller has nothing to redeliver);
         without, the error propagates so the input message is redelivered.
         """
-        if self._rollback_node is None:
+        if not self._consumes_rollback:
             return
         body = rollback.model_dump_json().encode()
         try:
@@ -98,17 +130,14 @@ class FacadeBase:
                 extra={"request_id": rollback.request_id, "facade": self._name},
             )
             try:
-                await self._rollback_node(rollback)
+                await self._undo(rollback)
             except Exception:
                 log.exception(
                     "inline rollback failed; the saga is left half-done",
                     extra={"request_id": rollback.request_id, "facade": self._name},
                 )
-            else:
-                self._metrics.compensated.inc()
 
     async def _on_rollback(self, delivery: Delivery) -> None:
-        assert self._rollback_node is not None
         try:
             rollback = Rollback.model_validate_json(delivery.body)
         except pydantic.ValidationError as exc:
@@ -128,6 +157,56 @@ class FacadeBase:
             {"saga.request_id": rollback.request_id, "saga.step": rollback.failed_step},
             parent=delivery.headers,
         ):
+            await self._undo(rollback)
+
+    async def _undo(self, rollback: Rollback) -> None:
+        """Compensate the completed steps in reverse order, then run the rollback node.
+
+        A compensation still failing after its retries makes the saga
+        COMPENSATION_FAILED: the rollback is dead-lettered with that reason,
+        never dropped. A failing rollback node is delivered again later.
+        """
+        for step in reversed(rollback.completed_steps):
+            compensation = self._compensations.get(step)
+            if compensation is None:
+                continue
+            try:
+                await call_with_retry(
+                    functools.partial(compensation.undo, rollback),
+                    policy=compensation.retry,
+                    attempt_timeout=None,
+                    deadline=None,
+                    on_retry=functools.partial(self._compensation_retrying, rollback, step),
+                )
+            except Exception as exc:
+                reason = classify(exc).reason
+                self._metrics.compensation_failed.inc()
+                log.error(
+                    "compensation failed for good",
+                    extra={
+                        "request_id": rollback.request_id,
+                        "facade": self._name,
+                        "step": step,
+                        "reason": reason,
+                    },
+                )
+                raise DeadLetter(f"COMPENSATION_FAILED at {step}: {reason}") from exc
+        if self._rollback_node is not None:
             await self._rollback_node(rollback)
         self._metrics.compensated.inc()
         log.info("rolled back", extra={"request_id": rollback.request_id, "facade": self._name})
+
+    def _compensation_retrying(
+        self, rollback: Rollback, step: str, exc: BaseException, attempt: int
+    ) -> None:
+        self._metrics.retried(f"compensate {step}")
+        log.warning(
+            "compensation failed, retrying",
+            extra={
+                "request_id": rollback.request_id,
+                "facade": self._name,
+                "step": step,
+                "attempt": attempt,
+                "reason": classify(exc).reason,
+            },
+        )

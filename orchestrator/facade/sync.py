@@ -6,10 +6,12 @@ import asyncio
 import functools
 import logging
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
+from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
@@ -17,7 +19,7 @@ from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
 from orchestrator.errors import Failure, SagaFailed, classify
-from orchestrator.facade.base import FacadeBase, RollbackNode
+from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
 from orchestrator.retry import RetryPolicy, call_with_retry, caller_deadline
 
 __all__ = ["SyncFacade", "SyncNode"]
@@ -63,12 +65,16 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         name: str | None = None,
         retry: RetryPolicy = DEFAULT_POLICY,
         timeout: float | None = None,
+        compensate: SyncNode[RequestT, ResponseT] | None = None,
+        compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
     ) -> Self:
         """Append a node.
 
         `name` (default: the function's name) labels it in logs, errors and
         metrics; `retry` says which failures are retried and how; `timeout`
         bounds each attempt (the caller's deadline may cut it shorter).
+        `compensate` undoes the node once it has completed, should a later
+        step fail: it gets the request id and the Context as the saga left it.
         """
         step_name: str = name or str(getattr(node, "__name__", f"step{len(self._steps) + 1}"))
         if any(step.name == step_name for step in self._steps):
@@ -76,12 +82,43 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         self._steps.append(_Step(step_name, node, retry, timeout))
+        if compensate is not None:
+            self._add_compensation(
+                step_name, functools.partial(self._compensate, compensate), compensate_retry
+            )
         return self
 
-    def consume_rollback(self, topic: str, node: RollbackNode) -> Self:
-        """On failure, publish a Rollback to `topic`; `node` consumes it and undoes the saga."""
+    def consume_rollback(self, topic: str, node: RollbackNode | None = None) -> Self:
+        """On failure, publish a Rollback to `topic` and consume it here.
+
+        The consumer runs the compensations of the completed steps in reverse
+        order, then `node` (the Go original's facade-level rollback node).
+        """
         self._set_rollback(topic, node)
         return self
+
+    async def start(self) -> None:
+        """Check that compensations can rebuild their Context, then consume the rollback."""
+        if self._compensations:
+            self._types()
+        await super().start()
+
+    def _types(self) -> tuple[type[RequestT], type[ResponseT]]:
+        """The protobuf classes of `SyncFacade[Request, Response]()`, to rebuild a Context."""
+        alias = getattr(self, "__orig_class__", None)
+        arguments = typing.get_args(alias)
+        if len(arguments) != 2 or not all(isinstance(a, type) for a in arguments):
+            raise TypeError(
+                "compensations need the message types: create the facade as "
+                "SyncFacade[RequestMessage, ResponseMessage]()"
+            )
+        return arguments[0], arguments[1]
+
+    async def _compensate(self, undo: SyncNode[RequestT, ResponseT], rollback: Rollback) -> None:
+        request_type, response_type = self._types()
+        request = json_format.ParseDict(rollback.data.get("request", {}), request_type())
+        response = json_format.ParseDict(rollback.data.get("response", {}), response_type())
+        await undo(rollback.request_id, Context(rollback.request_id, request, response, self.name))
 
     @property
     def steps(self) -> list[str]:
@@ -156,6 +193,10 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         metrics.completed.inc()
         return ctx.response
 
+    def _completed_before(self, step: str) -> list[str]:
+        names = self.steps
+        return names[: names.index(step)]
+
     def _retrying(self, request_id: str, step: str, exc: BaseException, attempt: int) -> None:
         self._metrics.retried(step)
         log.info(
@@ -183,6 +224,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 code=failure.code.name,
                 reason=failure.reason,
                 data=data,
+                completed_steps=self._completed_before(step),
             ),
             inline_fallback=True,
         )
