@@ -156,3 +156,46 @@ async def test_a_caller_deadline_bounds_the_saga_and_its_work_is_undone(
             await eventually(cancelled)
     finally:
         await slow_payment.stop(None)
+
+
+async def test_lost_upstream_answers_are_retried_without_a_double_order_or_payment(
+    upstreams: Upstreams,
+) -> None:
+    """A fifth of creates apply and then answer UNAVAILABLE: retries find what was applied."""
+    order = await serve_upstream("order", port=0, fail_after_apply_rate=0.2)
+    payment = await serve_upstream("payment", port=0, fail_after_apply_rate=0.2)
+    lossy = Upstreams(order, payment, upstreams.order_stub, upstreams.payment_stub)
+    try:
+        async with (
+            run_booking_app(app_settings(lossy)) as app,
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel,
+        ):
+            stub = booking_pb2_grpc.BookingServiceStub(channel)
+
+            async def attempt(rid: str) -> bool:
+                try:
+                    await book(stub, rid)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                    return False
+                return True
+
+            rids = [f"lossy-{i}" for i in range(100)]
+            booked = await asyncio.gather(*(attempt(rid) for rid in rids))
+            await app.orchestrator.broker.join()  # type: ignore[attr-defined]
+
+        assert sum(booked) >= 90  # three attempts: 0.2**3 of steps fail for good
+        for rid, ok in zip(rids, booked, strict=True):
+            assert order.ledger.count_orders(rid) == 1
+            assert payment.ledger.count_payments(rid) <= 1
+            placed = order.ledger.latest_order_of(rid)
+            paid = payment.ledger.latest_payment_of(rid)
+            assert placed is not None
+            if ok:
+                assert placed.status == "CREATED" and paid is not None and paid.status == "PAID"
+            else:
+                assert placed.status == "CANCELLED"
+                assert paid is None or paid.status == "REFUNDED"
+    finally:
+        await order.stop(None)
+        await payment.stop(None)

@@ -99,6 +99,11 @@ def payments(
     return payment_upstream[1]
 
 
+@pytest.fixture
+def payment_ledger(payment_upstream: tuple[RunningUpstream, PaymentServiceAsyncStub]) -> Ledger:
+    return payment_upstream[0].ledger
+
+
 async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     """The error ``call`` fails with; fails the test when it succeeds."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -239,6 +244,59 @@ async def test_get_unknown_order_is_not_found(orders: OrderServiceAsyncStub, req
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_cancel_before_create_makes_the_create_aborted_and_creates_nothing(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    cancel_error = await rpc_error(
+        orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1"))
+    )
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),)))
+
+    assert cancel_error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert "request 'r-1' was already compensated" in (error.details() or "")
+    assert order_ledger.count_orders("r-1") == 0
+
+
+async def test_create_with_a_new_key_after_cancel_is_aborted(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    await orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1"))
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-2"),)))
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert order_ledger.count_orders("r-1") == 1
+
+
+async def test_replay_with_the_original_key_after_cancel_returns_the_cancelled_order(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    created = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    await orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1"))
+
+    replayed = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+
+    assert replayed.OrderID == created.OrderID
+    assert replayed.Status == order_pb2.CANCELLED
+    assert order_ledger.count_orders("r-1") == 1
+
+
+async def test_cancel_of_an_unknown_order_id_does_not_block_its_request_id(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    error = await rpc_error(
+        orders.CancelOrder(order_pb2.CancelOrderRequest(OrderID=999, RequestID="r-1"))
+    )
+
+    created = await orders.CreateOrder(new_order("r-1"))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert created.Status == order_pb2.CREATED
+
+
 async def test_get_and_cancel_without_ids_are_invalid_argument(
     orders: OrderServiceAsyncStub,
 ) -> None:
@@ -305,6 +363,34 @@ async def test_invalid_create_payment_is_invalid_argument(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_refund_before_pay_makes_the_payment_aborted_and_records_nothing(
+    payments: PaymentServiceAsyncStub, payment_ledger: Ledger
+) -> None:
+    refund_error = await rpc_error(
+        payments.RefundPayment(payment_pb2.RefundPaymentRequest(RequestID="r-1"))
+    )
+
+    error = await rpc_error(payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),)))
+
+    assert refund_error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert "request 'r-1' was already compensated" in (error.details() or "")
+    assert payment_ledger.count_payments("r-1") == 0
+
+
+async def test_payment_replay_with_the_original_key_after_refund_returns_the_refund(
+    payments: PaymentServiceAsyncStub, payment_ledger: Ledger
+) -> None:
+    paid = await payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),))
+    await payments.RefundPayment(payment_pb2.RefundPaymentRequest(RequestID="r-1"))
+
+    replayed = await payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),))
+
+    assert replayed.PaymentID == paid.PaymentID
+    assert replayed.Status == payment_pb2.REFUNDED
+    assert payment_ledger.count_payments("r-1") == 1
+
+
 async def test_refund_unknown_payment_is_not_found(payments: PaymentServiceAsyncStub) -> None:
     error = await rpc_error(payments.RefundPayment(payment_pb2.RefundPaymentRequest(PaymentID=9)))
 
@@ -330,6 +416,21 @@ async def test_file_ledger_keeps_orders_across_restart(
     assert replayed.OrderID == created.OrderID
 
 
+async def test_file_ledger_keeps_tombstones_across_restart(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "orders.db")
+    first_run, orders = await upstreams.orders(db_path=db)
+    await rpc_error(orders.CancelOrder(order_pb2.CancelOrderRequest(RequestID="r-1")))
+    await first_run.stop()
+
+    second_run, orders = await upstreams.orders(db_path=db)
+    error = await rpc_error(orders.CreateOrder(new_order("r-1")))
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert second_run.ledger.count_orders("r-1") == 0
+
+
 async def test_fail_rate_one_is_unavailable_and_records_nothing(upstreams: Upstreams) -> None:
     running, orders = await upstreams.orders(fail_rate=1.0)
 
@@ -338,6 +439,47 @@ async def test_fail_rate_one_is_unavailable_and_records_nothing(upstreams: Upstr
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "transient failure (injected)" in (error.details() or "")
     assert running.ledger.count_orders("r-1") == 0
+
+
+async def test_fail_after_apply_rate_one_is_unavailable_but_the_order_exists(
+    upstreams: Upstreams,
+) -> None:
+    running, orders = await upstreams.orders(fail_after_apply_rate=1.0)
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),)))
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "transient failure after apply (injected)" in (error.details() or "")
+    assert running.ledger.count_orders("r-1") == 1
+
+
+async def test_fail_after_apply_rate_one_is_unavailable_but_the_payment_exists(
+    upstreams: Upstreams,
+) -> None:
+    running, payments = await upstreams.payments(fail_after_apply_rate=1.0)
+
+    error = await rpc_error(payments.CreatePayment(new_payment("r-1"), metadata=((KEY, "k-1"),)))
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert running.ledger.count_payments("r-1") == 1
+
+
+async def test_retry_after_a_lost_response_returns_the_first_order_without_a_second_row(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # The retry reaches a healthy replica over the same database, since the
+    # faulty server would lose every response, the retry's included.
+    db = str(tmp_path / "orders.db")
+    faulty, faulty_orders = await upstreams.orders(db_path=db, fail_after_apply_rate=1.0)
+    _, healthy_orders = await upstreams.orders(db_path=db)
+    await rpc_error(faulty_orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),)))
+    first = faulty.ledger.latest_order_of("r-1")
+
+    retried = await healthy_orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+
+    assert first is not None
+    assert retried.OrderID == first.id
+    assert faulty.ledger.count_orders("r-1") == 1
 
 
 async def test_latency_ms_delays_each_call(upstreams: Upstreams) -> None:
@@ -354,6 +496,8 @@ async def test_fault_options_out_of_range_are_rejected() -> None:
         await serve_upstream("order", port=0, fail_rate=1.5)
     with pytest.raises(ValueError, match="latency_ms"):
         await serve_upstream("payment", port=0, latency_ms=-1)
+    with pytest.raises(ValueError, match="fail_after_apply_rate"):
+        await serve_upstream("order", port=0, fail_after_apply_rate=-0.1)
 
 
 @pytest.mark.parametrize("service", ["", "pb.OrderService"])
@@ -400,13 +544,24 @@ def test_arg_parser_defaults() -> None:
     args = build_arg_parser().parse_args(["payment"])
 
     assert (args.service, args.port, args.db) == ("payment", None, ":memory:")
-    assert (args.latency_ms, args.fail_rate) == (0.0, 0.0)
+    assert (args.latency_ms, args.fail_rate, args.fail_after_apply_rate) == (0.0, 0.0, 0.0)
     assert DEFAULT_PORTS == {"order": 50051, "payment": 50052}
 
 
 def test_arg_parser_rejects_fail_rate_above_one() -> None:
     with pytest.raises(SystemExit):
         build_arg_parser().parse_args(["order", "--fail-rate", "2"])
+
+
+def test_arg_parser_reads_fail_after_apply_rate() -> None:
+    args = build_arg_parser().parse_args(["order", "--fail-after-apply-rate", "0.25"])
+
+    assert args.fail_after_apply_rate == 0.25
+
+
+def test_arg_parser_rejects_fail_after_apply_rate_above_one() -> None:
+    with pytest.raises(SystemExit):
+        build_arg_parser().parse_args(["order", "--fail-after-apply-rate", "1.5"])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be delivered on Windows")

@@ -5,6 +5,11 @@ microseconds against a local file, far cheaper than handing it to a thread.
 Each service keeps its records in its own table, with its own idempotency
 table mapping an ``x-idempotency-key`` to the record it created, so the order
 and payment services may share one database file without their keys clashing.
+
+Each service also keeps tombstones: the request ids it was asked to compensate
+(cancel or refund by request id). A create for a tombstoned request id is
+refused, so a compensation that overtakes its action (or a retried action that
+arrives after it) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ CREATE TABLE IF NOT EXISTS order_idempotency (
     key TEXT PRIMARY KEY,
     order_id INTEGER NOT NULL REFERENCES orders (id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS order_tombstones (
+    request_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS payments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -50,6 +59,10 @@ CREATE INDEX IF NOT EXISTS payments_request_id ON payments (request_id);
 CREATE TABLE IF NOT EXISTS payment_idempotency (
     key TEXT PRIMARY KEY,
     payment_id INTEGER NOT NULL REFERENCES payments (id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS payment_tombstones (
+    request_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 ) WITHOUT ROWID;
 """
 
@@ -76,6 +89,14 @@ class PaymentRecord:
     status: str
 
 
+class AlreadyCompensated(Exception):
+    """A create refused because its request id was already cancelled or refunded."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id!r} was already compensated")
+        self.request_id = request_id
+
+
 R = TypeVar("R", OrderRecord, PaymentRecord)
 
 
@@ -86,6 +107,7 @@ class _Table(Generic[R]):
     name: str
     keys: str
     key_column: str
+    tombstones: str
     columns: tuple[str, str]
     record: Callable[..., R]
 
@@ -95,10 +117,20 @@ class _Table(Generic[R]):
 
 
 _ORDERS: Final = _Table(
-    "orders", "order_idempotency", "order_id", ("product_id", "count"), OrderRecord
+    "orders",
+    "order_idempotency",
+    "order_id",
+    "order_tombstones",
+    ("product_id", "count"),
+    OrderRecord,
 )
 _PAYMENTS: Final = _Table(
-    "payments", "payment_idempotency", "payment_id", ("order_id", "amount"), PaymentRecord
+    "payments",
+    "payment_idempotency",
+    "payment_id",
+    "payment_tombstones",
+    ("order_id", "amount"),
+    PaymentRecord,
 )
 
 
@@ -133,7 +165,11 @@ class Ledger:
     def create_order(
         self, request_id: str, product_id: int, count: int, *, idempotency_key: str | None = None
     ) -> OrderRecord:
-        """Insert a CREATED order, or return the one ``idempotency_key`` already made."""
+        """Insert a CREATED order, or return the one ``idempotency_key`` already made.
+
+        Raises :class:`AlreadyCompensated` when ``request_id`` is tombstoned and
+        the key made no order yet.
+        """
         return self._create(_ORDERS, request_id, (product_id, count), CREATED, idempotency_key)
 
     def cancel_order(self, order_id: int) -> OrderRecord | None:
@@ -141,7 +177,7 @@ class Ledger:
         return self._set_status_by_id(_ORDERS, order_id, CANCELLED)
 
     def cancel_orders_of(self, request_id: str) -> OrderRecord | None:
-        """Cancel every order of ``request_id``; return the latest, ``None`` when none."""
+        """Cancel every order of ``request_id`` and tombstone it; return the latest, if any."""
         return self._set_status_by_request(_ORDERS, request_id, CANCELLED)
 
     def get_order(self, order_id: int) -> OrderRecord | None:
@@ -161,7 +197,11 @@ class Ledger:
     def create_payment(
         self, request_id: str, order_id: int, amount: int, *, idempotency_key: str | None = None
     ) -> PaymentRecord:
-        """Insert a PAID payment, or return the one ``idempotency_key`` already made."""
+        """Insert a PAID payment, or return the one ``idempotency_key`` already made.
+
+        Raises :class:`AlreadyCompensated` when ``request_id`` is tombstoned and
+        the key made no payment yet.
+        """
         return self._create(_PAYMENTS, request_id, (order_id, amount), PAID, idempotency_key)
 
     def refund_payment(self, payment_id: int) -> PaymentRecord | None:
@@ -169,7 +209,7 @@ class Ledger:
         return self._set_status_by_id(_PAYMENTS, payment_id, REFUNDED)
 
     def refund_payments_of(self, request_id: str) -> PaymentRecord | None:
-        """Refund every payment of ``request_id``; return the latest, ``None`` when none."""
+        """Refund every payment of ``request_id`` and tombstone it; return the latest, if any."""
         return self._set_status_by_request(_PAYMENTS, request_id, REFUNDED)
 
     def get_payment(self, payment_id: int) -> PaymentRecord | None:
@@ -214,7 +254,13 @@ class Ledger:
                     (idempotency_key,),
                 ).fetchone()
                 if row is not None:
+                    # A replay answers with the record as it stands now, even
+                    # when a compensation has since cancelled or refunded it.
                     return table.record(*row)
+            if db.execute(
+                f"SELECT 1 FROM {table.tombstones} WHERE request_id = ?", (request_id,)
+            ).fetchone():
+                raise AlreadyCompensated(request_id)
             cursor = db.execute(
                 f"INSERT INTO {table.name} (request_id, {', '.join(table.columns)}, status)"
                 " VALUES (?, ?, ?, ?)",
@@ -242,6 +288,12 @@ class Ledger:
             db.execute(
                 f"UPDATE {table.name} SET status = ? WHERE request_id = ? AND status != ?",
                 (status, request_id, status),
+            )
+            # Tombstoned whether or not anything was found: a create still in
+            # flight (or retried with a new key) must not outlive its undo.
+            db.execute(
+                f"INSERT OR IGNORE INTO {table.tombstones} (request_id) VALUES (?)",
+                (request_id,),
             )
             return self._latest_of(table, request_id)
 

@@ -1,8 +1,9 @@
 """The demo OrderService, plus the call handling it shares with the PaymentService.
 
 The shared helpers (idempotency key, injected latency and failures, error
-wording, lookup by id or else by request id) live here rather than in a module
-of their own: payments already refer to orders, so the dependency is natural.
+wording, refusing compensated creates, lookup by id or else by request id) live
+here rather than in a module of their own: payments already refer to orders, so
+the dependency is natural.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from pb import order_pb2, order_pb2_grpc
-from upstream.ledger import Ledger, OrderRecord
+from upstream.ledger import AlreadyCompensated, Ledger, OrderRecord
 
 IDEMPOTENCY_KEY_HEADER: Final = "x-idempotency-key"
 
@@ -40,16 +41,25 @@ class FaultInjector:
     """Slows down and randomly fails calls, to exercise the orchestrator's retries.
 
     ``latency_ms`` is slept before each call; ``fail_rate`` is the fraction of
-    calls (0 to 1) aborted with UNAVAILABLE before anything is applied.
+    calls (0 to 1) aborted with UNAVAILABLE before anything is applied, and
+    ``fail_after_apply_rate`` the fraction of creates aborted with UNAVAILABLE
+    after they were applied (a lost response).
     """
 
-    def __init__(self, *, latency_ms: float = 0, fail_rate: float = 0) -> None:
+    def __init__(
+        self, *, latency_ms: float = 0, fail_rate: float = 0, fail_after_apply_rate: float = 0
+    ) -> None:
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
-        if not 0 <= fail_rate <= 1:
-            raise ValueError(f"fail_rate must be between 0 and 1, got {fail_rate}")
+        for name, rate in (
+            ("fail_rate", fail_rate),
+            ("fail_after_apply_rate", fail_after_apply_rate),
+        ):
+            if not 0 <= rate <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {rate}")
         self.latency_ms = latency_ms
         self.fail_rate = fail_rate
+        self.fail_after_apply_rate = fail_after_apply_rate
 
     async def before_call(
         self, context: grpc.aio.ServicerContext[Any, Any], request_id: str
@@ -62,6 +72,30 @@ class FaultInjector:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, for_request("transient failure (injected)", request_id)
             )
+
+    async def after_apply(
+        self, context: grpc.aio.ServicerContext[Any, Any], request_id: str
+    ) -> None:
+        """Abort UNAVAILABLE for the configured share of creates, which are already committed.
+
+        The caller cannot tell this from a failure before the apply, so it must
+        retry with the same idempotency key (or compensate) to stay correct.
+        """
+        if random.random() < self.fail_after_apply_rate:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                for_request("transient failure after apply (injected)", request_id),
+            )
+
+
+async def create_or_abort(
+    context: grpc.aio.ServicerContext[Any, Any], create: Callable[[], T]
+) -> T:
+    """Run ``create``; abort ABORTED when its request id was already compensated."""
+    try:
+        return create()
+    except AlreadyCompensated as exc:
+        await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
 
 async def find_one(
@@ -107,16 +141,29 @@ def _to_proto(record: OrderRecord) -> order_pb2.Order:
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     """``pb.OrderService`` over a :class:`~upstream.ledger.Ledger`, for ``grpc.aio`` servers."""
 
-    def __init__(self, ledger: Ledger, *, latency_ms: float = 0, fail_rate: float = 0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        latency_ms: float = 0,
+        fail_rate: float = 0,
+        fail_after_apply_rate: float = 0,
+    ) -> None:
         self._ledger = ledger
-        self._faults = FaultInjector(latency_ms=latency_ms, fail_rate=fail_rate)
+        self._faults = FaultInjector(
+            latency_ms=latency_ms, fail_rate=fail_rate, fail_after_apply_rate=fail_after_apply_rate
+        )
 
     async def CreateOrder(
         self,
         request: order_pb2.CreateOrderRequest,
         context: grpc.aio.ServicerContext[order_pb2.CreateOrderRequest, order_pb2.Order],
     ) -> order_pb2.Order:
-        """Create a CREATED order; the same ``x-idempotency-key`` returns the same order."""
+        """Create a CREATED order; the same ``x-idempotency-key`` returns the same order.
+
+        ABORTED, creating nothing, when RequestID was already cancelled and the
+        key made no order before.
+        """
         rid = request.RequestID
         await self._faults.before_call(context, rid)
         if not rid:
@@ -131,12 +178,17 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 for_request(f"Count must be >= 0, got {request.Count}", rid),
             )
-        record = self._ledger.create_order(
-            rid,
-            request.ProductID,
-            request.Count or 1,  # proto3 cannot tell 0 from unset, so 0 means the default
-            idempotency_key=idempotency_key(context),
+        key = idempotency_key(context)
+        record = await create_or_abort(
+            context,
+            lambda: self._ledger.create_order(
+                rid,
+                request.ProductID,
+                request.Count or 1,  # proto3 cannot tell 0 from unset, so 0 means the default
+                idempotency_key=key,
+            ),
         )
+        await self._faults.after_apply(context, rid)
         return _to_proto(record)
 
     async def CancelOrder(
@@ -144,7 +196,11 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         request: order_pb2.CancelOrderRequest,
         context: grpc.aio.ServicerContext[order_pb2.CancelOrderRequest, order_pb2.Order],
     ) -> order_pb2.Order:
-        """Cancel by OrderID, or else every order of RequestID (returning the latest)."""
+        """Cancel by OrderID, or else every order of RequestID (returning the latest).
+
+        By RequestID it also tombstones the request id, even when NOT_FOUND, so
+        a create arriving later is refused.
+        """
         await self._faults.before_call(context, request.RequestID)
         record = await find_one(
             context,

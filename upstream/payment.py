@@ -6,7 +6,7 @@ import grpc
 
 from pb import payment_pb2, payment_pb2_grpc
 from upstream.ledger import Ledger, PaymentRecord
-from upstream.order import FaultInjector, find_one, for_request, idempotency_key
+from upstream.order import FaultInjector, create_or_abort, find_one, for_request, idempotency_key
 
 
 def _to_proto(record: PaymentRecord) -> payment_pb2.Payment:
@@ -22,9 +22,18 @@ def _to_proto(record: PaymentRecord) -> payment_pb2.Payment:
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
     """``pb.PaymentService`` over a :class:`~upstream.ledger.Ledger`, for ``grpc.aio`` servers."""
 
-    def __init__(self, ledger: Ledger, *, latency_ms: float = 0, fail_rate: float = 0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        latency_ms: float = 0,
+        fail_rate: float = 0,
+        fail_after_apply_rate: float = 0,
+    ) -> None:
         self._ledger = ledger
-        self._faults = FaultInjector(latency_ms=latency_ms, fail_rate=fail_rate)
+        self._faults = FaultInjector(
+            latency_ms=latency_ms, fail_rate=fail_rate, fail_after_apply_rate=fail_after_apply_rate
+        )
 
     async def CreatePayment(
         self,
@@ -34,7 +43,9 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         """Take a PAID payment; the same ``x-idempotency-key`` returns the same payment.
 
         ``FaultInject`` declines with FAILED_PRECONDITION and records nothing,
-        standing in for a business failure the saga must compensate.
+        standing in for a business failure the saga must compensate. ABORTED,
+        recording nothing, when RequestID was already refunded and the key made
+        no payment before.
         """
         rid = request.RequestID
         await self._faults.before_call(context, rid)
@@ -55,9 +66,14 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 for_request("payment declined (fault injected)", rid),
             )
-        record = self._ledger.create_payment(
-            rid, request.OrderID, request.Amount, idempotency_key=idempotency_key(context)
+        key = idempotency_key(context)
+        record = await create_or_abort(
+            context,
+            lambda: self._ledger.create_payment(
+                rid, request.OrderID, request.Amount, idempotency_key=key
+            ),
         )
+        await self._faults.after_apply(context, rid)
         return _to_proto(record)
 
     async def RefundPayment(
@@ -65,7 +81,11 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         request: payment_pb2.RefundPaymentRequest,
         context: grpc.aio.ServicerContext[payment_pb2.RefundPaymentRequest, payment_pb2.Payment],
     ) -> payment_pb2.Payment:
-        """Refund by PaymentID, or else every payment of RequestID (returning the latest)."""
+        """Refund by PaymentID, or else every payment of RequestID (returning the latest).
+
+        By RequestID it also tombstones the request id, even when NOT_FOUND, so
+        a payment arriving later is refused.
+        """
         await self._faults.before_call(context, request.RequestID)
         record = await find_one(
             context,

@@ -3,8 +3,9 @@
 In code, :func:`serve_upstream` starts a server and returns a
 :class:`RunningUpstream` (its bound port, ledger and ``stop``). On the command
 line, ``python main.py upstream order|payment [--port N] [--db PATH]
-[--latency-ms X] [--fail-rate Y]`` reaches :func:`run_upstream_main`, which
-serves until SIGINT or SIGTERM (:func:`main` runs it on uvloop).
+[--latency-ms X] [--fail-rate Y] [--fail-after-apply-rate Z]`` reaches
+:func:`run_upstream_main`, which serves until SIGINT or SIGTERM (:func:`main`
+runs it on uvloop).
 """
 
 from __future__ import annotations
@@ -83,13 +84,15 @@ async def serve_upstream(
     db_path: str = MEMORY,
     latency_ms: float = 0,
     fail_rate: float = 0,
+    fail_after_apply_rate: float = 0,
 ) -> RunningUpstream:
     """Build and start a server for ``service``, with health checks and reflection.
 
     ``port=0`` binds a free port, reported as ``RunningUpstream.port``.
     ``db_path`` is the SQLite file of the ledger (``":memory:"`` keeps nothing
-    across restarts). ``latency_ms`` and ``fail_rate`` go to the servicer, see
-    :class:`~upstream.order.FaultInjector`. The caller must ``await stop()``.
+    across restarts). ``latency_ms``, ``fail_rate`` and ``fail_after_apply_rate``
+    go to the servicer, see :class:`~upstream.order.FaultInjector`. The caller
+    must ``await stop()``.
     Raises ``ValueError`` for bad options, ``RuntimeError`` when the port is taken.
     """
     if service not in SERVICES:
@@ -99,13 +102,18 @@ async def serve_upstream(
         # Without this, gRPC's default SO_REUSEPORT lets a second server bind
         # a port already in use and silently share its traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        faults = {
+            "latency_ms": latency_ms,
+            "fail_rate": fail_rate,
+            "fail_after_apply_rate": fail_after_apply_rate,
+        }
         if service == "order":
             order_pb2_grpc.add_OrderServiceServicer_to_server(
-                OrderServicer(ledger, latency_ms=latency_ms, fail_rate=fail_rate), server
+                OrderServicer(ledger, **faults), server
             )
         else:
             payment_pb2_grpc.add_PaymentServiceServicer_to_server(
-                PaymentServicer(ledger, latency_ms=latency_ms, fail_rate=fail_rate), server
+                PaymentServicer(ledger, **faults), server
             )
         service_name = SERVICE_NAMES[service]
         health_servicer = HealthServicer()
@@ -179,6 +187,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fraction of calls failed with UNAVAILABLE, from 0 to 1 (default: 0)",
     )
+    parser.add_argument(
+        "--fail-after-apply-rate",
+        type=_rate,
+        default=0.0,
+        help="fraction of creates applied and then failed with UNAVAILABLE,"
+        " as if the response were lost, from 0 to 1 (default: 0)",
+    )
     return parser
 
 
@@ -212,6 +227,7 @@ async def run_upstream_main(argv: Sequence[str] | None = None) -> int:
             db_path=args.db,
             latency_ms=args.latency_ms,
             fail_rate=args.fail_rate,
+            fail_after_apply_rate=args.fail_after_apply_rate,
         )
         _log.info("%s upstream serving on %s (db %s)", service, running.target, args.db)
         try:
