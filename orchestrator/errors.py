@@ -15,6 +15,7 @@ import grpc
 import pydantic
 
 __all__ = [
+    "AlreadyExists",
     "BrokerUnavailable",
     "ConfigError",
     "FailedPrecondition",
@@ -43,6 +44,12 @@ class FailedPrecondition(SagaError):
     """The request is well formed but the system refuses it (a declined payment)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExists(SagaError):
+    """The request id was already used for a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class Unavailable(SagaError):
@@ -126,7 +133,12 @@ class SagaFailed(Exception):
         self.facade = facade
         self.step = step
         self.failure = failure
-        super().__init__(f"{facade} failed at {step}: {failure.reason} (request_id={request_id})")
+        super().__init__(self.describe(facade, step, failure.reason, request_id))
+
+    @staticmethod
+    def describe(facade: str, step: str, reason: str, request_id: str) -> str:
+        """The message a caller reads: the same for a run and for its replay."""
+        return f"{facade} failed at {step}: {reason} (request_id={request_id})"
 
     @property
     def code(self) -> grpc.StatusCode:

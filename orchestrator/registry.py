@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import uuid
 from typing import Any
 
 from orchestrator.broker.base import Broker
@@ -10,6 +13,7 @@ from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.sync import SyncFacade
 from orchestrator.metrics import Metrics
+from orchestrator.store.base import SagaStore
 
 __all__ = ["Orchestrator", "UnknownFacadeError"]
 
@@ -27,13 +31,30 @@ class Orchestrator:
     function, then `await orchestrator.start()`.
     """
 
-    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics | None = None,
+        *,
+        store: SagaStore | None = None,
+        replica_id: str | None = None,
+        heartbeat_seconds: float = 2.0,
+        lease_seconds: float = 10.0,
+    ) -> None:
+        """`store` records every saga; with it, this replica (`replica_id`, default a new
+        UUID) heartbeats every `heartbeat_seconds` and takes over the sync sagas of
+        replicas silent for `lease_seconds`, rolling them back."""
         self.broker = broker
         self.metrics = metrics or Metrics()
+        self.store = store
+        self.replica_id = replica_id or uuid.uuid4().hex
+        self._heartbeat_seconds = heartbeat_seconds
+        self._lease_seconds = lease_seconds
         broker.attach_metrics(self.metrics)
         self._sync: dict[str, SyncFacade[Any, Any]] = {}
         self._async: dict[str, AsyncFacade[Any]] = {}
         self._started = False
+        self._recovery: asyncio.Task[None] | None = None
 
     def register_sync_facade(self, name: str, facade: SyncFacade[Any, Any]) -> None:
         """Register `facade` under `name`; a name can be registered once."""
@@ -65,19 +86,71 @@ class Orchestrator:
         return {**self._sync, **self._async}
 
     async def start(self) -> None:
-        """Start the broker, then every facade's consumers."""
+        """Start the store and the broker, then every facade's consumers, then recovery."""
         if self._started:
             return
+        if self.store is not None:
+            await self.store.start()
+            await self.store.heartbeat(self.replica_id)
         await self.broker.start()
         for facade in self.facades.values():
             await facade.start()
         self._started = True
-        log.info("orchestrator started", extra={"facades": sorted(self.facades)})
+        if self.store is not None:
+            self._recovery = asyncio.create_task(self._keep_recovering(self.store))
+        log.info(
+            "orchestrator started",
+            extra={"facades": sorted(self.facades), "replica": self.replica_id},
+        )
 
     async def close(self) -> None:
-        """Stop consuming and close the broker; unfinished deliveries return to their topics."""
+        """Stop recovering and consuming, then close the broker and the store.
+
+        Unfinished deliveries return to their topics; sync sagas still
+        running are left to another replica's recovery.
+        """
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+            self._recovery = None
         await self.broker.close()
+        if self.store is not None:
+            await self.store.close()
         self._started = False
+
+    async def recover_now(self) -> int:
+        """Heartbeat, then take over and roll back the orphaned sync sagas; returns how many."""
+        store = self.store
+        if store is None:
+            return 0
+        await store.heartbeat(self.replica_id)
+        orphans = await store.claim_orphans(
+            self.replica_id, stale_after=self._lease_seconds, kind="sync"
+        )
+        for saga in orphans:
+            facade = self._sync.get(saga.facade)
+            if facade is None:
+                log.error(
+                    "orphaned saga of an unknown facade left as it is",
+                    extra={"request_id": saga.request_id, "facade": saga.facade},
+                )
+                continue
+            log.warning(
+                "recovering a saga whose replica stopped",
+                extra={"request_id": saga.request_id, "facade": saga.facade, "owner": saga.owner},
+            )
+            await facade.recover(saga)
+        return len(orphans)
+
+    async def _keep_recovering(self, store: SagaStore) -> None:
+        while True:
+            try:
+                await self.recover_now()
+            except Exception:
+                # Recovery must outlive a store or broker hiccup: the next round retries.
+                log.exception("recovery round failed")
+            await asyncio.sleep(self._heartbeat_seconds)
 
     def _register(self, name: str, facade: FacadeBase) -> None:
         if not name:
@@ -86,7 +159,7 @@ class Orchestrator:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        facade.bind(name, self.broker, self.metrics)
+        facade.bind(name, self.broker, self.metrics, store=self.store, owner=self.replica_id)
 
     @staticmethod
     def _unknown(kind: str, name: str, known: dict[str, Any]) -> str:

@@ -16,13 +16,18 @@ import pydantic
 from orchestrator import tracing
 from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.dto import AsyncFacadeContext, Rollback
-from orchestrator.errors import Failure, classify
+from orchestrator.errors import AlreadyExists, Failure, classify
 from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
+from orchestrator.facade.sync import UNCERTAIN_CODES, payload_digest
 from orchestrator.retry import RetryPolicy, call_with_retry
+from orchestrator.store.base import SagaState, SagaStore, StepState
 
 __all__ = ["AsyncFacade", "AsyncNode", "SagaEndListener"]
 
 DEFAULT_POLICY = RetryPolicy()
+
+# The routing slip, set by run(): not part of what the caller asked for.
+_SLIP_FIELDS = {"request_id", "current_index", "topics", "rollback_topic"}
 
 log = logging.getLogger("orchestrator.facade.async")
 
@@ -143,11 +148,40 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         dto.current_index = 0
         dto.topics = self.topics
         dto.rollback_topic = self._rollback_topic
+        if self._store is not None and not await self._begin(dto):
+            return
         with tracing.span(
             f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "async"}
         ):
             await self._publish_hop(dto)
         self._metrics.started.inc()
+
+    async def _begin(self, dto: DtoT) -> bool:
+        """Record the saga; False when this request was already accepted (nothing to publish).
+
+        The same id with another request is ALREADY_EXISTS. A saga recorded
+        but never started (its first publish failed) is published again.
+        """
+        store = self._require_store()
+        payload = dto.model_dump_json(exclude=_SLIP_FIELDS)
+        digest = payload_digest(self.name, payload)
+        begun = await store.begin(
+            request_id=dto.request_id,
+            facade=self.name,
+            kind=self.kind,
+            payload=payload,
+            payload_hash=digest,
+            owner=self._owner,
+        )
+        if begun.created:
+            return True
+        saga = begun.existing
+        assert saga is not None
+        if saga.facade != self.name or saga.payload_hash != digest:
+            raise AlreadyExists(
+                f"request id {dto.request_id!r} was already used for another request"
+            )
+        return saga.state == SagaState.RUNNING and not saga.steps
 
     async def _publish_hop(self, dto: DtoT) -> None:
         topic = dto.topics[dto.current_index]
@@ -170,6 +204,13 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
 
     async def _handle(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> None:
         dto = await self._parse(index, hop, delivery)
+        store = self._store
+        if store is not None:
+            # A redelivery of a hop that already finished must not run it again
+            # (the step log is the inbox): only its outcome is published again.
+            if delivery.redelivered and await self._replayed(index, hop, dto, store):
+                return
+            await store.step_started(dto.request_id, index, hop.name)
         metrics = self._metrics
         metrics.in_flight.inc()
         started = time.perf_counter()
@@ -190,6 +231,20 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 exc_info=failure.bug,
                 extra=_fields(self.name, dto, hop, failure),
             )
+            if store is not None:
+                await store.step_finished(
+                    dto.request_id,
+                    index,
+                    state=StepState.FAILED,
+                    data=dto.model_dump_json(),
+                    error=failure.reason,
+                )
+                await store.set_state(
+                    dto.request_id,
+                    SagaState.COMPENSATING,
+                    error_code=failure.code.name,
+                    error_reason=failure.reason,
+                )
             await self._publish_rollback(
                 self._rollback_of(dto, hop.name, failure), inline_fallback=False
             )
@@ -199,14 +254,38 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         else:
             metrics.observe_step(hop.name, time.perf_counter() - started)
             result.current_index = index + 1
-            if result.current_index < len(result.topics):
-                await self._publish_hop(result)
-            else:
-                log.info("saga completed", extra=_fields(self.name, result, hop, None))
-                metrics.completed.inc()
-                await self._notify_end(result, None)
+            if store is not None:
+                await store.step_finished(
+                    dto.request_id, index, state=StepState.DONE, data=result.model_dump_json()
+                )
+            await self._advance(result, hop)
         finally:
             metrics.in_flight.dec()
+
+    async def _advance(self, result: DtoT, hop: _Hop[DtoT]) -> None:
+        """Publish the next hop, or record the saga completed after its last one."""
+        if result.current_index < len(result.topics):
+            await self._publish_hop(result)
+            return
+        if self._store is not None:
+            await self._store.set_state(
+                result.request_id, SagaState.COMPLETED, data=result.model_dump_json()
+            )
+        log.info("saga completed", extra=_fields(self.name, result, hop, None))
+        self._metrics.completed.inc()
+        await self._notify_end(result, None)
+
+    async def _replayed(self, index: int, hop: _Hop[DtoT], dto: DtoT, store: SagaStore) -> bool:
+        """Whether the step log says this hop already ran; then its outcome is re-sent."""
+        saga = await store.get(dto.request_id)
+        if saga is None or saga.finished:
+            return saga is not None
+        done = next((s for s in saga.steps if s.index == index and s.state == StepState.DONE), None)
+        if done is None:
+            return False
+        log.info("redelivered hop already done", extra=_fields(self.name, dto, hop, None))
+        await self._advance(self._dto.model_validate_json(saga.data), hop)
+        return True
 
     async def _parse(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> DtoT:
         """The delivery's DTO; a message that can never be handled is dead-lettered."""
@@ -242,7 +321,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                     code=grpc.StatusCode.INVALID_ARGUMENT.name,
                     reason=f"invalid message: {reason}",
                     data=raw,
-                    completed_steps=self._completed_before(hop.name),
+                    completed_steps=self._hop_names_before(hop.name),
                 ),
                 inline_fallback=False,
             )
@@ -271,10 +350,16 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             code=failure.code.name,
             reason=failure.reason,
             data=dto.model_dump(),
-            completed_steps=self._completed_before(step),
+            completed_steps=self._to_compensate(step, failure),
         )
 
-    def _completed_before(self, step: str) -> list[str]:
+    def _to_compensate(self, step: str, failure: Failure) -> list[str]:
+        """The hops before `step`, and `step` itself when it may have taken effect."""
+        names = [hop.name for hop in self._hops]
+        end = names.index(step) + (1 if failure.code in UNCERTAIN_CODES else 0)
+        return names[:end]
+
+    def _hop_names_before(self, step: str) -> list[str]:
         names = [hop.name for hop in self._hops]
         return names[: names.index(step)]
 

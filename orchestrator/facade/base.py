@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import pydantic
 
 from orchestrator import tracing
@@ -15,6 +18,7 @@ from orchestrator.dto import Rollback
 from orchestrator.errors import BrokerUnavailable, classify
 from orchestrator.metrics import Metrics
 from orchestrator.retry import RetryPolicy, call_with_retry
+from orchestrator.store.base import SagaRecord, SagaState, SagaStore, StepState
 
 __all__ = ["DEFAULT_COMPENSATION_RETRY", "Compensation", "FacadeBase", "RollbackNode"]
 
@@ -51,6 +55,8 @@ class FacadeBase:
         self._rollback_node: RollbackNode | None = None
         self._compensations: dict[str, _Compensation] = {}
         self._rollback_consumed = False
+        self._store: SagaStore | None = None
+        self._owner = ""
 
     @property
     def name(self) -> str:
@@ -85,13 +91,66 @@ class FacadeBase:
     def _consumes_rollback(self) -> bool:
         return self._rollback_node is not None or bool(self._compensations)
 
-    def bind(self, name: str, broker: Broker, metrics: Metrics) -> None:
-        """Called by Orchestrator registration; a facade belongs to one orchestrator."""
+    def bind(
+        self,
+        name: str,
+        broker: Broker,
+        metrics: Metrics,
+        *,
+        store: SagaStore | None = None,
+        owner: str = "",
+    ) -> None:
+        """Called by Orchestrator registration; a facade belongs to one orchestrator.
+
+        With a `store`, every saga of the facade is recorded there, run by
+        replica `owner`.
+        """
         if self._broker is not None:
             raise ValueError(f"facade is already registered as {self._name!r}")
         self._name = name
         self._broker = broker
         self._metrics = metrics.for_facade(name, self.kind)
+        self._store = store
+        self._owner = owner
+
+    def _require_store(self) -> SagaStore:
+        if self._store is None:
+            raise RuntimeError(f"facade {self._name!r} has no saga store")
+        return self._store
+
+    async def recover(self, saga: SagaRecord) -> None:
+        """Finish a saga whose replica died: undo what it did (compensations, rollback node).
+
+        The steps that finished, and the one that was running (it may have
+        taken effect), are compensated through the rollback topic.
+        """
+        data = self._recovery_data(saga)
+        uncertain = [step.name for step in saga.steps if step.state != StepState.FAILED]
+        rollback = Rollback(
+            request_id=saga.request_id,
+            facade=self._name,
+            kind="sync" if self.kind == "sync" else "async",
+            failed_step=uncertain[-1] if uncertain else "",
+            code=grpc.StatusCode.ABORTED.name,
+            reason="the replica running the saga stopped; it was rolled back",
+            data=data,
+            completed_steps=uncertain,
+        )
+        store = self._require_store()
+        await store.set_state(
+            saga.request_id,
+            SagaState.COMPENSATING,
+            error_code=rollback.code,
+            error_reason=rollback.reason,
+        )
+        if self._consumes_rollback:
+            await self._publish_rollback(rollback, inline_fallback=False)
+        else:
+            await store.set_state(saga.request_id, SagaState.COMPENSATED)
+
+    def _recovery_data(self, saga: SagaRecord) -> dict[str, Any]:
+        """The saga's data for its rollback, rebuilt from the store."""
+        return json.loads(saga.data) if saga.data else {}
 
     async def start(self) -> None:
         """Declare the facade's topics and start consuming them (the broker is started)."""
@@ -181,6 +240,12 @@ class FacadeBase:
             except Exception as exc:
                 reason = classify(exc).reason
                 self._metrics.compensation_failed.inc()
+                if self._store is not None:
+                    await self._store.set_state(
+                        rollback.request_id,
+                        SagaState.COMPENSATION_FAILED,
+                        error_reason=f"compensation of {step} failed: {reason}",
+                    )
                 log.error(
                     "compensation failed for good",
                     extra={
@@ -193,6 +258,8 @@ class FacadeBase:
                 raise DeadLetter(f"COMPENSATION_FAILED at {step}: {reason}") from exc
         if self._rollback_node is not None:
             await self._rollback_node(rollback)
+        if self._store is not None:
+            await self._store.set_state(rollback.request_id, SagaState.COMPENSATED)
         self._metrics.compensated.inc()
         log.info("rolled back", extra={"request_id": rollback.request_id, "facade": self._name})
 

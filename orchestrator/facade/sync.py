@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import time
 import typing
@@ -11,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -18,13 +21,36 @@ from google.protobuf.message import Message
 from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
-from orchestrator.errors import Failure, SagaFailed, classify
+from orchestrator.errors import AlreadyExists, Failure, SagaFailed, classify
 from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
 from orchestrator.retry import RetryPolicy, call_with_retry, caller_deadline
+from orchestrator.store.base import SagaRecord, SagaState, StepState
 
 __all__ = ["SyncFacade", "SyncNode"]
 
 DEFAULT_POLICY = RetryPolicy()
+
+UNCERTAIN_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+"""Failures after which the step may still have taken effect (a lost answer, a timeout, a
+crash): its compensation runs too, and must tolerate undoing what never happened."""
+
+
+def _json(message: Message) -> str:
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), sort_keys=True)
+
+
+def payload_digest(facade: str, payload: str) -> str:
+    """What tells one request from another under the same request id."""
+    return hashlib.sha256(f"{facade}\n{payload}".encode()).hexdigest()
+
 
 log = logging.getLogger("orchestrator.facade.sync")
 
@@ -134,7 +160,60 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         with tracing.span(
             f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
         ):
+            if self._store is not None:
+                replayed = await self._begin(request_id, request, response)
+                if replayed is not None:
+                    return replayed
             return await self._run(request_id, request, response)
+
+    async def _begin(
+        self, request_id: str, request: RequestT, response: ResponseT
+    ) -> ResponseT | None:
+        """Record the saga; for a request id seen before, its outcome instead of a new run.
+
+        The same request again gets the stored response or error (waiting for
+        it while the first run is still going); the same id with another
+        request is ALREADY_EXISTS.
+        """
+        store = self._require_store()
+        payload = _json(request)
+        begun = await store.begin(
+            request_id=request_id,
+            facade=self.name,
+            kind=self.kind,
+            payload=payload,
+            payload_hash=payload_digest(self.name, payload),
+            owner=self._owner,
+        )
+        if begun.created:
+            return None
+        saga = begun.existing
+        assert saga is not None
+        if saga.facade != self.name or saga.payload_hash != payload_digest(self.name, payload):
+            raise AlreadyExists(f"request id {request_id!r} was already used for another request")
+        saga = await self._outcome_of(saga)
+        if saga.state == SagaState.COMPLETED:
+            return json_format.ParseDict(json.loads(saga.data or "{}"), response)
+        failed = next((step.name for step in saga.steps if step.state == StepState.FAILED), "?")
+        code = grpc.StatusCode[saga.error_code] if saga.error_code else grpc.StatusCode.ABORTED
+        raise SagaFailed(
+            request_id=request_id,
+            facade=self.name,
+            step=failed,
+            failure=Failure(code, saga.error_reason or "the saga failed"),
+        )
+
+    async def _outcome_of(self, saga: SagaRecord) -> SagaRecord:
+        """Wait while the first run of this request is RUNNING (the caller's deadline bounds it)."""
+        store = self._require_store()
+        delay = 0.01
+        while saga.state == SagaState.RUNNING:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            latest = await store.get(saga.request_id)
+            assert latest is not None
+            saga = latest
+        return saga
 
     async def _run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
         ctx = Context(request_id, request, response, self.name)
@@ -153,6 +232,8 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                     else loop.time() + (deadline - loop.time()) / (len(self._steps) - index)
                 )
                 try:
+                    if self._store is not None:
+                        await self._store.step_started(request_id, index, step.name)
                     with tracing.span(f"step {step.name}", {"saga.step": step.name}):
                         await call_with_retry(
                             functools.partial(step.node, request_id, ctx),
@@ -160,6 +241,10 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                             attempt_timeout=step.timeout,
                             deadline=share,
                             on_retry=functools.partial(self._retrying, request_id, step.name),
+                        )
+                    if self._store is not None:
+                        await self._store.step_finished(
+                            request_id, index, state=StepState.DONE, data=_json(ctx.response)
                         )
                 except asyncio.CancelledError:
                     # The caller went away mid-saga: what was done must still be undone.
@@ -190,12 +275,22 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                     metrics.observe_step(step.name, time.perf_counter() - started)
         finally:
             metrics.in_flight.dec()
+        if self._store is not None:
+            await self._store.set_state(request_id, SagaState.COMPLETED, data=_json(ctx.response))
         metrics.completed.inc()
         return ctx.response
 
-    def _completed_before(self, step: str) -> list[str]:
+    def _recovery_data(self, saga: SagaRecord) -> dict[str, Any]:
+        return {
+            "request": json.loads(saga.payload or "{}"),
+            "response": json.loads(saga.data or "{}"),
+        }
+
+    def _to_compensate(self, step: str, failure: Failure) -> list[str]:
+        """The steps before `step`, and `step` itself when it may have taken effect."""
         names = self.steps
-        return names[: names.index(step)]
+        end = names.index(step) + (1 if failure.code in UNCERTAIN_CODES else 0)
+        return names[:end]
 
     def _retrying(self, request_id: str, step: str, exc: BaseException, attempt: int) -> None:
         self._metrics.retried(step)
@@ -211,6 +306,21 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         )
 
     async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:
+        if self._store is not None:
+            index = self.steps.index(step)
+            await self._store.step_finished(
+                ctx.request_id,
+                index,
+                state=StepState.FAILED,
+                data=_json(ctx.response),
+                error=failure.reason,
+            )
+            await self._store.set_state(
+                ctx.request_id,
+                SagaState.COMPENSATING,
+                error_code=failure.code.name,
+                error_reason=failure.reason,
+            )
         data: dict[str, Any] = {
             "request": MessageToDict(ctx.request, preserving_proto_field_name=True),
             "response": MessageToDict(ctx.response, preserving_proto_field_name=True),
@@ -224,7 +334,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 code=failure.code.name,
                 reason=failure.reason,
                 data=data,
-                completed_steps=self._completed_before(step),
+                completed_steps=self._to_compensate(step, failure),
             ),
             inline_fallback=True,
         )

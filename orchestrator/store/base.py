@@ -1,0 +1,185 @@
+"""The saga store: every saga's state and step log, durable enough to recover from.
+
+A saga is recorded when it begins, and its step log is written before and
+after each step, so a process that dies mid-saga leaves enough behind for
+another to finish the job: the completed steps, the saga's data as the last
+step left it, and who was running it.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = [
+    "FINAL_STATES",
+    "BeginResult",
+    "SagaPage",
+    "SagaRecord",
+    "SagaState",
+    "SagaStore",
+    "StepRecord",
+    "StepState",
+]
+
+
+class SagaState(enum.StrEnum):
+    """Where a saga stands."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
+
+
+FINAL_STATES = frozenset(
+    {SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED}
+)
+"""States a saga never leaves."""
+
+
+class StepState(enum.StrEnum):
+    """Where one step stands."""
+
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One step of a saga's log."""
+
+    index: int
+    name: str
+    state: StepState
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecord:
+    """A saga as the store holds it."""
+
+    request_id: str
+    facade: str
+    kind: str
+    """`sync` or `async`."""
+    state: SagaState
+    payload: str
+    """The request, as JSON: what the saga was asked to do."""
+    payload_hash: str
+    """A digest of `payload`: the same request id with another payload is another request."""
+    data: str
+    """The saga's data as JSON, as its last step left it (a sync response, an async DTO)."""
+    owner: str
+    """The replica running it (sync sagas), for recovery when that replica dies."""
+    created_at: datetime
+    updated_at: datetime
+    error_code: str = ""
+    error_reason: str = ""
+    steps: Sequence[StepRecord] = field(default_factory=tuple)
+
+    @property
+    def finished(self) -> bool:
+        """True once the saga is in a state it never leaves."""
+        return self.state in FINAL_STATES
+
+    @property
+    def completed_steps(self) -> list[str]:
+        """Names of the steps that finished, in order."""
+        return [step.name for step in self.steps if step.state == StepState.DONE]
+
+
+@dataclass(frozen=True, slots=True)
+class BeginResult:
+    """What `begin` found: a new saga, or the one already recorded under that request id."""
+
+    created: bool
+    existing: SagaRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPage:
+    """One page of `list_sagas`, newest first."""
+
+    sagas: Sequence[SagaRecord]
+    next_page_token: str = ""
+
+
+class SagaStore(abc.ABC):
+    """Where sagas are recorded. Every write returns once it is durable."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and create the schema if it is missing."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and disconnect."""
+
+    @abc.abstractmethod
+    async def begin(
+        self,
+        *,
+        request_id: str,
+        facade: str,
+        kind: str,
+        payload: str,
+        payload_hash: str,
+        owner: str,
+    ) -> BeginResult:
+        """Record a new RUNNING saga, unless one exists under `request_id` (then return it)."""
+
+    @abc.abstractmethod
+    async def step_started(self, request_id: str, index: int, name: str) -> None:
+        """Record that step `index` is about to run (again: its attempts grow by one)."""
+
+    @abc.abstractmethod
+    async def step_finished(
+        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+    ) -> None:
+        """Record how step `index` ended and the saga's data after it."""
+
+    @abc.abstractmethod
+    async def set_state(
+        self,
+        request_id: str,
+        state: SagaState,
+        *,
+        data: str | None = None,
+        error_code: str = "",
+        error_reason: str = "",
+    ) -> None:
+        """Move the saga to `state` (and, given, its data and error)."""
+
+    @abc.abstractmethod
+    async def get(self, request_id: str) -> SagaRecord | None:
+        """The saga with its step log, or None."""
+
+    @abc.abstractmethod
+    async def list_sagas(
+        self,
+        *,
+        facade: str = "",
+        state: SagaState | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SagaPage:
+        """Sagas newest first, filtered by facade and state, a page at a time."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, owner: str) -> None:
+        """Record that replica `owner` is alive now."""
+
+    @abc.abstractmethod
+    async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
+        """Take over the RUNNING sagas of `kind` whose replica's heartbeat is older than
+        `stale_after` seconds (or missing). Each orphan is claimed by exactly one caller,
+        even with several replicas claiming at once; the claimed sagas are returned."""
