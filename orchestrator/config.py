@@ -28,6 +28,7 @@ __all__ = [
     "GrpcSettings",
     "MetricsSettings",
     "Settings",
+    "StoreSettings",
     "StrictModel",
     "TopicSettings",
     "TracingSettings",
@@ -144,6 +145,23 @@ class TracingSettings(StrictModel):
     """The `service.name` resource attribute."""
 
 
+class StoreSettings(StrictModel):
+    """The saga store: every saga's state and step log."""
+
+    url: SecretStr = SecretStr("")
+    """`sqlite+aiosqlite:///path.db` or `postgresql+asyncpg://user:password@host/db`; empty: no
+    store (sagas are not recorded, repeated request ids run again). Env: `ORCH_STORE_URL`."""
+    heartbeat_seconds: float = Field(default=2.0, gt=0, le=60)
+    """How often this replica records that it is alive, and looks for orphaned sagas."""
+    lease_seconds: float = Field(default=10.0, gt=0, le=600)
+    """A replica silent this long is dead: its running sync sagas are rolled back by another."""
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, fit for logs."""
+        return redact_url(self.url.get_secret_value())
+
+
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
@@ -155,6 +173,8 @@ class Settings(StrictModel):
     """Prometheus metrics."""
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     """OpenTelemetry tracing."""
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    """The saga store."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
@@ -207,6 +227,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "ORCH_GRPC_PORT": "Overrides `grpc.port`.",
     "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
     "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
+    "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
 }
 """The environment variables `load_settings` reads, with what each does."""
 
@@ -291,6 +312,8 @@ def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault("grpc", {})["port"] = port
     if url := env.get("ORCH_BROKER_URL"):
         raw.setdefault("broker", {})["url"] = url
+    if store_url := env.get("ORCH_STORE_URL"):
+        raw.setdefault("store", {})["url"] = store_url
     if port := env.get("ORCH_METRICS_PORT"):
         raw.setdefault("metrics", {}).update(enabled=True, port=port)
 

@@ -76,7 +76,16 @@ class OrchestratorServer:
         return self._metrics_server.port if self._metrics_server is not None else 0
 
     async def start(self) -> int:
-        """Start the orchestrator, then serve; returns the bound port."""
+        """Start the orchestrator, then serve; returns the bound port.
+
+        With a saga store, `orchestrator.v1.SagaService` (GetSaga, ListSagas,
+        WatchSaga) is served too.
+        """
+        if self.orchestrator.store is not None:
+            from orchestrator.status import saga_grpc_service  # it imports GrpcService from here
+
+            status_service, _ = saga_grpc_service(self.orchestrator.store)
+            self._services.append(status_service)
         for service in self._services:
             service.add_to_server(service.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -128,9 +128,11 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
         "ORCH_GRPC_PORT": "4321",
         "ORCH_BROKER_URL": "amqp://x@h/",
         "ORCH_METRICS_PORT": "9999",
+        "ORCH_STORE_URL": "sqlite+aiosqlite:///x.db",
     }
     assert set(environ) == set(ENVIRONMENT_VARIABLES)
     settings = load_settings(Settings, environ=environ)
     assert settings.grpc.port == 4321
     assert settings.broker.scheme == "amqp"
     assert settings.metrics.enabled and settings.metrics.port == 9999
+    assert settings.store.url.get_secret_value() == "sqlite+aiosqlite:///x.db"

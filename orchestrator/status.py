@@ -1,0 +1,276 @@
+"""The saga status service (`orchestrator.v1.SagaService`): read-only gRPC access to the store.
+
+`GetSaga` returns one saga, `ListSagas` pages through them newest first, and
+`WatchSaga` streams one saga as it changes until it reaches a final state.
+Serve it beside the application's services::
+
+    saga_service, status = saga_grpc_service(store)
+    server = OrchestratorServer(orchestrator, settings.grpc, [booking_service, saga_service])
+
+Watchers poll the store, so they see changes made by any replica; call
+`status.notify(request_id)` after a local write to wake them at once.
+
+Page tokens: the store's `list_sagas` raises ValueError for a `page_token` it
+did not issue (or cannot parse); the service answers INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from orchestrator.proto import saga_pb2, saga_pb2_grpc
+from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
+from orchestrator.server import GrpcService
+from orchestrator.store.base import SagaRecord, SagaState, SagaStore, StepRecord, StepState
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "DEFAULT_POLL_INTERVAL",
+    "MAX_PAGE_SIZE",
+    "SAGA_SERVICE_NAME",
+    "SagaStatusService",
+    "saga_grpc_service",
+    "saga_state_from_proto",
+    "saga_state_to_proto",
+    "saga_to_proto",
+    "step_state_from_proto",
+    "step_state_to_proto",
+]
+
+SAGA_SERVICE_NAME = "orchestrator.v1.SagaService"
+"""The full name of the service, for reflection and health."""
+DEFAULT_PAGE_SIZE = 50
+"""Sagas a ListSagas page holds when the request says 0."""
+MAX_PAGE_SIZE = 500
+"""Larger page sizes are lowered to this, so one call cannot load the whole store."""
+DEFAULT_POLL_INTERVAL = 0.2
+"""Seconds between a watcher's reads of the store."""
+
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+
+_SAGA_STATES: dict[SagaState, saga_pb2.SagaState.ValueType] = {
+    SagaState.RUNNING: saga_pb2.RUNNING,
+    SagaState.COMPLETED: saga_pb2.COMPLETED,
+    SagaState.COMPENSATING: saga_pb2.COMPENSATING,
+    SagaState.COMPENSATED: saga_pb2.COMPENSATED,
+    SagaState.COMPENSATION_FAILED: saga_pb2.COMPENSATION_FAILED,
+}
+_SAGA_STATES_FROM_PROTO = {value: state for state, value in _SAGA_STATES.items()}
+_STEP_STATES: dict[StepState, saga_pb2.StepState.ValueType] = {
+    StepState.RUNNING: saga_pb2.STEP_RUNNING,
+    StepState.DONE: saga_pb2.STEP_DONE,
+    StepState.FAILED: saga_pb2.STEP_FAILED,
+}
+_STEP_STATES_FROM_PROTO = {value: state for state, value in _STEP_STATES.items()}
+
+
+def saga_state_to_proto(state: SagaState) -> saga_pb2.SagaState.ValueType:
+    """The protobuf value of a saga state."""
+    return _SAGA_STATES[state]
+
+
+def saga_state_from_proto(value: int) -> SagaState | None:
+    """The saga state of a protobuf value; None for SAGA_STATE_UNSPECIFIED.
+
+    Raises ValueError for a number the enum does not define (proto3 enums are open).
+    """
+    if value == saga_pb2.SAGA_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _SAGA_STATES_FROM_PROTO[saga_pb2.SagaState.ValueType(value)]
+    except KeyError:
+        raise ValueError(f"unknown saga state {value}") from None
+
+
+def step_state_to_proto(state: StepState) -> saga_pb2.StepState.ValueType:
+    """The protobuf value of a step state."""
+    return _STEP_STATES[state]
+
+
+def step_state_from_proto(value: int) -> StepState:
+    """The step state of a protobuf value; ValueError for UNSPECIFIED or an unknown number."""
+    try:
+        return _STEP_STATES_FROM_PROTO[saga_pb2.StepState.ValueType(value)]
+    except KeyError:
+        raise ValueError(f"not a step state: {value}") from None
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """`moment` as a Timestamp; a naive datetime is taken as UTC."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _step_to_proto(step: StepRecord) -> saga_pb2.Step:
+    return saga_pb2.Step(
+        index=step.index,
+        name=step.name,
+        state=step_state_to_proto(step.state),
+        attempts=step.attempts,
+        started_at=_timestamp(step.started_at),
+        # Left unset while the step runs, so clients can tell "not yet" from a time.
+        finished_at=_timestamp(step.finished_at) if step.finished_at is not None else None,
+        error=step.error,
+    )
+
+
+def saga_to_proto(record: SagaRecord) -> saga_pb2.Saga:
+    """The Saga message of a stored saga, steps by index. Payload, data and owner stay private."""
+    return saga_pb2.Saga(
+        request_id=record.request_id,
+        facade=record.facade,
+        kind=record.kind,
+        state=saga_state_to_proto(record.state),
+        steps=[_step_to_proto(step) for step in sorted(record.steps, key=lambda s: s.index)],
+        error_code=record.error_code,
+        error_reason=record.error_reason,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+    )
+
+
+async def _checked_request_id(request_id: str, context: ServicerContext) -> str:
+    """`request_id`, or abort with INVALID_ARGUMENT when no saga could have it."""
+    if not request_id:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH}",
+        )
+    return request_id
+
+
+def _not_found(request_id: str) -> str:
+    return f"no saga with request_id {request_id!r}"
+
+
+class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
+    """Serves `orchestrator.v1.SagaService` from a SagaStore.
+
+    `poll_interval` is how often a watcher reads the store: the longest a
+    change made by another replica takes to reach it. Local writes reach it
+    at once when the framework calls `notify`.
+    """
+
+    def __init__(self, store: SagaStore, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive; got {poll_interval}")
+        self._store = store
+        self.poll_interval = poll_interval
+        # One event per running watch, by request id; notify() sets them.
+        self._wakers: dict[str, set[asyncio.Event]] = {}
+
+    @property
+    def active_watches(self) -> int:
+        """WatchSaga calls in progress on this servicer."""
+        return sum(len(wakers) for wakers in self._wakers.values())
+
+    def notify(self, request_id: str) -> None:
+        """Wake the watchers of `request_id` now rather than at their next poll.
+
+        Call it after each write to the saga, from the event loop's thread
+        (asyncio events are not thread-safe). Cheap when nobody watches.
+        """
+        for waker in self._wakers.get(request_id, ()):
+            waker.set()
+
+    async def GetSaga(
+        self, request: saga_pb2.GetSagaRequest, context: ServicerContext
+    ) -> saga_pb2.Saga:
+        """The saga of `request_id`; NOT_FOUND naming it when there is none."""
+        request_id = await _checked_request_id(request.request_id, context)
+        record = await self._store.get(request_id)
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+        return saga_to_proto(record)
+
+    async def ListSagas(
+        self, request: saga_pb2.ListSagasRequest, context: ServicerContext
+    ) -> saga_pb2.ListSagasResponse:
+        """A page of sagas, newest first, filtered by facade and state."""
+        if request.page_size < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_size must not be negative; got {request.page_size}",
+            )
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        try:
+            state = saga_state_from_proto(request.state)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            page = await self._store.list_sagas(
+                facade=request.facade,
+                state=state,
+                page_size=page_size,
+                page_token=request.page_token,
+            )
+        except ValueError as exc:
+            # Only a token can be the caller's fault; without one a ValueError is a bug.
+            if not request.page_token:
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token: {exc}")
+        return saga_pb2.ListSagasResponse(
+            sagas=[saga_to_proto(record) for record in page.sagas],
+            next_page_token=page.next_page_token,
+        )
+
+    async def WatchSaga(
+        self, request: saga_pb2.WatchSagaRequest, context: ServicerContext
+    ) -> AsyncIterator[saga_pb2.Saga]:
+        """The saga now, then each time it changes; ends after a final state is sent.
+
+        A change is anything the Saga message shows (state, updated_at, steps,
+        error). The loop ends with the call: grpc cancels it when the client
+        cancels or the deadline passes.
+        """
+        request_id = await _checked_request_id(request.request_id, context)
+        waker = asyncio.Event()
+        wakers = self._wakers.setdefault(request_id, set())
+        wakers.add(waker)
+        try:
+            sent: saga_pb2.Saga | None = None
+            while True:
+                # Cleared before the read, so a notify() that lands during it
+                # is not lost: the wait below then returns at once.
+                waker.clear()
+                record = await self._store.get(request_id)
+                if record is None:
+                    # Unknown at the start, or deleted while watched.
+                    await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+                saga = saga_to_proto(record)
+                if saga != sent:
+                    yield saga
+                    sent = saga
+                if record.finished:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await waker.wait()
+        finally:
+            wakers.discard(waker)
+            if not wakers and self._wakers.get(request_id) is wakers:
+                del self._wakers[request_id]
+
+
+def saga_grpc_service(
+    store: SagaStore, *, poll_interval: float = DEFAULT_POLL_INTERVAL
+) -> tuple[GrpcService, SagaStatusService]:
+    """The status service over `store`, ready for OrchestratorServer, and its servicer.
+
+    Keep the servicer to call `notify(request_id)` after the framework's writes.
+    """
+    servicer = SagaStatusService(store, poll_interval=poll_interval)
+    service = GrpcService(
+        SAGA_SERVICE_NAME, saga_pb2_grpc.add_SagaServiceServicer_to_server, servicer
+    )
+    return service, servicer
