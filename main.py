@@ -32,6 +32,7 @@ from orchestrator import (
     load_settings,
     run,
 )
+from orchestrator.store import store_from_url
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 
@@ -118,7 +119,13 @@ async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[Runni
 
 def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -> BookingApp:
     """Wire the booking service: one Orchestrator, the facades, the handler, the server."""
-    orchestrator = Orchestrator(broker_from_settings(settings.broker))
+    store_url = settings.store.url.get_secret_value()
+    orchestrator = Orchestrator(
+        broker_from_settings(settings.broker),
+        store=store_from_url(store_url) if store_url else None,
+        heartbeat_seconds=settings.store.heartbeat_seconds,
+        lease_seconds=settings.store.lease_seconds,
+    )
     upstreams = Upstreams.connect(
         order_address=settings.upstreams.order.address,
         payment_address=settings.upstreams.payment.address,
@@ -155,7 +162,11 @@ async def serve(settings: AppSettings) -> int:
     app = build_app(settings, embedded)
     log.info(
         "booking service starting",
-        extra={"port": settings.grpc.port, "broker": settings.broker.safe_url},
+        extra={
+            "port": settings.grpc.port,
+            "broker": settings.broker.safe_url,
+            "store": settings.store.safe_url or "none",
+        },
     )
     try:
         await app.server.serve_until_signalled()

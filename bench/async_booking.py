@@ -66,6 +66,7 @@ from bench.common import (  # noqa: E402
     CpuSnapshot,
     Process,
     Target,
+    add_store_option,
     child_environment,
     framework_config,
     free_ports,
@@ -442,6 +443,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="HandleAsyncBooking sagas/s: the framework against a hand-written baseline."
     )
+    add_store_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight (callers)")
@@ -488,7 +490,12 @@ def start_servers(
     latency = ["--latency-ms", str(args.upstream_latency_ms)]
     config_path = log_dir / "app.yaml"
     framework_config(
-        config_path, ports["framework"], ports["order"], ports["payment"], broker=broker
+        config_path,
+        ports["framework"],
+        ports["order"],
+        ports["payment"],
+        broker=broker,
+        store=args.store,
     )
     framework_argv = [python, "main.py"]
     if args.profile is not None:

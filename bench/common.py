@@ -6,6 +6,7 @@ bench script puts it there, as it does for ``pb``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -197,8 +198,13 @@ def framework_config(
     payment_port: int,
     *,
     broker: Mapping[str, Any] = MEMORY_BROKER,
+    store: str = "sqlite",
 ) -> None:
-    """Write app.yaml's keys for a run against separate upstreams, logging warnings only."""
+    """Write app.yaml's keys for a run against separate upstreams, logging warnings only.
+
+    `store` is `sqlite` (a fresh SQLite file beside the config, the embedded
+    default), `none`, or a store URL.
+    """
     config = {
         "grpc": {"host": HOST, "port": port, "shutdown_grace_seconds": 2},
         "broker": dict(broker),
@@ -211,7 +217,20 @@ def framework_config(
         "log_level": "WARNING",
         "log_format": "text",
     }
+    if store == "sqlite":
+        config["store"] = {"url": f"sqlite+aiosqlite:///{path.parent / 'sagas.db'}"}
+    elif store != "none":
+        config["store"] = {"url": store}
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    """`--store`: the framework's saga store for the run."""
+    parser.add_argument(
+        "--store",
+        default="sqlite",
+        help="saga store of the framework: sqlite (default: a fresh file), none, or a URL",
+    )
 
 
 async def wait_serving(process: Process, target: str) -> None:

@@ -53,6 +53,7 @@ from bench.common import (  # noqa: E402
     CpuSnapshot,
     Process,
     Target,
+    add_store_option,
     child_environment,
     framework_config,
     free_ports,
@@ -233,6 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="HandleSyncBooking throughput: the framework against a hand-written baseline."
     )
+    add_store_option(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent callers")
@@ -267,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     latency = ["--latency-ms", str(args.upstream_latency_ms)]
     log_dir = Path(tempfile.mkdtemp(prefix="sync-booking-bench-"))
     config_path = log_dir / "app.yaml"
-    framework_config(config_path, framework_port, order_port, payment_port)
+    framework_config(config_path, framework_port, order_port, payment_port, store=args.store)
     framework_argv = [python, "main.py"]
     if args.profile is not None:
         profile_path = args.profile.resolve()

@@ -13,7 +13,7 @@ from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.sync import SyncFacade
 from orchestrator.metrics import Metrics
-from orchestrator.store.base import SagaStore
+from orchestrator.store.base import FacadeStore, SagaStore, unscoped
 
 __all__ = ["Orchestrator", "UnknownFacadeError"]
 
@@ -140,7 +140,7 @@ class Orchestrator:
                 "recovering a saga whose replica stopped",
                 extra={"request_id": saga.request_id, "facade": saga.facade, "owner": saga.owner},
             )
-            await facade.recover(saga)
+            await facade.recover(unscoped(saga))
         return len(orphans)
 
     async def _keep_recovering(self, store: SagaStore) -> None:
@@ -159,7 +159,15 @@ class Orchestrator:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        facade.bind(name, self.broker, self.metrics, store=self.store, owner=self.replica_id)
+        if "/" in name:
+            raise ValueError(f"a facade name cannot contain '/': {name!r}")
+        facade.bind(
+            name,
+            self.broker,
+            self.metrics,
+            store=FacadeStore(self.store, name) if self.store is not None else None,
+            owner=self.replica_id,
+        )
 
     @staticmethod
     def _unknown(kind: str, name: str, known: dict[str, Any]) -> str:

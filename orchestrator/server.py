@@ -84,7 +84,9 @@ class OrchestratorServer:
         if self.orchestrator.store is not None:
             from orchestrator.status import saga_grpc_service  # it imports GrpcService from here
 
-            status_service, _ = saga_grpc_service(self.orchestrator.store)
+            status_service, _ = saga_grpc_service(
+                self.orchestrator.store, facades=sorted(self.orchestrator.facades)
+            )
             self._services.append(status_service)
         for service in self._services:
             service.add_to_server(service.servicer, self._server)

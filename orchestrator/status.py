@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +28,15 @@ from google.protobuf import timestamp_pb2
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
 from orchestrator.server import GrpcService
-from orchestrator.store.base import SagaRecord, SagaState, SagaStore, StepRecord, StepState
+from orchestrator.store.base import (
+    SagaRecord,
+    SagaState,
+    SagaStore,
+    StepRecord,
+    StepState,
+    saga_key,
+    unscoped,
+)
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -161,10 +169,17 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
     at once when the framework calls `notify`.
     """
 
-    def __init__(self, store: SagaStore, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(
+        self,
+        store: SagaStore,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        facades: Sequence[str] = (),
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive; got {poll_interval}")
         self._store = store
+        self._facades = tuple(facades)
         self.poll_interval = poll_interval
         # One event per running watch, by request id; notify() sets them.
         self._wakers: dict[str, set[asyncio.Event]] = {}
@@ -183,12 +198,21 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         for waker in self._wakers.get(request_id, ()):
             waker.set()
 
+    async def _find(self, request_id: str) -> SagaRecord | None:
+        """The saga of `request_id`: the store keys sagas by facade, so look in each;
+        the newest wins when the id was used on several facades."""
+        keys = [saga_key(facade, request_id) for facade in self._facades] or [request_id]
+        found = [saga for key in keys if (saga := await self._store.get(key)) is not None]
+        if not found:
+            return None
+        return unscoped(max(found, key=lambda saga: saga.created_at))
+
     async def GetSaga(
         self, request: saga_pb2.GetSagaRequest, context: ServicerContext
     ) -> saga_pb2.Saga:
         """The saga of `request_id`; NOT_FOUND naming it when there is none."""
         request_id = await _checked_request_id(request.request_id, context)
-        record = await self._store.get(request_id)
+        record = await self._find(request_id)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
         return saga_to_proto(record)
@@ -220,7 +244,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token: {exc}")
         return saga_pb2.ListSagasResponse(
-            sagas=[saga_to_proto(record) for record in page.sagas],
+            sagas=[saga_to_proto(unscoped(record)) for record in page.sagas],
             next_page_token=page.next_page_token,
         )
 
@@ -243,7 +267,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 # Cleared before the read, so a notify() that lands during it
                 # is not lost: the wait below then returns at once.
                 waker.clear()
-                record = await self._store.get(request_id)
+                record = await self._find(request_id)
                 if record is None:
                     # Unknown at the start, or deleted while watched.
                     await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
@@ -263,13 +287,17 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
 
 
 def saga_grpc_service(
-    store: SagaStore, *, poll_interval: float = DEFAULT_POLL_INTERVAL
+    store: SagaStore,
+    *,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    facades: Sequence[str] = (),
 ) -> tuple[GrpcService, SagaStatusService]:
     """The status service over `store`, ready for OrchestratorServer, and its servicer.
 
+    `facades` are the names the store keys sagas under (see `saga_key`).
     Keep the servicer to call `notify(request_id)` after the framework's writes.
     """
-    servicer = SagaStatusService(store, poll_interval=poll_interval)
+    servicer = SagaStatusService(store, poll_interval=poll_interval, facades=facades)
     service = GrpcService(
         SAGA_SERVICE_NAME, saga_pb2_grpc.add_SagaServiceServicer_to_server, servicer
     )

@@ -162,13 +162,17 @@ def readme() -> Readme:
 
 
 @pytest.fixture(scope="module")
-def booking_service() -> Iterator[None]:
-    """`python main.py` with the default app.yaml; stopped with SIGTERM, which must exit 0."""
+def booking_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`python main.py` with the default app.yaml; stopped with SIGTERM, which must exit 0.
+
+    It runs in a fresh directory, so the SQLite files the default config names
+    start empty, as on a newcomer's first `make run`.
+    """
     require_free_ports(
         DEFAULT_PORTS, "the acceptance tests run `python main.py` with the default app.yaml"
     )
     grace = float(yaml.safe_load((ROOT / "app.yaml").read_text())["grpc"]["shutdown_grace_seconds"])
-    with start_main() as process:
+    with start_main(cwd=tmp_path_factory.mktemp("acceptance")) as process:
         wait_for_serving(BOOKING, process)
         yield
         status = process.stop(signal.SIGTERM, timeout=grace + 5)
@@ -320,5 +324,46 @@ def test_readme_commands_are_all_covered(readme: Readme) -> None:
         readme.command("HandleSyncBooking", '"FaultInject": "true"')[1],
         readme.command("pb.OrderService/GetOrder", ORDERS)[1],
         readme.command("HandleAsyncBooking")[1],
+        readme.command("SagaService/GetSaga")[1],
+        readme.command("SagaService/ListSagas")[1],
+        readme.command("SagaService/WatchSaga")[1],
     }
     assert {command for _, command in readme.commands()} == covered
+
+
+def test_readme_get_saga_shows_the_fault_injected_saga_compensated(readme: Readme) -> None:
+    index, command = readme.command("SagaService/GetSaga")
+    expected = readme.json_after(index)
+
+    saga = eventually(
+        lambda: stdout_json(run_readme(command)), lambda found: found["state"] == "COMPENSATED"
+    )
+
+    for key in ("request_id", "facade", "kind", "state", "error_code", "error_reason"):
+        assert saga[key] == expected[key], key
+    assert [(s["name"], s["state"]) for s in saga["steps"]] == [
+        (s["name"], s["state"]) for s in expected["steps"]
+    ]
+
+
+def test_readme_list_sagas_pages_newest_first(readme: Readme) -> None:
+    listed = stdout_json(run_readme(readme.command("SagaService/ListSagas")[1]))
+
+    sagas = listed["sagas"]
+    assert 1 <= len(sagas) <= 2  # the README's own sync booking ran first
+    assert all(saga["facade"] == "SyncBooking" for saga in sagas)
+    created = [saga["created_at"] for saga in sagas]
+    assert created == sorted(created, reverse=True)
+
+
+def test_readme_watch_saga_streams_until_the_saga_ends(readme: Readme) -> None:
+    result = run_readme(readme.command("SagaService/WatchSaga")[1])
+
+    assert result.returncode == 0, result.stderr
+    decoder, text, updates = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        update, end = decoder.raw_decode(text)
+        updates.append(update)
+        text = text[end:].strip()
+    assert updates and updates[-1]["request_id"] == "example-request-id"
+    assert updates[-1]["state"] == "COMPLETED"

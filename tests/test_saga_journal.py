@@ -22,7 +22,7 @@ from orchestrator import (
     SyncFacade,
 )
 from orchestrator.facade.sync import payload_digest
-from orchestrator.store.base import SagaState, StepState
+from orchestrator.store.base import SagaState, StepState, saga_key
 from orchestrator.store.memory import InMemorySagaStore
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
@@ -99,7 +99,7 @@ async def test_a_completed_saga_is_recorded_with_its_step_log(
     flow = await started(orchestrator, booking_flow(Ledger()))
     await book(flow)
 
-    saga = await store.get("j1")
+    saga = await store.get(saga_key("Booking", "j1"))
     assert saga is not None
     assert (saga.state, saga.facade, saga.kind) == (SagaState.COMPLETED, "Booking", "sync")
     assert [(s.name, s.state, s.attempts) for s in saga.steps] == [
@@ -161,7 +161,7 @@ async def test_a_failed_saga_ends_compensated_and_its_replay_gets_the_same_error
     with pytest.raises(SagaFailed) as replay:
         await book(flow)
 
-    saga = await store.get("j1")
+    saga = await store.get(saga_key("Booking", "j1"))
     assert saga is not None and saga.state == SagaState.COMPENSATED
     assert [s.state for s in saga.steps] == [StepState.DONE, StepState.FAILED]
     assert (saga.error_code, saga.error_reason) == ("FAILED_PRECONDITION", "declined")
@@ -191,7 +191,7 @@ async def test_a_compensation_that_keeps_failing_leaves_the_saga_compensation_fa
         await book(flow)
     await asyncio.wait_for(broker.join(), 5)
 
-    saga = await store.get("j1")
+    saga = await store.get(saga_key("Booking", "j1"))
     assert saga is not None and saga.state == SagaState.COMPENSATION_FAILED
     assert "compensation of create_order failed" in saga.error_reason
     assert broker.dead_letters[0].reason.startswith("COMPENSATION_FAILED")
@@ -205,21 +205,22 @@ async def test_the_sagas_of_a_dead_replica_are_taken_over_and_rolled_back(
     await started(orchestrator, booking_flow(ledger))
     payload = '{"ProductID": "1"}'
     await store.begin(
-        request_id="orphan",
+        request_id=saga_key("Booking", "orphan"),
         facade="Booking",
         kind="sync",
         payload=payload,
         payload_hash=payload_digest("Booking", payload),
         owner="dead-replica",
     )
-    await store.step_started("orphan", 0, "create_order")
-    await store.step_finished("orphan", 0, state=StepState.DONE, data='{"OrderID": "9"}')
-    await store.step_started("orphan", 1, "create_payment")
+    key = saga_key("Booking", "orphan")
+    await store.step_started(key, 0, "create_order")
+    await store.step_finished(key, 0, state=StepState.DONE, data='{"OrderID": "9"}')
+    await store.step_started(key, 1, "create_payment")
 
     assert await orchestrator.recover_now() == 1
     await asyncio.wait_for(broker.join(), 5)
 
-    saga = await store.get("orphan")
+    saga = await store.get(saga_key("Booking", "orphan"))
     assert saga is not None and saga.state == SagaState.COMPENSATED
     assert saga.owner == orchestrator.replica_id
     assert ledger.undone == ["create_order:9"]
@@ -231,7 +232,7 @@ async def test_a_live_replicas_sagas_are_left_alone(
 ) -> None:
     await started(orchestrator, booking_flow(Ledger()))
     await store.begin(
-        request_id="busy",
+        request_id=saga_key("Booking", "busy"),
         facade="Booking",
         kind="sync",
         payload="{}",
@@ -281,7 +282,7 @@ async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_a
     await asyncio.wait_for(broker.join(), 5)
 
     assert runs == {"first": 1, "second": 1}
-    saga = await store.get("a1")
+    saga = await store.get(saga_key("Async", "a1"))
     assert saga is not None and saga.state == SagaState.COMPLETED
     assert [s.state for s in saga.steps] == [StepState.DONE, StepState.DONE]
 
@@ -308,3 +309,24 @@ async def test_an_async_request_accepted_twice_runs_once(
     with pytest.raises(SagaError) as failure:
         await flow.run("a2", Dto(request_id="a2", product_id=2))
     assert failure.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_one_request_id_on_two_facades_is_two_sagas(
+    orchestrator: Orchestrator, store: InMemorySagaStore
+) -> None:
+    ledger = Ledger()
+    sync_flow = booking_flow(ledger)
+    orchestrator.register_sync_facade("Booking", sync_flow)
+
+    async def only(dto: Dto) -> Dto:
+        return dto
+
+    async_flow = AsyncFacade("undo", dto=Dto).use("a", only)
+    orchestrator.register_async_facade("Async", async_flow)
+    await orchestrator.start()
+
+    await book(sync_flow, "shared")
+    await async_flow.run("shared", Dto(request_id="shared", product_id=1))
+
+    assert (await store.get(saga_key("Booking", "shared"))) is not None
+    assert (await store.get(saga_key("Async", "shared"))) is not None

@@ -210,7 +210,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             # (the step log is the inbox): only its outcome is published again.
             if delivery.redelivered and await self._replayed(index, hop, dto, store):
                 return
-            await store.step_started(dto.request_id, index, hop.name)
+            await self._journal(store.step_started(dto.request_id, index, hop.name), dto.request_id)
         metrics = self._metrics
         metrics.in_flight.inc()
         started = time.perf_counter()
@@ -232,18 +232,24 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 extra=_fields(self.name, dto, hop, failure),
             )
             if store is not None:
-                await store.step_finished(
+                await self._journal(
+                    store.step_finished(
+                        dto.request_id,
+                        index,
+                        state=StepState.FAILED,
+                        data=dto.model_dump_json(),
+                        error=failure.reason,
+                    ),
                     dto.request_id,
-                    index,
-                    state=StepState.FAILED,
-                    data=dto.model_dump_json(),
-                    error=failure.reason,
                 )
-                await store.set_state(
+                await self._journal(
+                    store.set_state(
+                        dto.request_id,
+                        SagaState.COMPENSATING,
+                        error_code=failure.code.name,
+                        error_reason=failure.reason,
+                    ),
                     dto.request_id,
-                    SagaState.COMPENSATING,
-                    error_code=failure.code.name,
-                    error_reason=failure.reason,
                 )
             await self._publish_rollback(
                 self._rollback_of(dto, hop.name, failure), inline_fallback=False
@@ -255,8 +261,11 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             metrics.observe_step(hop.name, time.perf_counter() - started)
             result.current_index = index + 1
             if store is not None:
-                await store.step_finished(
-                    dto.request_id, index, state=StepState.DONE, data=result.model_dump_json()
+                await self._journal(
+                    store.step_finished(
+                        dto.request_id, index, state=StepState.DONE, data=result.model_dump_json()
+                    ),
+                    dto.request_id,
                 )
             await self._advance(result, hop)
         finally:
@@ -268,8 +277,11 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             await self._publish_hop(result)
             return
         if self._store is not None:
-            await self._store.set_state(
-                result.request_id, SagaState.COMPLETED, data=result.model_dump_json()
+            await self._journal(
+                self._store.set_state(
+                    result.request_id, SagaState.COMPLETED, data=result.model_dump_json()
+                ),
+                result.request_id,
             )
         log.info("saga completed", extra=_fields(self.name, result, hop, None))
         self._metrics.completed.inc()

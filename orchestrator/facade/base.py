@@ -113,6 +113,20 @@ class FacadeBase:
         self._store = store
         self._owner = owner
 
+    async def _journal(self, write: Awaitable[None], request_id: str) -> None:
+        """Apply a store write; a saga the store never began is handled unrecorded.
+
+        Such messages come from before the store was turned on, or were
+        forged: refusing them would wedge their consumer for nothing.
+        """
+        try:
+            await write
+        except KeyError:
+            log.warning(
+                "saga unknown to the store, not recorded",
+                extra={"request_id": request_id, "facade": self._name},
+            )
+
     def _require_store(self) -> SagaStore:
         if self._store is None:
             raise RuntimeError(f"facade {self._name!r} has no saga store")
@@ -241,10 +255,13 @@ class FacadeBase:
                 reason = classify(exc).reason
                 self._metrics.compensation_failed.inc()
                 if self._store is not None:
-                    await self._store.set_state(
+                    await self._journal(
+                        self._store.set_state(
+                            rollback.request_id,
+                            SagaState.COMPENSATION_FAILED,
+                            error_reason=f"compensation of {step} failed: {reason}",
+                        ),
                         rollback.request_id,
-                        SagaState.COMPENSATION_FAILED,
-                        error_reason=f"compensation of {step} failed: {reason}",
                     )
                 log.error(
                     "compensation failed for good",
@@ -259,7 +276,10 @@ class FacadeBase:
         if self._rollback_node is not None:
             await self._rollback_node(rollback)
         if self._store is not None:
-            await self._store.set_state(rollback.request_id, SagaState.COMPENSATED)
+            await self._journal(
+                self._store.set_state(rollback.request_id, SagaState.COMPENSATED),
+                rollback.request_id,
+            )
         self._metrics.compensated.inc()
         log.info("rolled back", extra={"request_id": rollback.request_id, "facade": self._name})
 

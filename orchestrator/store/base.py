@@ -9,6 +9,7 @@ step left it, and who was running it.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,12 +18,15 @@ from datetime import datetime
 __all__ = [
     "FINAL_STATES",
     "BeginResult",
+    "FacadeStore",
     "SagaPage",
     "SagaRecord",
     "SagaState",
     "SagaStore",
     "StepRecord",
     "StepState",
+    "saga_key",
+    "unscoped",
 ]
 
 
@@ -139,7 +143,10 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def step_started(self, request_id: str, index: int, name: str) -> None:
-        """Record that step `index` is about to run (again: its attempts grow by one)."""
+        """Record that step `index` is about to run (again: its attempts grow by one).
+
+        KeyError if no saga was begun under `request_id` (likewise for
+        `step_finished` and `set_state`)."""
 
     @abc.abstractmethod
     async def step_finished(
@@ -157,7 +164,8 @@ class SagaStore(abc.ABC):
         error_code: str = "",
         error_reason: str = "",
     ) -> None:
-        """Move the saga to `state` (and, given, its data and error)."""
+        """Move the saga to `state`; `data` None keeps the data, an empty error keeps the
+        one recorded (a COMPENSATED saga still says why it was compensated)."""
 
     @abc.abstractmethod
     async def get(self, request_id: str) -> SagaRecord | None:
@@ -183,3 +191,118 @@ class SagaStore(abc.ABC):
         """Take over the RUNNING sagas of `kind` whose replica's heartbeat is older than
         `stale_after` seconds (or missing). Each orphan is claimed by exactly one caller,
         even with several replicas claiming at once; the claimed sagas are returned."""
+
+
+def saga_key(facade: str, request_id: str) -> str:
+    """The store key of a facade's saga: request ids are scoped by facade.
+
+    A client may reuse one request id on two endpoints (the quick start does):
+    those are two sagas, each idempotent on its own.
+    """
+    return f"{facade}/{request_id}"
+
+
+def unscoped(saga: SagaRecord) -> SagaRecord:
+    """`saga` with its key turned back into the caller's request id."""
+    prefix = f"{saga.facade}/"
+    if saga.request_id.startswith(prefix):
+        return dataclasses.replace(saga, request_id=saga.request_id[len(prefix) :])
+    return saga
+
+
+class FacadeStore(SagaStore):
+    """One facade's view of a store: it speaks request ids, the store keys them by facade."""
+
+    def __init__(self, store: SagaStore, facade: str) -> None:
+        self.store = store
+        self.facade = facade
+
+    def _key(self, request_id: str) -> str:
+        return saga_key(self.facade, request_id)
+
+    async def start(self) -> None:
+        """The shared store is started by its Orchestrator."""
+
+    async def close(self) -> None:
+        """The shared store is closed by its Orchestrator."""
+
+    async def begin(
+        self,
+        *,
+        request_id: str,
+        facade: str,
+        kind: str,
+        payload: str,
+        payload_hash: str,
+        owner: str,
+    ) -> BeginResult:
+        """Begin under the facade's key."""
+        begun = await self.store.begin(
+            request_id=self._key(request_id),
+            facade=facade,
+            kind=kind,
+            payload=payload,
+            payload_hash=payload_hash,
+            owner=owner,
+        )
+        if begun.existing is None:
+            return begun
+        return BeginResult(created=begun.created, existing=unscoped(begun.existing))
+
+    async def step_started(self, request_id: str, index: int, name: str) -> None:
+        """See SagaStore."""
+        await self.store.step_started(self._key(request_id), index, name)
+
+    async def step_finished(
+        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+    ) -> None:
+        """See SagaStore."""
+        await self.store.step_finished(
+            self._key(request_id), index, state=state, data=data, error=error
+        )
+
+    async def set_state(
+        self,
+        request_id: str,
+        state: SagaState,
+        *,
+        data: str | None = None,
+        error_code: str = "",
+        error_reason: str = "",
+    ) -> None:
+        """See SagaStore."""
+        await self.store.set_state(
+            self._key(request_id),
+            state,
+            data=data,
+            error_code=error_code,
+            error_reason=error_reason,
+        )
+
+    async def get(self, request_id: str) -> SagaRecord | None:
+        """See SagaStore."""
+        saga = await self.store.get(self._key(request_id))
+        return None if saga is None else unscoped(saga)
+
+    async def list_sagas(
+        self,
+        *,
+        facade: str = "",
+        state: SagaState | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SagaPage:
+        """This facade's sagas."""
+        page = await self.store.list_sagas(
+            facade=self.facade, state=state, page_size=page_size, page_token=page_token
+        )
+        return SagaPage([unscoped(saga) for saga in page.sagas], page.next_page_token)
+
+    async def heartbeat(self, owner: str) -> None:
+        """See SagaStore."""
+        await self.store.heartbeat(owner)
+
+    async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
+        """The shared store's orphans (of every facade), with their request ids."""
+        claimed = await self.store.claim_orphans(owner, stale_after=stale_after, kind=kind)
+        return [unscoped(saga) for saga in claimed]

@@ -70,10 +70,8 @@ class InMemorySagaStore(SagaStore):
         return BeginResult(created=True)
 
     async def step_started(self, request_id: str, index: int, name: str) -> None:
-        """Record an attempt of step `index` (of a recorded saga; others are ignored)."""
-        saga = self._sagas.get(request_id)
-        if saga is None:
-            return
+        """Record an attempt of step `index`; KeyError for a saga never begun."""
+        saga = self._sagas[request_id]
         steps = {step.index: step for step in saga.steps}
         previous = steps.get(index)
         steps[index] = StepRecord(
@@ -89,9 +87,7 @@ class InMemorySagaStore(SagaStore):
         self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
     ) -> None:
         """Record how step `index` ended and the saga's data after it."""
-        saga = self._sagas.get(request_id)
-        if saga is None:
-            return
+        saga = self._sagas[request_id]
         steps = [
             dataclasses.replace(step, state=state, finished_at=_now(), error=error)
             if step.index == index
@@ -109,10 +105,8 @@ class InMemorySagaStore(SagaStore):
         error_code: str = "",
         error_reason: str = "",
     ) -> None:
-        """Move the saga to `state` (an unknown saga is ignored, as an UPDATE would)."""
-        saga = self._sagas.get(request_id)
-        if saga is None:
-            return
+        """Move the saga to `state`; KeyError for a saga never begun."""
+        saga = self._sagas[request_id]
         self._replace(
             saga,
             state=state,

@@ -119,14 +119,20 @@ def main_env(config: Path | None = None, **extra: str) -> dict[str, str]:
 class ServiceProcess:
     """A child process whose stdout and stderr go to a log file; killed on context exit."""
 
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.argv = list(argv)
         fd, log_name = tempfile.mkstemp(prefix="orch-process-", suffix=".log")
         self.log_path = Path(log_name)
         with os.fdopen(fd, "wb") as log:
             self.popen = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=cwd,
                 env=dict(env) if env is not None else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -204,15 +210,20 @@ class ServiceProcess:
 
 
 def start_main(
-    *args: str, config: Path | None = None, env: Mapping[str, str] | None = None
+    *args: str,
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> ServiceProcess:
-    """Start `python main.py ARGS` from the repository root.
+    """Start `python main.py ARGS` in `cwd` (default: the repository root).
 
     Without `config` it reads the root app.yaml; `env` defaults to :func:`main_env`.
+    Files the config names by relative path (SQLite stores) land in `cwd`: give
+    a test a fresh directory and it starts from nothing.
     """
-    return ServiceProcess(
-        [sys.executable, "main.py", *args], env=main_env(config) if env is None else env
-    )
+    if env is None:
+        env = main_env(config if config is not None else ROOT / "app.yaml")
+    return ServiceProcess([sys.executable, str(ROOT / "main.py"), *args], env=env, cwd=cwd)
 
 
 def health_status(target: str, *, timeout: float = 1.0, service: str = "") -> str:

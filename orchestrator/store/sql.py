@@ -1,0 +1,1176 @@
+"""The saga store on SQL: SQLite (aiosqlite) or PostgreSQL (asyncpg), with group commit.
+
+Every saga writes its log several times (begin, each step's start and end, its
+final state), so the store sits on the hot path of every request. Writes are
+queued to one writer task, which takes everything queued while its previous
+transaction ran (up to `max_batch`), applies it in one transaction with a few
+set-based statements, and resolves the callers only after the commit: each
+write still returns once durable, but 64 sagas in flight share one commit and
+about five statements instead of paying for them one by one. There is no
+waiting for company, so a lone write commits at once. A saga's ops keep their
+queue order (a second op of one saga goes to a later "round" of the batch);
+ops of different sagas are regrouped freely. Reads go straight to the engine.
+
+When a batch's transaction fails, nothing of it was applied. If a statement
+failed, the batch is split in halves and each retried, down to the bad op
+alone, so one bad op (a NOT NULL, a too-long id, a deadlock victim) fails only
+its caller. If the database itself failed (no connection, SQLite's write lock
+not had within busy_timeout, connection lost) or the COMMIT did (it may have
+committed, and step_started is not idempotent), every op of the batch fails
+with that error, once: the callers' retries decide. A write to a saga nobody
+began fails alone with KeyError, as in the in-memory store.
+
+URLs: ``sqlite+aiosqlite:///path/to/file.db`` and
+``postgresql+asyncpg://user@host:port/db`` (``sqlite://`` and ``postgresql://``
+get those drivers). An in-memory SQLite database is refused: SQLAlchemy would
+share one connection between the writer's open transaction and every reader
+(a reader's ROLLBACK would discard the writer's batch), and it would not
+survive the process anyway; use `InMemorySagaStore` (``memory://``) instead.
+SQLite runs in WAL mode with synchronous=NORMAL: a commit survives the
+process crashing, not the machine losing power.
+
+Timestamps come from this process's clock (UTC), so replicas sharing a
+PostgreSQL database need synchronized clocks, with `stale_after` well above
+any skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import (
+    Column,
+    CursorResult,
+    DateTime,
+    Dialect,
+    Executable,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    Select,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    bindparam,
+    case,
+    column,
+    event,
+    func,
+    literal,
+    null,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
+
+from orchestrator.store.base import (
+    BeginResult,
+    SagaPage,
+    SagaRecord,
+    SagaState,
+    SagaStore,
+    StepRecord,
+    StepState,
+)
+
+__all__ = ["SqlSagaStore", "WriterStats", "metadata", "replicas", "saga_steps", "sagas"]
+
+log = logging.getLogger("orchestrator.store.sql")
+
+MAX_BATCH: Final = 256
+"""Most writes applied in one transaction: bounds a transaction's size and the wait behind it."""
+CLAIM_BATCH: Final = 100
+"""Most orphans one `claim_orphans` call takes; the next call takes the rest."""
+MAX_PAGE_SIZE: Final = 500
+_SCHEMA_LOCK_KEY: Final = 0x6F72636873616761
+"""PostgreSQL advisory lock ("orchsaga") that serializes schema creation across replicas."""
+
+
+class _UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both backends.
+
+    PostgreSQL keeps it as TIMESTAMPTZ. SQLite has no such type: it gets naive
+    UTC text in a fixed-width format (SQLAlchemy's own DATETIME format), which
+    sorts like time and costs one C call each way.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | str | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps UTC")
+        if dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        stamp: datetime = value
+        return stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC)
+
+
+metadata = MetaData()
+
+sagas = Table(
+    "sagas",
+    metadata,
+    Column("request_id", String(300), primary_key=True),
+    Column("facade", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("payload_hash", String(128), nullable=False),
+    Column("data", Text, nullable=False),
+    Column("owner", String(128), nullable=False),
+    Column("error_code", String(128), nullable=False),
+    Column("error_reason", Text, nullable=False),
+    Column("created_at", _UtcDateTime, nullable=False),
+    Column("updated_at", _UtcDateTime, nullable=False),
+    # list_sagas by facade (and state), newest first, keyset on (created_at, request_id).
+    Index("ix_sagas_listing", "facade", "state", "created_at", "request_id"),
+    # list_sagas without a facade: the default admin view would otherwise sort the table.
+    Index("ix_sagas_created", "created_at", "request_id"),
+    # claim_orphans: RUNNING sagas of one kind, grouped by owner.
+    Index("ix_sagas_orphans", "state", "kind", "owner"),
+)
+
+saga_steps = Table(
+    "saga_steps",
+    metadata,
+    Column("request_id", String(300), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("started_at", _UtcDateTime, nullable=False),
+    Column("finished_at", _UtcDateTime, nullable=True),
+    Column("error", Text, nullable=False),
+)
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("owner", String(128), primary_key=True),
+    Column("heartbeat_at", _UtcDateTime, nullable=False),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- the writer's queue -------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Op:
+    """One queued write; identity-hashed so a batch can map ops to outcomes."""
+
+    at: datetime
+    future: asyncio.Future[Any]
+
+    @property
+    def key(self) -> str:
+        """Ops with one key keep their queue order; others may be regrouped."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False, slots=True)
+class _SagaOp(_Op):
+    request_id: str
+
+    @property
+    def key(self) -> str:
+        return "s:" + self.request_id
+
+
+@dataclass(eq=False, slots=True)
+class _Begin(_SagaOp):
+    facade: str
+    kind: str
+    payload: str
+    payload_hash: str
+    owner: str
+
+
+@dataclass(eq=False, slots=True)
+class _SagaUpdate(_SagaOp):
+    """A write that updates the saga's row (and maybe a step's)."""
+
+    def saga_row(self) -> dict[str, Any]:
+        """Its row for the saga UPDATE: None and "" keep what is there."""
+        return {
+            "b_id": self.request_id,
+            "b_state": None,
+            "b_data": None,
+            "b_code": "",
+            "b_reason": "",
+            "b_at": self.at,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class _StepStarted(_SagaUpdate):
+    index: int
+    name: str
+
+    def step_row(self) -> dict[str, Any]:
+        return {"b_id": self.request_id, "b_idx": self.index, "b_name": self.name, "b_at": self.at}
+
+
+@dataclass(eq=False, slots=True)
+class _StepFinished(_SagaUpdate):
+    index: int
+    state: str
+    data: str
+    error: str
+
+    def saga_row(self) -> dict[str, Any]:
+        return {
+            "b_id": self.request_id,
+            "b_state": None,
+            "b_data": self.data,
+            "b_code": "",
+            "b_reason": "",
+            "b_at": self.at,
+        }
+
+    def step_row(self) -> dict[str, Any]:
+        return {
+            "b_id": self.request_id,
+            "b_idx": self.index,
+            "b_state": self.state,
+            "b_error": self.error,
+            "b_at": self.at,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class _SetState(_SagaUpdate):
+    state: str
+    data: str | None
+    error_code: str
+    error_reason: str
+
+    def saga_row(self) -> dict[str, Any]:
+        return {
+            "b_id": self.request_id,
+            "b_state": self.state,
+            "b_data": self.data,
+            "b_code": self.error_code,
+            "b_reason": self.error_reason,
+            "b_at": self.at,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class _Heartbeat(_Op):
+    owner: str
+
+    @property
+    def key(self) -> str:
+        return "r:" + self.owner
+
+
+class _BatchFailed(Exception):
+    """A batch's transaction failed; `isolate` says whether splitting it may help."""
+
+    def __init__(self, cause: Exception, *, isolate: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.isolate = isolate
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """What the writer has done so far: how well group commit is batching."""
+
+    ops: int = 0
+    """Writes committed (or failed on their own, like a write to an unknown saga)."""
+    transactions: int = 0
+    """Transactions committed."""
+    largest_batch: int = 0
+    failed_batches: int = 0
+    """Transactions that failed (their ops were failed or split and retried)."""
+
+
+def _rounds(ops: Sequence[_Op]) -> list[list[_Op]]:
+    """Split a batch into rounds, each with at most one op per key, in queue order.
+
+    Within a round the ops touch different sagas (or replicas), so they can be
+    regrouped into one statement per kind of op; a saga's second queued op lands
+    in the next round, after its first.
+    """
+    rounds: list[list[_Op]] = []
+    depth: dict[str, int] = {}
+    for op in ops:
+        n = depth.get(op.key, 0)
+        depth[op.key] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(op)
+    return rounds
+
+
+# --- the writer's statements -------------------------------------------------------------------
+#
+# Each takes the rows of one round (one dict per op, bind names b_*, never column names,
+# which SQLAlchemy reserves for VALUES). On SQLite they run as executemany: sqlite3 loops
+# over the rows in C, in process. On PostgreSQL an executemany is one server round of
+# parse/bind/execute per row (about 30 us each), so there the rows go as one array per
+# column into a single set-based statement over unnest(): one execution, and one SQL
+# text for asyncpg's prepared-statement cache whatever the batch size.
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchStatements:
+    begin: Executable
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING request_id: the ids it created."""
+    saga_update: Executable
+    """The saga row for step_started (updated_at), step_finished (data) and set_state."""
+    step_started: Executable
+    step_finished: Executable
+    heartbeat: Executable
+    columnar: bool
+    """Rows go as one array per column (PostgreSQL), not as an executemany."""
+
+
+def _saga_update_values(
+    state: ColumnElement[Any],
+    data: ColumnElement[Any],
+    code: ColumnElement[Any],
+    reason: ColumnElement[Any],
+    at: ColumnElement[Any],
+) -> dict[str, ColumnElement[Any]]:
+    # NULL state or data keeps it; an empty error keeps the one recorded earlier (a
+    # COMPENSATED saga still says why it was compensated).
+    return {
+        "state": func.coalesce(state, sagas.c.state),
+        "data": func.coalesce(data, sagas.c.data),
+        "error_code": case((code == "", sagas.c.error_code), else_=code),
+        "error_reason": case((reason == "", sagas.c.error_reason), else_=reason),
+        "updated_at": at,
+    }
+
+
+def _sqlite_batch_statements() -> _BatchStatements:
+    begin = (
+        sqlite.insert(sagas)
+        .values(
+            request_id=bindparam("b_id"),
+            facade=bindparam("b_facade"),
+            kind=bindparam("b_kind"),
+            state=SagaState.RUNNING.value,
+            payload=bindparam("b_payload"),
+            payload_hash=bindparam("b_payload_hash"),
+            data="",
+            owner=bindparam("b_owner"),
+            error_code="",
+            error_reason="",
+            created_at=bindparam("b_at"),
+            updated_at=bindparam("b_at"),
+        )
+        .on_conflict_do_nothing(index_elements=[sagas.c.request_id])
+        .returning(sagas.c.request_id)
+    )
+    step = sqlite.insert(saga_steps).values(
+        request_id=bindparam("b_id"),
+        idx=bindparam("b_idx"),
+        name=bindparam("b_name"),
+        state=StepState.RUNNING.value,
+        attempts=1,
+        started_at=bindparam("b_at"),
+        finished_at=None,
+        error="",
+    )
+    beat = sqlite.insert(replicas).values(
+        owner=bindparam("b_owner"), heartbeat_at=bindparam("b_at")
+    )
+    return _BatchStatements(
+        begin=begin,
+        saga_update=update(sagas)
+        .where(sagas.c.request_id == bindparam("b_id"))
+        .values(
+            _saga_update_values(
+                bindparam("b_state", type_=String),
+                bindparam("b_data", type_=Text),
+                bindparam("b_code", type_=String),
+                bindparam("b_reason", type_=Text),
+                bindparam("b_at", type_=_UtcDateTime),
+            )
+        ),
+        step_started=step.on_conflict_do_update(
+            index_elements=[saga_steps.c.request_id, saga_steps.c.idx],
+            set_=_restart_step(step.excluded),
+        ),
+        step_finished=update(saga_steps)
+        .where(
+            saga_steps.c.request_id == bindparam("b_id"),
+            saga_steps.c.idx == bindparam("b_idx"),
+        )
+        .values(
+            state=bindparam("b_state"), finished_at=bindparam("b_at"), error=bindparam("b_error")
+        ),
+        heartbeat=beat.on_conflict_do_update(
+            index_elements=[replicas.c.owner], set_={"heartbeat_at": beat.excluded.heartbeat_at}
+        ),
+        columnar=False,
+    )
+
+
+def _restart_step(excluded: Any) -> dict[str, Any]:
+    """A step started again: RUNNING, one more attempt, its last ending forgotten."""
+    return {
+        "name": excluded.name,
+        "state": StepState.RUNNING.value,
+        "attempts": saga_steps.c.attempts + 1,
+        "started_at": excluded.started_at,
+        "finished_at": None,
+        "error": "",
+    }
+
+
+def _unnest(name: str, *columns: tuple[str, TypeEngine[Any]]) -> Any:
+    """unnest(:b_a, :b_b, ...) AS name(a, b, ...): a table from one array per column."""
+    arrays = [bindparam(f"b_{col}", type_=postgresql.ARRAY(type_)) for col, type_ in columns]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*(column(col, type_) for col, type_ in columns))
+        .render_derived(name=name)
+    )
+
+
+def _postgres_batch_statements() -> _BatchStatements:
+    at = DateTime(timezone=True)
+    new = _unnest(
+        "new",
+        ("id", String()),
+        ("facade", String()),
+        ("kind", String()),
+        ("payload", Text()),
+        ("payload_hash", String()),
+        ("owner", String()),
+        ("at", at),
+    )
+    begin = (
+        postgresql.insert(sagas)
+        .from_select(
+            [c.name for c in sagas.c],
+            select(
+                new.c.id,
+                new.c.facade,
+                new.c.kind,
+                literal(SagaState.RUNNING.value),
+                new.c.payload,
+                new.c.payload_hash,
+                literal(""),
+                new.c.owner,
+                literal(""),
+                literal(""),
+                new.c.at,
+                new.c.at,
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=[sagas.c.request_id])
+        .returning(sagas.c.request_id)
+    )
+    change = _unnest(
+        "change",
+        ("id", String()),
+        ("state", String()),
+        ("data", Text()),
+        ("code", String()),
+        ("reason", Text()),
+        ("at", at),
+    )
+    started = _unnest(
+        "started", ("id", String()), ("idx", Integer()), ("name", String()), ("at", at)
+    )
+    step = postgresql.insert(saga_steps).from_select(
+        [c.name for c in saga_steps.c],
+        select(
+            started.c.id,
+            started.c.idx,
+            started.c.name,
+            literal(StepState.RUNNING.value),
+            literal(1),
+            started.c.at,
+            null(),
+            literal(""),
+        ),
+    )
+    ended = _unnest(
+        "ended",
+        ("id", String()),
+        ("idx", Integer()),
+        ("state", String()),
+        ("error", Text()),
+        ("at", at),
+    )
+    beats = _unnest("beats", ("owner", String()), ("at", at))
+    beat = postgresql.insert(replicas).from_select(
+        ["owner", "heartbeat_at"], select(beats.c.owner, beats.c.at)
+    )
+    return _BatchStatements(
+        begin=begin,
+        saga_update=update(sagas)
+        .where(sagas.c.request_id == change.c.id)
+        .values(
+            _saga_update_values(
+                change.c.state, change.c.data, change.c.code, change.c.reason, change.c.at
+            )
+        ),
+        step_started=step.on_conflict_do_update(
+            index_elements=[saga_steps.c.request_id, saga_steps.c.idx],
+            set_=_restart_step(step.excluded),
+        ),
+        step_finished=update(saga_steps)
+        .where(saga_steps.c.request_id == ended.c.id, saga_steps.c.idx == ended.c.idx)
+        .values(state=ended.c.state, finished_at=ended.c.at, error=ended.c.error),
+        heartbeat=beat.on_conflict_do_update(
+            index_elements=[replicas.c.owner], set_={"heartbeat_at": beat.excluded.heartbeat_at}
+        ),
+        columnar=True,
+    )
+
+
+# --- reading records ----------------------------------------------------------------------------
+
+_STEP_COLUMNS: Final = (
+    saga_steps.c.idx.label("step_idx"),
+    saga_steps.c.name.label("step_name"),
+    saga_steps.c.state.label("step_state"),
+    saga_steps.c.attempts.label("step_attempts"),
+    saga_steps.c.started_at.label("step_started_at"),
+    saga_steps.c.finished_at.label("step_finished_at"),
+    saga_steps.c.error.label("step_error"),
+)
+
+
+def _records_query(*criteria: ColumnElement[bool], limit: int | None = None) -> Select[Any]:
+    """Sagas matching `criteria`, newest first, joined with their steps in one statement.
+
+    One statement is one snapshot: a saga and its steps are always consistent
+    without an explicit transaction, and reads take one round trip.
+    """
+    inner = (
+        select(sagas)
+        .where(*criteria)
+        .order_by(sagas.c.created_at.desc(), sagas.c.request_id.desc())
+    )
+    if limit is not None:
+        inner = inner.limit(limit)
+    s = inner.subquery("s")
+    return (
+        select(s, *_STEP_COLUMNS)
+        .select_from(s.outerjoin(saga_steps, saga_steps.c.request_id == s.c.request_id))
+        .order_by(s.c.created_at.desc(), s.c.request_id.desc(), saga_steps.c.idx)
+    )
+
+
+def _records(rows: Iterable[Row[Any]]) -> list[SagaRecord]:
+    """Fold joined saga/step rows into records, keeping the rows' order."""
+    grouped: dict[str, tuple[Row[Any], list[StepRecord]]] = {}
+    for row in rows:
+        entry = grouped.get(row.request_id)
+        if entry is None:
+            entry = grouped[row.request_id] = (row, [])
+        if row.step_idx is not None:
+            entry[1].append(
+                StepRecord(
+                    index=row.step_idx,
+                    name=row.step_name,
+                    state=StepState(row.step_state),
+                    attempts=row.step_attempts,
+                    started_at=row.step_started_at,
+                    finished_at=row.step_finished_at,
+                    error=row.step_error,
+                )
+            )
+    return [
+        SagaRecord(
+            request_id=row.request_id,
+            facade=row.facade,
+            kind=row.kind,
+            state=SagaState(row.state),
+            payload=row.payload,
+            payload_hash=row.payload_hash,
+            data=row.data,
+            owner=row.owner,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            error_code=row.error_code,
+            error_reason=row.error_reason,
+            steps=tuple(steps),
+        )
+        for row, steps in grouped.values()
+    ]
+
+
+async def _load(conn: AsyncConnection, request_ids: Iterable[str]) -> dict[str, SagaRecord]:
+    ids = list(request_ids)
+    if not ids:
+        return {}
+    result = await conn.execute(_records_query(sagas.c.request_id.in_(ids)))
+    return {record.request_id: record for record in _records(result)}
+
+
+def _encode_token(created_at: datetime, request_id: str) -> str:
+    raw = json.dumps(
+        {"created_at": created_at.isoformat(), "request_id": request_id}, separators=(",", ":")
+    )
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        fields = json.loads(raw)
+        created_at = datetime.fromisoformat(fields["created_at"])
+        request_id = fields["request_id"]
+    except (ValueError, TypeError, KeyError) as exc:  # binascii.Error is a ValueError
+        raise ValueError("invalid page token") from exc
+    if not isinstance(request_id, str) or created_at.tzinfo is None:
+        raise ValueError("invalid page token")
+    return created_at, request_id
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+def _brief(exc: BaseException) -> str:
+    """The driver's complaint, without the statement SQLAlchemy wraps around it."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+
+
+def _normalize_url(raw: str) -> URL:
+    url = make_url(raw)
+    backend = url.get_backend_name()
+    # A bare `sqlite://` or `postgresql://` names no driver: take ours.
+    driver = url.get_driver_name() if "+" in url.drivername else ""
+    if backend == "sqlite" and driver in ("", "aiosqlite"):
+        url = url.set(drivername="sqlite+aiosqlite")
+        database = url.database or ""
+        if (
+            database in ("", ":memory:")
+            or database.startswith("file::memory:")
+            or "mode=memory" in database
+            or url.query.get("mode") == "memory"
+        ):
+            raise ValueError(
+                "SqlSagaStore needs a SQLite file, not an in-memory database; "
+                "use memory:// (InMemorySagaStore) for a store in process memory"
+            )
+        return url
+    if backend == "postgresql" and driver in ("", "asyncpg"):
+        return url.set(drivername="postgresql+asyncpg")
+    raise ValueError(
+        f"unsupported saga store URL {url.render_as_string(hide_password=True)!r}: "
+        "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host:port/db"
+    )
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    # Switching needs the file to itself, and SQLite answers "database is locked" at once,
+    # busy_timeout or not, while another connection is opening it too (replicas starting
+    # together on a new file). Only then, and briefly, does this sleep block the loop.
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.02)
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    """Pragmas on every connection, and transactions left to us (see `_begin_write`)."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA journal_mode")
+        if cursor.fetchone()[0] != "wal":  # WAL sticks to the file: only its first opening
+            _switch_to_wal(cursor)
+        # In WAL mode NORMAL loses no committed transaction on a process crash (only on
+        # power loss), and commits without an fsync each.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+        # The sqlite3 driver's own BEGIN is deferred and implicit; we emit BEGIN IMMEDIATE
+        # for writes ourselves, and reads run without one.
+        dbapi_connection.isolation_level = None
+
+
+class SqlSagaStore(SagaStore):
+    """Sagas in SQLite or PostgreSQL, written through a group-commit writer task."""
+
+    def __init__(self, url: str, *, max_batch: int = MAX_BATCH) -> None:
+        """`max_batch` caps the writes per transaction (1 turns group commit off)."""
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._url = _normalize_url(url)
+        self._sqlite = self._url.get_backend_name() == "sqlite"
+        self._max_batch = max_batch
+        # A failed batch's error would otherwise quote every op's parameters (payloads of
+        # other requests) to every caller in it, and to the logs.
+        if self._sqlite:
+            # Every connection is returned either committed, rolled back or without a
+            # transaction (reads run without one): the pool's reset ROLLBACK would only
+            # cost a trip to the aiosqlite thread.
+            self._engine = create_async_engine(
+                self._url, hide_parameters=True, pool_reset_on_return=None
+            )
+            _sqlite_pragmas(self._engine)
+        else:
+            self._engine = create_async_engine(self._url, hide_parameters=True)
+        self._queue: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = WriterStats()
+        self._build_statements()
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self._url.render_as_string(hide_password=True)
+
+    def _build_statements(self) -> None:
+        self._batch = _sqlite_batch_statements() if self._sqlite else _postgres_batch_statements()
+        self._exists_query = select(sagas.c.request_id).where(
+            sagas.c.request_id.in_(bindparam("b_ids", expanding=True))
+        )
+        self._get_query = _records_query(sagas.c.request_id == bindparam("b_id"))
+        self._orphans_query = (
+            select(sagas.c.request_id, sagas.c.owner)
+            .select_from(sagas.outerjoin(replicas, replicas.c.owner == sagas.c.owner))
+            .where(
+                sagas.c.state == SagaState.RUNNING.value,
+                sagas.c.kind == bindparam("b_kind"),
+                sagas.c.owner != bindparam("b_me"),
+                (replicas.c.owner.is_(None)) | (replicas.c.heartbeat_at < bindparam("b_cutoff")),
+            )
+            .order_by(sagas.c.created_at)
+            .limit(CLAIM_BATCH)
+        )
+        self._claim_stmt = (
+            update(sagas)
+            .where(
+                sagas.c.request_id == bindparam("b_id"),
+                sagas.c.owner == bindparam("b_old"),
+                sagas.c.state == SagaState.RUNNING.value,
+            )
+            .values(owner=bindparam("b_me"), updated_at=bindparam("b_at"))
+        )
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Create the schema if missing and start the writer."""
+        if self._writer is not None:
+            return
+        await self._create_schema()
+        self._closing = False
+        self._wake = asyncio.Event()  # bound to the loop that runs the writer
+        self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
+
+    async def _create_schema(self) -> None:
+        for attempt in range(3):
+            try:
+                async with self._writing() as conn:
+                    if not self._sqlite:
+                        # Replicas starting together queue here, so only the first creates
+                        # the tables; the rest find them. (SQLite's BEGIN IMMEDIATE does
+                        # the same.)
+                        await conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                        )
+                    await conn.run_sync(metadata.create_all)
+                return
+            except (ProgrammingError, IntegrityError):
+                # Someone not holding our lock (another version, a migration tool) created
+                # a table between create_all's check and its CREATE: check again.
+                if attempt == 2:
+                    raise
+                log.info("saga store schema created concurrently; checking again")
+
+    async def _begin_write(self, conn: AsyncConnection) -> None:
+        """Begin a writing transaction on `conn`."""
+        await conn.begin()
+        if self._sqlite:
+            # Take the write lock up front, waiting up to busy_timeout for it: a deferred
+            # BEGIN that reads, then writes, fails at once with SQLITE_BUSY when another
+            # connection wrote in between. Sent straight to the aiosqlite connection:
+            # one trip to its thread instead of a cursor's three. SQLAlchemy's commit
+            # and rollback end it.
+            driver = (await conn.get_raw_connection()).driver_connection
+            if driver is None:  # only after the connection was invalidated
+                raise RuntimeError("the SQLite connection is gone")
+            await driver.execute("BEGIN IMMEDIATE")
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A writing transaction: committed at the end, rolled back on an exception."""
+        async with self._engine.connect() as conn:
+            await self._begin_write(conn)
+            yield conn
+            await conn.commit()
+
+    async def close(self) -> None:
+        """Apply every queued write, stop the writer and disconnect."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._closing = True
+            self._wake.set()
+            await asyncio.wait([writer])
+        await self._engine.dispose()
+
+    # --- writes, through the writer ---
+
+    def _submit(self, op: _Op) -> asyncio.Future[Any]:
+        if self._writer is None or self._closing:
+            raise RuntimeError("the saga store is not running (start() it; is it closed?)")
+        self._queue.append(op)
+        self._wake.set()
+        return op.future
+
+    async def begin(
+        self,
+        *,
+        request_id: str,
+        facade: str,
+        kind: str,
+        payload: str,
+        payload_hash: str,
+        owner: str,
+    ) -> BeginResult:
+        """Record a new RUNNING saga, unless one exists under `request_id` (then return it)."""
+        op = _Begin(
+            _now(),
+            asyncio.get_running_loop().create_future(),
+            request_id,
+            facade,
+            kind,
+            payload,
+            payload_hash,
+            owner,
+        )
+        result: BeginResult = await self._submit(op)
+        return result
+
+    async def step_started(self, request_id: str, index: int, name: str) -> None:
+        """Record an attempt of step `index`; KeyError if the saga is unknown."""
+        loop = asyncio.get_running_loop()
+        await self._submit(_StepStarted(_now(), loop.create_future(), request_id, index, name))
+
+    async def step_finished(
+        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+    ) -> None:
+        """Record how step `index` ended and the saga's data; KeyError if the saga is unknown."""
+        loop = asyncio.get_running_loop()
+        await self._submit(
+            _StepFinished(_now(), loop.create_future(), request_id, index, str(state), data, error)
+        )
+
+    async def set_state(
+        self,
+        request_id: str,
+        state: SagaState,
+        *,
+        data: str | None = None,
+        error_code: str = "",
+        error_reason: str = "",
+    ) -> None:
+        """Move the saga to `state`; data None and empty errors keep what is recorded."""
+        loop = asyncio.get_running_loop()
+        await self._submit(
+            _SetState(
+                _now(),
+                loop.create_future(),
+                request_id,
+                str(state),
+                data,
+                error_code,
+                error_reason,
+            )
+        )
+
+    async def heartbeat(self, owner: str) -> None:
+        """Record that replica `owner` is alive now."""
+        loop = asyncio.get_running_loop()
+        await self._submit(_Heartbeat(_now(), loop.create_future(), owner))
+
+    # --- the writer ---
+
+    async def _write_loop(self) -> None:
+        batch: list[_Op] = []
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                # No waiting for company: a batch is whatever queued up while the
+                # previous transaction ran, so a lone write commits at once.
+                taken = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                # A caller cancelled before its write began gets no write.
+                batch = [op for op in taken if not op.future.cancelled()]
+                if batch:
+                    await self._write_batch(batch)
+                batch = []
+        finally:
+            # Only on cancellation or a bug: nobody must wait forever.
+            stopped = RuntimeError("the saga store writer stopped")
+            for op in [*batch, *self._queue]:
+                if not op.future.done():
+                    op.future.set_exception(stopped)
+            self._queue.clear()
+
+    async def _write_batch(self, ops: Sequence[_Op]) -> None:
+        """Apply `ops` in one transaction, splitting it when one op may have spoiled it."""
+        try:
+            outcomes = await self._transaction(ops)
+        except _BatchFailed as failed:
+            self.stats.failed_batches += 1
+            if failed.isolate and len(ops) > 1:
+                # A statement failed: maybe one op's data (a NOT NULL, a too-long id), maybe
+                # a deadlock. Everything was rolled back, so retry the halves, in order
+                # (per-saga order holds), until the bad op is alone: log2(n) extra
+                # transactions per bad op, and the good ops commit.
+                log.warning(
+                    "saga store batch of %d writes failed (%s); retrying in halves",
+                    len(ops),
+                    _brief(failed.cause),
+                )
+                middle = len(ops) // 2
+                await self._write_batch(ops[:middle])
+                await self._write_batch(ops[middle:])
+                return
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(failed.cause)
+            return
+        self.stats.ops += len(ops)
+        self.stats.transactions += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
+        for op in ops:
+            if op.future.done():  # its caller was cancelled meanwhile
+                continue
+            outcome = outcomes.get(op)
+            if isinstance(outcome, BaseException):
+                op.future.set_exception(outcome)
+            else:
+                op.future.set_result(outcome)
+
+    async def _transaction(self, ops: Sequence[_Op]) -> dict[_Op, object]:
+        """Apply `ops` in one transaction and return each op's outcome once committed."""
+        stage = "connect"
+        try:
+            async with self._engine.connect() as conn:
+                await self._begin_write(conn)
+                stage = "execute"
+                outcomes = await self._apply(conn, ops)
+                stage = "commit"
+                await conn.commit()
+                return outcomes
+        except Exception as exc:
+            lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+            # Only a failed statement may be one op's fault. No connection, no write lock
+            # (SQLite busy past busy_timeout) or a lost connection fail the whole batch:
+            # retrying op by op would multiply the wait for nothing. A failed COMMIT is
+            # not retried either: it may have committed, and step_started is not
+            # idempotent (attempts would count twice).
+            raise _BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
+
+    async def _apply(self, conn: AsyncConnection, ops: Sequence[_Op]) -> dict[_Op, object]:
+        outcomes: dict[_Op, object] = {}
+        for round_ops in _rounds(ops):
+            await self._apply_round(conn, round_ops, outcomes)
+        return outcomes
+
+    async def _many(
+        self, conn: AsyncConnection, statement: Executable, rows: list[dict[str, Any]]
+    ) -> CursorResult[Any]:
+        """Run a batch statement over `rows` (see `_BatchStatements`)."""
+        if self._batch.columnar:
+            return await conn.execute(
+                statement, {key: [row[key] for row in rows] for key in rows[0]}
+            )
+        return await conn.execute(statement, rows)
+
+    async def _apply_round(
+        self, conn: AsyncConnection, ops: list[_Op], outcomes: dict[_Op, object]
+    ) -> None:
+        """One statement per kind of write, whatever the number of ops, rows sorted by key.
+
+        The sort gives concurrent PostgreSQL writers one lock order, which keeps
+        them from deadlocking on the rows they share (two replicas beginning the
+        same request ids).
+        """
+        begins = sorted((op for op in ops if isinstance(op, _Begin)), key=lambda op: op.key)
+        if begins:
+            await self._apply_begins(conn, begins, outcomes)
+
+        updates = sorted((op for op in ops if isinstance(op, _SagaUpdate)), key=lambda op: op.key)
+        missing: set[str] = set()
+        if updates:
+            result = await self._many(
+                conn, self._batch.saga_update, [op.saga_row() for op in updates]
+            )
+            # Each op's saga row is a distinct row here, so a short count means a write to
+            # a saga nobody began: find which, and fail those alone (KeyError, as in the
+            # in-memory store). Sagas are never deleted, so this stays true until commit.
+            if result.rowcount != len(updates):
+                ids = sorted({op.request_id for op in updates})
+                found = await conn.execute(self._exists_query, {"b_ids": ids})
+                missing = set(ids) - set(found.scalars())
+            for op in updates:
+                outcomes[op] = KeyError(op.request_id) if op.request_id in missing else None
+
+        started = [op.step_row() for op in updates if isinstance(op, _StepStarted)]
+        if started := [row for row in started if row["b_id"] not in missing]:
+            await self._many(conn, self._batch.step_started, started)
+        ended = [op.step_row() for op in updates if isinstance(op, _StepFinished)]
+        if ended := [row for row in ended if row["b_id"] not in missing]:
+            await self._many(conn, self._batch.step_finished, ended)
+
+        beats = sorted((op for op in ops if isinstance(op, _Heartbeat)), key=lambda op: op.key)
+        if beats:
+            await self._many(
+                conn, self._batch.heartbeat, [{"b_owner": op.owner, "b_at": op.at} for op in beats]
+            )
+            outcomes.update(dict.fromkeys(beats))
+
+    async def _apply_begins(
+        self, conn: AsyncConnection, begins: list[_Begin], outcomes: dict[_Op, object]
+    ) -> None:
+        result = await self._many(
+            conn,
+            self._batch.begin,
+            [
+                {
+                    "b_id": op.request_id,
+                    "b_facade": op.facade,
+                    "b_kind": op.kind,
+                    "b_payload": op.payload,
+                    "b_payload_hash": op.payload_hash,
+                    "b_owner": op.owner,
+                    "b_at": op.at,
+                }
+                for op in begins
+            ],
+        )
+        created = set(result.scalars())
+        # Read the ones already there in this transaction: on PostgreSQL the INSERT
+        # waited for a concurrent inserter to commit, so they are visible now.
+        existing = await _load(
+            conn, (op.request_id for op in begins if op.request_id not in created)
+        )
+        for op in begins:
+            outcomes[op] = (
+                BeginResult(created=True)
+                if op.request_id in created
+                else BeginResult(created=False, existing=existing[op.request_id])
+            )
+
+    # --- reads and claims, straight to the engine ---
+
+    async def get(self, request_id: str) -> SagaRecord | None:
+        """The saga with its steps in order, or None."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._get_query, {"b_id": request_id})
+            records = _records(result)
+        return records[0] if records else None
+
+    async def list_sagas(
+        self,
+        *,
+        facade: str = "",
+        state: SagaState | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> SagaPage:
+        """Newest first, with steps; `page_size` is clamped to 1..500; a bad token: ValueError."""
+        page_size = max(1, min(page_size, MAX_PAGE_SIZE))
+        criteria: list[ColumnElement[bool]] = []
+        if facade:
+            criteria.append(sagas.c.facade == facade)
+        if state is not None:
+            criteria.append(sagas.c.state == str(state))
+        if page_token:
+            after_at, after_id = _decode_token(page_token)
+            criteria.append(tuple_(sagas.c.created_at, sagas.c.request_id) < (after_at, after_id))
+        # One more than the page says whether there is a next one.
+        query = _records_query(*criteria, limit=page_size + 1)
+        async with self._engine.connect() as conn:
+            records = _records(await conn.execute(query))
+        page = records[:page_size]
+        token = ""
+        if len(records) > page_size:
+            token = _encode_token(page[-1].created_at, page[-1].request_id)
+        return SagaPage(sagas=page, next_page_token=token)
+
+    async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
+        """Take over up to 100 RUNNING sagas of `kind` whose replica's heartbeat is stale or
+        missing; each goes to exactly one claimer, thanks to a compare-and-set on its owner."""
+        now = _now()
+        cutoff = now - timedelta(seconds=stale_after)
+        async with self._writing() as conn:
+            candidates = await conn.execute(
+                self._orphans_query, {"b_kind": kind, "b_me": owner, "b_cutoff": cutoff}
+            )
+            claimed: list[str] = []
+            # Sorted, so concurrent claimers lock rows in one order and never deadlock; a
+            # claimer that loses the race waits for the winner's commit, then misses.
+            for request_id, old_owner in sorted(candidates.all()):
+                result = await conn.execute(
+                    self._claim_stmt,
+                    {"b_id": request_id, "b_old": old_owner, "b_me": owner, "b_at": now},
+                )
+                if result.rowcount == 1:
+                    claimed.append(request_id)
+            records = await _load(conn, claimed)
+        return sorted(records.values(), key=lambda record: (record.created_at, record.request_id))
+
+    async def __aenter__(self) -> SqlSagaStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
