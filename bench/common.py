@@ -198,12 +198,12 @@ def framework_config(
     payment_port: int,
     *,
     broker: Mapping[str, Any] = MEMORY_BROKER,
-    store: str = "sqlite",
+    store: str = "none",
 ) -> None:
     """Write app.yaml's keys for a run against separate upstreams, logging warnings only.
 
-    `store` is `sqlite` (a fresh SQLite file beside the config, the embedded
-    default), `none`, or a store URL.
+    `store` is `none` (no saga store: the framework alone), `sqlite` (a fresh
+    SQLite file beside the config, as in the embedded default), or a store URL.
     """
     config = {
         "grpc": {"host": HOST, "port": port, "shutdown_grace_seconds": 2},
@@ -228,8 +228,8 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
     """`--store`: the framework's saga store for the run."""
     parser.add_argument(
         "--store",
-        default="sqlite",
-        help="saga store of the framework: sqlite (default: a fresh file), none, or a URL",
+        default="none",
+        help="saga store of the framework: none (default), sqlite (a fresh file), or a URL",
     )
 
 

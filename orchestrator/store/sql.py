@@ -98,6 +98,9 @@ log = logging.getLogger("orchestrator.store.sql")
 
 MAX_BATCH: Final = 256
 """Most writes applied in one transaction: bounds a transaction's size and the wait behind it."""
+
+GATHER_SECONDS: Final = 0.002
+"""How long the writer waits, once a write arrives, for others to share its transaction."""
 CLAIM_BATCH: Final = 100
 """Most orphans one `claim_orphans` call takes; the next call takes the rest."""
 MAX_PAGE_SIZE: Final = 500
@@ -737,10 +740,16 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
 class SqlSagaStore(SagaStore):
     """Sagas in SQLite or PostgreSQL, written through a group-commit writer task."""
 
-    def __init__(self, url: str, *, max_batch: int = MAX_BATCH) -> None:
-        """`max_batch` caps the writes per transaction (1 turns group commit off)."""
+    def __init__(
+        self, url: str, *, max_batch: int = MAX_BATCH, gather_seconds: float = GATHER_SECONDS
+    ) -> None:
+        """`max_batch` caps the writes per transaction (1 turns group commit off);
+        `gather_seconds` is how long the writer waits for company once a write arrives."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if gather_seconds < 0:
+            raise ValueError("gather_seconds must not be negative")
+        self._gather_seconds = gather_seconds
         self._url = _normalize_url(url)
         self._sqlite = self._url.get_backend_name() == "sqlite"
         self._max_batch = max_batch
@@ -945,8 +954,11 @@ class SqlSagaStore(SagaStore):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                # No waiting for company: a batch is whatever queued up while the
-                # previous transaction ran, so a lone write commits at once.
+                # A transaction costs about the same for one write or a hundred (each is
+                # several trips to the database thread): a moment's wait for the other
+                # sagas' writes turns many small transactions into one.
+                if self._gather_seconds and len(self._queue) < self._max_batch:
+                    await asyncio.sleep(self._gather_seconds)
                 taken = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 # A caller cancelled before its write began gets no write.
