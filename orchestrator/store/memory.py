@@ -23,16 +23,21 @@ from orchestrator.store.base import (
 __all__ = ["InMemorySagaStore"]
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class InMemorySagaStore(SagaStore):
-    """Sagas in a dict; every write is "durable" at once."""
+    """Sagas in a dict; every write is "durable" at once.
+
+    Its clock only moves forward, by at least a microsecond a write, so every
+    write changes `updated_at` and "newest first" is never a tie.
+    """
 
     def __init__(self) -> None:
         self._sagas: dict[str, SagaRecord] = {}
         self._heartbeats: dict[str, datetime] = {}
+        self._last = datetime.min.replace(tzinfo=UTC)
+
+    def _now(self) -> datetime:
+        self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
+        return self._last
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -54,7 +59,7 @@ class InMemorySagaStore(SagaStore):
         existing = self._sagas.get(request_id)
         if existing is not None:
             return BeginResult(created=False, existing=existing)
-        now = _now()
+        now = self._now()
         self._sagas[request_id] = SagaRecord(
             request_id=request_id,
             facade=facade,
@@ -79,7 +84,7 @@ class InMemorySagaStore(SagaStore):
             name=name,
             state=StepState.RUNNING,
             attempts=(previous.attempts if previous else 0) + 1,
-            started_at=_now(),
+            started_at=self._now(),
         )
         self._replace(saga, steps=tuple(steps[i] for i in sorted(steps)))
 
@@ -89,7 +94,7 @@ class InMemorySagaStore(SagaStore):
         """Record how step `index` ended and the saga's data after it."""
         saga = self._sagas[request_id]
         steps = [
-            dataclasses.replace(step, state=state, finished_at=_now(), error=error)
+            dataclasses.replace(step, state=state, finished_at=self._now(), error=error)
             if step.index == index
             else step
             for step in saga.steps
@@ -146,11 +151,11 @@ class InMemorySagaStore(SagaStore):
 
     async def heartbeat(self, owner: str) -> None:
         """Record that `owner` is alive."""
-        self._heartbeats[owner] = _now()
+        self._heartbeats[owner] = self._now()
 
     async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
         """Take over the running sagas of replicas whose heartbeat went stale."""
-        cutoff = _now() - timedelta(seconds=stale_after)
+        cutoff = self._now() - timedelta(seconds=stale_after)
         claimed = []
         for saga in list(self._sagas.values()):
             beat = self._heartbeats.get(saga.owner)
@@ -164,7 +169,7 @@ class InMemorySagaStore(SagaStore):
         return claimed
 
     def _replace(self, saga: SagaRecord, **changes: object) -> SagaRecord:
-        updated = dataclasses.replace(saga, updated_at=_now(), **changes)  # type: ignore[arg-type]
+        updated = dataclasses.replace(saga, updated_at=self._now(), **changes)  # type: ignore[arg-type]
         self._sagas[saga.request_id] = updated
         return updated
 
