@@ -739,10 +739,10 @@ def test_k8s_secret_refs_name_existing_secret_keys(rendered: Rendered) -> None:
         rendered.secret_value(ref["name"], ref["key"])
 
 
-def test_k8s_secret_holds_broker_and_database_url_placeholders(rendered: Rendered) -> None:
-    secret = rendered.get("Secret", "orchestrator-secrets")
-    urls = {urlsplit(value).scheme for value in secret["stringData"].values()}
-    assert {"amqp", "postgresql"} <= urls
+def test_k8s_secret_holds_broker_and_store_urls(rendered: Rendered) -> None:
+    secret = rendered.get("Secret", "orchestrator-secrets")["stringData"]
+    assert urlsplit(secret["ORCH_BROKER_URL"]).scheme == "amqp"
+    assert urlsplit(secret["ORCH_STORE_URL"]).scheme == "postgresql+asyncpg"
 
 
 def test_k8s_orchestrator_container_port_is_the_config_port(

@@ -31,13 +31,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import asyncpg
 import pytest
 import yaml
 
 import topic
 from main import AppSettings
 from orchestrator import BrokerSettings, load_settings
-from tests.support.broker_fixtures import delete_topology
+from tests.support.broker_fixtures import delete_topology, skip_or_fail
+from tests.support.databases import admin_url, create_database, drop_database
 from tests.support.processes import (
     ROOT,
     ServiceProcess,
@@ -50,6 +52,7 @@ from tests.support.processes import (
 from tests.test_acceptance import (
     Readme,
     eventually,
+    grpcurl_call,
     normalized,
     request_id_of,
     run_readme,
@@ -151,7 +154,7 @@ def _on_local_disk(arg: str, mounts: dict[str, str], directory: Path) -> str:
     return arg
 
 
-def build_stack(broker_url: str, workdir: Path) -> Stack:
+def build_stack(broker_url: str, store_url: str, workdir: Path) -> Stack:
     """The compose app services as local commands; nothing is started yet."""
     compose = load_compose()
     services = compose["services"]
@@ -178,6 +181,8 @@ def build_stack(broker_url: str, workdir: Path) -> Stack:
     env["ORCH_CONFIG"] = str(local_config)
     assert urlsplit(env["ORCH_BROKER_URL"]).hostname in hosts, env["ORCH_BROKER_URL"]
     env["ORCH_BROKER_URL"] = broker_url
+    assert urlsplit(env["ORCH_STORE_URL"]).hostname in hosts, env["ORCH_STORE_URL"]
+    env["ORCH_STORE_URL"] = store_url
     port = load_settings(AppSettings, local_config, environ=env).grpc.port
     stop_grace = duration_seconds(service["stop_grace_period"])
     args = list(service.get("command", []))
@@ -192,7 +197,21 @@ def build_stack(broker_url: str, workdir: Path) -> Stack:
 @pytest.fixture(scope="module")
 def stack(stack_broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The stack's services running; killed if still up at the end, then its topology deleted."""
-    built = build_stack(stack_broker_url, tmp_path_factory.mktemp("local-stack"))
+    admin = admin_url()
+    try:
+        database = asyncio.run(create_database(admin))
+    except (OSError, asyncpg.PostgresError) as exc:
+        skip_or_fail("PostgreSQL for the stack's saga store", [repr(exc)])
+    store_url = database.render_as_string(hide_password=False)
+    try:
+        built = build_stack(stack_broker_url, store_url, tmp_path_factory.mktemp("local-stack"))
+        yield from _running(built)
+    finally:
+        asyncio.run(drop_database(admin, database))
+
+
+def _running(built: Stack) -> Iterator[Stack]:
+    """Start the stack's processes as compose would, and always stop them."""
     require_free_ports(
         [service.port for service in built.services.values()],
         "the local stack runs the compose services on their published ports",
@@ -328,6 +347,24 @@ def test_orchestrator_declares_its_topics_on_rabbitmq_under_the_stack_prefix(
         return missing
 
     assert asyncio.run(missing_queues()) == []
+
+
+def test_the_stacks_sagas_are_recorded_in_its_postgresql_store(stack: Stack) -> None:
+    target = stack.services["orchestrator"].target
+    booked = grpcurl_call(
+        "pb.BookingService/HandleSyncBooking",
+        {"ProductID": 1},
+        target=target,
+        request_id="stack-saga-1",
+    )
+    assert booked.returncode == 0, booked.stderr
+
+    found = grpcurl_call(
+        "orchestrator.v1.SagaService/GetSaga", {"request_id": "stack-saga-1"}, target=target
+    )
+    assert found.returncode == 0, found.stderr
+    saga = json.loads(found.stdout)
+    assert (saga["facade"], saga["state"]) == ("SyncBooking", "COMPLETED")
 
 
 def test_stack_processes_exit_0_on_sigterm_within_their_stop_grace_period(stack: Stack) -> None:
