@@ -128,7 +128,7 @@ class Orchestrator:
         orphans = await store.claim_orphans(
             self.replica_id, stale_after=self._lease_seconds, kind="sync"
         )
-        for saga in orphans:
+        for saga in map(unscoped, orphans):
             facade = self._sync.get(saga.facade)
             if facade is None:
                 log.error(
@@ -140,7 +140,7 @@ class Orchestrator:
                 "recovering a saga whose replica stopped",
                 extra={"request_id": saga.request_id, "facade": saga.facade, "owner": saga.owner},
             )
-            await facade.recover(unscoped(saga))
+            await facade.recover(saga)
         return len(orphans)
 
     async def _keep_recovering(self, store: SagaStore) -> None:

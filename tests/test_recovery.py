@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 import yaml
@@ -17,6 +19,8 @@ import yaml
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams
+from tests.support.broker_fixtures import skip_or_fail
+from tests.support.databases import admin_url, create_database, drop_database
 from tests.support.processes import free_port, start_main, wait_for_serving
 from upstream.server import serve_upstream
 
@@ -110,3 +114,105 @@ async def test_a_sync_saga_killed_after_its_first_step_is_compensated_after_rest
         [("create_order", saga_pb2.STEP_DONE)],
         [("create_order", saga_pb2.STEP_DONE), ("create_payment", saga_pb2.STEP_RUNNING)],
     )
+
+
+@pytest.fixture
+async def postgres_store_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for the replicas' shared store, dropped afterwards."""
+    admin = admin_url()
+    try:
+        database = await create_database(admin)
+    except (OSError, asyncpg.PostgresError) as exc:
+        skip_or_fail("PostgreSQL for a shared saga store", [repr(exc)])
+    try:
+        yield database.render_as_string(hide_password=False)
+    finally:
+        await drop_database(admin, database)
+
+
+async def test_two_replicas_on_one_postgresql_store_one_killed_every_saga_ends_once(  # noqa: PLR0915
+    tmp_path: Path, upstreams: Upstreams, postgres_store_url: str
+) -> None:
+    slow_payment = await serve_upstream("payment", port=0, latency_ms=1500)
+    ports = [free_port(), free_port()]
+    configs = []
+    for name, port in zip(("a", "b"), ports, strict=True):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = orchestrator_config(folder, upstreams.order.target, slow_payment.target, port)
+        raw = yaml.safe_load(config.read_text())
+        raw["store"]["url"] = postgres_store_url
+        config.write_text(yaml.safe_dump(raw))
+        configs.append(config)
+    doomed = start_main(config=configs[0], cwd=tmp_path / "a")
+    survivor = start_main(config=configs[1], cwd=tmp_path / "b")
+    targets = [f"127.0.0.1:{port}" for port in ports]
+    ids = [f"replica-{i}" for i in range(20)]
+    try:
+        for process, target in ((doomed, targets[0]), (survivor, targets[1])):
+            await asyncio.to_thread(wait_for_serving, target, process)
+        async with (
+            grpc.aio.insecure_channel(targets[0]) as to_doomed,
+            grpc.aio.insecure_channel(targets[1]) as to_survivor,
+        ):
+            stubs = [
+                booking_pb2_grpc.BookingServiceStub(to_doomed),
+                booking_pb2_grpc.BookingServiceStub(to_survivor),
+            ]
+            calls = [
+                asyncio.ensure_future(
+                    stubs[i % 2].HandleSyncBooking(
+                        booking_pb2.BookingRequest(ProductID=1),
+                        metadata=(("x-request-id", rid),),
+                        timeout=30,
+                    )
+                )
+                for i, rid in enumerate(ids)
+            ]
+            async with asyncio.timeout(20):
+                while any(  # noqa: ASYNC110
+                    upstreams.order.ledger.latest_order_of(rid) is None for rid in ids
+                ):
+                    await asyncio.sleep(0.02)
+            doomed.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(doomed.wait, 10)
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+
+            sagas = saga_pb2_grpc.SagaServiceStub(to_survivor)
+            final = {saga_pb2.COMPLETED, saga_pb2.COMPENSATED}
+            async with asyncio.timeout(40):
+                while True:
+                    states = {
+                        rid: (
+                            await sagas.GetSaga(saga_pb2.GetSagaRequest(request_id=rid), timeout=5)
+                        ).state
+                        for rid in ids
+                    }
+                    if set(states.values()) <= final:
+                        break
+                    await asyncio.sleep(0.2)
+        payments = {rid: slow_payment.ledger.latest_payment_of(rid) for rid in ids}
+        log = survivor.output()
+    finally:
+        doomed.close()
+        survivor.close()
+        await slow_payment.stop(None)
+
+    for i, rid in enumerate(ids):
+        order = upstreams.order.ledger.latest_order_of(rid)
+        payment = payments[rid]
+        assert upstreams.order.ledger.count_orders(rid) == 1
+        assert order is not None
+        if i % 2:  # the survivor's own sagas finished normally
+            assert not isinstance(answers[i], BaseException)
+            assert states[rid] == saga_pb2.COMPLETED
+            assert order.status == "CREATED" and payment and payment.status == "PAID"
+        else:  # the dead replica's sagas were taken over and rolled back
+            assert states[rid] == saga_pb2.COMPENSATED
+            assert order.status == "CANCELLED"
+            assert payment is None or payment.status == "REFUNDED"
+    # Each of the dead replica's sagas was taken over exactly once.
+    recoveries = [line for line in log.splitlines() if "recovering a saga" in line]
+    for rid in ids[::2]:
+        assert sum(f"request_id={rid} " in line for line in recoveries) == 1, rid
+    assert len(recoveries) == len(ids[::2])
