@@ -1,3 +1,7 @@
 """Fixtures shared by every test module."""
 
-pytest_plugins = ["tests.support.broker_fixtures", "tests.support.app_fixtures"]
+pytest_plugins = [
+    "tests.support.broker_fixtures",
+    "tests.support.app_fixtures",
+    "tests.support.databases",
+]

@@ -30,7 +30,6 @@ from orchestrator.store.sql import replicas, sagas
 if TYPE_CHECKING:
     from tests.support.databases import StoreOpener
 
-pytest_plugins = ["tests.support.databases"]
 
 pytestmark = pytest.mark.timeout(30)
 
