@@ -36,6 +36,7 @@ any skew.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import contextlib
@@ -196,16 +197,16 @@ def _now() -> datetime:
 
 
 @dataclass(eq=False, slots=True)
-class _Op:
+class _Op(abc.ABC):
     """One queued write; identity-hashed so a batch can map ops to outcomes."""
 
     at: datetime
     future: asyncio.Future[Any]
 
     @property
+    @abc.abstractmethod
     def key(self) -> str:
         """Ops with one key keep their queue order; others may be regrouped."""
-        raise NotImplementedError
 
 
 @dataclass(eq=False, slots=True)
