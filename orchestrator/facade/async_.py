@@ -239,13 +239,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                         state=StepState.FAILED,
                         data=dto.model_dump_json(),
                         error=failure.reason,
-                    ),
-                    dto.request_id,
-                )
-                await self._journal(
-                    store.set_state(
-                        dto.request_id,
-                        SagaState.COMPENSATING,
+                        saga_state=SagaState.COMPENSATING,
                         error_code=failure.code.name,
                         error_reason=failure.reason,
                     ),
@@ -260,23 +254,31 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         else:
             metrics.observe_step(hop.name, time.perf_counter() - started)
             result.current_index = index + 1
+            last = result.current_index >= len(result.topics)
             if store is not None:
+                # The last hop's end and the saga's completion are one write.
                 await self._journal(
                     store.step_finished(
-                        dto.request_id, index, state=StepState.DONE, data=result.model_dump_json()
+                        dto.request_id,
+                        index,
+                        state=StepState.DONE,
+                        data=result.model_dump_json(),
+                        saga_state=SagaState.COMPLETED if last else None,
                     ),
                     dto.request_id,
                 )
-            await self._advance(result, hop)
+            await self._advance(result, hop, completion_recorded=True)
         finally:
             metrics.in_flight.dec()
 
-    async def _advance(self, result: DtoT, hop: _Hop[DtoT]) -> None:
+    async def _advance(
+        self, result: DtoT, hop: _Hop[DtoT], *, completion_recorded: bool = False
+    ) -> None:
         """Publish the next hop, or record the saga completed after its last one."""
         if result.current_index < len(result.topics):
             await self._publish_hop(result)
             return
-        if self._store is not None:
+        if self._store is not None and not completion_recorded:
             await self._journal(
                 self._store.set_state(
                     result.request_id, SagaState.COMPLETED, data=result.model_dump_json()

@@ -184,6 +184,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
             payload=payload,
             payload_hash=payload_digest(self.name, payload),
             owner=self._owner,
+            first_step=self._steps[0].name if self._steps else "",
         )
         if begun.created:
             return None
@@ -232,8 +233,8 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                     else loop.time() + (deadline - loop.time()) / (len(self._steps) - index)
                 )
                 try:
-                    if self._store is not None:
-                        await self._store.step_started(request_id, index, step.name)
+                    # The step's start is already recorded, with the saga's begin or the
+                    # previous step's end: one durable write per step, not two.
                     with tracing.span(f"step {step.name}", {"saga.step": step.name}):
                         await call_with_retry(
                             functools.partial(step.node, request_id, ctx),
@@ -243,8 +244,14 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                             on_retry=functools.partial(self._retrying, request_id, step.name),
                         )
                     if self._store is not None:
+                        last = index == len(self._steps) - 1
                         await self._store.step_finished(
-                            request_id, index, state=StepState.DONE, data=_json(ctx.response)
+                            request_id,
+                            index,
+                            state=StepState.DONE,
+                            data=_json(ctx.response),
+                            next_step="" if last else self._steps[index + 1].name,
+                            saga_state=SagaState.COMPLETED if last else None,
                         )
                 except asyncio.CancelledError:
                     # The caller went away mid-saga: what was done must still be undone.
@@ -275,7 +282,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                     metrics.observe_step(step.name, time.perf_counter() - started)
         finally:
             metrics.in_flight.dec()
-        if self._store is not None:
+        if self._store is not None and not self._steps:
             await self._store.set_state(request_id, SagaState.COMPLETED, data=_json(ctx.response))
         metrics.completed.inc()
         return ctx.response
@@ -314,10 +321,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 state=StepState.FAILED,
                 data=_json(ctx.response),
                 error=failure.reason,
-            )
-            await self._store.set_state(
-                ctx.request_id,
-                SagaState.COMPENSATING,
+                saga_state=SagaState.COMPENSATING,
                 error_code=failure.code.name,
                 error_reason=failure.reason,
             )

@@ -138,8 +138,12 @@ class SagaStore(abc.ABC):
         payload: str,
         payload_hash: str,
         owner: str,
+        first_step: str = "",
     ) -> BeginResult:
-        """Record a new RUNNING saga, unless one exists under `request_id` (then return it)."""
+        """Record a new RUNNING saga, unless one exists under `request_id` (then return it).
+
+        With `first_step`, a new saga's step 0 is recorded as started in the
+        same durable write: a saga that runs at once needs one write, not two."""
 
     @abc.abstractmethod
     async def step_started(self, request_id: str, index: int, name: str) -> None:
@@ -150,9 +154,24 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def step_finished(
-        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+        self,
+        request_id: str,
+        index: int,
+        *,
+        state: StepState,
+        data: str,
+        error: str = "",
+        next_step: str = "",
+        saga_state: SagaState | None = None,
+        error_code: str = "",
+        error_reason: str = "",
     ) -> None:
-        """Record how step `index` ended and the saga's data after it."""
+        """Record how step `index` ended and the saga's data after it.
+
+        In the same durable write, `next_step` records step `index + 1` as
+        started, and `saga_state` moves the saga as `set_state` would (with
+        `error_code` and `error_reason`): a step's end and what follows it
+        cost one write, not two."""
 
     @abc.abstractmethod
     async def set_state(
@@ -235,6 +254,7 @@ class FacadeStore(SagaStore):
         payload: str,
         payload_hash: str,
         owner: str,
+        first_step: str = "",
     ) -> BeginResult:
         """Begin under the facade's key."""
         begun = await self.store.begin(
@@ -244,6 +264,7 @@ class FacadeStore(SagaStore):
             payload=payload,
             payload_hash=payload_hash,
             owner=owner,
+            first_step=first_step,
         )
         if begun.existing is None:
             return begun
@@ -254,11 +275,29 @@ class FacadeStore(SagaStore):
         await self.store.step_started(self._key(request_id), index, name)
 
     async def step_finished(
-        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+        self,
+        request_id: str,
+        index: int,
+        *,
+        state: StepState,
+        data: str,
+        error: str = "",
+        next_step: str = "",
+        saga_state: SagaState | None = None,
+        error_code: str = "",
+        error_reason: str = "",
     ) -> None:
         """See SagaStore."""
         await self.store.step_finished(
-            self._key(request_id), index, state=state, data=data, error=error
+            self._key(request_id),
+            index,
+            state=state,
+            data=data,
+            error=error,
+            next_step=next_step,
+            saga_state=saga_state,
+            error_code=error_code,
+            error_reason=error_reason,
         )
 
     async def set_state(

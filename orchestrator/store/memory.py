@@ -54,8 +54,9 @@ class InMemorySagaStore(SagaStore):
         payload: str,
         payload_hash: str,
         owner: str,
+        first_step: str = "",
     ) -> BeginResult:
-        """Record a new saga, or return the one already under `request_id`."""
+        """Record a new saga (with its first step started), or return the one already there."""
         existing = self._sagas.get(request_id)
         if existing is not None:
             return BeginResult(created=False, existing=existing)
@@ -72,6 +73,8 @@ class InMemorySagaStore(SagaStore):
             created_at=now,
             updated_at=now,
         )
+        if first_step:
+            await self.step_started(request_id, 0, first_step)
         return BeginResult(created=True)
 
     async def step_started(self, request_id: str, index: int, name: str) -> None:
@@ -89,9 +92,19 @@ class InMemorySagaStore(SagaStore):
         self._replace(saga, steps=tuple(steps[i] for i in sorted(steps)))
 
     async def step_finished(
-        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+        self,
+        request_id: str,
+        index: int,
+        *,
+        state: StepState,
+        data: str,
+        error: str = "",
+        next_step: str = "",
+        saga_state: SagaState | None = None,
+        error_code: str = "",
+        error_reason: str = "",
     ) -> None:
-        """Record how step `index` ended and the saga's data after it."""
+        """Record how step `index` ended and the saga's data after it, then what follows."""
         saga = self._sagas[request_id]
         steps = [
             dataclasses.replace(step, state=state, finished_at=self._now(), error=error)
@@ -100,6 +113,12 @@ class InMemorySagaStore(SagaStore):
             for step in saga.steps
         ]
         self._replace(saga, steps=tuple(steps), data=data)
+        if next_step:
+            await self.step_started(request_id, index + 1, next_step)
+        if saga_state is not None:
+            await self.set_state(
+                request_id, saga_state, error_code=error_code, error_reason=error_reason
+            )
 
     async def set_state(
         self,

@@ -1,15 +1,17 @@
 """The saga store on SQL: SQLite (aiosqlite) or PostgreSQL (asyncpg), with group commit.
 
-Every saga writes its log several times (begin, each step's start and end, its
-final state), so the store sits on the hot path of every request. Writes are
-queued to one writer task, which takes everything queued while its previous
-transaction ran (up to `max_batch`), applies it in one transaction with a few
-set-based statements, and resolves the callers only after the commit: each
-write still returns once durable, but 64 sagas in flight share one commit and
-about five statements instead of paying for them one by one. There is no
-waiting for company, so a lone write commits at once. A saga's ops keep their
-queue order (a second op of one saga goes to a later "round" of the batch);
-ops of different sagas are regrouped freely. Reads go straight to the engine.
+Every saga writes its log several times (begin, each step's end with the next
+one's start, its final state), so the store sits on the hot path of every
+request. Writes are queued to one writer task, which takes everything queued
+while its previous transaction ran (up to `max_batch`), applies it in one
+transaction, and resolves the callers only after the commit: each write still
+returns once durable, but 64 sagas in flight share one commit instead of paying
+for it one by one. There is no waiting for company, so a lone write commits at
+once. A saga's ops keep their queue order; ops of different sagas may be
+regrouped. On PostgreSQL a batch is a few set-based statements (a second op of
+one saga goes to a later "round"); on SQLite it is one trip to the writer's own
+thread and sqlite3 connection (see `_SqliteWriter`). Reads go straight to the
+engine.
 
 When a batch's transaction fails, nothing of it was applied. If a statement
 failed, the batch is split in halves and each retried, down to the bad op
@@ -39,6 +41,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -100,8 +103,11 @@ log = logging.getLogger("orchestrator.store.sql")
 MAX_BATCH: Final = 256
 """Most writes applied in one transaction: bounds a transaction's size and the wait behind it."""
 
-GATHER_SECONDS: Final = 0.002
-"""How long the writer waits, once a write arrives, for others to share its transaction."""
+GATHER_SECONDS: Final = 0.0
+"""How long the writer waits, once a write arrives, for others to share its transaction.
+
+None by default: under load the writes queued during one commit share the next
+anyway, and a wait would only add to every saga's latency."""
 CLAIM_BATCH: Final = 100
 """Most orphans one `claim_orphans` call takes; the next call takes the rest."""
 MAX_PAGE_SIZE: Final = 500
@@ -220,11 +226,30 @@ class _SagaOp(_Op):
 
 @dataclass(eq=False, slots=True)
 class _Begin(_SagaOp):
+    """Its outcome is whether it created the saga."""
+
     facade: str
     kind: str
     payload: str
     payload_hash: str
     owner: str
+    first_step: str
+
+    def row(self) -> dict[str, Any]:
+        """Its row for the begin statement."""
+        return {
+            "b_id": self.request_id,
+            "b_facade": self.facade,
+            "b_kind": self.kind,
+            "b_payload": self.payload,
+            "b_payload_hash": self.payload_hash,
+            "b_owner": self.owner,
+            "b_at": self.at,
+        }
+
+    def first_step_row(self) -> dict[str, Any]:
+        """Its step 0, started, for the step_started statement."""
+        return {"b_id": self.request_id, "b_idx": 0, "b_name": self.first_step, "b_at": self.at}
 
 
 @dataclass(eq=False, slots=True)
@@ -258,14 +283,28 @@ class _StepFinished(_SagaUpdate):
     state: str
     data: str
     error: str
+    next_step: str
+    """Step `index + 1`, started in the same write ("" for none)."""
+    saga_state: str | None
+    error_code: str
+    error_reason: str
 
     def saga_row(self) -> dict[str, Any]:
         return {
             "b_id": self.request_id,
-            "b_state": None,
+            "b_state": self.saga_state,
             "b_data": self.data,
-            "b_code": "",
-            "b_reason": "",
+            "b_code": self.error_code,
+            "b_reason": self.error_reason,
+            "b_at": self.at,
+        }
+
+    def next_step_row(self) -> dict[str, Any]:
+        """Step `index + 1`, started, for the step_started statement."""
+        return {
+            "b_id": self.request_id,
+            "b_idx": self.index + 1,
+            "b_name": self.next_step,
             "b_at": self.at,
         }
 
@@ -568,6 +607,153 @@ def _postgres_batch_statements() -> _BatchStatements:
     )
 
 
+# --- the SQLite writer ----------------------------------------------------------------------------
+#
+# On SQLite, SQLAlchemy's async layer costs more than the writes themselves: every statement is
+# a greenlet switch and a trip to aiosqlite's thread and back. The writer instead keeps its own
+# sqlite3 connection on its own thread and applies a whole batch in one trip there: BEGIN, a
+# few prepared statements per op (sqlite3 caches them), COMMIT. Ops run in queue order, so a
+# saga's writes keep their order without rounds. SQLite has no asynchronous API; one thread
+# for the one connection that writes is what aiosqlite would use too, minus the trips.
+
+_SQLITE_BEGIN: Final = (
+    "INSERT INTO sagas (request_id, facade, kind, state, payload, payload_hash, data, owner,"
+    " error_code, error_reason, created_at, updated_at)"
+    " VALUES (?, ?, ?, 'RUNNING', ?, ?, '', ?, '', '', ?, ?)"
+    " ON CONFLICT (request_id) DO NOTHING"
+)
+_SQLITE_SAGA_UPDATE: Final = (
+    # NULL state or data keeps it; an empty error keeps the one recorded earlier.
+    "UPDATE sagas SET state = coalesce(:state, state), data = coalesce(:data, data),"
+    " error_code = CASE :code WHEN '' THEN error_code ELSE :code END,"
+    " error_reason = CASE :reason WHEN '' THEN error_reason ELSE :reason END,"
+    " updated_at = :at WHERE request_id = :id"
+)
+_SQLITE_STEP_STARTED: Final = (
+    "INSERT INTO saga_steps (request_id, idx, name, state, attempts, started_at, finished_at,"
+    " error) VALUES (?, ?, ?, 'RUNNING', 1, ?, NULL, '')"
+    " ON CONFLICT (request_id, idx) DO UPDATE SET name = excluded.name, state = 'RUNNING',"
+    " attempts = saga_steps.attempts + 1, started_at = excluded.started_at,"
+    " finished_at = NULL, error = ''"
+)
+_SQLITE_STEP_FINISHED: Final = (
+    "UPDATE saga_steps SET state = ?, finished_at = ?, error = ? WHERE request_id = ? AND idx = ?"
+)
+_SQLITE_HEARTBEAT: Final = (
+    "INSERT INTO replicas (owner, heartbeat_at) VALUES (?, ?)"
+    " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+)
+
+
+def _sqlite_time(at: datetime) -> str:
+    """`at` as `_UtcDateTime` keeps it on SQLite: naive UTC text, fixed width."""
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+class _SqliteWriter:
+    """The writing connection to a SQLite file, used only from its own thread."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="saga-store-sqlite"
+        )
+        self._conn: sqlite3.Connection | None = None
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def open(self) -> None:
+        """Connect (the file exists and is in WAL mode: the schema was created)."""
+        await self._call(self._connect)
+
+    async def close(self) -> None:
+        """Disconnect and stop the thread."""
+        await self._call(self._disconnect)
+        self._thread.shutdown(wait=False)
+
+    async def apply(self, ops: Sequence[_Op]) -> dict[_Op, object]:
+        """Apply `ops` in one transaction; each op's outcome once committed, or _BatchFailed."""
+        outcomes: dict[_Op, object] = await self._call(self._apply, ops)
+        return outcomes
+
+    def _connect(self) -> None:
+        # isolation_level None: no implicit transactions, we BEGIN IMMEDIATE ourselves.
+        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
+        conn.execute("PRAGMA synchronous=NORMAL")  # see _sqlite_pragmas
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _apply(self, ops: Sequence[_Op]) -> dict[_Op, object]:
+        conn = self._conn
+        if conn is None:
+            raise _BatchFailed(RuntimeError("the SQLite writer is closed"), isolate=False)
+        stage = "begin"
+        try:
+            # The write lock up front (waiting up to the timeout for a claimer holding it).
+            conn.execute("BEGIN IMMEDIATE")
+            stage = "execute"
+            outcomes = {op: _apply_sqlite_op(conn, op) for op in ops}
+            stage = "commit"
+            conn.execute("COMMIT")
+            return outcomes
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            # Callers see the errors SQLAlchemy would raise (IntegrityError, OperationalError),
+            # whichever backend. As in _transaction: only a failed statement may be one op's
+            # fault.
+            error = DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True)
+            raise _BatchFailed(error, isolate=stage == "execute") from exc
+
+
+def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
+    """Apply one op inside the writer's transaction and return its outcome."""
+    at = _sqlite_time(op.at)
+    if isinstance(op, _Begin):
+        created = (
+            conn.execute(
+                _SQLITE_BEGIN,
+                (op.request_id, op.facade, op.kind, op.payload, op.payload_hash, op.owner, at, at),
+            ).rowcount
+            == 1
+        )
+        if created and op.first_step:
+            conn.execute(_SQLITE_STEP_STARTED, (op.request_id, 0, op.first_step, at))
+        return created
+    if isinstance(op, _SagaUpdate):
+        row = op.saga_row()
+        touched = conn.execute(
+            _SQLITE_SAGA_UPDATE,
+            {
+                "id": op.request_id,
+                "state": row["b_state"],
+                "data": row["b_data"],
+                "code": row["b_code"],
+                "reason": row["b_reason"],
+                "at": at,
+            },
+        ).rowcount
+        if touched == 0:
+            return KeyError(op.request_id)
+        if isinstance(op, _StepStarted):
+            conn.execute(_SQLITE_STEP_STARTED, (op.request_id, op.index, op.name, at))
+        elif isinstance(op, _StepFinished):
+            conn.execute(_SQLITE_STEP_FINISHED, (op.state, at, op.error, op.request_id, op.index))
+            if op.next_step:
+                conn.execute(_SQLITE_STEP_STARTED, (op.request_id, op.index + 1, op.next_step, at))
+        return None
+    if isinstance(op, _Heartbeat):
+        conn.execute(_SQLITE_HEARTBEAT, (op.owner, at))
+        return None
+    raise TypeError(f"unknown saga store write {op!r}")
+
+
 # --- reading records ----------------------------------------------------------------------------
 
 _STEP_COLUMNS: Final = (
@@ -769,6 +955,7 @@ class SqlSagaStore(SagaStore):
         self._queue: list[_Op] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._sqlite_writer: _SqliteWriter | None = None
         self._closing = False
         self.stats = WriterStats()
         self._build_statements()
@@ -813,6 +1000,10 @@ class SqlSagaStore(SagaStore):
         if self._writer is not None:
             return
         await self._create_schema()
+        if self._sqlite:
+            writer = _SqliteWriter(self._url.database or "")
+            await writer.open()
+            self._sqlite_writer = writer
         self._closing = False
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
         self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
@@ -866,6 +1057,9 @@ class SqlSagaStore(SagaStore):
             self._closing = True
             self._wake.set()
             await asyncio.wait([writer])
+        sqlite_writer, self._sqlite_writer = self._sqlite_writer, None
+        if sqlite_writer is not None:
+            await sqlite_writer.close()
         await self._engine.dispose()
 
     # --- writes, through the writer ---
@@ -886,8 +1080,10 @@ class SqlSagaStore(SagaStore):
         payload: str,
         payload_hash: str,
         owner: str,
+        first_step: str = "",
     ) -> BeginResult:
-        """Record a new RUNNING saga, unless one exists under `request_id` (then return it)."""
+        """Record a new RUNNING saga (and its first step), unless one exists under
+        `request_id`: then return that one."""
         op = _Begin(
             _now(),
             asyncio.get_running_loop().create_future(),
@@ -897,9 +1093,15 @@ class SqlSagaStore(SagaStore):
             payload,
             payload_hash,
             owner,
+            first_step,
         )
-        result: BeginResult = await self._submit(op)
-        return result
+        if await self._submit(op):
+            return BeginResult(created=True)
+        # Committed before our INSERT found it, and sagas are never deleted: it is there.
+        existing = await self.get(request_id)
+        if existing is None:
+            raise RuntimeError(f"saga {request_id!r} was there to conflict with, then gone")
+        return BeginResult(created=False, existing=existing)
 
     async def step_started(self, request_id: str, index: int, name: str) -> None:
         """Record an attempt of step `index`; KeyError if the saga is unknown."""
@@ -907,12 +1109,35 @@ class SqlSagaStore(SagaStore):
         await self._submit(_StepStarted(_now(), loop.create_future(), request_id, index, name))
 
     async def step_finished(
-        self, request_id: str, index: int, *, state: StepState, data: str, error: str = ""
+        self,
+        request_id: str,
+        index: int,
+        *,
+        state: StepState,
+        data: str,
+        error: str = "",
+        next_step: str = "",
+        saga_state: SagaState | None = None,
+        error_code: str = "",
+        error_reason: str = "",
     ) -> None:
-        """Record how step `index` ended and the saga's data; KeyError if the saga is unknown."""
+        """Record how step `index` ended and the saga's data, then the next step's start or
+        the saga's new state, in one write; KeyError if the saga is unknown."""
         loop = asyncio.get_running_loop()
         await self._submit(
-            _StepFinished(_now(), loop.create_future(), request_id, index, str(state), data, error)
+            _StepFinished(
+                _now(),
+                loop.create_future(),
+                request_id,
+                index,
+                str(state),
+                data,
+                error,
+                next_step,
+                None if saga_state is None else str(saga_state),
+                error_code,
+                error_reason,
+            )
         )
 
     async def set_state(
@@ -955,9 +1180,8 @@ class SqlSagaStore(SagaStore):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                # A transaction costs about the same for one write or a hundred (each is
-                # several trips to the database thread): a moment's wait for the other
-                # sagas' writes turns many small transactions into one.
+                # Optional (gather_seconds): trades each write's latency for fewer,
+                # fuller transactions when writes trickle in.
                 if self._gather_seconds and len(self._queue) < self._max_batch:
                     await asyncio.sleep(self._gather_seconds)
                 taken = self._queue[: self._max_batch]
@@ -1013,6 +1237,8 @@ class SqlSagaStore(SagaStore):
 
     async def _transaction(self, ops: Sequence[_Op]) -> dict[_Op, object]:
         """Apply `ops` in one transaction and return each op's outcome once committed."""
+        if self._sqlite_writer is not None:
+            return await self._sqlite_writer.apply(ops)
         stage = "connect"
         try:
             async with self._engine.connect() as conn:
@@ -1056,9 +1282,14 @@ class SqlSagaStore(SagaStore):
         them from deadlocking on the rows they share (two replicas beginning the
         same request ids).
         """
+        started: list[dict[str, Any]] = []
         begins = sorted((op for op in ops if isinstance(op, _Begin)), key=lambda op: op.key)
         if begins:
-            await self._apply_begins(conn, begins, outcomes)
+            result = await self._many(conn, self._batch.begin, [op.row() for op in begins])
+            created = set(result.scalars())
+            for begin in begins:
+                outcomes[begin] = begin.request_id in created
+            started += [b.first_step_row() for b in begins if outcomes[b] and b.first_step]
 
         updates = sorted((op for op in ops if isinstance(op, _SagaUpdate)), key=lambda op: op.key)
         missing: set[str] = set()
@@ -1075,13 +1306,19 @@ class SqlSagaStore(SagaStore):
                 missing = set(ids) - set(found.scalars())
             for op in updates:
                 outcomes[op] = KeyError(op.request_id) if op.request_id in missing else None
+        known = [op for op in updates if op.request_id not in missing]
 
-        started = [op.step_row() for op in updates if isinstance(op, _StepStarted)]
-        if started := [row for row in started if row["b_id"] not in missing]:
-            await self._many(conn, self._batch.step_started, started)
-        ended = [op.step_row() for op in updates if isinstance(op, _StepFinished)]
-        if ended := [row for row in ended if row["b_id"] not in missing]:
+        # A step's end before the next one's start: they are different rows, but a
+        # finished step and a restarted one of one saga never share a round anyway.
+        if ended := [op.step_row() for op in known if isinstance(op, _StepFinished)]:
             await self._many(conn, self._batch.step_finished, ended)
+        started += [op.step_row() for op in known if isinstance(op, _StepStarted)]
+        started += [
+            op.next_step_row() for op in known if isinstance(op, _StepFinished) and op.next_step
+        ]
+        if started:
+            started.sort(key=lambda row: (row["b_id"], row["b_idx"]))
+            await self._many(conn, self._batch.step_started, started)
 
         beats = sorted((op for op in ops if isinstance(op, _Heartbeat)), key=lambda op: op.key)
         if beats:
@@ -1089,38 +1326,6 @@ class SqlSagaStore(SagaStore):
                 conn, self._batch.heartbeat, [{"b_owner": op.owner, "b_at": op.at} for op in beats]
             )
             outcomes.update(dict.fromkeys(beats))
-
-    async def _apply_begins(
-        self, conn: AsyncConnection, begins: list[_Begin], outcomes: dict[_Op, object]
-    ) -> None:
-        result = await self._many(
-            conn,
-            self._batch.begin,
-            [
-                {
-                    "b_id": op.request_id,
-                    "b_facade": op.facade,
-                    "b_kind": op.kind,
-                    "b_payload": op.payload,
-                    "b_payload_hash": op.payload_hash,
-                    "b_owner": op.owner,
-                    "b_at": op.at,
-                }
-                for op in begins
-            ],
-        )
-        created = set(result.scalars())
-        # Read the ones already there in this transaction: on PostgreSQL the INSERT
-        # waited for a concurrent inserter to commit, so they are visible now.
-        existing = await _load(
-            conn, (op.request_id for op in begins if op.request_id not in created)
-        )
-        for op in begins:
-            outcomes[op] = (
-                BeginResult(created=True)
-                if op.request_id in created
-                else BeginResult(created=False, existing=existing[op.request_id])
-            )
 
     # --- reads and claims, straight to the engine ---
 
