@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.broker.base import Broker
@@ -55,6 +56,7 @@ class Orchestrator:
         self._async: dict[str, AsyncFacade[Any]] = {}
         self._started = False
         self._recovery: asyncio.Task[None] | None = None
+        self._saga_listeners: list[Callable[[str], None]] = []
 
     def register_sync_facade(self, name: str, facade: SyncFacade[Any, Any]) -> None:
         """Register `facade` under `name`; a name can be registered once."""
@@ -152,6 +154,20 @@ class Orchestrator:
                 log.exception("recovery round failed")
             await asyncio.sleep(self._heartbeat_seconds)
 
+    def on_saga_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(request_id)` after each store write of this replica's sagas.
+
+        It runs in the event loop, inline with the saga: it must be quick and
+        must not raise. Returns a function that removes the listener. The
+        status service uses it to wake its watchers at once.
+        """
+        self._saga_listeners.append(listener)
+        return lambda: self._saga_listeners.remove(listener)
+
+    def _saga_changed(self, request_id: str) -> None:
+        for listener in self._saga_listeners:
+            listener(request_id)
+
     def _register(self, name: str, facade: FacadeBase) -> None:
         if not name:
             raise ValueError("a facade needs a name")
@@ -165,7 +181,11 @@ class Orchestrator:
             name,
             self.broker,
             self.metrics,
-            store=FacadeStore(self.store, name) if self.store is not None else None,
+            store=(
+                FacadeStore(self.store, name, on_change=self._saga_changed)
+                if self.store is not None
+                else None
+            ),
             owner=self.replica_id,
         )
 

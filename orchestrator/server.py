@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import GrpcSettings, MetricsSettings
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
+
+if TYPE_CHECKING:
+    from orchestrator.status import SagaStatusService  # it imports GrpcService from here
 
 __all__ = ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
@@ -69,6 +72,8 @@ class OrchestratorServer:
         self._health_task: asyncio.Task[None] | None = None
         self.port = 0
         """The bound port, once started (useful with port 0)."""
+        self.status: SagaStatusService | None = None
+        """The saga status servicer, once started with a saga store."""
 
     @property
     def metrics_port(self) -> int:
@@ -84,9 +89,11 @@ class OrchestratorServer:
         if self.orchestrator.store is not None:
             from orchestrator.status import saga_grpc_service  # it imports GrpcService from here
 
-            status_service, _ = saga_grpc_service(
+            status_service, self.status = saga_grpc_service(
                 self.orchestrator.store, facades=sorted(self.orchestrator.facades)
             )
+            # Watchers wake on this replica's writes at once; polling covers the others'.
+            self.orchestrator.on_saga_change(self.status.notify)
             self._services.append(status_service)
         for service in self._services:
             service.add_to_server(service.servicer, self._server)

@@ -2,13 +2,14 @@
 
 `GetSaga` returns one saga, `ListSagas` pages through them newest first, and
 `WatchSaga` streams one saga as it changes until it reaches a final state.
-Serve it beside the application's services::
+`OrchestratorServer` serves it whenever its orchestrator has a store; to serve
+it elsewhere::
 
-    saga_service, status = saga_grpc_service(store)
-    server = OrchestratorServer(orchestrator, settings.grpc, [booking_service, saga_service])
+    saga_service, status = saga_grpc_service(store, facades=[...])
 
-Watchers poll the store, so they see changes made by any replica; call
-`status.notify(request_id)` after a local write to wake them at once.
+Watchers poll the store, so they see changes made by any replica; a local
+write wakes them at once through `status.notify(request_id)`, which
+`OrchestratorServer` subscribes to `Orchestrator.on_saga_change`.
 
 Page tokens: the store's `list_sagas` raises ValueError for a `page_token` it
 did not issue (or cannot parse); the service answers INVALID_ARGUMENT.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from orchestrator import (
     SyncFacade,
 )
 from orchestrator.facade.sync import payload_digest
-from orchestrator.store.base import SagaState, StepState, saga_key
+from orchestrator.store.base import BeginResult, SagaState, StepState, saga_key
 from orchestrator.store.memory import InMemorySagaStore
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
@@ -330,3 +331,71 @@ async def test_one_request_id_on_two_facades_is_two_sagas(
 
     assert (await store.get(saga_key("Booking", "shared"))) is not None
     assert (await store.get(saga_key("Async", "shared"))) is not None
+
+
+class CountingStore(InMemorySagaStore):
+    """Counts the writes that make a saga's record durable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def begin(self, **fields: Any) -> BeginResult:
+        self.writes += 1
+        return await super().begin(**fields)
+
+    async def step_started(self, request_id: str, index: int, name: str) -> None:
+        self.writes += 1
+        await super().step_started(request_id, index, name)
+
+    async def step_finished(self, request_id: str, index: int, **fields: Any) -> None:
+        self.writes += 1
+        await super().step_finished(request_id, index, **fields)
+
+    async def set_state(self, request_id: str, state: SagaState, **fields: Any) -> None:
+        self.writes += 1
+        await super().set_state(request_id, state, **fields)
+
+
+async def test_a_two_step_sync_saga_costs_three_durable_writes(broker: InMemoryBroker) -> None:
+    # Begin with step 0 started, step 0's end with step 1's start, step 1's end with
+    # COMPLETED: each step's start is durable before it runs, at one write per step.
+    store = CountingStore()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    try:
+        flow = await started(orchestrator, booking_flow(Ledger()))
+        await book(flow)
+
+        saga = await store.get(saga_key("Booking", "j1"))
+        assert saga is not None and saga.state == SagaState.COMPLETED
+        assert [(s.name, s.state) for s in saga.steps] == [
+            ("create_order", StepState.DONE),
+            ("create_payment", StepState.DONE),
+        ]
+        assert store.writes == 3
+    finally:
+        await orchestrator.close()
+
+
+async def test_listeners_hear_of_each_write_under_the_callers_request_id(
+    orchestrator: Orchestrator,
+) -> None:
+    heard: list[str] = []
+    orchestrator.on_saga_change(heard.append)
+    flow = await started(orchestrator, booking_flow(Ledger()))
+
+    await book(flow, "j7")
+
+    assert heard == ["j7"] * 3
+
+
+async def test_a_removed_listener_hears_nothing_more(orchestrator: Orchestrator) -> None:
+    heard: list[str] = []
+    remove = orchestrator.on_saga_change(heard.append)
+    flow = await started(orchestrator, booking_flow(Ledger()))
+    await book(flow, "j8")
+
+    remove()
+    await book(flow, "j9")
+
+    assert heard == ["j8"] * 3

@@ -2,7 +2,8 @@
 
 Each test serves `saga_grpc_service` (with reflection) on a free port, over the
 in-memory FakeSagaStore, and calls it through a real channel or the real
-grpcurl binary.
+grpcurl binary; the last serves it the way an application does, from an
+OrchestratorServer running a facade.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator import GrpcSettings, InMemoryBroker, Orchestrator, OrchestratorServer, SyncFacade
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.status import (
     SAGA_SERVICE_NAME,
@@ -32,6 +34,8 @@ from orchestrator.status import (
     step_state_to_proto,
 )
 from orchestrator.store.base import SagaRecord, SagaState, StepRecord, StepState
+from orchestrator.store.memory import InMemorySagaStore
+from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.fake_store import FakeSagaStore
 from tests.support.processes import grpcurl_binary
 
@@ -575,3 +579,55 @@ async def test_grpcurl_watch_saga_on_a_finished_saga_prints_it_once_and_exits_0(
         messages.append(message)
         rest = rest[end:].strip()
     assert [(m["request_id"], m["state"]) for m in messages] == [("grpcurl-2", "COMPENSATED")]
+
+
+# A served orchestrator: its own writes wake the watchers
+
+
+async def test_a_served_orchestrators_watchers_see_each_step_without_waiting_for_a_poll() -> None:
+    gates = {"create_order": asyncio.Event(), "create_payment": asyncio.Event()}
+
+    def gated(name: str) -> Callable[..., Awaitable[None]]:
+        async def node(request_id: str, ctx: object) -> None:
+            await gates[name].wait()
+
+        node.__name__ = name
+        return node
+
+    flow = SyncFacade[BookingRequest, BookingSyncResponse]()
+    flow.use(gated("create_order")).use(gated("create_payment"))
+    orchestrator = Orchestrator(InMemoryBroker(), store=InMemorySagaStore())
+    orchestrator.register_sync_facade("Booking", flow)
+    server = OrchestratorServer(orchestrator, GrpcSettings(host="127.0.0.1", port=0), [])
+    port = await server.start()
+    assert server.status is not None
+    server.status.poll_interval = 60.0  # so only the orchestrator's own notifications can wake
+    begun = asyncio.Event()
+    orchestrator.on_saga_change(lambda request_id: begun.set())
+    run = asyncio.create_task(flow.run("w-1", BookingRequest(), BookingSyncResponse()))
+    try:
+        async with asyncio.timeout(BOUND):
+            await begun.wait()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = saga_pb2_grpc.SagaServiceStub(channel).WatchSaga(
+                saga_pb2.WatchSagaRequest(request_id="w-1")
+            )
+            first = await next_message(call)
+            gates["create_order"].set()
+            second = await next_message(call)
+            gates["create_payment"].set()
+            last = await next_message(call)
+
+            assert [(s.name, s.state) for s in first.steps] == [
+                ("create_order", saga_pb2.STEP_RUNNING)
+            ]
+            assert [(s.name, s.state) for s in second.steps] == [
+                ("create_order", saga_pb2.STEP_DONE),
+                ("create_payment", saga_pb2.STEP_RUNNING),
+            ]
+            assert last.state == saga_pb2.COMPLETED
+            assert await ends(call)
+        await run
+    finally:
+        run.cancel()
+        await server.stop(0)

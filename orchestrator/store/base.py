@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -230,14 +230,25 @@ def unscoped(saga: SagaRecord) -> SagaRecord:
 
 
 class FacadeStore(SagaStore):
-    """One facade's view of a store: it speaks request ids, the store keys them by facade."""
+    """One facade's view of a store: it speaks request ids, the store keys them by facade.
 
-    def __init__(self, store: SagaStore, facade: str) -> None:
+    `on_change(request_id)` is called after each write that changed a saga (a
+    watcher of the saga wakes up then, rather than at its next poll).
+    """
+
+    def __init__(
+        self, store: SagaStore, facade: str, on_change: Callable[[str], None] | None = None
+    ) -> None:
         self.store = store
         self.facade = facade
+        self._on_change = on_change
 
     def _key(self, request_id: str) -> str:
         return saga_key(self.facade, request_id)
+
+    def _changed(self, request_id: str) -> None:
+        if self._on_change is not None:
+            self._on_change(request_id)
 
     async def start(self) -> None:
         """The shared store is started by its Orchestrator."""
@@ -267,12 +278,14 @@ class FacadeStore(SagaStore):
             first_step=first_step,
         )
         if begun.existing is None:
+            self._changed(request_id)
             return begun
         return BeginResult(created=begun.created, existing=unscoped(begun.existing))
 
     async def step_started(self, request_id: str, index: int, name: str) -> None:
         """See SagaStore."""
         await self.store.step_started(self._key(request_id), index, name)
+        self._changed(request_id)
 
     async def step_finished(
         self,
@@ -299,6 +312,7 @@ class FacadeStore(SagaStore):
             error_code=error_code,
             error_reason=error_reason,
         )
+        self._changed(request_id)
 
     async def set_state(
         self,
@@ -317,6 +331,7 @@ class FacadeStore(SagaStore):
             error_code=error_code,
             error_reason=error_reason,
         )
+        self._changed(request_id)
 
     async def get(self, request_id: str) -> SagaRecord | None:
         """See SagaStore."""
@@ -344,4 +359,7 @@ class FacadeStore(SagaStore):
     async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
         """The shared store's orphans (of every facade), with their request ids."""
         claimed = await self.store.claim_orphans(owner, stale_after=stale_after, kind=kind)
-        return [unscoped(saga) for saga in claimed]
+        orphans = [unscoped(saga) for saga in claimed]
+        for saga in orphans:
+            self._changed(saga.request_id)
+        return orphans

@@ -74,11 +74,14 @@ class InMemorySagaStore(SagaStore):
             updated_at=now,
         )
         if first_step:
-            await self.step_started(request_id, 0, first_step)
+            self._start_step(request_id, 0, first_step)
         return BeginResult(created=True)
 
     async def step_started(self, request_id: str, index: int, name: str) -> None:
         """Record an attempt of step `index`; KeyError for a saga never begun."""
+        self._start_step(request_id, index, name)
+
+    def _start_step(self, request_id: str, index: int, name: str) -> None:
         saga = self._sagas[request_id]
         steps = {step.index: step for step in saga.steps}
         previous = steps.get(index)
@@ -114,11 +117,9 @@ class InMemorySagaStore(SagaStore):
         ]
         self._replace(saga, steps=tuple(steps), data=data)
         if next_step:
-            await self.step_started(request_id, index + 1, next_step)
+            self._start_step(request_id, index + 1, next_step)
         if saga_state is not None:
-            await self.set_state(
-                request_id, saga_state, error_code=error_code, error_reason=error_reason
-            )
+            self._move(request_id, saga_state, None, error_code, error_reason)
 
     async def set_state(
         self,
@@ -130,6 +131,16 @@ class InMemorySagaStore(SagaStore):
         error_reason: str = "",
     ) -> None:
         """Move the saga to `state`; KeyError for a saga never begun."""
+        self._move(request_id, state, data, error_code, error_reason)
+
+    def _move(
+        self,
+        request_id: str,
+        state: SagaState,
+        data: str | None,
+        error_code: str,
+        error_reason: str,
+    ) -> None:
         saga = self._sagas[request_id]
         self._replace(
             saga,
