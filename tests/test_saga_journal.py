@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -13,6 +13,7 @@ from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
     BrokerSettings,
+    BrokerUnavailable,
     Context,
     FailedPrecondition,
     InMemoryBroker,
@@ -399,3 +400,105 @@ async def test_a_removed_listener_hears_nothing_more(orchestrator: Orchestrator)
     await book(flow, "j9")
 
     assert heard == ["j8"] * 3
+
+
+class FlakyPublishBroker(InMemoryBroker):
+    """An in-memory broker whose next `fail_next` publishes fail as an unreachable broker's."""
+
+    def __init__(self) -> None:
+        super().__init__(BrokerSettings(redelivery_delay_seconds=0.001))
+        self.fail_next = 0
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise BrokerUnavailable("broker unreachable")
+        await super().publish(topic, body, message_id=message_id, headers=headers)
+
+
+async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
+    store: InMemorySagaStore,
+) -> None:
+    broker = FlakyPublishBroker()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    runs = 0
+
+    async def only(dto: Dto) -> Dto:
+        nonlocal runs
+        runs += 1
+        return dto
+
+    flow = AsyncFacade("undo", dto=Dto).use("a", only)
+    orchestrator.register_async_facade("Async", flow)
+    try:
+        await orchestrator.start()
+        broker.fail_next = 1
+        with pytest.raises(BrokerUnavailable):
+            await flow.run("a3", Dto(request_id="a3", product_id=1))
+        await flow.run("a3", Dto(request_id="a3", product_id=1))
+        await asyncio.wait_for(broker.join(), 5)
+
+        saga = await store.get(saga_key("Async", "a3"))
+        assert saga is not None and saga.state == SagaState.COMPLETED
+        assert [(s.state, s.attempts) for s in saga.steps] == [(StepState.DONE, 2)]
+        assert runs == 1
+    finally:
+        await orchestrator.close()
+
+
+async def test_a_duplicate_of_an_async_request_in_flight_publishes_nothing(
+    orchestrator: Orchestrator, broker: InMemoryBroker
+) -> None:
+    release = asyncio.Event()
+    runs = 0
+
+    async def gated(dto: Dto) -> Dto:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return dto
+
+    flow = AsyncFacade("undo", dto=Dto).use("a", gated)
+    orchestrator.register_async_facade("Async", flow)
+    await orchestrator.start()
+    # Together: the duplicates find the saga begun, its first hop not yet consumed.
+    await asyncio.gather(*(flow.run("a4", Dto(request_id="a4", product_id=1)) for _ in range(6)))
+    release.set()
+    await asyncio.wait_for(broker.join(), 5)
+
+    assert runs == 1
+
+
+class FailedStepsUnwritable(InMemorySagaStore):
+    """A store that fails to record a step's failure, as a database gone at that moment."""
+
+    async def step_finished(self, request_id: str, index: int, **fields: Any) -> None:
+        if fields["state"] == StepState.FAILED:
+            raise ConnectionError("database unreachable")
+        await super().step_finished(request_id, index, **fields)
+
+
+async def test_a_failed_sync_saga_is_rolled_back_even_when_its_failure_cannot_be_recorded(
+    broker: InMemoryBroker,
+) -> None:
+    store = FailedStepsUnwritable()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    ledger = Ledger()
+    try:
+        flow = await started(orchestrator, booking_flow(ledger, fail=True))
+        with pytest.raises(SagaFailed):
+            await book(flow, "j10")
+        await asyncio.wait_for(broker.join(), 5)
+
+        assert ledger.undone == ["create_order:7"]
+        saga = await store.get(saga_key("Booking", "j10"))
+        assert saga is not None and saga.state == SagaState.COMPENSATED
+    finally:
+        await orchestrator.close()

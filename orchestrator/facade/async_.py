@@ -28,6 +28,8 @@ DEFAULT_POLICY = RetryPolicy()
 
 # The routing slip, set by run(): not part of what the caller asked for.
 _SLIP_FIELDS = {"request_id", "current_index", "topics", "rollback_topic"}
+_NOT_PUBLISHED = "not published"
+"""How the step log marks a first hop whose message never reached the broker."""
 
 log = logging.getLogger("orchestrator.facade.async")
 
@@ -153,14 +155,43 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         with tracing.span(
             f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "async"}
         ):
-            await self._publish_hop(dto)
+            try:
+                await self._publish_hop(dto)
+            except Exception as exc:
+                await self._not_started(dto, exc)
+                raise
         self._metrics.started.inc()
 
-    async def _begin(self, dto: DtoT) -> bool:
-        """Record the saga; False when this request was already accepted (nothing to publish).
+    async def _not_started(self, dto: DtoT, exc: Exception) -> None:
+        """Record that the first hop was never published, so a retry publishes it.
 
-        The same id with another request is ALREADY_EXISTS. A saga recorded
-        but never started (its first publish failed) is published again.
+        The step fails, the saga stays RUNNING: nothing ran, nothing to undo.
+        """
+        if self._store is None:
+            return
+        try:
+            await self._store.step_finished(
+                dto.request_id,
+                0,
+                state=StepState.FAILED,
+                data=dto.model_dump_json(),
+                error=f"{_NOT_PUBLISHED}: {classify(exc).reason}",
+            )
+        except Exception:
+            # The caller gets the publish error either way; a retry that finds step 0
+            # still RUNNING waits for its lease instead (see _begin).
+            log.exception(
+                "could not record the unpublished saga",
+                extra={"request_id": dto.request_id, "facade": self.name},
+            )
+
+    async def _begin(self, dto: DtoT) -> bool:
+        """Record the saga, its first hop started; False when this request was already
+        accepted (nothing to publish).
+
+        The same id with another request is ALREADY_EXISTS. A saga whose first
+        publish failed is published again, its first hop restarted; one whose
+        first hop is in flight (a concurrent duplicate) is left alone.
         """
         store = self._require_store()
         payload = dto.model_dump_json(exclude=_SLIP_FIELDS)
@@ -172,6 +203,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             payload=payload,
             payload_hash=digest,
             owner=self._owner,
+            first_step=self._hops[0].name,
         )
         if begun.created:
             return True
@@ -181,7 +213,15 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             raise AlreadyExists(
                 f"request id {dto.request_id!r} was already used for another request"
             )
-        return saga.state == SagaState.RUNNING and not saga.steps
+        unpublished = (
+            saga.state == SagaState.RUNNING
+            and len(saga.steps) == 1
+            and saga.steps[0].state == StepState.FAILED
+            and saga.steps[0].error.startswith(_NOT_PUBLISHED)
+        )
+        if unpublished:
+            await store.step_started(dto.request_id, 0, self._hops[0].name)
+        return unpublished
 
     async def _publish_hop(self, dto: DtoT) -> None:
         topic = dto.topics[dto.current_index]
@@ -205,11 +245,13 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     async def _handle(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> None:
         dto = await self._parse(index, hop, delivery)
         store = self._store
-        if store is not None:
+        if store is not None and delivery.redelivered:
             # A redelivery of a hop that already finished must not run it again
             # (the step log is the inbox): only its outcome is published again.
-            if delivery.redelivered and await self._replayed(index, hop, dto, store):
+            if await self._replayed(index, hop, dto, store):
                 return
+            # Another attempt. A first delivery's start is already recorded, with the
+            # saga's begin or the previous hop's end: one write per hop, not two.
             await self._journal(store.step_started(dto.request_id, index, hop.name), dto.request_id)
         metrics = self._metrics
         metrics.in_flight.inc()
@@ -255,14 +297,18 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             metrics.observe_step(hop.name, time.perf_counter() - started)
             result.current_index = index + 1
             last = result.current_index >= len(result.topics)
+            following = not last and index + 1 < len(self._hops)
+            next_step = self._hops[index + 1].name if following else ""
             if store is not None:
-                # The last hop's end and the saga's completion are one write.
+                # One write: the hop's end with the next hop's start (its message is
+                # published next), or with the saga's completion.
                 await self._journal(
                     store.step_finished(
                         dto.request_id,
                         index,
                         state=StepState.DONE,
                         data=result.model_dump_json(),
+                        next_step=next_step,
                         saga_state=SagaState.COMPLETED if last else None,
                     ),
                     dto.request_id,
