@@ -314,17 +314,24 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
 
     async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:
         if self._store is not None:
-            index = self.steps.index(step)
-            await self._store.step_finished(
-                ctx.request_id,
-                index,
-                state=StepState.FAILED,
-                data=_json(ctx.response),
-                error=failure.reason,
-                saga_state=SagaState.COMPENSATING,
-                error_code=failure.code.name,
-                error_reason=failure.reason,
-            )
+            try:
+                await self._store.step_finished(
+                    ctx.request_id,
+                    self.steps.index(step),
+                    state=StepState.FAILED,
+                    data=_json(ctx.response),
+                    error=failure.reason,
+                    saga_state=SagaState.COMPENSATING,
+                    error_code=failure.code.name,
+                    error_reason=failure.reason,
+                )
+            except Exception:
+                # The rollback must go out all the same: this replica is alive, so
+                # recovery would never take a saga left RUNNING here.
+                log.exception(
+                    "could not record the failed step; rolling back anyway",
+                    extra={"request_id": ctx.request_id, "facade": self.name, "step": step},
+                )
         data: dict[str, Any] = {
             "request": MessageToDict(ctx.request, preserving_proto_field_name=True),
             "response": MessageToDict(ctx.response, preserving_proto_field_name=True),
