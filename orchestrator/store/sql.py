@@ -151,6 +151,10 @@ class _UtcDateTime(TypeDecorator[datetime]):
 
 metadata = MetaData()
 
+_RUNNING_ONLY: Final = "state = 'RUNNING'"
+"""The partial index's condition; queries repeat it verbatim (a bound parameter would not
+let the planners use the index)."""
+
 sagas = Table(
     "sagas",
     metadata,
@@ -170,8 +174,15 @@ sagas = Table(
     Index("ix_sagas_listing", "facade", "state", "created_at", "request_id"),
     # list_sagas without a facade: the default admin view would otherwise sort the table.
     Index("ix_sagas_created", "created_at", "request_id"),
-    # claim_orphans: RUNNING sagas of one kind, grouped by owner.
-    Index("ix_sagas_orphans", "state", "kind", "owner"),
+    # claim_orphans: RUNNING sagas of one kind, grouped by owner. Partial: it holds only
+    # the sagas in flight, so it stays small and a finished saga leaves it for good.
+    Index(
+        "ix_sagas_running",
+        "kind",
+        "owner",
+        sqlite_where=text(_RUNNING_ONLY),
+        postgresql_where=text(_RUNNING_ONLY),
+    ),
 )
 
 saga_steps = Table(
@@ -624,10 +635,10 @@ _SQLITE_BEGIN: Final = (
 )
 _SQLITE_SAGA_UPDATE: Final = (
     # NULL state or data keeps it; an empty error keeps the one recorded earlier.
-    "UPDATE sagas SET state = coalesce(:state, state), data = coalesce(:data, data),"
-    " error_code = CASE :code WHEN '' THEN error_code ELSE :code END,"
-    " error_reason = CASE :reason WHEN '' THEN error_reason ELSE :reason END,"
-    " updated_at = :at WHERE request_id = :id"
+    "UPDATE sagas SET state = coalesce(?1, state), data = coalesce(?2, data),"
+    " error_code = CASE ?3 WHEN '' THEN error_code ELSE ?3 END,"
+    " error_reason = CASE ?4 WHEN '' THEN error_reason ELSE ?4 END,"
+    " updated_at = ?5 WHERE request_id = ?6"
 )
 _SQLITE_STEP_STARTED: Final = (
     "INSERT INTO saga_steps (request_id, idx, name, state, attempts, started_at, finished_at,"
@@ -730,14 +741,7 @@ def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
         row = op.saga_row()
         touched = conn.execute(
             _SQLITE_SAGA_UPDATE,
-            {
-                "id": op.request_id,
-                "state": row["b_state"],
-                "data": row["b_data"],
-                "code": row["b_code"],
-                "reason": row["b_reason"],
-                "at": at,
-            },
+            (row["b_state"], row["b_data"], row["b_code"], row["b_reason"], at, op.request_id),
         ).rowcount
         if touched == 0:
             return KeyError(op.request_id)
@@ -975,7 +979,7 @@ class SqlSagaStore(SagaStore):
             select(sagas.c.request_id, sagas.c.owner)
             .select_from(sagas.outerjoin(replicas, replicas.c.owner == sagas.c.owner))
             .where(
-                sagas.c.state == SagaState.RUNNING.value,
+                text(_RUNNING_ONLY).self_group(),
                 sagas.c.kind == bindparam("b_kind"),
                 sagas.c.owner != bindparam("b_me"),
                 (replicas.c.owner.is_(None)) | (replicas.c.heartbeat_at < bindparam("b_cutoff")),
@@ -1184,6 +1188,10 @@ class SqlSagaStore(SagaStore):
                 # fuller transactions when writes trickle in.
                 if self._gather_seconds and len(self._queue) < self._max_batch:
                     await asyncio.sleep(self._gather_seconds)
+                else:
+                    # One turn of the loop, free: the tasks already woken (answers from
+                    # upstreams, say) queue their writes into this transaction too.
+                    await asyncio.sleep(0)
                 taken = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 # A caller cancelled before its write began gets no write.
