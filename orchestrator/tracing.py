@@ -13,8 +13,8 @@ no span, no header.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 from orchestrator.config import TracingSettings
 from orchestrator.errors import ConfigError
@@ -61,20 +61,27 @@ def configure_tracing(settings: TracingSettings, *, span_processor: Any = None) 
     _propagate = propagate
 
 
-@contextlib.contextmanager
+_NO_SPAN: Final = contextlib.nullcontext()
+"""What `span` returns while tracing is off: one shared, reusable no-op."""
+
+
 def span(
     name: str,
     attributes: Mapping[str, str | int],
     *,
     parent: Mapping[str, str] | None = None,
-) -> Iterator[None]:
-    """A span around the block, child of the current one or of the context in `parent` headers."""
+) -> contextlib.AbstractContextManager[object]:
+    """A span around the block, child of the current one or of the context in `parent` headers.
+
+    While tracing is off it costs a global lookup: it sits on every saga's and step's path.
+    """
     if _tracer is None:
-        yield
-        return
+        return _NO_SPAN
     context = _propagate.extract(dict(parent)) if parent is not None else None
-    with _tracer.start_as_current_span(name, context=context, attributes=dict(attributes)):
-        yield
+    started: contextlib.AbstractContextManager[object] = _tracer.start_as_current_span(
+        name, context=context, attributes=dict(attributes)
+    )
+    return started
 
 
 def inject(carrier: dict[str, str] | None = None) -> dict[str, str]:
