@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -450,3 +450,60 @@ def test_store_from_url_picks_the_store(tmp_path: Any) -> None:
     postgres = store_from_url("postgresql://postgres:secret@127.0.0.1:5432/db")
     assert isinstance(postgres, SqlSagaStore)
     assert postgres.url == "postgresql+asyncpg://postgres:***@127.0.0.1:5432/db"
+
+
+async def test_a_store_created_by_an_earlier_version_gets_the_columns_it_lacks(
+    store_url: str, open_store: StoreOpener
+) -> None:
+    # As an earlier version left it: the step log without the data its steps end with.
+    first = await open_store()
+    await first.close()
+    engine = create_async_engine(store_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE saga_steps DROP COLUMN data"))
+        await conn.execute(text("ALTER TABLE sagas DROP COLUMN data_at"))
+    await engine.dispose()
+
+    store = await open_store()
+    await begin(store, "old-1")
+    await store.step_started("old-1", 0, "step-0")
+    await store.step_finished("old-1", 0, state=StepState.DONE, data='{"after": 0}')
+
+    assert (await get(store, "old-1")).data == '{"after": 0}'
+
+
+async def test_the_saga_data_is_its_last_finished_steps_until_a_final_write(
+    store: SqlSagaStore,
+) -> None:
+    await begin(store, "d1")
+    await store.step_started("d1", 0, "step-0")
+    await store.step_finished("d1", 0, state=StepState.DONE, data='{"n": 0}', next_step="step-1")
+    after_first = await get(store, "d1")
+    await store.step_finished(
+        "d1", 1, state=StepState.DONE, data='{"n": 1}', saga_state=SagaState.COMPLETED
+    )
+    await store.set_state("d1", SagaState.COMPLETED)  # data None keeps it
+
+    assert after_first.data == '{"n": 0}'
+    final = await get(store, "d1")
+    assert (final.data, final.state) == ('{"n": 1}', SagaState.COMPLETED)
+    assert final.updated_at >= max(s.finished_at for s in final.steps if s.finished_at)
+
+
+async def test_a_steps_end_moves_the_sagas_updated_at(store: SqlSagaStore) -> None:
+    await begin(store, "u1")
+    await store.step_started("u1", 0, "step-0")
+    before = (await get(store, "u1")).updated_at
+    await asyncio.sleep(0.002)
+    await store.step_finished("u1", 0, state=StepState.DONE, data="{}")
+
+    assert (await get(store, "u1")).updated_at > before
+
+
+async def test_a_plain_step_end_of_a_step_never_started_is_a_key_error(
+    store: SqlSagaStore,
+) -> None:
+    await begin(store, "k1")
+
+    with pytest.raises(KeyError):
+        await store.step_finished("k1", 3, state=StepState.DONE, data="{}")

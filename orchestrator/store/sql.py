@@ -72,6 +72,7 @@ from sqlalchemy import (
     column,
     event,
     func,
+    inspect,
     literal,
     null,
     select,
@@ -79,8 +80,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
@@ -165,6 +166,9 @@ sagas = Table(
     Column("payload", Text, nullable=False),
     Column("payload_hash", String(128), nullable=False),
     Column("data", Text, nullable=False),
+    # When `data` was last written (NULL: never). Until then the saga's data is that of
+    # its last finished step: steps keep their own, so a step's end need not touch this row.
+    Column("data_at", _UtcDateTime, nullable=True),
     Column("owner", String(128), nullable=False),
     Column("error_code", String(128), nullable=False),
     Column("error_reason", Text, nullable=False),
@@ -196,6 +200,8 @@ saga_steps = Table(
     Column("started_at", _UtcDateTime, nullable=False),
     Column("finished_at", _UtcDateTime, nullable=True),
     Column("error", Text, nullable=False),
+    # The saga's data as this step's end left it (NULL until it ends).
+    Column("data", Text, nullable=True),
 )
 
 replicas = Table(
@@ -265,7 +271,12 @@ class _Begin(_SagaOp):
 
 @dataclass(eq=False, slots=True)
 class _SagaUpdate(_SagaOp):
-    """A write that updates the saga's row (and maybe a step's)."""
+    """A write to the saga's row or its steps'."""
+
+    @property
+    def touches_saga(self) -> bool:
+        """Whether it writes the saga's row (every write but a step's plain end does)."""
+        return True
 
     def saga_row(self) -> dict[str, Any]:
         """Its row for the saga UPDATE: None and "" keep what is there."""
@@ -300,6 +311,11 @@ class _StepFinished(_SagaUpdate):
     error_code: str
     error_reason: str
 
+    @property
+    def touches_saga(self) -> bool:
+        # The step row keeps the data; only a new saga state needs the saga row.
+        return self.saga_state is not None
+
     def saga_row(self) -> dict[str, Any]:
         return {
             "b_id": self.request_id,
@@ -325,6 +341,7 @@ class _StepFinished(_SagaUpdate):
             "b_idx": self.index,
             "b_state": self.state,
             "b_error": self.error,
+            "b_data": self.data,
             "b_at": self.at,
         }
 
@@ -396,14 +413,13 @@ def _rounds(ops: Sequence[_Op]) -> list[list[_Op]]:
     return rounds
 
 
-# --- the writer's statements -------------------------------------------------------------------
+# --- the PostgreSQL writer's statements -----------------------------------------------------------
 #
 # Each takes the rows of one round (one dict per op, bind names b_*, never column names,
-# which SQLAlchemy reserves for VALUES). On SQLite they run as executemany: sqlite3 loops
-# over the rows in C, in process. On PostgreSQL an executemany is one server round of
-# parse/bind/execute per row (about 30 us each), so there the rows go as one array per
-# column into a single set-based statement over unnest(): one execution, and one SQL
-# text for asyncpg's prepared-statement cache whatever the batch size.
+# which SQLAlchemy reserves for VALUES). An executemany would be one server round of
+# parse/bind/execute per row (about 30 us each), so the rows go as one array per column
+# into a single set-based statement over unnest(): one execution, and one SQL text for
+# asyncpg's prepared-statement cache whatever the batch size.
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,12 +427,12 @@ class _BatchStatements:
     begin: Executable
     """INSERT ... ON CONFLICT DO NOTHING RETURNING request_id: the ids it created."""
     saga_update: Executable
-    """The saga row for step_started (updated_at), step_finished (data) and set_state."""
+    """The saga row for step_started (updated_at), a step_finished with a saga state, and
+    set_state."""
     step_started: Executable
     step_finished: Executable
+    """RETURNING request_id, idx: the steps it found."""
     heartbeat: Executable
-    columnar: bool
-    """Rows go as one array per column (PostgreSQL), not as an executemany."""
 
 
 def _saga_update_values(
@@ -431,75 +447,11 @@ def _saga_update_values(
     return {
         "state": func.coalesce(state, sagas.c.state),
         "data": func.coalesce(data, sagas.c.data),
+        "data_at": case((data.is_(None), sagas.c.data_at), else_=at),
         "error_code": case((code == "", sagas.c.error_code), else_=code),
         "error_reason": case((reason == "", sagas.c.error_reason), else_=reason),
         "updated_at": at,
     }
-
-
-def _sqlite_batch_statements() -> _BatchStatements:
-    begin = (
-        sqlite.insert(sagas)
-        .values(
-            request_id=bindparam("b_id"),
-            facade=bindparam("b_facade"),
-            kind=bindparam("b_kind"),
-            state=SagaState.RUNNING.value,
-            payload=bindparam("b_payload"),
-            payload_hash=bindparam("b_payload_hash"),
-            data="",
-            owner=bindparam("b_owner"),
-            error_code="",
-            error_reason="",
-            created_at=bindparam("b_at"),
-            updated_at=bindparam("b_at"),
-        )
-        .on_conflict_do_nothing(index_elements=[sagas.c.request_id])
-        .returning(sagas.c.request_id)
-    )
-    step = sqlite.insert(saga_steps).values(
-        request_id=bindparam("b_id"),
-        idx=bindparam("b_idx"),
-        name=bindparam("b_name"),
-        state=StepState.RUNNING.value,
-        attempts=1,
-        started_at=bindparam("b_at"),
-        finished_at=None,
-        error="",
-    )
-    beat = sqlite.insert(replicas).values(
-        owner=bindparam("b_owner"), heartbeat_at=bindparam("b_at")
-    )
-    return _BatchStatements(
-        begin=begin,
-        saga_update=update(sagas)
-        .where(sagas.c.request_id == bindparam("b_id"))
-        .values(
-            _saga_update_values(
-                bindparam("b_state", type_=String),
-                bindparam("b_data", type_=Text),
-                bindparam("b_code", type_=String),
-                bindparam("b_reason", type_=Text),
-                bindparam("b_at", type_=_UtcDateTime),
-            )
-        ),
-        step_started=step.on_conflict_do_update(
-            index_elements=[saga_steps.c.request_id, saga_steps.c.idx],
-            set_=_restart_step(step.excluded),
-        ),
-        step_finished=update(saga_steps)
-        .where(
-            saga_steps.c.request_id == bindparam("b_id"),
-            saga_steps.c.idx == bindparam("b_idx"),
-        )
-        .values(
-            state=bindparam("b_state"), finished_at=bindparam("b_at"), error=bindparam("b_error")
-        ),
-        heartbeat=beat.on_conflict_do_update(
-            index_elements=[replicas.c.owner], set_={"heartbeat_at": beat.excluded.heartbeat_at}
-        ),
-        columnar=False,
-    )
 
 
 def _restart_step(excluded: Any) -> dict[str, Any]:
@@ -511,6 +463,7 @@ def _restart_step(excluded: Any) -> dict[str, Any]:
         "started_at": excluded.started_at,
         "finished_at": None,
         "error": "",
+        "data": None,
     }
 
 
@@ -548,6 +501,7 @@ def _postgres_batch_statements() -> _BatchStatements:
                 new.c.payload,
                 new.c.payload_hash,
                 literal(""),
+                null(),
                 new.c.owner,
                 literal(""),
                 literal(""),
@@ -581,6 +535,7 @@ def _postgres_batch_statements() -> _BatchStatements:
             started.c.at,
             null(),
             literal(""),
+            null(),
         ),
     )
     ended = _unnest(
@@ -589,6 +544,7 @@ def _postgres_batch_statements() -> _BatchStatements:
         ("idx", Integer()),
         ("state", String()),
         ("error", Text()),
+        ("data", Text()),
         ("at", at),
     )
     beats = _unnest("beats", ("owner", String()), ("at", at))
@@ -610,11 +566,11 @@ def _postgres_batch_statements() -> _BatchStatements:
         ),
         step_finished=update(saga_steps)
         .where(saga_steps.c.request_id == ended.c.id, saga_steps.c.idx == ended.c.idx)
-        .values(state=ended.c.state, finished_at=ended.c.at, error=ended.c.error),
+        .values(state=ended.c.state, finished_at=ended.c.at, error=ended.c.error, data=ended.c.data)
+        .returning(saga_steps.c.request_id, saga_steps.c.idx),
         heartbeat=beat.on_conflict_do_update(
             index_elements=[replicas.c.owner], set_={"heartbeat_at": beat.excluded.heartbeat_at}
         ),
-        columnar=True,
     )
 
 
@@ -636,6 +592,7 @@ _SQLITE_BEGIN: Final = (
 _SQLITE_SAGA_UPDATE: Final = (
     # NULL state or data keeps it; an empty error keeps the one recorded earlier.
     "UPDATE sagas SET state = coalesce(?1, state), data = coalesce(?2, data),"
+    " data_at = CASE WHEN ?2 IS NULL THEN data_at ELSE ?5 END,"
     " error_code = CASE ?3 WHEN '' THEN error_code ELSE ?3 END,"
     " error_reason = CASE ?4 WHEN '' THEN error_reason ELSE ?4 END,"
     " updated_at = ?5 WHERE request_id = ?6"
@@ -645,10 +602,11 @@ _SQLITE_STEP_STARTED: Final = (
     " error) VALUES (?, ?, ?, 'RUNNING', 1, ?, NULL, '')"
     " ON CONFLICT (request_id, idx) DO UPDATE SET name = excluded.name, state = 'RUNNING',"
     " attempts = saga_steps.attempts + 1, started_at = excluded.started_at,"
-    " finished_at = NULL, error = ''"
+    " finished_at = NULL, error = '', data = NULL"
 )
 _SQLITE_STEP_FINISHED: Final = (
-    "UPDATE saga_steps SET state = ?, finished_at = ?, error = ? WHERE request_id = ? AND idx = ?"
+    "UPDATE saga_steps SET state = ?, finished_at = ?, error = ?, data = ?"
+    " WHERE request_id = ? AND idx = ?"
 )
 _SQLITE_HEARTBEAT: Final = (
     "INSERT INTO replicas (owner, heartbeat_at) VALUES (?, ?)"
@@ -738,17 +696,24 @@ def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
             conn.execute(_SQLITE_STEP_STARTED, (op.request_id, 0, op.first_step, at))
         return created
     if isinstance(op, _SagaUpdate):
-        row = op.saga_row()
-        touched = conn.execute(
-            _SQLITE_SAGA_UPDATE,
-            (row["b_state"], row["b_data"], row["b_code"], row["b_reason"], at, op.request_id),
-        ).rowcount
-        if touched == 0:
-            return KeyError(op.request_id)
+        if op.touches_saga:
+            row = op.saga_row()
+            touched = conn.execute(
+                _SQLITE_SAGA_UPDATE,
+                (row["b_state"], row["b_data"], row["b_code"], row["b_reason"], at, op.request_id),
+            ).rowcount
+            if touched == 0:
+                return KeyError(op.request_id)
         if isinstance(op, _StepStarted):
             conn.execute(_SQLITE_STEP_STARTED, (op.request_id, op.index, op.name, at))
         elif isinstance(op, _StepFinished):
-            conn.execute(_SQLITE_STEP_FINISHED, (op.state, at, op.error, op.request_id, op.index))
+            ended = conn.execute(
+                _SQLITE_STEP_FINISHED, (op.state, at, op.error, op.data, op.request_id, op.index)
+            ).rowcount
+            if ended == 0 and not op.touches_saga:
+                # No such step (so far the saga row was not touched): unknown saga, or a
+                # step never started.
+                return KeyError(op.request_id)
             if op.next_step:
                 conn.execute(_SQLITE_STEP_STARTED, (op.request_id, op.index + 1, op.next_step, at))
         return None
@@ -768,6 +733,7 @@ _STEP_COLUMNS: Final = (
     saga_steps.c.started_at.label("step_started_at"),
     saga_steps.c.finished_at.label("step_finished_at"),
     saga_steps.c.error.label("step_error"),
+    saga_steps.c.data.label("step_data"),
 )
 
 
@@ -794,11 +760,11 @@ def _records_query(*criteria: ColumnElement[bool], limit: int | None = None) -> 
 
 def _records(rows: Iterable[Row[Any]]) -> list[SagaRecord]:
     """Fold joined saga/step rows into records, keeping the rows' order."""
-    grouped: dict[str, tuple[Row[Any], list[StepRecord]]] = {}
+    grouped: dict[str, tuple[Row[Any], list[StepRecord], list[str | None]]] = {}
     for row in rows:
         entry = grouped.get(row.request_id)
         if entry is None:
-            entry = grouped[row.request_id] = (row, [])
+            entry = grouped[row.request_id] = (row, [], [])
         if row.step_idx is not None:
             entry[1].append(
                 StepRecord(
@@ -811,24 +777,41 @@ def _records(rows: Iterable[Row[Any]]) -> list[SagaRecord]:
                     error=row.step_error,
                 )
             )
-    return [
-        SagaRecord(
-            request_id=row.request_id,
-            facade=row.facade,
-            kind=row.kind,
-            state=SagaState(row.state),
-            payload=row.payload,
-            payload_hash=row.payload_hash,
-            data=row.data,
-            owner=row.owner,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            error_code=row.error_code,
-            error_reason=row.error_reason,
-            steps=tuple(steps),
-        )
-        for row, steps in grouped.values()
-    ]
+            entry[2].append(row.step_data)
+    return [_record(row, steps, step_data) for row, steps, step_data in grouped.values()]
+
+
+def _record(row: Row[Any], steps: list[StepRecord], step_data: list[str | None]) -> SagaRecord:
+    """One saga from its row and its steps (in order) with their data.
+
+    Its data: the saga row's once written there (a final write), else that of
+    its last finished step. Steps run in order, so their index orders their
+    data, whichever replica's clock wrote it. Its updated_at: the latest write
+    to the row or to a step.
+    """
+    data = row.data
+    if row.data_at is None:
+        data = next((d for d in reversed(step_data) if d is not None), data)
+    moments = [row.updated_at]
+    for step in steps:
+        moments.append(step.started_at)
+        if step.finished_at is not None:
+            moments.append(step.finished_at)
+    return SagaRecord(
+        request_id=row.request_id,
+        facade=row.facade,
+        kind=row.kind,
+        state=SagaState(row.state),
+        payload=row.payload,
+        payload_hash=row.payload_hash,
+        data=data,
+        owner=row.owner,
+        created_at=row.created_at,
+        updated_at=max(moments),
+        error_code=row.error_code,
+        error_reason=row.error_reason,
+        steps=tuple(steps),
+    )
 
 
 async def _load(conn: AsyncConnection, request_ids: Iterable[str]) -> dict[str, SagaRecord]:
@@ -928,6 +911,28 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
 
 
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring tables an earlier version created up to date: add the nullable columns they lack.
+
+    (create_all creates missing tables, never missing columns.) A missing column
+    that cannot be NULL needs a migration of its own: that is an error here.
+    """
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {found["name"] for found in inspector.get_columns(table.name)}
+        for wanted in table.columns:
+            if wanted.name in present:
+                continue
+            if not wanted.nullable:
+                raise RuntimeError(
+                    f"saga store table {table.name!r} has no column {wanted.name!r}, which "
+                    "cannot be added on its own: migrate the database or start a new one"
+                )
+            kind = wanted.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {wanted.name} {kind}"))
+            log.info("saga store schema: added column %s.%s", table.name, wanted.name)
+
+
 class SqlSagaStore(SagaStore):
     """Sagas in SQLite or PostgreSQL, written through a group-commit writer task."""
 
@@ -970,7 +975,8 @@ class SqlSagaStore(SagaStore):
         return self._url.render_as_string(hide_password=True)
 
     def _build_statements(self) -> None:
-        self._batch = _sqlite_batch_statements() if self._sqlite else _postgres_batch_statements()
+        # PostgreSQL's; SQLite's writes go through _SqliteWriter.
+        self._batch = _postgres_batch_statements()
         self._exists_query = select(sagas.c.request_id).where(
             sagas.c.request_id.in_(bindparam("b_ids", expanding=True))
         )
@@ -1024,6 +1030,7 @@ class SqlSagaStore(SagaStore):
                             text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
                         )
                     await conn.run_sync(metadata.create_all)
+                    await conn.run_sync(_add_missing_columns)
                 return
             except (ProgrammingError, IntegrityError):
                 # Someone not holding our lock (another version, a migration tool) created
@@ -1274,12 +1281,8 @@ class SqlSagaStore(SagaStore):
     async def _many(
         self, conn: AsyncConnection, statement: Executable, rows: list[dict[str, Any]]
     ) -> CursorResult[Any]:
-        """Run a batch statement over `rows` (see `_BatchStatements`)."""
-        if self._batch.columnar:
-            return await conn.execute(
-                statement, {key: [row[key] for row in rows] for key in rows[0]}
-            )
-        return await conn.execute(statement, rows)
+        """Run a batch statement over `rows`: one array per column (see `_BatchStatements`)."""
+        return await conn.execute(statement, {key: [row[key] for row in rows] for key in rows[0]})
 
     async def _apply_round(
         self, conn: AsyncConnection, ops: list[_Op], outcomes: dict[_Op, object]
@@ -1300,26 +1303,39 @@ class SqlSagaStore(SagaStore):
             started += [b.first_step_row() for b in begins if outcomes[b] and b.first_step]
 
         updates = sorted((op for op in ops if isinstance(op, _SagaUpdate)), key=lambda op: op.key)
+        outcomes.update(dict.fromkeys(updates))
+        saga_rows = [op for op in updates if op.touches_saga]
         missing: set[str] = set()
-        if updates:
+        if saga_rows:
             result = await self._many(
-                conn, self._batch.saga_update, [op.saga_row() for op in updates]
+                conn, self._batch.saga_update, [op.saga_row() for op in saga_rows]
             )
             # Each op's saga row is a distinct row here, so a short count means a write to
             # a saga nobody began: find which, and fail those alone (KeyError, as in the
             # in-memory store). Sagas are never deleted, so this stays true until commit.
-            if result.rowcount != len(updates):
-                ids = sorted({op.request_id for op in updates})
+            if result.rowcount != len(saga_rows):
+                ids = sorted({op.request_id for op in saga_rows})
                 found = await conn.execute(self._exists_query, {"b_ids": ids})
                 missing = set(ids) - set(found.scalars())
-            for op in updates:
-                outcomes[op] = KeyError(op.request_id) if op.request_id in missing else None
-        known = [op for op in updates if op.request_id not in missing]
+        for op in saga_rows:
+            if op.request_id in missing:
+                outcomes[op] = KeyError(op.request_id)
+        known = [op for op in updates if outcomes[op] is None]
 
         # A step's end before the next one's start: they are different rows, but a
         # finished step and a restarted one of one saga never share a round anyway.
-        if ended := [op.step_row() for op in known if isinstance(op, _StepFinished)]:
-            await self._many(conn, self._batch.step_finished, ended)
+        ends = [op for op in known if isinstance(op, _StepFinished)]
+        if ends:
+            result = await self._many(
+                conn, self._batch.step_finished, [op.step_row() for op in ends]
+            )
+            found_steps = {tuple(row) for row in result}
+            for op in ends:
+                # A plain step end touched no saga row: no such step means an unknown saga
+                # (or a step never started).
+                if not op.touches_saga and (op.request_id, op.index) not in found_steps:
+                    outcomes[op] = KeyError(op.request_id)
+            known = [op for op in known if outcomes[op] is None]
         started += [op.step_row() for op in known if isinstance(op, _StepStarted)]
         started += [
             op.next_step_row() for op in known if isinstance(op, _StepFinished) and op.next_step
