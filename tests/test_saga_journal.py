@@ -250,6 +250,17 @@ class Dto(AsyncFacadeContext):
     product_id: int
 
 
+class CountedHop:
+    """An async node that passes its DTO on and counts its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def __call__(self, dto: Dto) -> Dto:
+        self.runs += 1
+        return dto
+
+
 async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_again(
     orchestrator: Orchestrator, broker: InMemoryBroker, store: InMemorySagaStore
 ) -> None:
@@ -292,14 +303,8 @@ async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_a
 async def test_an_async_request_accepted_twice_runs_once(
     orchestrator: Orchestrator, broker: InMemoryBroker
 ) -> None:
-    runs = 0
-
-    async def only(dto: Dto) -> Dto:
-        nonlocal runs
-        runs += 1
-        return dto
-
-    flow = AsyncFacade("undo", dto=Dto).use("a", only)
+    hop = CountedHop()
+    flow = AsyncFacade("undo", dto=Dto).use("a", hop, name="only")
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     await flow.run("a2", Dto(request_id="a2", product_id=1))
@@ -307,7 +312,7 @@ async def test_an_async_request_accepted_twice_runs_once(
     await flow.run("a2", Dto(request_id="a2", product_id=1))
     await asyncio.wait_for(broker.join(), 5)
 
-    assert runs == 1
+    assert hop.runs == 1
     with pytest.raises(SagaError) as failure:
         await flow.run("a2", Dto(request_id="a2", product_id=2))
     assert failure.value.code == grpc.StatusCode.ALREADY_EXISTS
@@ -428,14 +433,8 @@ async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
 ) -> None:
     broker = FlakyPublishBroker()
     orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
-    runs = 0
-
-    async def only(dto: Dto) -> Dto:
-        nonlocal runs
-        runs += 1
-        return dto
-
-    flow = AsyncFacade("undo", dto=Dto).use("a", only)
+    hop = CountedHop()
+    flow = AsyncFacade("undo", dto=Dto).use("a", hop, name="only")
     orchestrator.register_async_facade("Async", flow)
     try:
         await orchestrator.start()
@@ -448,7 +447,7 @@ async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
         saga = await store.get(saga_key("Async", "a3"))
         assert saga is not None and saga.state == SagaState.COMPLETED
         assert [(s.state, s.attempts) for s in saga.steps] == [(StepState.DONE, 2)]
-        assert runs == 1
+        assert hop.runs == 1
     finally:
         await orchestrator.close()
 
