@@ -41,13 +41,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
-import concurrent.futures
 import contextlib
 import json
 import logging
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -619,43 +620,124 @@ def _sqlite_time(at: datetime) -> str:
     return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+@dataclass(slots=True)
+class _Written:
+    """What the SQLite writer did with one batch, for the loop to hand out."""
+
+    outcomes: list[tuple[_Op, object]]
+    """Each op with its outcome, or the exception its caller gets."""
+    transactions: int = 0
+    failed: int = 0
+
+
 class _SqliteWriter:
-    """The writing connection to a SQLite file, used only from its own thread."""
+    """The writing connection to a SQLite file, on a thread of its own.
 
-    def __init__(self, path: str) -> None:
+    The thread takes every write queued since its last transaction (up to
+    `max_batch`), applies them in one transaction and hands the outcomes back
+    to the loop in one call: no task, no event and no executor future per
+    batch, and the loop never waits on SQLite.
+    """
+
+    def __init__(self, path: str, *, max_batch: int, gather_seconds: float) -> None:
         self._path = path
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="saga-store-sqlite"
-        )
+        self._max_batch = max_batch
+        self._gather_seconds = gather_seconds
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self.on_written: Callable[[_Written], None] = lambda written: None
+        """Called on the loop with each batch's outcomes."""
 
     async def open(self) -> None:
-        """Connect (the file exists and is in WAL mode: the schema was created)."""
-        await self._call(self._connect)
+        """Start the thread and connect (the file exists in WAL mode: the schema was made)."""
+        loop = self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._stopped = loop.create_future()
+        threading.Thread(
+            target=self._run, args=(ready,), name="saga-store-sqlite", daemon=True
+        ).start()
+        await ready
+
+    def submit(self, op: _Op) -> None:
+        """Queue `op`; its future is resolved on the loop once committed."""
+        self._ops.put(op)
 
     async def close(self) -> None:
-        """Disconnect and stop the thread."""
-        await self._call(self._disconnect)
-        self._thread.shutdown(wait=False)
+        """Apply what is queued, then disconnect and end the thread."""
+        if self._stopped is None:
+            return
+        self._ops.put(None)
+        await asyncio.shield(self._stopped)
 
-    async def apply(self, ops: Sequence[_Op]) -> dict[_Op, object]:
-        """Apply `ops` in one transaction; each op's outcome once committed, or _BatchFailed."""
-        outcomes: dict[_Op, object] = await self._call(self._apply, ops)
-        return outcomes
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(callback, *args)
 
-    def _connect(self) -> None:
-        # isolation_level None: no implicit transactions, we BEGIN IMMEDIATE ourselves.
-        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
-        conn.execute("PRAGMA synchronous=NORMAL")  # see _sqlite_pragmas
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            # isolation_level None: no implicit transactions, we BEGIN IMMEDIATE ourselves.
+            conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
+            conn.execute("PRAGMA synchronous=NORMAL")  # see _sqlite_pragmas
+        except BaseException as exc:
+            self._to_loop(_settle, ready, exc)
+            return
         self._conn = conn
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        self._to_loop(_settle, ready, None)
+        try:
+            stopping = False
+            while not stopping:
+                first = self._ops.get()
+                if first is not None and self._gather_seconds:
+                    time.sleep(self._gather_seconds)
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._ops.get_nowait())
+                    except queue.Empty:
+                        break
+                # close() queues None last: the writes before it are applied, then we stop.
+                ops = [op for op in batch if op is not None]
+                stopping = len(ops) < len(batch)
+                if ops:
+                    written = _Written([])
+                    try:
+                        self._write(ops, written)
+                    except Exception as exc:
+                        # A bug, not the database: this batch's callers get it, the
+                        # writer goes on (a dead writer would leave every caller waiting).
+                        log.exception("saga store writer failed on a batch")
+                        written = _Written([(op, exc) for op in ops], failed=1)
+                    self._to_loop(self.on_written, written)
+        finally:
+            conn.close()
             self._conn = None
+            assert self._stopped is not None
+            self._to_loop(_settle, self._stopped, None)
+
+    def _write(self, ops: Sequence[_Op], written: _Written) -> None:
+        """Apply `ops` in one transaction, splitting it when one op may have spoiled it."""
+        try:
+            outcomes = self._apply(ops)
+        except _BatchFailed as failed:
+            written.failed += 1
+            if failed.isolate and len(ops) > 1:
+                # As SqlSagaStore._write_batch: halves, in order, until the bad op is alone.
+                log.warning(
+                    "saga store batch of %d writes failed (%s); retrying in halves",
+                    len(ops),
+                    _brief(failed.cause),
+                )
+                middle = len(ops) // 2
+                self._write(ops[:middle], written)
+                self._write(ops[middle:], written)
+                return
+            written.outcomes += [(op, failed.cause) for op in ops]
+            return
+        written.transactions += 1
+        written.outcomes += [(op, outcomes[op]) for op in ops]
 
     def _apply(self, ops: Sequence[_Op]) -> dict[_Op, object]:
         conn = self._conn
@@ -679,6 +761,20 @@ class _SqliteWriter:
             # fault.
             error = DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True)
             raise _BatchFailed(error, isolate=stage == "execute") from exc
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
@@ -1007,14 +1103,20 @@ class SqlSagaStore(SagaStore):
 
     async def start(self) -> None:
         """Create the schema if missing and start the writer."""
-        if self._writer is not None:
+        if self._writer is not None or self._sqlite_writer is not None:
             return
         await self._create_schema()
+        self._closing = False
         if self._sqlite:
-            writer = _SqliteWriter(self._url.database or "")
+            writer = _SqliteWriter(
+                self._url.database or "",
+                max_batch=self._max_batch,
+                gather_seconds=self._gather_seconds,
+            )
+            writer.on_written = self._written
             await writer.open()
             self._sqlite_writer = writer
-        self._closing = False
+            return
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
         self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
 
@@ -1070,17 +1172,35 @@ class SqlSagaStore(SagaStore):
             await asyncio.wait([writer])
         sqlite_writer, self._sqlite_writer = self._sqlite_writer, None
         if sqlite_writer is not None:
+            self._closing = True
             await sqlite_writer.close()
         await self._engine.dispose()
 
     # --- writes, through the writer ---
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
-        if self._writer is None or self._closing:
+        if self._closing or (self._writer is None and self._sqlite_writer is None):
             raise RuntimeError("the saga store is not running (start() it; is it closed?)")
+        if self._sqlite_writer is not None:
+            self._sqlite_writer.submit(op)
+            return op.future
         self._queue.append(op)
         self._wake.set()
         return op.future
+
+    def _written(self, written: _Written) -> None:
+        """Hand the SQLite writer's outcomes to their callers (on the loop)."""
+        self.stats.ops += len(written.outcomes)
+        self.stats.transactions += written.transactions
+        self.stats.failed_batches += written.failed
+        self.stats.largest_batch = max(self.stats.largest_batch, len(written.outcomes))
+        for op, outcome in written.outcomes:
+            if op.future.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(outcome, BaseException):
+                op.future.set_exception(outcome)
+            else:
+                op.future.set_result(outcome)
 
     async def begin(
         self,
@@ -1252,8 +1372,6 @@ class SqlSagaStore(SagaStore):
 
     async def _transaction(self, ops: Sequence[_Op]) -> dict[_Op, object]:
         """Apply `ops` in one transaction and return each op's outcome once committed."""
-        if self._sqlite_writer is not None:
-            return await self._sqlite_writer.apply(ops)
         stage = "connect"
         try:
             async with self._engine.connect() as conn:
