@@ -8,6 +8,8 @@ when the signal arrives.
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator import GrpcSettings, InMemoryBroker, Orchestrator, OrchestratorServer
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.processes import (
     ROOT,
@@ -223,3 +226,27 @@ def test_bad_config_value_exits_2_naming_the_key(tmp_path: Path) -> None:
     result = run_main_with(write_config(tmp_path / "app.yaml", UNUSED_UPSTREAMS, port=-5))
     assert result.returncode == 2, result.stderr
     assert "grpc.port" in result.stderr
+
+
+async def test_a_served_process_freezes_its_startup_objects_out_of_the_gc() -> None:
+    server = OrchestratorServer(
+        Orchestrator(InMemoryBroker()),
+        GrpcSettings(host="127.0.0.1", port=0, drain_seconds=0, shutdown_grace_seconds=0),
+        [],
+    )
+    loop = asyncio.get_running_loop()
+    gc.unfreeze()
+    serving = asyncio.create_task(server.serve_until_signalled())
+    try:
+        async with asyncio.timeout(5):
+            while gc.get_freeze_count() == 0:  # noqa: ASYNC110 (the freeze announces nothing)
+                await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > 0
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the server's handler
+        async with asyncio.timeout(5):
+            await serving
+    finally:
+        serving.cancel()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        gc.unfreeze()
