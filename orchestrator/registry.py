@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -164,7 +165,8 @@ class Orchestrator:
         self._saga_listeners.append(listener)
         return lambda: self._saga_listeners.remove(listener)
 
-    def _saga_changed(self, request_id: str) -> None:
+    def _saga_changed(self, facade: FacadeBase, request_id: str) -> None:
+        facade._saga_changed(request_id)
         for listener in self._saga_listeners:
             listener(request_id)
 
@@ -182,7 +184,9 @@ class Orchestrator:
             self.broker,
             self.metrics,
             store=(
-                FacadeStore(self.store, name, on_change=self._saga_changed)
+                FacadeStore(
+                    self.store, name, on_change=functools.partial(self._saga_changed, facade)
+                )
                 if self.store is not None
                 else None
             ),

@@ -27,6 +27,7 @@ from orchestrator.facade.sync import payload_digest
 from orchestrator.store.base import BeginResult, SagaState, StepState, saga_key
 from orchestrator.store.memory import InMemorySagaStore
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
+from tests.support.fake_store import FakeSagaStore
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
 Flow = SyncFacade[BookingRequest, BookingSyncResponse]
@@ -500,4 +501,38 @@ async def test_a_failed_sync_saga_is_rolled_back_even_when_its_failure_cannot_be
         saga = await store.get(saga_key("Booking", "j10"))
         assert saga is not None and saga.state == SagaState.COMPENSATED
     finally:
+        await orchestrator.close()
+
+
+async def test_a_duplicate_waits_on_this_replicas_run_by_its_writes_not_by_polling(
+    broker: InMemoryBroker,
+) -> None:
+    store = FakeSagaStore()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    release = asyncio.Event()
+
+    async def slow(request_id: str, ctx: Ctx) -> None:
+        await release.wait()
+        ctx.response.OrderID = 9
+
+    flow = Flow().use(slow, name="create_order")
+    try:
+        await started(orchestrator, flow)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(book(flow, "w1"))
+        await asyncio.sleep(0.01)
+        duplicate = asyncio.create_task(book(flow, "w1"))
+        await asyncio.sleep(0.5)  # polling from 10 ms up to 0.2 s would read about 6 times
+        release.set()
+        async with asyncio.timeout(5):
+            answer = await first
+            first_done = loop.time()
+            again = await duplicate
+        late = loop.time() - first_done
+
+        assert answer == again == BookingSyncResponse(OrderID=9)
+        assert late < 0.3, f"the duplicate answered {late:.2f}s after the first"
+        assert store.gets <= 3, f"the duplicate read the store {store.gets} times"
+    finally:
+        release.set()
         await orchestrator.close()

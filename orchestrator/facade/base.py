@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,8 @@ class FacadeBase:
         self._rollback_consumed = False
         self._store: SagaStore | None = None
         self._owner = ""
+        # Callers waiting on a saga's outcome, by request id; this replica's writes wake them.
+        self._change_waiters: dict[str, set[asyncio.Event]] = {}
 
     @property
     def name(self) -> str:
@@ -126,6 +130,24 @@ class FacadeBase:
                 "saga unknown to the store, not recorded",
                 extra={"request_id": request_id, "facade": self._name},
             )
+
+    def _saga_changed(self, request_id: str) -> None:
+        """Wake the callers of this replica waiting on the saga (its store was written)."""
+        for event in self._change_waiters.get(request_id, ()):
+            event.set()
+
+    @contextlib.contextmanager
+    def _watching(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever this replica writes the saga, for as long as the block runs."""
+        event = asyncio.Event()
+        waiters = self._change_waiters.setdefault(request_id, set())
+        waiters.add(event)
+        try:
+            yield event
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                del self._change_waiters[request_id]
 
     def _require_store(self) -> SagaStore:
         if self._store is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -205,15 +206,26 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         )
 
     async def _outcome_of(self, saga: SagaRecord) -> SagaRecord:
-        """Wait while the first run of this request is RUNNING (the caller's deadline bounds it)."""
+        """Wait while the first run of this request is RUNNING (the caller's deadline bounds it).
+
+        This replica's writes to the saga wake the wait at once, so a run of its
+        own is read once a change (and once a second, should a wake be lost); a
+        run on another replica is polled, backing off to 0.2 s.
+        """
         store = self._require_store()
-        delay = 0.01
-        while saga.state == SagaState.RUNNING:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-            latest = await store.get(saga.request_id)
-            assert latest is not None
-            saga = latest
+        local = saga.owner == self._owner
+        delay, ceiling = (1.0, 1.0) if local else (0.01, 0.2)
+        with self._watching(saga.request_id) as changed:
+            while saga.state == SagaState.RUNNING:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await changed.wait()
+                # Cleared before the read: a write landing during it wakes the next wait.
+                changed.clear()
+                delay = min(delay * 2, ceiling)
+                latest = await store.get(saga.request_id)
+                assert latest is not None
+                saga = latest
         return saga
 
     async def _run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
