@@ -2,16 +2,15 @@
 
 Every saga writes its log several times (begin, each step's end with the next
 one's start, its final state), so the store sits on the hot path of every
-request. Writes are queued to one writer task, which takes everything queued
-while its previous transaction ran (up to `max_batch`), applies it in one
-transaction, and resolves the callers only after the commit: each write still
-returns once durable, but 64 sagas in flight share one commit instead of paying
-for it one by one. There is no waiting for company, so a lone write commits at
-once. A saga's ops keep their queue order; ops of different sagas may be
-regrouped. On PostgreSQL a batch is a few set-based statements (a second op of
-one saga goes to a later "round"); on SQLite it is one trip to the writer's own
-thread and sqlite3 connection (see `_SqliteWriter`). Reads go straight to the
-engine.
+request. Writes are queued to one writer (a task on PostgreSQL, a thread with
+its own sqlite3 connection on SQLite: see `_SqliteWriter`), which takes
+everything queued while its previous transaction ran (up to `max_batch`),
+applies it in one transaction, and resolves the callers only after the commit:
+each write still returns once durable, but 64 sagas in flight share one commit
+instead of paying for it one by one. There is no waiting for company, so a lone
+write commits at once. A saga's ops keep their queue order; ops of different
+sagas may be regrouped. On PostgreSQL a batch is a few set-based statements (a
+second op of one saga goes to a later "round"). Reads go straight to the engine.
 
 When a batch's transaction fails, nothing of it was applied. If a statement
 failed, the batch is split in halves and each retried, down to the bad op
@@ -578,11 +577,12 @@ def _postgres_batch_statements() -> _BatchStatements:
 # --- the SQLite writer ----------------------------------------------------------------------------
 #
 # On SQLite, SQLAlchemy's async layer costs more than the writes themselves: every statement is
-# a greenlet switch and a trip to aiosqlite's thread and back. The writer instead keeps its own
-# sqlite3 connection on its own thread and applies a whole batch in one trip there: BEGIN, a
-# few prepared statements per op (sqlite3 caches them), COMMIT. Ops run in queue order, so a
-# saga's writes keep their order without rounds. SQLite has no asynchronous API; one thread
-# for the one connection that writes is what aiosqlite would use too, minus the trips.
+# a greenlet switch and a trip to aiosqlite's thread and back. The writer instead is a thread with
+# its own sqlite3 connection: it takes the queued writes, applies them with a few prepared
+# statements per op (sqlite3 caches them) between BEGIN and COMMIT, and hands the outcomes back
+# to the loop in one call. Ops run in queue order, so a saga's writes keep their order without
+# rounds. SQLite has no asynchronous API; one thread for the one connection that writes is what
+# aiosqlite would use too, minus the trips.
 
 _SQLITE_BEGIN: Final = (
     "INSERT INTO sagas (request_id, facade, kind, state, payload, payload_hash, data, owner,"
