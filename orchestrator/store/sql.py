@@ -1,32 +1,38 @@
-"""The saga store on SQL: SQLite (aiosqlite) or PostgreSQL (asyncpg), with group commit.
+"""The saga store on SQL: SQLite or PostgreSQL (asyncpg), with group commit.
 
 Every saga writes its log several times (begin, each step's end with the next
 one's start, its final state), so the store sits on the hot path of every
-request. Writes are queued to one writer (a task on PostgreSQL, a thread with
-its own sqlite3 connection on SQLite: see `_SqliteWriter`), which takes
-everything queued while its previous transaction ran (up to `max_batch`),
-applies it in one transaction, and resolves the callers only after the commit:
-each write still returns once durable, but 64 sagas in flight share one commit
-instead of paying for it one by one. There is no waiting for company, so a lone
-write commits at once. A saga's ops keep their queue order; ops of different
-sagas may be regrouped. On PostgreSQL a batch is a few set-based statements (a
-second op of one saga goes to a later "round"). Reads go straight to the engine.
+request. Writes are queued to one writer, which applies everything queued
+since its previous transaction (up to `max_batch`) in one transaction and
+resolves the callers only after the commit: each write still returns once
+durable, but the sagas in flight share one commit instead of paying for it one
+by one. A saga's ops keep their queue order; ops of different sagas may be
+regrouped.
+
+- On SQLite the writer is `_SqliteWriter`: its own sqlite3 connection, used
+  on the event loop, commits paced to one per `SQLITE_COMMIT_INTERVAL` under
+  load, checkpoints off the loop. Claims of orphans go through it too, so no
+  other connection of the process ever holds the write lock.
+- On PostgreSQL it is a task, and a batch is a few set-based statements (a
+  second op of one saga goes to a later "round").
+
+Reads go straight to the engine (aiosqlite or asyncpg).
 
 When a batch's transaction fails, nothing of it was applied. If a statement
 failed, the batch is split in halves and each retried, down to the bad op
 alone, so one bad op (a NOT NULL, a too-long id, a deadlock victim) fails only
 its caller. If the database itself failed (no connection, SQLite's write lock
-not had within busy_timeout, connection lost) or the COMMIT did (it may have
-committed, and step_started is not idempotent), every op of the batch fails
-with that error, once: the callers' retries decide. A write to a saga nobody
-began fails alone with KeyError, as in the in-memory store.
+not had within `LOCK_TIMEOUT_SECONDS`, connection lost) or the COMMIT did (it
+may have committed, and step_started is not idempotent), every op of the
+batch fails with that error, once: the callers' retries decide. A write to a
+saga nobody began fails alone with KeyError, as in the in-memory store.
 
 URLs: ``sqlite+aiosqlite:///path/to/file.db`` and
 ``postgresql+asyncpg://user@host:port/db`` (``sqlite://`` and ``postgresql://``
-get those drivers). An in-memory SQLite database is refused: SQLAlchemy would
-share one connection between the writer's open transaction and every reader
-(a reader's ROLLBACK would discard the writer's batch), and it would not
-survive the process anyway; use `InMemorySagaStore` (``memory://``) instead.
+get those drivers). An in-memory SQLite database is refused: the writer's
+connection and the readers' would each see a database of their own, and it
+would not survive the process anyway; use `InMemorySagaStore` (``memory://``)
+instead.
 SQLite runs in WAL mode with synchronous=NORMAL: a commit survives the
 process crashing, not the machine losing power.
 
@@ -43,15 +49,14 @@ import base64
 import contextlib
 import json
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import aiosqlite
 from sqlalchemy import (
     Column,
     CursorResult,
@@ -104,11 +109,19 @@ log = logging.getLogger("orchestrator.store.sql")
 MAX_BATCH: Final = 256
 """Most writes applied in one transaction: bounds a transaction's size and the wait behind it."""
 
-GATHER_SECONDS: Final = 0.0
-"""How long the writer waits, once a write arrives, for others to share its transaction.
+SQLITE_COMMIT_INTERVAL: Final = 0.005
+"""SQLite's default pacing: at most one commit per 5 ms.
 
-None by default: under load the writes queued during one commit share the next
-anyway, and a wait would only add to every saga's latency."""
+A commit's cost is mostly its pages (each index a saga touches is a page in
+the WAL), which the writes in one transaction share: under load, pacing
+commits puts several times more writes in each for a few milliseconds of
+latency, and a write after a quiet spell still commits at once (see
+bench/README.md for what it saves). PostgreSQL
+paces itself: writes queue while a transaction's round trip is under way."""
+LOCK_TIMEOUT_SECONDS: Final = 5.0
+"""How long a SQLite write waits for another connection's write lock before failing."""
+CHECKPOINT_SECONDS: Final = 0.5
+"""How often SQLite's WAL is checkpointed into the database file, when anything was written."""
 CLAIM_BATCH: Final = 100
 """Most orphans one `claim_orphans` call takes; the next call takes the rest."""
 MAX_PAGE_SIZE: Final = 500
@@ -373,6 +386,20 @@ class _Heartbeat(_Op):
         return "r:" + self.owner
 
 
+@dataclass(eq=False, slots=True)
+class _Claim(_Op):
+    """SQLite's `claim_orphans`, applied by the writer: no other connection of this
+    process then takes the write lock. Its outcome is the claimed request ids."""
+
+    owner: str
+    cutoff: datetime
+    kind: str
+
+    @property
+    def key(self) -> str:
+        return "c:" + self.owner
+
+
 class _BatchFailed(Exception):
     """A batch's transaction failed; `isolate` says whether splitting it may help."""
 
@@ -577,12 +604,13 @@ def _postgres_batch_statements() -> _BatchStatements:
 # --- the SQLite writer ----------------------------------------------------------------------------
 #
 # On SQLite, SQLAlchemy's async layer costs more than the writes themselves: every statement is
-# a greenlet switch and a trip to aiosqlite's thread and back. The writer instead is a thread with
-# its own sqlite3 connection: it takes the queued writes, applies them with a few prepared
-# statements per op (sqlite3 caches them) between BEGIN and COMMIT, and hands the outcomes back
-# to the loop in one call. Ops run in queue order, so a saga's writes keep their order without
-# rounds. SQLite has no asynchronous API; one thread for the one connection that writes is what
-# aiosqlite would use too, minus the trips.
+# a greenlet switch and a trip to aiosqlite's thread and back. A thread of our own fared little
+# better: each statement releases the GIL, and getting it back meant waiting for the busy loop.
+# So the writer applies its batches on the loop, with a few prepared statements per op (sqlite3
+# caches them) between BEGIN and COMMIT. Without an fsync per commit that is cheaper than any
+# handoff, and the loop never waits for a lock (busy_timeout 0) or a checkpoint (another
+# connection runs those). Ops run in queue order, so a saga's writes keep their order without
+# rounds.
 
 _SQLITE_BEGIN: Final = (
     "INSERT INTO sagas (request_id, facade, kind, state, payload, payload_hash, data, owner,"
@@ -609,6 +637,14 @@ _SQLITE_STEP_FINISHED: Final = (
     "UPDATE saga_steps SET state = ?, finished_at = ?, error = ?, data = ?"
     " WHERE request_id = ? AND idx = ?"
 )
+_SQLITE_ORPHANS: Final = (
+    "SELECT sagas.request_id, sagas.owner FROM sagas"
+    " LEFT OUTER JOIN replicas ON replicas.owner = sagas.owner"
+    f" WHERE ({_RUNNING_ONLY}) AND sagas.kind = ? AND sagas.owner != ?"
+    " AND (replicas.owner IS NULL OR replicas.heartbeat_at < ?)"
+    " ORDER BY sagas.created_at LIMIT ?"
+)
+_SQLITE_CLAIM: Final = "UPDATE sagas SET owner = ?, updated_at = ? WHERE request_id = ?"
 _SQLITE_HEARTBEAT: Final = (
     "INSERT INTO replicas (owner, heartbeat_at) VALUES (?, ?)"
     " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
@@ -630,92 +666,185 @@ class _Written:
     failed: int = 0
 
 
-class _SqliteWriter:
-    """The writing connection to a SQLite file, on a thread of its own.
+class _Busy(Exception):
+    """Another connection holds SQLite's write lock: the batch is tried again shortly."""
 
-    The thread takes every write queued since its last transaction (up to
-    `max_batch`), applies them in one transaction and hands the outcomes back
-    to the loop in one call: no task, no event and no executor future per
-    batch, and the loop never waits on SQLite.
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _SqliteWriter:
+    """The writing connection to a SQLite file, used on the event loop itself.
+
+    Writes queued while the loop runs are applied in one transaction at its
+    next turn, and their callers resolved right after the commit. Commits are
+    paced, one per `commit_interval` at most, so that under load each shares
+    its pages and WAL frames among more writes, while a write after a quiet
+    spell commits at once. In WAL mode with synchronous=NORMAL a commit
+    writes to the OS's page cache and does not fsync, so a batch costs the
+    loop tens of microseconds: less than handing it to a thread, whose every
+    statement waited for the busy loop to let go of the GIL.
+
+    The loop never sleeps on the write lock (busy_timeout 0): while another
+    connection holds it (another process) the batch is tried again with
+    backoff, and only after `lock_timeout` do its callers get the error.
+
+    Checkpoints copy the WAL into the database file and fsync, so they run
+    on a connection of their own, off the loop, every `checkpoint_interval`
+    while there are writes: first alongside the writes, then once more while
+    this writer holds its writes back. That second pass copies only what came
+    in during the first, and leaves the whole WAL checkpointed, so the next
+    write starts the file over and it never grows without bound.
     """
 
-    def __init__(self, path: str, *, max_batch: int, gather_seconds: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_batch: int,
+        commit_interval: float,
+        checkpoint_interval: float,
+        lock_timeout: float,
+    ) -> None:
         self._path = path
         self._max_batch = max_batch
-        self._gather_seconds = gather_seconds
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._commit_interval = commit_interval
+        self._checkpoint_interval = checkpoint_interval
+        self._lock_timeout = lock_timeout
+        self._pending: list[_Op] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._holding = False
+        self._busy_since: float | None = None
+        self._busy_delay = 0.0
+        self._last_flush = 0.0
+        self._last_checkpoint = 0.0
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Future[None] | None = None
+        self._drained = asyncio.Event()
+        self.checkpoints = 0
+        """Checkpoints run so far."""
         self.on_written: Callable[[_Written], None] = lambda written: None
-        """Called on the loop with each batch's outcomes."""
+        """Called with each batch's outcomes, right after its transaction."""
 
     async def open(self) -> None:
-        """Start the thread and connect (the file exists in WAL mode: the schema was made)."""
+        """Connect both connections (the file exists in WAL mode: the schema was made)."""
         loop = self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        self._stopped = loop.create_future()
-        threading.Thread(
-            target=self._run, args=(ready,), name="saga-store-sqlite", daemon=True
-        ).start()
-        await ready
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._last_checkpoint = loop.time()
+        # isolation_level None: no implicit transactions, we BEGIN IMMEDIATE ourselves.
+        conn = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")  # see _sqlite_pragmas
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # it would fsync on the loop
+            self._checkpointer = await aiosqlite.connect(self._path, isolation_level=None)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
 
     def submit(self, op: _Op) -> None:
-        """Queue `op`; its future is resolved on the loop once committed."""
-        self._ops.put(op)
+        """Queue `op`; its future is resolved once committed."""
+        self._pending.append(op)
+        self._drained.clear()
+        if self._flush_handle is None and not self._holding:
+            self._schedule_flush()
 
     async def close(self) -> None:
-        """Apply what is queued, then disconnect and end the thread."""
-        if self._stopped is None:
+        """Apply what is queued, then disconnect."""
+        if self._conn is None:
             return
-        self._ops.put(None)
-        await asyncio.shield(self._stopped)
+        if self._flush_handle is not None and self._busy_since is None:
+            self._flush_handle.cancel()  # no pacing any more: flush now
+            self._schedule_flush(0)
+        await self._drained.wait()
+        if self._checkpointing is not None:
+            await asyncio.wait([self._checkpointing])
+        self._conn.close()
+        self._conn = None
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
 
-    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(callback, *args)
+    def _schedule_flush(self, delay: float | None = None) -> None:
+        loop = self._loop
+        assert loop is not None
+        if delay is None:
+            delay = self._last_flush + self._commit_interval - loop.time()
+        if delay > 0:
+            self._flush_handle = loop.call_later(delay, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
 
-    def _run(self, ready: asyncio.Future[None]) -> None:
+    def _flush(self) -> None:
+        self._flush_handle = None
+        loop = self._loop
+        assert loop is not None
+        self._last_flush = loop.time()
+        taken = self._pending[: self._max_batch]
+        # A caller cancelled before its write began gets no write (as on PostgreSQL).
+        ops = [op for op in taken if not op.future.cancelled()]
+        written = _Written([])
         try:
-            # isolation_level None: no implicit transactions, we BEGIN IMMEDIATE ourselves.
-            conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
-            conn.execute("PRAGMA synchronous=NORMAL")  # see _sqlite_pragmas
-        except BaseException as exc:
-            self._to_loop(_settle, ready, exc)
-            return
-        self._conn = conn
-        self._to_loop(_settle, ready, None)
+            if ops:
+                self._write(ops, written)
+        except _Busy as busy:
+            if self._busy_since is None:
+                self._busy_since = self._last_flush
+            done = len(written.outcomes)  # what went through before the lock was lost
+            if self._last_flush - self._busy_since < self._lock_timeout:
+                self._busy_delay = min(max(self._busy_delay * 2, 0.001), 0.05)
+                del self._pending[: self._pending.index(ops[done])]
+                self._schedule_flush(self._busy_delay)
+                if done:
+                    self.on_written(written)
+                return
+            written.failed += 1
+            written.outcomes += [(op, busy.error) for op in ops[done:]]
+        except Exception as exc:
+            # A bug, not the database: this batch's callers get it, the writer goes on
+            # (a stuck writer would leave every caller waiting).
+            log.exception("saga store writer failed on a batch")
+            written = _Written([(op, exc) for op in ops], failed=1)
+        self._busy_since = None
+        self._busy_delay = 0.0
+        del self._pending[: len(taken)]
+        if (
+            written.transactions
+            and self._checkpointing is None
+            and self._last_flush - self._last_checkpoint >= self._checkpoint_interval
+        ):
+            self._checkpointing = loop.create_task(self._checkpoint())
+        if self._pending:
+            self._schedule_flush(0)
+        elif self._checkpointing is None:
+            self._drained.set()
+        self.on_written(written)
+
+    async def _checkpoint(self) -> None:
+        checkpointer = self._checkpointer
+        assert checkpointer is not None and self._loop is not None
         try:
-            stopping = False
-            while not stopping:
-                first = self._ops.get()
-                if first is not None and self._gather_seconds:
-                    time.sleep(self._gather_seconds)
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._ops.get_nowait())
-                    except queue.Empty:
-                        break
-                # close() queues None last: the writes before it are applied, then we stop.
-                ops = [op for op in batch if op is not None]
-                stopping = len(ops) < len(batch)
-                if ops:
-                    written = _Written([])
-                    try:
-                        self._write(ops, written)
-                    except Exception as exc:
-                        # A bug, not the database: this batch's callers get it, the
-                        # writer goes on (a dead writer would leave every caller waiting).
-                        log.exception("saga store writer failed on a batch")
-                        written = _Written([(op, exc) for op in ops], failed=1)
-                    self._to_loop(self.on_written, written)
+            await checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            self._holding = True
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            await checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoints += 1
+        except Exception as exc:
+            log.warning("saga store checkpoint failed: %s", _brief(exc))
         finally:
-            conn.close()
-            self._conn = None
-            assert self._stopped is not None
-            self._to_loop(_settle, self._stopped, None)
+            self._holding = False
+            self._last_checkpoint = self._loop.time()
+            self._checkpointing = None
+            if self._pending:
+                self._schedule_flush(0)
+            else:
+                self._drained.set()
 
     def _write(self, ops: Sequence[_Op], written: _Written) -> None:
         """Apply `ops` in one transaction, splitting it when one op may have spoiled it."""
@@ -743,11 +872,16 @@ class _SqliteWriter:
         conn = self._conn
         if conn is None:
             raise _BatchFailed(RuntimeError("the SQLite writer is closed"), isolate=False)
-        stage = "begin"
         try:
-            # The write lock up front (waiting up to the timeout for a claimer holding it).
+            # The write lock up front; without it, nothing was done.
             conn.execute("BEGIN IMMEDIATE")
-            stage = "execute"
+        except sqlite3.OperationalError as exc:
+            error = DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True)
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                raise _Busy(error) from exc
+            raise _BatchFailed(error, isolate=False) from exc
+        stage = "execute"
+        try:
             outcomes = {op: _apply_sqlite_op(conn, op) for op in ops}
             stage = "commit"
             conn.execute("COMMIT")
@@ -766,15 +900,6 @@ class _SqliteWriter:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
@@ -816,6 +941,14 @@ def _apply_sqlite_op(conn: sqlite3.Connection, op: _Op) -> object:
     if isinstance(op, _Heartbeat):
         conn.execute(_SQLITE_HEARTBEAT, (op.owner, at))
         return None
+    if isinstance(op, _Claim):
+        candidates = conn.execute(
+            _SQLITE_ORPHANS, (op.kind, op.owner, _sqlite_time(op.cutoff), CLAIM_BATCH)
+        ).fetchall()
+        # The write lock is ours: no other claimer can take these between the two statements.
+        claimed = [request_id for request_id, _old_owner in candidates]
+        conn.executemany(_SQLITE_CLAIM, [(op.owner, at, request_id) for request_id in claimed])
+        return claimed
     raise TypeError(f"unknown saga store write {op!r}")
 
 
@@ -916,6 +1049,10 @@ async def _load(conn: AsyncConnection, request_ids: Iterable[str]) -> dict[str, 
         return {}
     result = await conn.execute(_records_query(sagas.c.request_id.in_(ids)))
     return {record.request_id: record for record in _records(result)}
+
+
+def _claim_order(record: SagaRecord) -> tuple[datetime, str]:
+    return record.created_at, record.request_id
 
 
 def _encode_token(created_at: datetime, request_id: str) -> str:
@@ -1030,20 +1167,23 @@ def _add_missing_columns(conn: Connection) -> None:
 
 
 class SqlSagaStore(SagaStore):
-    """Sagas in SQLite or PostgreSQL, written through a group-commit writer task."""
+    """Sagas in SQLite or PostgreSQL, written through a group-commit writer."""
 
     def __init__(
-        self, url: str, *, max_batch: int = MAX_BATCH, gather_seconds: float = GATHER_SECONDS
+        self, url: str, *, max_batch: int = MAX_BATCH, commit_interval: float | None = None
     ) -> None:
         """`max_batch` caps the writes per transaction (1 turns group commit off);
-        `gather_seconds` is how long the writer waits for company once a write arrives."""
+        `commit_interval` paces commits, at most one per so many seconds (None: the
+        backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if gather_seconds < 0:
-            raise ValueError("gather_seconds must not be negative")
-        self._gather_seconds = gather_seconds
+        if commit_interval is not None and commit_interval < 0:
+            raise ValueError("commit_interval must not be negative")
         self._url = _normalize_url(url)
         self._sqlite = self._url.get_backend_name() == "sqlite"
+        if commit_interval is None:
+            commit_interval = SQLITE_COMMIT_INTERVAL if self._sqlite else 0.0
+        self._commit_interval = commit_interval
         self._max_batch = max_batch
         # A failed batch's error would otherwise quote every op's parameters (payloads of
         # other requests) to every caller in it, and to the logs.
@@ -1059,6 +1199,7 @@ class SqlSagaStore(SagaStore):
             self._engine = create_async_engine(self._url, hide_parameters=True)
         self._queue: list[_Op] = []
         self._wake = asyncio.Event()
+        self._last_commit = 0.0
         self._writer: asyncio.Task[None] | None = None
         self._sqlite_writer: _SqliteWriter | None = None
         self._closing = False
@@ -1111,7 +1252,9 @@ class SqlSagaStore(SagaStore):
             writer = _SqliteWriter(
                 self._url.database or "",
                 max_batch=self._max_batch,
-                gather_seconds=self._gather_seconds,
+                commit_interval=self._commit_interval,
+                checkpoint_interval=CHECKPOINT_SECONDS,
+                lock_timeout=LOCK_TIMEOUT_SECONDS,
             )
             writer.on_written = self._written
             await writer.open()
@@ -1311,14 +1454,14 @@ class SqlSagaStore(SagaStore):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                # Optional (gather_seconds): trades each write's latency for fewer,
-                # fuller transactions when writes trickle in.
-                if self._gather_seconds and len(self._queue) < self._max_batch:
-                    await asyncio.sleep(self._gather_seconds)
+                wait = self._last_commit + self._commit_interval - time.monotonic()
+                if wait > 0 and len(self._queue) < self._max_batch:
+                    await asyncio.sleep(wait)
                 else:
                     # One turn of the loop, free: the tasks already woken (answers from
                     # upstreams, say) queue their writes into this transaction too.
                     await asyncio.sleep(0)
+                self._last_commit = time.monotonic()
                 taken = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 # A caller cancelled before its write began gets no write.
@@ -1511,6 +1654,16 @@ class SqlSagaStore(SagaStore):
         missing; each goes to exactly one claimer, thanks to a compare-and-set on its owner."""
         now = _now()
         cutoff = now - timedelta(seconds=stale_after)
+        if self._sqlite:
+            # Taken by the writer, inside one of its transactions: a claim holding the
+            # write lock across trips to another connection's thread would stall it.
+            loop = asyncio.get_running_loop()
+            claimed_ids: list[str] = await self._submit(
+                _Claim(now, loop.create_future(), owner, cutoff, kind)
+            )
+            async with self._engine.connect() as conn:
+                loaded = await _load(conn, claimed_ids)
+            return sorted(loaded.values(), key=_claim_order)
         async with self._writing() as conn:
             candidates = await conn.execute(
                 self._orphans_query, {"b_kind": kind, "b_me": owner, "b_cutoff": cutoff}
@@ -1526,7 +1679,7 @@ class SqlSagaStore(SagaStore):
                 if result.rowcount == 1:
                     claimed.append(request_id)
             records = await _load(conn, claimed)
-        return sorted(records.values(), key=lambda record: (record.created_at, record.request_id))
+        return sorted(records.values(), key=_claim_order)
 
     async def __aenter__(self) -> SqlSagaStore:
         await self.start()
