@@ -4,17 +4,24 @@ Synthetic sagas, 64 at once by default, each making the store writes of a
 2-step sync saga as the sync facade makes them (begin with step 0 started;
 step 0 finished with step 1 started; step 1 finished with the saga COMPLETED:
 three durable writes), run against `SqlSagaStore` as shipped (group commit, up
-to 256 writes a transaction) and against the baseline: the same store with
-``max_batch=1``, the same writes through the same writer, one transaction each.
-So the ratio is what group commit buys, nothing else. Runs alternate, batched
+to 256 writes a transaction, and on SQLite commits paced to one per 5 ms) and
+against the baseline: the same store with ``max_batch=1`` and no pacing, the
+same writes through the same writer, one transaction each. So the ratio is
+what group commit buys, nothing else. Runs alternate, batched
 then baseline, with an uncounted warm-up, which cancels drift. On SQLite (the
 default) each run gets a fresh file (WAL, synchronous=NORMAL); ``--url`` runs
 on another database, PostgreSQL say. About 16 s with the defaults.
 
     .venv/bin/python bench/store.py [--seconds 3] [--concurrency 64] [--pairs 2] [--url URL]
+        [--commit-interval SECONDS]
+
+With SQLite's pacing, 64 callers each waiting for its write cannot make more
+than 64 writes per interval: the batched runs' writes/s then tell the pacing,
+their CPU per saga what it saves; ``--commit-interval 0`` shows group commit
+alone.
 
 Per run: sagas/s, writes/s, the mean saga's latency, the store's CPU per saga
-(this process's CPU time, the writer's thread included, over the sagas
+(this process's CPU time, every thread included, over the sagas
 finished; a PostgreSQL server's own CPU is not in it) and the mean writes per
 transaction. The last line is always ``ratio=X.XX``: the batched runs' mean
 writes/s over the baseline's.
@@ -97,10 +104,17 @@ async def synthetic_saga(store: SqlSagaStore, request_id: str) -> None:
 
 
 async def run(
-    label: str, url: str, *, max_batch: int, concurrency: int, warmup: float, seconds: float
+    label: str,
+    url: str,
+    *,
+    max_batch: int,
+    commit_interval: float | None,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
 ) -> RunResult:
     """Sagas from `concurrency` callers for `warmup` + `seconds`; the last `seconds` count."""
-    store = SqlSagaStore(url, max_batch=max_batch)
+    store = SqlSagaStore(url, max_batch=max_batch, commit_interval=commit_interval)
     # Request ids unique to the run: a shared database (--url) needs no cleaning.
     run_id = f"{label.replace(' ', '-')}-{time.time_ns()}"
     await store.start()
@@ -147,15 +161,17 @@ async def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="orch-store-bench-") as tmp:
         print(f"store={SqlSagaStore(args.url).url if args.url else 'sqlite (fresh files)'}")
         for pair in range(1, args.pairs + 1):
-            for label, max_batch, results in (
-                (f"batched run {pair}", 256, batched),
-                (f"baseline run {pair}", 1, baseline),
+            # The baseline commits each write at once, unpaced.
+            for label, max_batch, commit_interval, results in (
+                (f"batched run {pair}", 256, args.commit_interval, batched),
+                (f"baseline run {pair}", 1, 0.0, baseline),
             ):
                 file = Path(tmp) / f"{label.replace(' ', '-')}.db"
                 result = await run(
                     label,
                     args.url or f"sqlite+aiosqlite:///{file}",
                     max_batch=max_batch,
+                    commit_interval=commit_interval,
                     concurrency=args.concurrency,
                     warmup=args.warmup,
                     seconds=args.seconds,
@@ -190,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight")
     parser.add_argument("--pairs", type=int, default=2, help="batched + baseline pairs of runs")
     parser.add_argument("--url", default="", help="store URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--commit-interval",
+        type=float,
+        default=None,
+        help="the batched store's commit pacing in seconds (default: the store's own)",
+    )
     return _run(bench(parser.parse_args(argv)))
 
 
