@@ -28,8 +28,8 @@ from orchestrator.store import (
     StepState,
     store_from_url,
 )
-from orchestrator.store import sql as sql_store
-from orchestrator.store.sql import _Op, replicas, sagas
+from orchestrator.store.sql import _store as sql_store
+from orchestrator.store.sql._store import _Op, replicas, sagas
 
 if TYPE_CHECKING:
     from tests.support.databases import StoreOpener

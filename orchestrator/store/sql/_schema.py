@@ -1,0 +1,161 @@
+"""The saga store's tables, as the latest migration leaves them.
+
+A saga is keyed by `(facade, request_id)`: the same request id sent to two
+facades is two sagas. Its steps are keyed by the saga's key and their index.
+The schema is created and upgraded by the migrations in `_migrations`
+(Alembic); these definitions are what the store's statements are built on,
+and a test checks that the migrations produce exactly them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.types import TypeEngine
+
+__all__ = [
+    "OPEN_ONLY",
+    "RUNNING_ONLY",
+    "UtcDateTime",
+    "metadata",
+    "replicas",
+    "saga_steps",
+    "sagas",
+    "sqlite_time",
+]
+
+MAX_REQUEST_ID: Final = 128
+MAX_NAME: Final = 128
+
+RUNNING_ONLY: Final = "state = 'RUNNING'"
+"""The orphans index's condition; queries repeat it verbatim (a bound parameter would not
+let the planners use a partial index)."""
+OPEN_ONLY: Final = "state IN ('RUNNING', 'COMPENSATING')"
+"""The deadline index's condition: sagas that have not reached an end."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both backends.
+
+    PostgreSQL keeps it as TIMESTAMPTZ. SQLite has no such type: it gets naive
+    UTC text in a fixed-width format (SQLAlchemy's own DATETIME format), which
+    sorts like time and costs one C call each way.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | str | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps UTC")
+        if dialect.name == "sqlite":
+            return sqlite_time(value)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        stamp: datetime = value
+        return stamp if stamp.tzinfo is UTC else stamp.astimezone(UTC)
+
+
+def sqlite_time(at: datetime) -> str:
+    """`at` as `UtcDateTime` keeps it on SQLite: naive UTC text, fixed width."""
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+metadata = MetaData()
+
+sagas = Table(
+    "sagas",
+    metadata,
+    Column("facade", String(MAX_NAME), primary_key=True),
+    Column("request_id", String(MAX_REQUEST_ID), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("payload_hash", String(128), nullable=False),
+    Column("data", Text, nullable=False),
+    # When `data` was last written (NULL: never). Until then the saga's data is that of
+    # its last finished step: steps keep their own, so a step's end need not touch this row.
+    Column("data_at", UtcDateTime, nullable=True),
+    Column("owner", String(MAX_NAME), nullable=False),
+    Column("error_code", String(MAX_NAME), nullable=False),
+    Column("error_reason", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    # By when the saga must have reached an end (RUNNING), or finished compensating
+    # (COMPENSATING); past it, recovery drives it to one. NULL: no deadline.
+    Column("deadline_at", UtcDateTime, nullable=True),
+    # list_sagas by facade (and state), newest first, keyset on (created_at, request_id).
+    Index("ix_sagas_listing", "facade", "state", "created_at", "request_id"),
+    # list_sagas without a facade: the default admin view would otherwise sort the table.
+    Index("ix_sagas_created", "created_at", "facade", "request_id"),
+    # Orphans: RUNNING sagas grouped by owner. Partial: it holds only the sagas in
+    # flight, so it stays small and a finished saga leaves it for good.
+    Index(
+        "ix_sagas_running",
+        "kind",
+        "owner",
+        sqlite_where=text(RUNNING_ONLY),
+        postgresql_where=text(RUNNING_ONLY),
+    ),
+    # Sagas past their deadline. Partial, like the one above.
+    Index(
+        "ix_sagas_deadline",
+        "deadline_at",
+        sqlite_where=text(OPEN_ONLY),
+        postgresql_where=text(OPEN_ONLY),
+    ),
+)
+
+saga_steps = Table(
+    "saga_steps",
+    metadata,
+    Column("facade", String(MAX_NAME), primary_key=True),
+    Column("request_id", String(MAX_REQUEST_ID), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(MAX_NAME), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("error", Text, nullable=False),
+    # The saga's data as this step's end left it (NULL until it ends).
+    Column("data", Text, nullable=True),
+    # Its undoing: '' (nothing to undo), PENDING (it may have taken effect and the saga
+    # is compensating), DONE or FAILED.
+    Column("compensation", String(16), nullable=False, server_default=""),
+    Column("compensated_at", UtcDateTime, nullable=True),
+    Column("compensation_error", Text, nullable=False, server_default=""),
+)
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("owner", String(MAX_NAME), primary_key=True),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+)
