@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pb import order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from upstream import RunningUpstream, serve_upstream
-from upstream.ledger import Ledger
+from upstream.ledger import Ledger, OrderRecord
 from upstream.server import DEFAULT_PORTS, Service, build_arg_parser
 
 if TYPE_CHECKING:
@@ -429,6 +431,54 @@ async def test_file_ledger_keeps_tombstones_across_restart(
 
     assert error.code() == grpc.StatusCode.ABORTED
     assert second_run.ledger.count_orders("r-1") == 0
+
+
+# The tables of a ledger file made before the key tombstones were added.
+TABLES_BEFORE_KEY_TOMBSTONES = {
+    "orders",
+    "order_idempotency",
+    "order_tombstones",
+    "payments",
+    "payment_idempotency",
+    "payment_tombstones",
+    "sqlite_sequence",
+}
+
+
+def tables_of(db: Path) -> set[str]:
+    with closing(sqlite3.connect(db)) as raw:
+        rows = raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name for (name,) in rows}
+
+
+def ledger_file_before_key_tombstones(db: Path) -> OrderRecord:
+    """Write at ``db`` a ledger without the key tombstone tables, holding one order made by k-1."""
+    ledger = Ledger(str(db))
+    try:
+        made = ledger.create_order("r-1", 7, 2, idempotency_key="k-1")
+    finally:
+        ledger.close()
+    with closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        raw.execute("DROP TABLE order_key_tombstones")
+        raw.execute("DROP TABLE payment_key_tombstones")
+    assert tables_of(db) == TABLES_BEFORE_KEY_TOMBSTONES
+    return made
+
+
+async def test_ledger_file_from_before_key_tombstones_opens_and_keeps_its_orders(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    db = tmp_path / "orders.db"
+    made = ledger_file_before_key_tombstones(db)
+
+    running, orders = await upstreams.orders(db_path=str(db))
+    replayed = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-1"),))
+    another = await orders.CreateOrder(new_order("r-1"), metadata=((KEY, "k-2"),))
+
+    assert replayed.OrderID == made.id
+    assert another.OrderID != made.id
+    assert running.ledger.count_orders("r-1") == 2
+    assert tables_of(db) > TABLES_BEFORE_KEY_TOMBSTONES
 
 
 async def test_fail_rate_one_is_unavailable_and_records_nothing(upstreams: Upstreams) -> None:

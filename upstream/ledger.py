@@ -7,9 +7,13 @@ table mapping an ``x-idempotency-key`` to the record it created, so the order
 and payment services may share one database file without their keys clashing.
 
 Each service also keeps tombstones: the request ids it was asked to compensate
-(cancel or refund by request id). A create for a tombstoned request id is
-refused, so a compensation that overtakes its action (or a retried action that
-arrives after it) leaves nothing behind.
+(cancel or refund by request id), and the idempotency keys whose create it was
+asked to undo (cancel or refund by key). A create for a tombstoned request id,
+or with a tombstoned key, is refused unless its key already made a record (a
+replay, answered with that record), so a compensation that overtakes its action
+(or a retried action that arrives after it) leaves nothing behind. Undoing by
+key touches only the record that one create made: another create of the same
+request id, under another key, is neither cancelled nor refused.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ CANCELLED: Final = "CANCELLED"
 PAID: Final = "PAID"
 REFUNDED: Final = "REFUNDED"
 
+# Every statement is IF NOT EXISTS, so a ledger file made by an older version
+# gains the tables it lacks (the key tombstones came later) when it is opened.
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS orders (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,6 +53,10 @@ CREATE TABLE IF NOT EXISTS order_tombstones (
     request_id TEXT PRIMARY KEY,
     created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS order_key_tombstones (
+    key TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS payments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,6 +72,10 @@ CREATE TABLE IF NOT EXISTS payment_idempotency (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS payment_tombstones (
     request_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS payment_key_tombstones (
+    key TEXT PRIMARY KEY,
     created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 ) WITHOUT ROWID;
 """
@@ -90,11 +104,23 @@ class PaymentRecord:
 
 
 class AlreadyCompensated(Exception):
-    """A create refused because its request id was already cancelled or refunded."""
+    """A create refused because its request id, or its idempotency key, was already undone.
 
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"request {request_id!r} was already compensated")
+    ``idempotency_key`` is set when the key was tombstoned (undone by key), and
+    ``None`` when the request id was (undone by request id).
+    """
+
+    def __init__(self, request_id: str, *, idempotency_key: str | None = None) -> None:
+        if idempotency_key is None:
+            message = f"request {request_id!r} was already compensated"
+        else:
+            message = (
+                f"the create with idempotency key {idempotency_key!r}"
+                f" of request {request_id!r} was already compensated"
+            )
+        super().__init__(message)
         self.request_id = request_id
+        self.idempotency_key = idempotency_key
 
 
 R = TypeVar("R", OrderRecord, PaymentRecord)
@@ -108,6 +134,7 @@ class _Table(Generic[R]):
     keys: str
     key_column: str
     tombstones: str
+    key_tombstones: str
     columns: tuple[str, str]
     record: Callable[..., R]
 
@@ -121,6 +148,7 @@ _ORDERS: Final = _Table(
     "order_idempotency",
     "order_id",
     "order_tombstones",
+    "order_key_tombstones",
     ("product_id", "count"),
     OrderRecord,
 )
@@ -129,6 +157,7 @@ _PAYMENTS: Final = _Table(
     "payment_idempotency",
     "payment_id",
     "payment_tombstones",
+    "payment_key_tombstones",
     ("order_id", "amount"),
     PaymentRecord,
 )
@@ -167,8 +196,8 @@ class Ledger:
     ) -> OrderRecord:
         """Insert a CREATED order, or return the one ``idempotency_key`` already made.
 
-        Raises :class:`AlreadyCompensated` when ``request_id`` is tombstoned and
-        the key made no order yet.
+        Raises :class:`AlreadyCompensated` when ``request_id`` or
+        ``idempotency_key`` is tombstoned and the key made no order yet.
         """
         return self._create(_ORDERS, request_id, (product_id, count), CREATED, idempotency_key)
 
@@ -179,6 +208,15 @@ class Ledger:
     def cancel_orders_of(self, request_id: str) -> OrderRecord | None:
         """Cancel every order of ``request_id`` and tombstone it; return the latest, if any."""
         return self._set_status_by_request(_ORDERS, request_id, CANCELLED)
+
+    def cancel_order_by_key(self, idempotency_key: str) -> OrderRecord | None:
+        """Cancel the order ``idempotency_key`` made and tombstone the key; that order, if any.
+
+        The key is tombstoned even when it made no order (``None``), so its
+        create is refused if it arrives later. Other orders of the same request
+        id are left alone. Calling it again changes nothing.
+        """
+        return self._set_status_by_key(_ORDERS, idempotency_key, CANCELLED)
 
     def get_order(self, order_id: int) -> OrderRecord | None:
         """The order with this id, if any."""
@@ -199,8 +237,8 @@ class Ledger:
     ) -> PaymentRecord:
         """Insert a PAID payment, or return the one ``idempotency_key`` already made.
 
-        Raises :class:`AlreadyCompensated` when ``request_id`` is tombstoned and
-        the key made no payment yet.
+        Raises :class:`AlreadyCompensated` when ``request_id`` or
+        ``idempotency_key`` is tombstoned and the key made no payment yet.
         """
         return self._create(_PAYMENTS, request_id, (order_id, amount), PAID, idempotency_key)
 
@@ -211,6 +249,15 @@ class Ledger:
     def refund_payments_of(self, request_id: str) -> PaymentRecord | None:
         """Refund every payment of ``request_id`` and tombstone it; return the latest, if any."""
         return self._set_status_by_request(_PAYMENTS, request_id, REFUNDED)
+
+    def refund_payment_by_key(self, idempotency_key: str) -> PaymentRecord | None:
+        """Refund the payment ``idempotency_key`` made and tombstone the key; that payment, if any.
+
+        The key is tombstoned even when it made no payment (``None``), so its
+        create is refused if it arrives later. Other payments of the same
+        request id are left alone. Calling it again changes nothing.
+        """
+        return self._set_status_by_key(_PAYMENTS, idempotency_key, REFUNDED)
 
     def get_payment(self, payment_id: int) -> PaymentRecord | None:
         """The payment with this id, if any."""
@@ -248,15 +295,15 @@ class Ledger:
     ) -> R:
         with self._transaction() as db:
             if idempotency_key is not None:
-                row = db.execute(
-                    f"{table.select} WHERE id = "
-                    f"(SELECT {table.key_column} FROM {table.keys} WHERE key = ?)",
-                    (idempotency_key,),
-                ).fetchone()
-                if row is not None:
+                made = self._made_by(table, idempotency_key)
+                if made is not None:
                     # A replay answers with the record as it stands now, even
                     # when a compensation has since cancelled or refunded it.
-                    return table.record(*row)
+                    return made
+                if db.execute(
+                    f"SELECT 1 FROM {table.key_tombstones} WHERE key = ?", (idempotency_key,)
+                ).fetchone():
+                    raise AlreadyCompensated(request_id, idempotency_key=idempotency_key)
             if db.execute(
                 f"SELECT 1 FROM {table.tombstones} WHERE request_id = ?", (request_id,)
             ).fetchone():
@@ -296,6 +343,29 @@ class Ledger:
                 (request_id,),
             )
             return self._latest_of(table, request_id)
+
+    def _set_status_by_key(self, table: _Table[R], idempotency_key: str, status: str) -> R | None:
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE {table.name} SET status = ? WHERE id = "
+                f"(SELECT {table.key_column} FROM {table.keys} WHERE key = ?) AND status != ?",
+                (status, idempotency_key, status),
+            )
+            # Tombstoned whether or not the key made a record: its create may
+            # still be in flight, and must not outlive its undo.
+            db.execute(
+                f"INSERT OR IGNORE INTO {table.key_tombstones} (key) VALUES (?)",
+                (idempotency_key,),
+            )
+            return self._made_by(table, idempotency_key)
+
+    def _made_by(self, table: _Table[R], idempotency_key: str) -> R | None:
+        row = self._db.execute(
+            f"{table.select} WHERE id = "
+            f"(SELECT {table.key_column} FROM {table.keys} WHERE key = ?)",
+            (idempotency_key,),
+        ).fetchone()
+        return None if row is None else table.record(*row)
 
     def _get_by_id(self, table: _Table[R], record_id: int) -> R | None:
         row = self._db.execute(f"{table.select} WHERE id = ?", (record_id,)).fetchone()
