@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0epb/order.proto\x12\x02pb\"n\n\x05Order\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x11\n\tProductID\x18\x03 \x01(\x03\x12\r\n\x05\x43ount\x18\x04 \x01(\x03\x12\x1f\n\x06Status\x18\x05 \x01(\x0e\x32\x0f.pb.OrderStatus\"I\n\x12\x43reateOrderRequest\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x11\n\tProductID\x18\x02 \x01(\x03\x12\r\n\x05\x43ount\x18\x03 \x01(\x03\"8\n\x12\x43\x61ncelOrderRequest\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\"5\n\x0fGetOrderRequest\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t*G\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\r\n\tCANCELLED\x10\x02\x32\x9e\x01\n\x0cOrderService\x12\x30\n\x0b\x43reateOrder\x12\x16.pb.CreateOrderRequest\x1a\t.pb.Order\x12\x30\n\x0b\x43\x61ncelOrder\x12\x16.pb.CancelOrderRequest\x1a\t.pb.Order\x12*\n\x08GetOrder\x12\x13.pb.GetOrderRequest\x1a\t.pb.Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0epb/order.proto\x12\x02pb\"n\n\x05Order\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x11\n\tProductID\x18\x03 \x01(\x03\x12\r\n\x05\x43ount\x18\x04 \x01(\x03\x12\x1f\n\x06Status\x18\x05 \x01(\x0e\x32\x0f.pb.OrderStatus\"I\n\x12\x43reateOrderRequest\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x11\n\tProductID\x18\x02 \x01(\x03\x12\r\n\x05\x43ount\x18\x03 \x01(\x03\"P\n\x12\x43\x61ncelOrderRequest\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x16\n\x0eIdempotencyKey\x18\x03 \x01(\t\"5\n\x0fGetOrderRequest\x12\x0f\n\x07OrderID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t*G\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\r\n\tCANCELLED\x10\x02\x32\x9e\x01\n\x0cOrderService\x12\x30\n\x0b\x43reateOrder\x12\x16.pb.CreateOrderRequest\x1a\t.pb.Order\x12\x30\n\x0b\x43\x61ncelOrder\x12\x16.pb.CancelOrderRequest\x1a\t.pb.Order\x12*\n\x08GetOrder\x12\x13.pb.GetOrderRequest\x1a\t.pb.Orderb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pb.order_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSTATUS']._serialized_start=322
-  _globals['_ORDERSTATUS']._serialized_end=393
+  _globals['_ORDERSTATUS']._serialized_start=346
+  _globals['_ORDERSTATUS']._serialized_end=417
   _globals['_ORDER']._serialized_start=22
   _globals['_ORDER']._serialized_end=132
   _globals['_CREATEORDERREQUEST']._serialized_start=134
   _globals['_CREATEORDERREQUEST']._serialized_end=207
   _globals['_CANCELORDERREQUEST']._serialized_start=209
-  _globals['_CANCELORDERREQUEST']._serialized_end=265
-  _globals['_GETORDERREQUEST']._serialized_start=267
-  _globals['_GETORDERREQUEST']._serialized_end=320
-  _globals['_ORDERSERVICE']._serialized_start=396
-  _globals['_ORDERSERVICE']._serialized_end=554
+  _globals['_CANCELORDERREQUEST']._serialized_end=289
+  _globals['_GETORDERREQUEST']._serialized_start=291
+  _globals['_GETORDERREQUEST']._serialized_end=344
+  _globals['_ORDERSERVICE']._serialized_start=420
+  _globals['_ORDERSERVICE']._serialized_end=578
 # @@protoc_insertion_point(module_scope)

@@ -92,23 +92,33 @@ Global___CreateOrderRequest: _TypeAlias = CreateOrderRequest  # noqa: Y015
 
 @_typing.final
 class CancelOrderRequest(_message.Message):
-    """Names the order by OrderID, or else by the RequestID that created it."""
+    """Names the order by IdempotencyKey, or else by OrderID, or else by the
+    RequestID that created it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDERID_FIELD_NUMBER: _builtins.int
     REQUESTID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCYKEY_FIELD_NUMBER: _builtins.int
     OrderID: _builtins.int
     RequestID: _builtins.str
+    IdempotencyKey: _builtins.str
+    """The x-idempotency-key of the create to undo: the record that create made
+    (if any) is cancelled, and the key is tombstoned, so a create with that key
+    that arrives later is ABORTED. Takes precedence over the id and RequestID.
+    NOT_FOUND when the key made no order (it is tombstoned all the same).
+    """
     def __init__(
         self,
         *,
         OrderID: _builtins.int = ...,
         RequestID: _builtins.str = ...,
+        IdempotencyKey: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["OrderID", b"OrderID", "RequestID", b"RequestID"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["IdempotencyKey", b"IdempotencyKey", "OrderID", b"OrderID", "RequestID", b"RequestID"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,9 @@ class OrderServiceStub:
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     def __init__(self, channel):
@@ -59,7 +61,9 @@ class OrderServiceServicer:
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     def CreateOrder(self, request, context):
@@ -111,7 +115,9 @@ class OrderService:
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     @staticmethod

@@ -30,7 +30,9 @@ class OrderServiceStub:
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     @_typing.overload
@@ -47,7 +49,9 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,7 +64,9 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrderService is the demo upstream that keeps orders.
 
     CreateOrder is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same order. CancelOrder is idempotent too.
+    same key returns the same order. CancelOrder is idempotent too; cancelling
+    by RequestID or by IdempotencyKey also tombstones it, so a create arriving
+    after its cancel is refused with ABORTED.
     """
 
     @_abc_1.abstractmethod

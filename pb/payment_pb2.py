@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pb/payment.proto\x12\x02pb\"s\n\x07Payment\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x0f\n\x07OrderID\x18\x03 \x01(\x03\x12\x0e\n\x06\x41mount\x18\x04 \x01(\x03\x12!\n\x06Status\x18\x05 \x01(\x0e\x32\x11.pb.PaymentStatus\"_\n\x14\x43reatePaymentRequest\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x0f\n\x07OrderID\x18\x02 \x01(\x03\x12\x0e\n\x06\x41mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x46\x61ultInject\x18\x04 \x01(\x08\"<\n\x14RefundPaymentRequest\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\"9\n\x11GetPaymentRequest\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t*G\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04PAID\x10\x01\x12\x0c\n\x08REFUNDED\x10\x02\x32\xb2\x01\n\x0ePaymentService\x12\x36\n\rCreatePayment\x12\x18.pb.CreatePaymentRequest\x1a\x0b.pb.Payment\x12\x36\n\rRefundPayment\x12\x18.pb.RefundPaymentRequest\x1a\x0b.pb.Payment\x12\x30\n\nGetPayment\x12\x15.pb.GetPaymentRequest\x1a\x0b.pb.Paymentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pb/payment.proto\x12\x02pb\"s\n\x07Payment\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x0f\n\x07OrderID\x18\x03 \x01(\x03\x12\x0e\n\x06\x41mount\x18\x04 \x01(\x03\x12!\n\x06Status\x18\x05 \x01(\x0e\x32\x11.pb.PaymentStatus\"_\n\x14\x43reatePaymentRequest\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x0f\n\x07OrderID\x18\x02 \x01(\x03\x12\x0e\n\x06\x41mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x46\x61ultInject\x18\x04 \x01(\x08\"T\n\x14RefundPaymentRequest\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t\x12\x16\n\x0eIdempotencyKey\x18\x03 \x01(\t\"9\n\x11GetPaymentRequest\x12\x11\n\tPaymentID\x18\x01 \x01(\x03\x12\x11\n\tRequestID\x18\x02 \x01(\t*G\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04PAID\x10\x01\x12\x0c\n\x08REFUNDED\x10\x02\x32\xb2\x01\n\x0ePaymentService\x12\x36\n\rCreatePayment\x12\x18.pb.CreatePaymentRequest\x1a\x0b.pb.Payment\x12\x36\n\rRefundPayment\x12\x18.pb.RefundPaymentRequest\x1a\x0b.pb.Payment\x12\x30\n\nGetPayment\x12\x15.pb.GetPaymentRequest\x1a\x0b.pb.Paymentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pb.payment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYMENTSTATUS']._serialized_start=359
-  _globals['_PAYMENTSTATUS']._serialized_end=430
+  _globals['_PAYMENTSTATUS']._serialized_start=383
+  _globals['_PAYMENTSTATUS']._serialized_end=454
   _globals['_PAYMENT']._serialized_start=24
   _globals['_PAYMENT']._serialized_end=139
   _globals['_CREATEPAYMENTREQUEST']._serialized_start=141
   _globals['_CREATEPAYMENTREQUEST']._serialized_end=236
   _globals['_REFUNDPAYMENTREQUEST']._serialized_start=238
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=298
-  _globals['_GETPAYMENTREQUEST']._serialized_start=300
-  _globals['_GETPAYMENTREQUEST']._serialized_end=357
-  _globals['_PAYMENTSERVICE']._serialized_start=433
-  _globals['_PAYMENTSERVICE']._serialized_end=611
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=322
+  _globals['_GETPAYMENTREQUEST']._serialized_start=324
+  _globals['_GETPAYMENTREQUEST']._serialized_end=381
+  _globals['_PAYMENTSERVICE']._serialized_start=457
+  _globals['_PAYMENTSERVICE']._serialized_end=635
 # @@protoc_insertion_point(module_scope)

@@ -95,23 +95,33 @@ Global___CreatePaymentRequest: _TypeAlias = CreatePaymentRequest  # noqa: Y015
 
 @_typing.final
 class RefundPaymentRequest(_message.Message):
-    """Names the payment by PaymentID, or else by the RequestID that created it."""
+    """Names the payment by IdempotencyKey, or else by PaymentID, or else by the
+    RequestID that created it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PAYMENTID_FIELD_NUMBER: _builtins.int
     REQUESTID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCYKEY_FIELD_NUMBER: _builtins.int
     PaymentID: _builtins.int
     RequestID: _builtins.str
+    IdempotencyKey: _builtins.str
+    """The x-idempotency-key of the create to undo: the record that create made
+    (if any) is refunded, and the key is tombstoned, so a create with that key
+    that arrives later is ABORTED. Takes precedence over the id and RequestID.
+    NOT_FOUND when the key made no payment (it is tombstoned all the same).
+    """
     def __init__(
         self,
         *,
         PaymentID: _builtins.int = ...,
         RequestID: _builtins.str = ...,
+        IdempotencyKey: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["PaymentID", b"PaymentID", "RequestID", b"RequestID"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["IdempotencyKey", b"IdempotencyKey", "PaymentID", b"PaymentID", "RequestID", b"RequestID"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

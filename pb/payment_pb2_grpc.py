@@ -29,7 +29,9 @@ class PaymentServiceStub:
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     def __init__(self, channel):
@@ -59,7 +61,9 @@ class PaymentServiceServicer:
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     def CreatePayment(self, request, context):
@@ -112,7 +116,9 @@ class PaymentService:
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     @staticmethod

@@ -30,7 +30,9 @@ class PaymentServiceStub:
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     @_typing.overload
@@ -48,7 +50,9 @@ class PaymentServiceAsyncStub(PaymentServiceStub):
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -62,7 +66,9 @@ class PaymentServiceServicer(metaclass=_abc_1.ABCMeta):
     """PaymentService is the demo upstream that takes payments.
 
     CreatePayment is idempotent on the `x-idempotency-key` request metadata: the
-    same key returns the same payment. RefundPayment is idempotent too.
+    same key returns the same payment. RefundPayment is idempotent too; refunding
+    by RequestID or by IdempotencyKey also tombstones it, so a payment arriving
+    after its refund is refused with ABORTED.
     """
 
     @_abc_1.abstractmethod

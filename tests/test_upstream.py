@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "x-idempotency-key"
+# Two sagas of one request id, from two facades: the keys the orchestrator sends.
+SYNC_ORDER, ASYNC_ORDER = "sync:r-1:order", "async:r-1:order"
+SYNC_PAYMENT, ASYNC_PAYMENT = "sync:r-1:payment", "async:r-1:payment"
 
 
 class Upstreams:
@@ -119,6 +122,19 @@ def new_order(request_id: str = "r-1", product_id: int = 7, count: int = 2) -> A
 
 def new_payment(request_id: str = "r-1", order_id: int = 1, amount: int = 100) -> Any:
     return payment_pb2.CreatePaymentRequest(RequestID=request_id, OrderID=order_id, Amount=amount)
+
+
+def keyed(key: str) -> tuple[tuple[str, str]]:
+    """The metadata of a create under idempotency key ``key``."""
+    return ((KEY, key),)
+
+
+def cancel_by_key(key: str, request_id: str = "r-1") -> Any:
+    return order_pb2.CancelOrderRequest(RequestID=request_id, IdempotencyKey=key)
+
+
+def refund_by_key(key: str, request_id: str = "r-1") -> Any:
+    return payment_pb2.RefundPaymentRequest(RequestID=request_id, IdempotencyKey=key)
 
 
 # Orders.
@@ -309,6 +325,111 @@ async def test_get_and_cancel_without_ids_are_invalid_argument(
     assert cancel_error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# Orders undone by idempotency key.
+
+
+async def test_cancel_by_key_cancels_only_the_order_that_key_made(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    sync_order = await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+    async_order = await orders.CreateOrder(new_order("r-1"), metadata=keyed(ASYNC_ORDER))
+
+    cancelled = await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+    other = await orders.GetOrder(order_pb2.GetOrderRequest(OrderID=async_order.OrderID))
+
+    assert cancelled.OrderID == sync_order.OrderID
+    assert cancelled.Status == order_pb2.CANCELLED
+    assert other.Status == order_pb2.CREATED
+
+
+async def test_cancel_by_key_leaves_the_request_id_open_to_another_keys_create(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+    await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+
+    created = await orders.CreateOrder(new_order("r-1"), metadata=keyed(ASYNC_ORDER))
+
+    assert created.Status == order_pb2.CREATED
+
+
+async def test_cancel_by_key_takes_precedence_over_order_id_and_request_id(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    sync_order = await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+    async_order = await orders.CreateOrder(new_order("r-1"), metadata=keyed(ASYNC_ORDER))
+    request = order_pb2.CancelOrderRequest(
+        OrderID=async_order.OrderID, RequestID="r-1", IdempotencyKey=SYNC_ORDER
+    )
+
+    cancelled = await orders.CancelOrder(request)
+    other = await orders.GetOrder(order_pb2.GetOrderRequest(OrderID=async_order.OrderID))
+
+    assert cancelled.OrderID == sync_order.OrderID
+    assert other.Status == order_pb2.CREATED
+
+
+async def test_create_arriving_after_its_cancel_by_key_is_aborted_and_creates_nothing(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    await rpc_error(orders.CancelOrder(cancel_by_key(SYNC_ORDER)))
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER)))
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert repr(SYNC_ORDER) in (error.details() or "")
+    assert order_ledger.count_orders("r-1") == 0
+
+
+async def test_cancel_by_key_of_a_create_that_never_arrived_is_not_found_and_refuses_it(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    cancel_error = await rpc_error(orders.CancelOrder(cancel_by_key(SYNC_ORDER)))
+
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER)))
+
+    assert cancel_error.code() == grpc.StatusCode.NOT_FOUND
+    assert repr(SYNC_ORDER) in (cancel_error.details() or "")
+    assert error.code() == grpc.StatusCode.ABORTED
+
+
+async def test_create_replayed_after_its_cancel_by_key_returns_the_cancelled_order(
+    orders: OrderServiceAsyncStub, order_ledger: Ledger
+) -> None:
+    created = await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+    await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+
+    replayed = await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+
+    assert replayed.OrderID == created.OrderID
+    assert replayed.Status == order_pb2.CANCELLED
+    assert order_ledger.count_orders("r-1") == 1
+
+
+async def test_cancel_by_key_twice_returns_the_same_cancelled_order(
+    orders: OrderServiceAsyncStub,
+) -> None:
+    await orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER))
+    first = await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+
+    second = await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+
+    assert second == first
+    assert second.Status == order_pb2.CANCELLED
+
+
+async def test_cancel_by_key_of_a_lost_create_cancels_the_order_it_made(
+    upstreams: Upstreams,
+) -> None:
+    running, orders = await upstreams.orders(fail_after_apply_rate=1.0)
+    await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER)))
+
+    cancelled = await orders.CancelOrder(cancel_by_key(SYNC_ORDER))
+
+    assert cancelled.Status == order_pb2.CANCELLED
+    assert running.ledger.count_orders("r-1") == 1
+
+
 # Payments.
 
 
@@ -399,6 +520,58 @@ async def test_refund_unknown_payment_is_not_found(payments: PaymentServiceAsync
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+# Payments undone by idempotency key.
+
+
+async def test_refund_by_key_refunds_only_the_payment_that_key_made(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    sync_payment = await payments.CreatePayment(new_payment("r-1"), metadata=keyed(SYNC_PAYMENT))
+    async_payment = await payments.CreatePayment(new_payment("r-1"), metadata=keyed(ASYNC_PAYMENT))
+
+    refunded = await payments.RefundPayment(refund_by_key(SYNC_PAYMENT))
+    other = await payments.GetPayment(
+        payment_pb2.GetPaymentRequest(PaymentID=async_payment.PaymentID)
+    )
+
+    assert refunded.PaymentID == sync_payment.PaymentID
+    assert refunded.Status == payment_pb2.REFUNDED
+    assert other.Status == payment_pb2.PAID
+
+
+async def test_payment_arriving_after_its_refund_by_key_is_aborted_and_records_nothing(
+    payments: PaymentServiceAsyncStub, payment_ledger: Ledger
+) -> None:
+    await rpc_error(payments.RefundPayment(refund_by_key(SYNC_PAYMENT)))
+
+    error = await rpc_error(
+        payments.CreatePayment(new_payment("r-1"), metadata=keyed(SYNC_PAYMENT))
+    )
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert payment_ledger.count_payments("r-1") == 0
+
+
+async def test_refund_by_key_of_a_payment_that_never_arrived_is_not_found(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    error = await rpc_error(payments.RefundPayment(refund_by_key(SYNC_PAYMENT)))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_refund_by_key_twice_returns_the_same_refunded_payment(
+    payments: PaymentServiceAsyncStub,
+) -> None:
+    await payments.CreatePayment(new_payment("r-1"), metadata=keyed(SYNC_PAYMENT))
+    first = await payments.RefundPayment(refund_by_key(SYNC_PAYMENT))
+
+    second = await payments.RefundPayment(refund_by_key(SYNC_PAYMENT))
+
+    assert second == first
+    assert second.Status == payment_pb2.REFUNDED
+
+
 # Persistence, injected faults and serving.
 
 
@@ -479,6 +652,37 @@ async def test_ledger_file_from_before_key_tombstones_opens_and_keeps_its_orders
     assert another.OrderID != made.id
     assert running.ledger.count_orders("r-1") == 2
     assert tables_of(db) > TABLES_BEFORE_KEY_TOMBSTONES
+
+
+async def test_cancel_by_key_works_on_a_ledger_file_from_before_key_tombstones(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    db = tmp_path / "orders.db"
+    made = ledger_file_before_key_tombstones(db)
+    _, orders = await upstreams.orders(db_path=str(db))
+
+    cancelled = await orders.CancelOrder(cancel_by_key("k-1"))
+    await rpc_error(orders.CancelOrder(cancel_by_key("k-2")))
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=keyed("k-2")))
+
+    assert cancelled.OrderID == made.id
+    assert cancelled.Status == order_pb2.CANCELLED
+    assert error.code() == grpc.StatusCode.ABORTED
+
+
+async def test_file_ledger_keeps_key_tombstones_across_restart(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "orders.db")
+    first_run, orders = await upstreams.orders(db_path=db)
+    await rpc_error(orders.CancelOrder(cancel_by_key(SYNC_ORDER)))
+    await first_run.stop()
+
+    second_run, orders = await upstreams.orders(db_path=db)
+    error = await rpc_error(orders.CreateOrder(new_order("r-1"), metadata=keyed(SYNC_ORDER)))
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert second_run.ledger.count_orders("r-1") == 0
 
 
 async def test_fail_rate_one_is_unavailable_and_records_nothing(upstreams: Upstreams) -> None:

@@ -1,9 +1,9 @@
 """The demo OrderService, plus the call handling it shares with the PaymentService.
 
 The shared helpers (idempotency key, injected latency and failures, error
-wording, refusing compensated creates, lookup by id or else by request id) live
-here rather than in a module of their own: payments already refer to orders, so
-the dependency is natural.
+wording, refusing compensated creates, undo by idempotency key, lookup by id or
+else by request id) live here rather than in a module of their own: payments
+already refer to orders, so the dependency is natural.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class FaultInjector:
 async def create_or_abort(
     context: grpc.aio.ServicerContext[Any, Any], create: Callable[[], T]
 ) -> T:
-    """Run ``create``; abort ABORTED when its request id was already compensated."""
+    """Run ``create``; abort ABORTED when its request id or its key was already compensated."""
     try:
         return create()
     except AlreadyCompensated as exc:
@@ -128,6 +128,28 @@ async def find_one(
     return record
 
 
+async def undo_by_key(
+    context: grpc.aio.ServicerContext[Any, Any],
+    noun: str,
+    key: str,
+    request_id: str,
+    *,
+    undo: Callable[[str], T | None],
+) -> T:
+    """Apply ``undo`` to the idempotency key ``key``: the record that key's create made.
+
+    Aborts NOT_FOUND when the key made no record; ``undo`` has tombstoned the
+    key all the same, so that create is refused if it arrives later.
+    """
+    record = undo(key)
+    if record is None:
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND,
+            for_request(f"no {noun} made by idempotency key {key!r}", request_id),
+        )
+    return record
+
+
 def _to_proto(record: OrderRecord) -> order_pb2.Order:
     return order_pb2.Order(
         OrderID=record.id,
@@ -161,8 +183,8 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     ) -> order_pb2.Order:
         """Create a CREATED order; the same ``x-idempotency-key`` returns the same order.
 
-        ABORTED, creating nothing, when RequestID was already cancelled and the
-        key made no order before.
+        ABORTED, creating nothing, when RequestID or the key was already
+        cancelled and the key made no order before.
         """
         rid = request.RequestID
         await self._faults.before_call(context, rid)
@@ -196,12 +218,23 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         request: order_pb2.CancelOrderRequest,
         context: grpc.aio.ServicerContext[order_pb2.CancelOrderRequest, order_pb2.Order],
     ) -> order_pb2.Order:
-        """Cancel by OrderID, or else every order of RequestID (returning the latest).
+        """Cancel the order of IdempotencyKey, or else by OrderID, or else every order of RequestID.
 
-        By RequestID it also tombstones the request id, even when NOT_FOUND, so
-        a create arriving later is refused.
+        By IdempotencyKey it cancels only the order that key's create made and
+        tombstones the key; by RequestID it cancels them all (returning the
+        latest) and tombstones the request id. Either tombstone is left even when
+        NOT_FOUND, so a create arriving later is refused.
         """
         await self._faults.before_call(context, request.RequestID)
+        if request.IdempotencyKey:
+            record = await undo_by_key(
+                context,
+                "order",
+                request.IdempotencyKey,
+                request.RequestID,
+                undo=self._ledger.cancel_order_by_key,
+            )
+            return _to_proto(record)
         record = await find_one(
             context,
             "order",

@@ -6,7 +6,14 @@ import grpc
 
 from pb import payment_pb2, payment_pb2_grpc
 from upstream.ledger import Ledger, PaymentRecord
-from upstream.order import FaultInjector, create_or_abort, find_one, for_request, idempotency_key
+from upstream.order import (
+    FaultInjector,
+    create_or_abort,
+    find_one,
+    for_request,
+    idempotency_key,
+    undo_by_key,
+)
 
 
 def _to_proto(record: PaymentRecord) -> payment_pb2.Payment:
@@ -44,8 +51,8 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
 
         ``FaultInject`` declines with FAILED_PRECONDITION and records nothing,
         standing in for a business failure the saga must compensate. ABORTED,
-        recording nothing, when RequestID was already refunded and the key made
-        no payment before.
+        recording nothing, when RequestID or the key was already refunded and
+        the key made no payment before.
         """
         rid = request.RequestID
         await self._faults.before_call(context, rid)
@@ -81,12 +88,23 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         request: payment_pb2.RefundPaymentRequest,
         context: grpc.aio.ServicerContext[payment_pb2.RefundPaymentRequest, payment_pb2.Payment],
     ) -> payment_pb2.Payment:
-        """Refund by PaymentID, or else every payment of RequestID (returning the latest).
+        """Refund the payment of IdempotencyKey, or else by PaymentID, or else all of RequestID.
 
-        By RequestID it also tombstones the request id, even when NOT_FOUND, so
-        a payment arriving later is refused.
+        By IdempotencyKey it refunds only the payment that key's create made and
+        tombstones the key; by RequestID it refunds them all (returning the
+        latest) and tombstones the request id. Either tombstone is left even when
+        NOT_FOUND, so a payment arriving later is refused.
         """
         await self._faults.before_call(context, request.RequestID)
+        if request.IdempotencyKey:
+            record = await undo_by_key(
+                context,
+                "payment",
+                request.IdempotencyKey,
+                request.RequestID,
+                undo=self._ledger.refund_payment_by_key,
+            )
+            return _to_proto(record)
         record = await find_one(
             context,
             "payment",
