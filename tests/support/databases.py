@@ -31,7 +31,7 @@ __all__ = ["POSTGRES_URL_ENV", "StoreOpener", "admin_url", "create_database", "d
 
 POSTGRES_URL_ENV = "ORCH_TEST_POSTGRES_URL"
 _DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-_TABLES = ("saga_steps", "sagas", "replicas")
+_TABLES = ("saga_steps", "sagas", "replicas", "alembic_version")
 _T = TypeVar("_T")
 
 

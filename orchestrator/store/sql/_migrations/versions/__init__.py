@@ -1,0 +1,1 @@
+"""The revisions, oldest first: `0001` the schema before migrations, then each change."""
