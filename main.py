@@ -119,12 +119,12 @@ async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[Runni
 
 def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -> BookingApp:
     """Wire the booking service: one Orchestrator, the facades, the handler, the server."""
-    store_url = settings.store.url.get_secret_value()
     orchestrator = Orchestrator(
         broker_from_settings(settings.broker),
-        store=store_from_url(store_url) if store_url else None,
+        store=store_from_url(settings.store.url.get_secret_value()),
         heartbeat_seconds=settings.store.heartbeat_seconds,
         lease_seconds=settings.store.lease_seconds,
+        sagas=settings.sagas,
     )
     upstreams = Upstreams.connect(
         order_address=settings.upstreams.order.address,
@@ -165,7 +165,7 @@ async def serve(settings: AppSettings) -> int:
         extra={
             "port": settings.grpc.port,
             "broker": settings.broker.safe_url,
-            "store": settings.store.safe_url or "none",
+            "store": settings.store.safe_url or "memory://",
         },
     )
     try:

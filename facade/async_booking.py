@@ -9,7 +9,7 @@ from topic import CANCEL_ASYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
 
 def register(orchestrator: Orchestrator, upstreams: Upstreams) -> AsyncFacade[BookingMsgDTO]:
     """Register the AsyncBooking facade, rolled back through the cancel_async_booking topic."""
-    flow = AsyncFacade(CANCEL_ASYNC_BOOKING, dto=BookingMsgDTO)
+    flow = AsyncFacade(dto=BookingMsgDTO)
     flow.use(CREATE_ORDER, create_order_async_node(upstreams))
     flow.use(CREATE_PAYMENT, create_payment_async_node(upstreams))
     flow.consume_rollback(CANCEL_ASYNC_BOOKING, cancel_booking_node(upstreams))

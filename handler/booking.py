@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from dto import BookingMsgDTO
+from dto import MAX_COUNT, BookingMsgDTO
 from facade import ASYNC_BOOKING, SYNC_BOOKING
 from orchestrator import AsyncFacade, InvalidArgument, Orchestrator, SyncFacade, endpoint
 from pb import booking_pb2, booking_pb2_grpc
@@ -15,11 +15,17 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def validated(request: booking_pb2.BookingRequest) -> booking_pb2.BookingRequest:
-    """The request with its defaults applied; InvalidArgument when it cannot be booked."""
+    """The request with its defaults applied; InvalidArgument when it cannot be booked.
+
+    Every field is checked against what every node downstream can carry, so a
+    bad request is refused before anything is created.
+    """
     if request.ProductID <= 0:
         raise InvalidArgument(f"ProductID must be positive, got {request.ProductID}")
     if request.Count < 0:
         raise InvalidArgument(f"Count must not be negative, got {request.Count}")
+    if request.Count > MAX_COUNT:
+        raise InvalidArgument(f"Count must be at most {MAX_COUNT}, got {request.Count}")
     if request.Count == 0:
         request.Count = 1
     return request
@@ -39,8 +45,10 @@ class BookingHandler(booking_pb2_grpc.BookingServiceServicer):
         self, request: booking_pb2.BookingRequest, context: Context, request_id: str
     ) -> booking_pb2.BookingSyncResponse:
         """Book in the caller's request: the response carries the order and payment ids."""
-        response = booking_pb2.BookingSyncResponse(RequestID=request_id)
-        return await self._sync.run(request_id, validated(request), response)
+        request = validated(request)
+        return await self._sync.run(
+            request_id, request, booking_pb2.BookingSyncResponse(RequestID=request_id)
+        )
 
     @endpoint
     async def HandleAsyncBooking(

@@ -1,7 +1,9 @@
 """Booking nodes: create the order, take the payment, and undo both on rollback.
 
-Each upstream call carries the saga's idempotency key, so a retried or
-redelivered step returns the record it created the first time.
+Each upstream call carries the idempotency key of its saga's step
+(`step_metadata()`), so a retried or redelivered step returns the record it
+created the first time, and two sagas never share an effect, even under one
+request id.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from orchestrator import (
     Rollback,
     RollbackNode,
     SyncNode,
-    idempotency_metadata,
+    idempotency_key,
+    step_metadata,
     step_timeout,
 )
 from pb import booking_pb2, order_pb2, payment_pb2
 
 UNIT_PRICE = 100
-"""The demo's price of one product, in cents."""
+"""The demo's price of one product, in cents: a booking pays at most `MAX_COUNT * UNIT_PRICE`."""
+
+CREATE_ORDER = "create_order"
+CREATE_PAYMENT = "create_payment"
+"""The step names of both booking facades: the rollback undoes each by the key it used."""
 
 SyncBookingNode = SyncNode[booking_pb2.BookingRequest, booking_pb2.BookingSyncResponse]
 SyncBookingContext = Context[booking_pb2.BookingRequest, booking_pb2.BookingSyncResponse]
@@ -31,7 +38,7 @@ SyncBookingContext = Context[booking_pb2.BookingRequest, booking_pb2.BookingSync
 async def _create_order(up: Upstreams, request_id: str, product_id: int, count: int) -> int:
     order = await up.order.CreateOrder(
         order_pb2.CreateOrderRequest(RequestID=request_id, ProductID=product_id, Count=count),
-        metadata=idempotency_metadata(request_id, "create_order"),
+        metadata=step_metadata(),
         timeout=step_timeout(up.timeout_seconds),
     )
     return order.OrderID
@@ -47,7 +54,7 @@ async def _create_payment(
             Amount=count * UNIT_PRICE,
             FaultInject=fault_inject,
         ),
-        metadata=idempotency_metadata(request_id, "create_payment"),
+        metadata=step_metadata(),
         timeout=step_timeout(up.timeout_seconds),
     )
     return payment.PaymentID
@@ -98,20 +105,21 @@ def create_payment_async_node(up: Upstreams) -> AsyncNode[BookingMsgDTO]:
 
 
 def cancel_booking_node(up: Upstreams) -> RollbackNode:
-    """Rollback node of both facades: refund the payment and cancel the order of the request id.
+    """Rollback node of both facades: refund the payment and cancel the order the saga made.
 
-    It works from the request id alone, so it also undoes a create whose answer
-    was lost (a timeout after the upstream applied it). Both undos are tried
-    even when one fails; raising makes the broker deliver the rollback again.
+    Each undo names the create by the idempotency key its step used, so it
+    undoes exactly what this saga created (another saga under the same request
+    id keeps its order), even a create whose answer was lost; and the key is
+    refused from then on, so a create arriving late makes nothing. Both undos
+    are tried even when one fails; raising makes the engine retry the rollback.
     """
 
     async def cancel_booking(rollback: Rollback) -> None:
-        request_id = rollback.request_id
         errors: list[grpc.aio.AioRpcError] = []
         try:
             await up.payment.RefundPayment(
-                payment_pb2.RefundPaymentRequest(RequestID=request_id),
-                metadata=idempotency_metadata(request_id, "refund_payment"),
+                payment_pb2.RefundPaymentRequest(IdempotencyKey=idempotency_key(CREATE_PAYMENT)),
+                metadata=step_metadata(),
                 timeout=step_timeout(up.timeout_seconds),
             )
         except grpc.aio.AioRpcError as exc:
@@ -119,8 +127,8 @@ def cancel_booking_node(up: Upstreams) -> RollbackNode:
                 errors.append(exc)
         try:
             await up.order.CancelOrder(
-                order_pb2.CancelOrderRequest(RequestID=request_id),
-                metadata=idempotency_metadata(request_id, "cancel_order"),
+                order_pb2.CancelOrderRequest(IdempotencyKey=idempotency_key(CREATE_ORDER)),
+                metadata=step_metadata(),
                 timeout=step_timeout(up.timeout_seconds),
             )
         except grpc.aio.AioRpcError as exc:

@@ -21,6 +21,7 @@ from orchestrator.config import (
     BrokerSettings,
     GrpcSettings,
     MetricsSettings,
+    SagaSettings,
     Settings,
     StoreSettings,
     StrictModel,
@@ -29,7 +30,12 @@ from orchestrator.config import (
     load_settings,
     redact_url,
 )
-from orchestrator.context import IDEMPOTENCY_KEY_HEADER, Context, idempotency_metadata
+from orchestrator.context import (
+    IDEMPOTENCY_KEY_HEADER,
+    Context,
+    idempotency_key,
+    step_metadata,
+)
 from orchestrator.dto import AsyncFacadeContext, Rollback
 from orchestrator.endpoint import endpoint
 from orchestrator.errors import (
@@ -42,7 +48,15 @@ from orchestrator.errors import (
     Unavailable,
     classify,
 )
-from orchestrator.facade import AsyncFacade, AsyncNode, RollbackNode, SyncFacade, SyncNode
+from orchestrator.facade import (
+    AsyncCompensation,
+    AsyncFacade,
+    AsyncNode,
+    RollbackNode,
+    SyncCompensation,
+    SyncFacade,
+    SyncNode,
+)
 from orchestrator.logs import configure_logging
 from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator, UnknownFacadeError
@@ -56,6 +70,7 @@ __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
     "NO_RETRY",
     "REQUEST_ID_HEADER",
+    "AsyncCompensation",
     "AsyncFacade",
     "AsyncFacadeContext",
     "AsyncNode",
@@ -82,9 +97,11 @@ __all__ = [
     "RollbackNode",
     "SagaError",
     "SagaFailed",
+    "SagaSettings",
     "Settings",
     "StoreSettings",
     "StrictModel",
+    "SyncCompensation",
     "SyncFacade",
     "SyncNode",
     "TopicSettings",
@@ -97,11 +114,12 @@ __all__ = [
     "configure_logging",
     "configure_tracing",
     "endpoint",
-    "idempotency_metadata",
+    "idempotency_key",
     "load_settings",
     "new_request_id",
     "redact_url",
     "resolve_request_id",
     "run",
+    "step_metadata",
     "step_timeout",
 ]

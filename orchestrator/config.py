@@ -17,7 +17,15 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from orchestrator.errors import ConfigError
@@ -25,8 +33,10 @@ from orchestrator.errors import ConfigError
 __all__ = [
     "ENVIRONMENT_VARIABLES",
     "BrokerSettings",
+    "FacadeSagaSettings",
     "GrpcSettings",
     "MetricsSettings",
+    "SagaSettings",
     "Settings",
     "StoreSettings",
     "StrictModel",
@@ -149,17 +159,53 @@ class StoreSettings(StrictModel):
     """The saga store: every saga's state and step log."""
 
     url: SecretStr = SecretStr("")
-    """`sqlite+aiosqlite:///path.db` or `postgresql+asyncpg://user:password@host/db`; empty: no
-    store (sagas are not recorded, repeated request ids run again). Env: `ORCH_STORE_URL`."""
+    """`sqlite+aiosqlite:///path.db` or `postgresql+asyncpg://user:password@host/db`; empty or
+    `memory://`: sagas are kept in process memory only (lost on restart). Env: `ORCH_STORE_URL`."""
     heartbeat_seconds: float = Field(default=2.0, gt=0, le=60)
     """How often this replica records that it is alive, and looks for orphaned sagas."""
     lease_seconds: float = Field(default=10.0, gt=0, le=600)
     """A replica silent this long is dead: its running sync sagas are rolled back by another."""
 
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> StoreSettings:
+        if self.lease_seconds <= self.heartbeat_seconds:
+            raise ValueError("lease_seconds must be longer than heartbeat_seconds")
+        return self
+
     @property
     def safe_url(self) -> str:
         """The URL with its password masked, fit for logs."""
         return redact_url(self.url.get_secret_value())
+
+
+class FacadeSagaSettings(StrictModel):
+    """One facade's saga deadlines, overriding the defaults of `sagas`."""
+
+    deadline_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    """A saga of this facade still running this long after it began is rolled back."""
+    compensation_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    """How long this facade's rollback may take before recovery runs it itself."""
+
+
+class SagaSettings(StrictModel):
+    """How long sagas may take before recovery drives them to an end."""
+
+    deadline_seconds: float = Field(default=300.0, gt=0, le=30 * 86400)
+    """A saga still running this long after it began (a lost or dead-lettered message, a
+    stuck node) is rolled back by recovery, with the cause in its record."""
+    compensation_seconds: float = Field(default=120.0, gt=0, le=30 * 86400)
+    """A saga still compensating this long (its rollback message lost or failing) has its
+    compensation run by recovery; one that cannot succeed ends COMPENSATION_FAILED."""
+    facades: dict[str, FacadeSagaSettings] = Field(default_factory=dict)
+    """Per-facade deadlines by facade name; a facade named here must be registered."""
+
+    def deadlines_of(self, facade: str) -> tuple[float, float]:
+        """`facade`'s (deadline_seconds, compensation_seconds)."""
+        own = self.facades.get(facade) or FacadeSagaSettings()
+        return (
+            own.deadline_seconds or self.deadline_seconds,
+            own.compensation_seconds or self.compensation_seconds,
+        )
 
 
 class Settings(StrictModel):
@@ -175,6 +221,8 @@ class Settings(StrictModel):
     """OpenTelemetry tracing."""
     store: StoreSettings = Field(default_factory=StoreSettings)
     """The saga store."""
+    sagas: SagaSettings = Field(default_factory=SagaSettings)
+    """Saga deadlines."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"

@@ -64,3 +64,6 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic narrates every start (plugins, context, "will assume transactional DDL"):
+    # its warnings matter, its chatter does not.
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))

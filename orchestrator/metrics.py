@@ -93,6 +93,27 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.journal_refused = Counter(
+            "orchestrator_journal_refused",
+            "Journal writes refused because the saga was not where the write expected "
+            "(a duplicate, a stopped saga, a finished one: those never move).",
+            ["facade", "write"],
+            registry=r,
+        )
+        self.messages_refused = Counter(
+            "orchestrator_messages_refused",
+            "Messages the journal did not let act, by reason: dead-lettered (no such saga, "
+            "not its step, not what the saga recorded, unreadable) or dropped as duplicates.",
+            ["facade", "topic", "reason"],
+            registry=r,
+        )
+        self.sagas_recovered = Counter(
+            "orchestrator_sagas_recovered",
+            "Stalled sagas recovery took over and drove to an end, by cause "
+            "(deadline: it outlived it; orphaned: its replica went silent).",
+            ["facade", "cause"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "orchestrator_broker_connected",
             "1 while the broker is reachable, else 0.",
@@ -129,6 +150,18 @@ class FacadeMetrics:
     def retried(self, step: str) -> None:
         """Count one more attempt of `step`."""
         self._metrics.step_retries.labels(self._facade, step).inc()
+
+    def refused(self, write: str) -> None:
+        """Count a journal write the store refused."""
+        self._metrics.journal_refused.labels(self._facade, write).inc()
+
+    def message_refused(self, topic: str, reason: str) -> None:
+        """Count a message the journal did not let act."""
+        self._metrics.messages_refused.labels(self._facade, topic, reason).inc()
+
+    def recovered(self, cause: str) -> None:
+        """Count a stalled saga taken over by recovery."""
+        self._metrics.sagas_recovered.labels(self._facade, cause).inc()
 
     def observe_step(self, step: str, seconds: float) -> None:
         """Record how long `step` took."""

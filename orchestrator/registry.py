@@ -1,25 +1,30 @@
-"""The Orchestrator: the registry of facades and the owner of their broker."""
+"""The Orchestrator: the registry of facades, the owner of their broker, store and recovery."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from orchestrator.broker.base import Broker
+from orchestrator.config import SagaSettings
+from orchestrator.facade._runtime import SagaPolicy, SagaRuntime
 from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
+from orchestrator.facade.definition import check_name
 from orchestrator.facade.sync import SyncFacade
 from orchestrator.metrics import Metrics
-from orchestrator.store.base import FacadeStore, SagaStore, unscoped
+from orchestrator.store import InMemorySagaStore, SagaStore, Stalled
 
 __all__ = ["Orchestrator", "UnknownFacadeError"]
 
 log = logging.getLogger("orchestrator")
+
+RECOVERY_CONCURRENCY = 16
+"""Stalled sagas one replica drives to an end at once."""
 
 
 class UnknownFacadeError(LookupError):
@@ -27,7 +32,7 @@ class UnknownFacadeError(LookupError):
 
 
 class Orchestrator:
-    """Registers facades by name and starts their consumers on one broker.
+    """Registers facades by name and runs them on one broker and one saga store.
 
     There is no global instance: build one, hand it to each registration
     function, then `await orchestrator.start()`.
@@ -42,22 +47,26 @@ class Orchestrator:
         replica_id: str | None = None,
         heartbeat_seconds: float = 2.0,
         lease_seconds: float = 10.0,
+        sagas: SagaSettings | None = None,
     ) -> None:
-        """`store` records every saga; with it, this replica (`replica_id`, default a new
-        UUID) heartbeats every `heartbeat_seconds` and takes over the sync sagas of
-        replicas silent for `lease_seconds`, rolling them back."""
+        """Every saga is recorded in `store` (default: an `InMemorySagaStore`, which keeps
+        them as long as the process lives). This replica (`replica_id`, default a new
+        UUID) heartbeats every `heartbeat_seconds` and takes over the stalled sagas:
+        those past their deadline (`sagas`) and the sync ones of replicas silent for
+        `lease_seconds`, driving each to an end."""
         self.broker = broker
         self.metrics = metrics or Metrics()
-        self.store = store
+        self.store = store if store is not None else InMemorySagaStore()
         self.replica_id = replica_id or uuid.uuid4().hex
         self._heartbeat_seconds = heartbeat_seconds
         self._lease_seconds = lease_seconds
+        self._sagas = sagas or SagaSettings()
         broker.attach_metrics(self.metrics)
         self._sync: dict[str, SyncFacade[Any, Any]] = {}
         self._async: dict[str, AsyncFacade[Any]] = {}
         self._started = False
         self._recovery: asyncio.Task[None] | None = None
-        self._saga_listeners: list[Callable[[str], None]] = []
+        self._saga_listeners: list[Callable[[str, str], None]] = []
 
     def register_sync_facade(self, name: str, facade: SyncFacade[Any, Any]) -> None:
         """Register `facade` under `name`; a name can be registered once."""
@@ -92,15 +101,16 @@ class Orchestrator:
         """Start the store and the broker, then every facade's consumers, then recovery."""
         if self._started:
             return
-        if self.store is not None:
-            await self.store.start()
-            await self.store.heartbeat(self.replica_id)
+        unknown = sorted(set(self._sagas.facades) - set(self.facades))
+        if unknown:
+            raise ValueError(f"deadlines configured for facades never registered: {unknown}")
+        await self.store.start()
+        await self.store.heartbeat(self.replica_id)
         await self.broker.start()
         for facade in self.facades.values():
             await facade.start()
         self._started = True
-        if self.store is not None:
-            self._recovery = asyncio.create_task(self._keep_recovering(self.store))
+        self._recovery = asyncio.create_task(self._keep_recovering())
         log.info(
             "orchestrator started",
             extra={"facades": sorted(self.facades), "replica": self.replica_id},
@@ -118,35 +128,46 @@ class Orchestrator:
                 await self._recovery
             self._recovery = None
         await self.broker.close()
-        if self.store is not None:
-            await self.store.close()
+        await self.store.close()
         self._started = False
 
     async def recover_now(self) -> int:
-        """Heartbeat, then take over and roll back the orphaned sync sagas; returns how many."""
-        store = self.store
-        if store is None:
-            return 0
-        await store.heartbeat(self.replica_id)
-        orphans = await store.claim_orphans(
-            self.replica_id, stale_after=self._lease_seconds, kind="sync"
+        """Heartbeat, then take over the stalled sagas and drive each to an end; how many.
+
+        Stalled: RUNNING or COMPENSATING past its deadline, or a RUNNING sync
+        saga whose replica went silent. A RUNNING one is rolled back (its
+        current step may have taken effect); a COMPENSATING one has its
+        compensation run here, ending COMPENSATED or COMPENSATION_FAILED.
+        """
+        await self.store.heartbeat(self.replica_id)
+        claimed = await self.store.claim_stalled(
+            self.replica_id, stale_after=self._lease_seconds, hold_for=self._hold_for
         )
-        for saga in map(unscoped, orphans):
-            facade = self._sync.get(saga.facade)
+        gate = asyncio.Semaphore(RECOVERY_CONCURRENCY)
+
+        async def recover(stalled: Stalled) -> None:
+            saga = stalled.saga
+            facade = self.facades.get(saga.facade)
             if facade is None:
                 log.error(
-                    "orphaned saga of an unknown facade left as it is",
+                    "stalled saga of an unknown facade left as it is",
                     extra={"request_id": saga.request_id, "facade": saga.facade},
                 )
-                continue
-            log.warning(
-                "recovering a saga whose replica stopped",
-                extra={"request_id": saga.request_id, "facade": saga.facade, "owner": saga.owner},
-            )
-            await facade.recover(saga)
-        return len(orphans)
+                return
+            async with gate:
+                try:
+                    await facade.runtime.recover(saga, expired=stalled.expired)
+                except Exception:
+                    # The saga's deadline was moved, not lifted: a later round retries it.
+                    log.exception(
+                        "recovering a saga failed",
+                        extra={"request_id": saga.request_id, "facade": saga.facade},
+                    )
 
-    async def _keep_recovering(self, store: SagaStore) -> None:
+        await asyncio.gather(*(recover(saga) for saga in claimed))
+        return len(claimed)
+
+    async def _keep_recovering(self) -> None:
         while True:
             try:
                 await self.recover_now()
@@ -155,8 +176,15 @@ class Orchestrator:
                 log.exception("recovery round failed")
             await asyncio.sleep(self._heartbeat_seconds)
 
-    def on_saga_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
-        """Call `listener(request_id)` after each store write of this replica's sagas.
+    @property
+    def _hold_for(self) -> float:
+        """How long a claimed saga is this replica's before another may claim it again: the
+        longest time a compensation may take, so a recovery under way is not doubled."""
+        own = (self._sagas.deadlines_of(name)[1] for name in self.facades)
+        return max((self._sagas.compensation_seconds, *own))
+
+    def on_saga_change(self, listener: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call `listener(facade, request_id)` after each store write of this replica's sagas.
 
         It runs in the event loop, inline with the saga: it must be quick and
         must not raise. Returns a function that removes the listener. The
@@ -165,33 +193,36 @@ class Orchestrator:
         self._saga_listeners.append(listener)
         return lambda: self._saga_listeners.remove(listener)
 
-    def _saga_changed(self, facade: FacadeBase, request_id: str) -> None:
-        facade._saga_changed(request_id)
+    def _saga_changed(self, facade: str, request_id: str) -> None:
         for listener in self._saga_listeners:
-            listener(request_id)
+            listener(facade, request_id)
 
     def _register(self, name: str, facade: FacadeBase) -> None:
-        if not name:
-            raise ValueError("a facade needs a name")
+        check_name(name, "facade")
         if name in self._sync or name in self._async:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        if "/" in name:
-            raise ValueError(f"a facade name cannot contain '/': {name!r}")
-        facade.bind(
-            name,
-            self.broker,
-            self.metrics,
-            store=(
-                FacadeStore(
-                    self.store, name, on_change=functools.partial(self._saga_changed, facade)
+        definition = facade.definition
+        for other_name, other in self.facades.items():
+            shared = set(definition.topics) & set(other.definition.topics)
+            if shared:
+                raise ValueError(
+                    f"facade {name!r} would consume {sorted(shared)}, which {other_name!r} "
+                    "consumes: every facade needs topics of its own"
                 )
-                if self.store is not None
-                else None
-            ),
+        runtime = SagaRuntime(
+            facade,
+            definition,
+            name,
+            broker=self.broker,
+            store=self.store,
+            metrics=self.metrics.for_facade(name, facade.kind),
             owner=self.replica_id,
+            policy=SagaPolicy(*self._sagas.deadlines_of(name)),
+            on_change=self._saga_changed,
         )
+        facade.attach(runtime)
 
     @staticmethod
     def _unknown(kind: str, name: str, known: dict[str, Any]) -> str:

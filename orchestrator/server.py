@@ -6,9 +6,8 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,9 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.config import GrpcSettings, MetricsSettings
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
-
-if TYPE_CHECKING:
-    from orchestrator.status import SagaStatusService  # it imports GrpcService from here
+from orchestrator.service import GrpcService
+from orchestrator.status import SagaStatusService, saga_grpc_service
 
 __all__ = ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
@@ -31,15 +29,6 @@ LIVENESS_SERVICE = "liveness"
 a liveness probe on it restarts a stuck process, never one waiting out a broker outage."""
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class GrpcService:
-    """A servicer and how to add it: `GrpcService("pb.BookingService", add_..._to_server, obj)`."""
-
-    name: str
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
-    servicer: object
 
 
 class OrchestratorServer:
@@ -74,7 +63,7 @@ class OrchestratorServer:
         self.port = 0
         """The bound port, once started (useful with port 0)."""
         self.status: SagaStatusService | None = None
-        """The saga status servicer, once started with a saga store."""
+        """The saga status servicer, once started."""
 
     @property
     def metrics_port(self) -> int:
@@ -84,18 +73,15 @@ class OrchestratorServer:
     async def start(self) -> int:
         """Start the orchestrator, then serve; returns the bound port.
 
-        With a saga store, `orchestrator.v1.SagaService` (GetSaga, ListSagas,
-        WatchSaga) is served too.
+        `orchestrator.v1.SagaService` (GetSaga, ListSagas, WatchSaga) is served
+        beside the application's services.
         """
-        if self.orchestrator.store is not None:
-            from orchestrator.status import saga_grpc_service  # it imports GrpcService from here
-
-            status_service, self.status = saga_grpc_service(
-                self.orchestrator.store, facades=sorted(self.orchestrator.facades)
-            )
-            # Watchers wake on this replica's writes at once; polling covers the others'.
-            self.orchestrator.on_saga_change(self.status.notify)
-            self._services.append(status_service)
+        status_service, self.status = saga_grpc_service(
+            self.orchestrator.store, facades=sorted(self.orchestrator.facades)
+        )
+        # Watchers wake on this replica's writes at once; polling covers the others'.
+        self.orchestrator.on_saga_change(self.status.notify)
+        self._services.append(status_service)
         for service in self._services:
             service.add_to_server(service.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

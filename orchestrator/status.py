@@ -2,13 +2,18 @@
 
 `GetSaga` returns one saga, `ListSagas` pages through them newest first, and
 `WatchSaga` streams one saga as it changes until it reaches a final state.
-`OrchestratorServer` serves it whenever its orchestrator has a store; to serve
+`OrchestratorServer` serves it beside the application's services; to serve
 it elsewhere::
 
     saga_service, status = saga_grpc_service(store, facades=[...])
 
+A saga is named by its facade and request id. Without a facade, the request
+id is looked up in every registered facade: found in one, that saga; in
+several, FAILED_PRECONDITION naming them (the same id sent to two endpoints is
+two sagas).
+
 Watchers poll the store, so they see changes made by any replica; a local
-write wakes them at once through `status.notify(request_id)`, which
+write wakes them at once through `status.notify(facade, request_id)`, which
 `OrchestratorServer` subscribes to `Orchestrator.on_saga_change`.
 
 Page tokens: the store's `list_sagas` raises ValueError for a `page_token` it
@@ -28,15 +33,14 @@ from google.protobuf import timestamp_pb2
 
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
-from orchestrator.server import GrpcService
-from orchestrator.store.base import (
+from orchestrator.service import GrpcService
+from orchestrator.store import (
+    CompensationState,
     SagaRecord,
     SagaState,
     SagaStore,
     StepRecord,
     StepState,
-    saga_key,
-    unscoped,
 )
 
 __all__ = [
@@ -76,8 +80,15 @@ _STEP_STATES: dict[StepState, saga_pb2.StepState.ValueType] = {
     StepState.RUNNING: saga_pb2.STEP_RUNNING,
     StepState.DONE: saga_pb2.STEP_DONE,
     StepState.FAILED: saga_pb2.STEP_FAILED,
+    StepState.PENDING: saga_pb2.STEP_PENDING,
 }
 _STEP_STATES_FROM_PROTO = {value: state for state, value in _STEP_STATES.items()}
+_COMPENSATION_STATES: dict[CompensationState, saga_pb2.CompensationState.ValueType] = {
+    CompensationState.NONE: saga_pb2.COMPENSATION_STATE_NONE,
+    CompensationState.PENDING: saga_pb2.COMPENSATION_STATE_PENDING,
+    CompensationState.DONE: saga_pb2.COMPENSATION_STATE_DONE,
+    CompensationState.FAILED: saga_pb2.COMPENSATION_STATE_FAILED,
+}
 
 
 def saga_state_to_proto(state: SagaState) -> saga_pb2.SagaState.ValueType:
@@ -128,6 +139,9 @@ def _step_to_proto(step: StepRecord) -> saga_pb2.Step:
         # Left unset while the step runs, so clients can tell "not yet" from a time.
         finished_at=_timestamp(step.finished_at) if step.finished_at is not None else None,
         error=step.error,
+        compensation=_COMPENSATION_STATES[step.compensation],
+        compensated_at=_timestamp(step.compensated_at) if step.compensated_at else None,
+        compensation_error=step.compensation_error,
     )
 
 
@@ -143,6 +157,7 @@ def saga_to_proto(record: SagaRecord) -> saga_pb2.Saga:
         error_reason=record.error_reason,
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
+        deadline_at=_timestamp(record.deadline_at) if record.deadline_at else None,
     )
 
 
@@ -158,8 +173,9 @@ async def _checked_request_id(request_id: str, context: ServicerContext) -> str:
     return request_id
 
 
-def _not_found(request_id: str) -> str:
-    return f"no saga with request_id {request_id!r}"
+def _not_found(request_id: str, facade: str = "") -> str:
+    where = f" in facade {facade!r}" if facade else ""
+    return f"no saga with request_id {request_id!r}{where}"
 
 
 class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
@@ -183,39 +199,47 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         self._facades = tuple(facades)
         self.poll_interval = poll_interval
         # One event per running watch, by request id; notify() sets them.
-        self._wakers: dict[str, set[asyncio.Event]] = {}
+        self._wakers: dict[tuple[str, str], set[asyncio.Event]] = {}
 
     @property
     def active_watches(self) -> int:
         """WatchSaga calls in progress on this servicer."""
         return sum(len(wakers) for wakers in self._wakers.values())
 
-    def notify(self, request_id: str) -> None:
-        """Wake the watchers of `request_id` now rather than at their next poll.
+    def notify(self, facade: str, request_id: str) -> None:
+        """Wake the watchers of the saga now rather than at their next poll.
 
         Call it after each write to the saga, from the event loop's thread
         (asyncio events are not thread-safe). Cheap when nobody watches.
         """
-        for waker in self._wakers.get(request_id, ()):
+        for waker in self._wakers.get((facade, request_id), ()):
             waker.set()
 
-    async def _find(self, request_id: str) -> SagaRecord | None:
-        """The saga of `request_id`: the store keys sagas by facade, so look in each;
-        the newest wins when the id was used on several facades."""
-        keys = [saga_key(facade, request_id) for facade in self._facades] or [request_id]
-        found = [saga for key in keys if (saga := await self._store.get(key)) is not None]
-        if not found:
-            return None
-        return unscoped(max(found, key=lambda saga: saga.created_at))
+    async def _resolve(self, facade: str, request_id: str, context: ServicerContext) -> str:
+        """The facade of the saga named by `request_id` (and `facade`, when given); aborts
+        with NOT_FOUND, or FAILED_PRECONDITION when several facades hold the id."""
+        if facade:
+            return facade
+        holders = [f for f in self._facades if await self._store.get(f, request_id) is not None]
+        if not holders:
+            await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+        if len(holders) > 1:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request_id {request_id!r} is held by sagas of several facades "
+                f"({', '.join(sorted(holders))}): name one in facade",
+            )
+        return holders[0]
 
     async def GetSaga(
         self, request: saga_pb2.GetSagaRequest, context: ServicerContext
     ) -> saga_pb2.Saga:
         """The saga of `request_id`; NOT_FOUND naming it when there is none."""
         request_id = await _checked_request_id(request.request_id, context)
-        record = await self._find(request_id)
+        facade = await self._resolve(request.facade, request_id, context)
+        record = await self._store.get(facade, request_id)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+            await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id, facade))
         return saga_to_proto(record)
 
     async def ListSagas(
@@ -245,7 +269,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token: {exc}")
         return saga_pb2.ListSagasResponse(
-            sagas=[saga_to_proto(unscoped(record)) for record in page.sagas],
+            sagas=[saga_to_proto(record) for record in page.sagas],
             next_page_token=page.next_page_token,
         )
 
@@ -259,8 +283,10 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         cancels or the deadline passes.
         """
         request_id = await _checked_request_id(request.request_id, context)
+        facade = await self._resolve(request.facade, request_id, context)
+        key = (facade, request_id)
         waker = asyncio.Event()
-        wakers = self._wakers.setdefault(request_id, set())
+        wakers = self._wakers.setdefault(key, set())
         wakers.add(waker)
         try:
             sent: saga_pb2.Saga | None = None
@@ -268,10 +294,10 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 # Cleared before the read, so a notify() that lands during it
                 # is not lost: the wait below then returns at once.
                 waker.clear()
-                record = await self._find(request_id)
+                record = await self._store.get(facade, request_id)
                 if record is None:
                     # Unknown at the start, or deleted while watched.
-                    await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+                    await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id, facade))
                 saga = saga_to_proto(record)
                 if saga != sent:
                     yield saga
@@ -283,8 +309,8 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                         await waker.wait()
         finally:
             wakers.discard(waker)
-            if not wakers and self._wakers.get(request_id) is wakers:
-                del self._wakers[request_id]
+            if not wakers and self._wakers.get(key) is wakers:
+                del self._wakers[key]
 
 
 def saga_grpc_service(
@@ -295,7 +321,7 @@ def saga_grpc_service(
 ) -> tuple[GrpcService, SagaStatusService]:
     """The status service over `store`, ready for OrchestratorServer, and its servicer.
 
-    `facades` are the names the store keys sagas under (see `saga_key`).
+    `facades` are the registered facade names, where a request id alone is looked up.
     Keep the servicer to call `notify(request_id)` after the framework's writes.
     """
     servicer = SagaStatusService(store, poll_interval=poll_interval, facades=facades)

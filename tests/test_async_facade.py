@@ -71,7 +71,7 @@ async def orchestrator(broker: InMemoryBroker) -> AsyncIterator[Orchestrator]:
 
 
 async def started(orchestrator: Orchestrator, saga: Saga) -> AsyncFacade[OrderDTO]:
-    flow = AsyncFacade("cancel", dto=OrderDTO)
+    flow = AsyncFacade(dto=OrderDTO)
     flow.use("order", saga.create_order).use("payment", saga.create_payment)
     flow.consume_rollback("cancel", saga.cancel).on_end(saga.on_end)
     orchestrator.register_async_facade("AsyncOrder", flow)
@@ -206,20 +206,20 @@ async def test_a_hop_whose_publish_fails_is_redelivered(
 
 
 def test_the_rollback_topic_must_be_the_one_the_facade_publishes_to() -> None:
-    flow = AsyncFacade("cancel", dto=OrderDTO)
+    flow = AsyncFacade(dto=OrderDTO)
     with pytest.raises(ValueError, match="publishes rollbacks to 'cancel'"):
         flow.consume_rollback("other", Saga().cancel)
 
 
 def test_a_topic_is_used_once_per_facade() -> None:
     saga = Saga()
-    flow = AsyncFacade("cancel", dto=OrderDTO).use("order", saga.create_order)
+    flow = AsyncFacade(dto=OrderDTO).use("order", saga.create_order)
     with pytest.raises(ValueError, match="already used"):
         flow.use("order", saga.create_payment)
 
 
 async def test_a_facade_without_nodes_cannot_start(orchestrator: Orchestrator) -> None:
-    orchestrator.register_async_facade("Empty", AsyncFacade("cancel", dto=OrderDTO))
+    orchestrator.register_async_facade("Empty", AsyncFacade(dto=OrderDTO))
     with pytest.raises(ValueError, match="no nodes"):
         await orchestrator.start()
 

@@ -83,7 +83,7 @@ async def test_completed_steps_are_compensated_in_reverse_order_with_the_saga_st
 ) -> None:
     journal = Journal()
     flow = (
-        Flow()
+        Flow(request=BookingRequest, response=BookingSyncResponse)
         .use(journal.node("reserve"), compensate=journal.undo("reserve"))  # type: ignore[arg-type]
         .use(journal.node("order", order_id=7), compensate=journal.undo("order"))  # type: ignore[arg-type]
         .use(decline, compensate=journal.undo("decline"))  # type: ignore[arg-type]
@@ -110,7 +110,7 @@ async def test_the_rollback_node_runs_after_the_compensations(
         journal.entries.append(f"rollback node after {rollback.completed_steps}")
 
     flow = (
-        Flow()
+        Flow(request=BookingRequest, response=BookingSyncResponse)
         .use(journal.node("order"), compensate=journal.undo("order"))  # type: ignore[arg-type]
         .use(journal.node("note"))  # type: ignore[arg-type]
         .use(decline)
@@ -139,7 +139,7 @@ async def test_a_compensation_failing_three_times_then_succeeding_compensates_on
         cancelled += 1
 
     flow = (
-        Flow()
+        Flow(request=BookingRequest, response=BookingSyncResponse)
         .use(Journal().node("order"), compensate=cancel_order, compensate_retry=QUICK)  # type: ignore[arg-type]
         .use(decline)
         .consume_rollback("cancel")
@@ -159,7 +159,7 @@ async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation
         raise ConnectionError("order service gone")
 
     flow = (
-        Flow()
+        Flow(request=BookingRequest, response=BookingSyncResponse)
         .use(Journal().node("order"), compensate=cancel_order, compensate_retry=QUICK)  # type: ignore[arg-type]
         .use(decline)
         .consume_rollback("cancel")
@@ -177,7 +177,9 @@ async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation
 
 async def test_compensations_need_a_rollback_topic(orchestrator: Orchestrator) -> None:
     journal = Journal()
-    flow = Flow().use(journal.node("order"), compensate=journal.undo("order"))  # type: ignore[arg-type]
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse).use(
+        journal.node("order"), compensate=journal.undo("order")
+    )  # type: ignore[arg-type]
     orchestrator.register_sync_facade("Booking", flow)
 
     with pytest.raises(ValueError, match="no rollback topic"):
@@ -213,7 +215,7 @@ async def test_an_async_saga_compensates_its_completed_hops_with_the_dto(
     async def create_payment(dto: OrderDTO) -> OrderDTO:
         raise FailedPrecondition("declined")
 
-    flow = AsyncFacade("cancel", dto=OrderDTO)
+    flow = AsyncFacade(dto=OrderDTO)
     flow.use("order", create_order, compensate=cancel_order).use("payment", create_payment)
     orchestrator.register_async_facade("AsyncBooking", flow)
     await orchestrator.start()

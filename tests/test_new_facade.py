@@ -65,7 +65,7 @@ def register_gift_booking(orchestrator: Orchestrator, upstreams: Upstreams, stoc
         stock.release(rollback.request_id)
         await undo_booking(rollback)
 
-    flow = SyncFacade[Request, Response]()
+    flow = SyncFacade(request=Request, response=Response)
     flow.use(stock.reserve_node())
     flow.use(create_order_sync_node(upstreams)).use(create_payment_sync_node(upstreams))
     flow.consume_rollback("cancel_gift_booking", release_and_cancel)

@@ -27,7 +27,7 @@ def test_a_name_is_registered_once_across_kinds() -> None:
     orchestrator = Orchestrator(InMemoryBroker())
     orchestrator.register_sync_facade("Booking", SyncFacade())
     with pytest.raises(ValueError, match="already registered"):
-        orchestrator.register_async_facade("Booking", AsyncFacade("c", dto=AsyncFacadeContext))
+        orchestrator.register_async_facade("Booking", AsyncFacade(dto=AsyncFacadeContext))
 
 
 def test_an_unknown_name_lists_the_registered_ones() -> None:

@@ -123,7 +123,12 @@ async def test_a_transient_failure_is_retried_until_the_step_succeeds(
 ) -> None:
     node = Flaky(2, rpc_error(grpc.StatusCode.UNAVAILABLE))
 
-    await run(orchestrator, Flow().use(node, name="create", retry=QUICK))
+    await run(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(
+            node, name="create", retry=QUICK
+        ),
+    )
 
     assert node.attempts == 3
     assert retries(orchestrator, "create") == 2
@@ -133,7 +138,12 @@ async def test_a_business_error_is_not_retried(orchestrator: Orchestrator) -> No
     node = Flaky(5, rpc_error(grpc.StatusCode.FAILED_PRECONDITION))
 
     with pytest.raises(SagaFailed) as failure:
-        await run(orchestrator, Flow().use(node, name="pay", retry=QUICK))
+        await run(
+            orchestrator,
+            Flow(request=BookingRequest, response=BookingSyncResponse).use(
+                node, name="pay", retry=QUICK
+            ),
+        )
 
     assert node.attempts == 1
     assert failure.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -145,7 +155,12 @@ async def test_exhausted_retries_fail_the_step_with_the_last_error(
     node = Flaky(5, rpc_error(grpc.StatusCode.UNAVAILABLE))
 
     with pytest.raises(SagaFailed) as failure:
-        await run(orchestrator, Flow().use(node, name="create", retry=QUICK))
+        await run(
+            orchestrator,
+            Flow(request=BookingRequest, response=BookingSyncResponse).use(
+                node, name="create", retry=QUICK
+            ),
+        )
 
     assert node.attempts == 3
     assert failure.value.code == grpc.StatusCode.UNAVAILABLE
@@ -155,7 +170,12 @@ async def test_no_retry_calls_once(orchestrator: Orchestrator) -> None:
     node = Flaky(1, rpc_error(grpc.StatusCode.UNAVAILABLE))
 
     with pytest.raises(SagaFailed):
-        await run(orchestrator, Flow().use(node, name="once", retry=NO_RETRY))
+        await run(
+            orchestrator,
+            Flow(request=BookingRequest, response=BookingSyncResponse).use(
+                node, name="once", retry=NO_RETRY
+            ),
+        )
     assert node.attempts == 1
 
 
@@ -166,7 +186,12 @@ async def test_a_slow_attempt_is_cut_by_the_node_timeout(orchestrator: Orchestra
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(SagaFailed) as failure:
-        await run(orchestrator, Flow().use(slow, timeout=0.05, retry=NO_RETRY))
+        await run(
+            orchestrator,
+            Flow(request=BookingRequest, response=BookingSyncResponse).use(
+                slow, timeout=0.05, retry=NO_RETRY
+            ),
+        )
 
     assert loop.time() - started < 1
     assert failure.value.code == grpc.StatusCode.UNAVAILABLE
@@ -182,7 +207,12 @@ async def test_a_timed_out_attempt_is_retried(orchestrator: Orchestrator) -> Non
         if attempts == 1:
             await asyncio.sleep(10)
 
-    await run(orchestrator, Flow().use(slow_then_fast, timeout=0.05, retry=QUICK))
+    await run(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(
+            slow_then_fast, timeout=0.05, retry=QUICK
+        ),
+    )
     assert attempts == 2
 
 
@@ -194,7 +224,10 @@ async def test_step_timeout_tells_a_node_what_its_attempt_has_left(
     async def look(request_id: str, ctx: Ctx) -> None:
         seen.append(step_timeout(5.0))
 
-    await run(orchestrator, Flow().use(look, timeout=0.5))
+    await run(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(look, timeout=0.5),
+    )
 
     [left] = seen
     assert left is not None and 0.3 < left <= 0.5
@@ -213,7 +246,12 @@ async def test_the_callers_deadline_is_split_among_the_steps(orchestrator: Orche
         assert left is not None
         budgets.append(left)
 
-    flow = Flow().use(look, name="a").use(look, name="b").use(look, name="c")
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(look, name="a")
+        .use(look, name="b")
+        .use(look, name="c")
+    )
     caller_deadline.set(asyncio.get_running_loop().time() + 0.9)
     await run(orchestrator, flow)
 
@@ -229,7 +267,12 @@ async def test_a_retry_that_cannot_start_before_the_deadline_is_not_made(
     caller_deadline.set(asyncio.get_running_loop().time() + 0.2)
 
     with pytest.raises(SagaFailed):
-        await run(orchestrator, Flow().use(node, name="create", retry=patient))
+        await run(
+            orchestrator,
+            Flow(request=BookingRequest, response=BookingSyncResponse).use(
+                node, name="create", retry=patient
+            ),
+        )
     assert node.attempts == 1
 
 
@@ -253,7 +296,7 @@ async def test_an_async_node_is_retried_in_place_before_any_rollback(
     async def on_end(dto: Dto, failure: Failure | None) -> None:
         ended.put_nowait(failure)
 
-    flow = AsyncFacade("undo", dto=Dto).use("hop", flaky, retry=QUICK).on_end(on_end)
+    flow = AsyncFacade(dto=Dto).use("hop", flaky, retry=QUICK).on_end(on_end)
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     await flow.run("r", Dto(request_id="r"))
@@ -267,4 +310,4 @@ def test_a_timeout_must_be_positive() -> None:
         pass
 
     with pytest.raises(ValueError, match="positive"):
-        Flow().use(node, timeout=0)
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(node, timeout=0)

@@ -80,7 +80,7 @@ async def orchestrator(
 
 
 def booking_flow(ledger: Ledger, *, fail: bool = False) -> Flow:
-    flow = Flow()
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse)
     flow.use(ledger.node("create_order", order_id=7), compensate=ledger.undo("create_order"))  # type: ignore[arg-type]
     flow.use(ledger.node("create_payment", fail=fail), retry=NEVER)  # type: ignore[arg-type]
     return flow.consume_rollback("cancel")
@@ -181,7 +181,7 @@ async def test_a_compensation_that_keeps_failing_leaves_the_saga_compensation_fa
         raise ConnectionError("order service gone")
 
     ledger = Ledger()
-    flow = Flow()
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse)
     flow.use(
         ledger.node("create_order"),  # type: ignore[arg-type]
         compensate=broken_undo,
@@ -277,7 +277,7 @@ async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_a
         done.set()
         return dto
 
-    flow = AsyncFacade("undo", dto=Dto).use("a", first).use("b", second)
+    flow = AsyncFacade(dto=Dto).use("a", first).use("b", second)
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     real_publish = broker.publish
@@ -305,7 +305,7 @@ async def test_an_async_request_accepted_twice_runs_once(
     orchestrator: Orchestrator, broker: InMemoryBroker
 ) -> None:
     hop = CountedHop()
-    flow = AsyncFacade("undo", dto=Dto).use("a", hop, name="only")
+    flow = AsyncFacade(dto=Dto).use("a", hop, name="only")
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     await flow.run("a2", Dto(request_id="a2", product_id=1))
@@ -329,7 +329,7 @@ async def test_one_request_id_on_two_facades_is_two_sagas(
     async def only(dto: Dto) -> Dto:
         return dto
 
-    async_flow = AsyncFacade("undo", dto=Dto).use("a", only)
+    async_flow = AsyncFacade(dto=Dto).use("a", only)
     orchestrator.register_async_facade("Async", async_flow)
     await orchestrator.start()
 
@@ -435,7 +435,7 @@ async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
     broker = FlakyPublishBroker()
     orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
     hop = CountedHop()
-    flow = AsyncFacade("undo", dto=Dto).use("a", hop, name="only")
+    flow = AsyncFacade(dto=Dto).use("a", hop, name="only")
     orchestrator.register_async_facade("Async", flow)
     try:
         await orchestrator.start()
@@ -465,7 +465,7 @@ async def test_a_duplicate_of_an_async_request_in_flight_publishes_nothing(
         await release.wait()
         return dto
 
-    flow = AsyncFacade("undo", dto=Dto).use("a", gated)
+    flow = AsyncFacade(dto=Dto).use("a", gated)
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     # Together: the duplicates find the saga begun, its first hop not yet consumed.
@@ -515,7 +515,7 @@ async def test_a_duplicate_waits_on_this_replicas_run_by_its_writes_not_by_polli
         await release.wait()
         ctx.response.OrderID = 9
 
-    flow = Flow().use(slow, name="create_order")
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse).use(slow, name="create_order")
     try:
         await started(orchestrator, flow)
         loop = asyncio.get_running_loop()

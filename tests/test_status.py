@@ -594,7 +594,7 @@ async def test_a_served_orchestrators_watchers_see_each_step_without_waiting_for
         node.__name__ = name
         return node
 
-    flow = SyncFacade[BookingRequest, BookingSyncResponse]()
+    flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse)
     flow.use(gated("create_order")).use(gated("create_payment"))
     orchestrator = Orchestrator(InMemoryBroker(), store=InMemorySagaStore())
     orchestrator.register_sync_facade("Booking", flow)

@@ -74,7 +74,10 @@ async def start(orchestrator: Orchestrator, flow: Flow) -> Flow:
 
 
 async def test_nodes_run_in_order_and_build_the_response(orchestrator: Orchestrator) -> None:
-    flow = await start(orchestrator, Flow().use(set_order).use(set_payment))
+    flow = await start(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(set_order).use(set_payment),
+    )
 
     response = await flow.run("r1", BookingRequest(ProductID=4), BookingSyncResponse())
 
@@ -89,7 +92,9 @@ async def test_the_context_carries_request_id_request_and_facade(
     async def look(request_id: str, ctx: Ctx) -> None:
         seen.append((request_id, ctx.request_id, ctx.request.ProductID, ctx.facade))
 
-    flow = await start(orchestrator, Flow().use(look))
+    flow = await start(
+        orchestrator, Flow(request=BookingRequest, response=BookingSyncResponse).use(look)
+    )
     await flow.run("r2", BookingRequest(ProductID=9), BookingSyncResponse())
 
     assert seen == [("r2", "r2", 9, "Booking")]
@@ -110,7 +115,13 @@ async def test_a_raising_node_stops_the_flow(orchestrator: Orchestrator) -> None
     async def after(request_id: str, ctx: Ctx) -> None:
         ran.append("after")
 
-    flow = await start(orchestrator, Flow().use(set_order).use(decline).use(after))
+    flow = await start(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(set_order)
+        .use(decline)
+        .use(after),
+    )
 
     with pytest.raises(SagaFailed):
         await flow.run("r4", BookingRequest(ProductID=1), BookingSyncResponse())
@@ -118,7 +129,10 @@ async def test_a_raising_node_stops_the_flow(orchestrator: Orchestrator) -> None
 
 
 async def test_saga_failed_names_facade_step_and_request_id(orchestrator: Orchestrator) -> None:
-    flow = await start(orchestrator, Flow().use(set_order).use(decline))
+    flow = await start(
+        orchestrator,
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(set_order).use(decline),
+    )
 
     with pytest.raises(SagaFailed) as failure:
         await flow.run("r5", BookingRequest(ProductID=1), BookingSyncResponse())
@@ -129,7 +143,12 @@ async def test_saga_failed_names_facade_step_and_request_id(orchestrator: Orches
 
 async def test_the_rollback_node_receives_the_saga_data(orchestrator: Orchestrator) -> None:
     recorder = Recorder()
-    flow = Flow().use(set_order).use(decline).consume_rollback("cancel", recorder)
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(set_order)
+        .use(decline)
+        .consume_rollback("cancel", recorder)
+    )
     await start(orchestrator, flow)
 
     with pytest.raises(SagaFailed):
@@ -148,7 +167,11 @@ async def test_a_failing_rollback_is_delivered_again_until_it_succeeds(
     orchestrator: Orchestrator,
 ) -> None:
     recorder = Recorder(failures=2)
-    flow = Flow().use(decline).consume_rollback("cancel", recorder)
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(decline)
+        .consume_rollback("cancel", recorder)
+    )
     await start(orchestrator, flow)
 
     with pytest.raises(SagaFailed):
@@ -163,7 +186,11 @@ async def test_a_rollback_failing_past_the_delivery_limit_is_dead_lettered(
     orchestrator: Orchestrator, broker: InMemoryBroker
 ) -> None:
     recorder = Recorder(failures=100)
-    flow = Flow().use(decline).consume_rollback("cancel", recorder)
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(decline)
+        .consume_rollback("cancel", recorder)
+    )
     await start(orchestrator, flow)
 
     with pytest.raises(SagaFailed):
@@ -191,7 +218,9 @@ async def test_the_failure_status_fits_the_cause(
     async def fail(request_id: str, ctx: Ctx) -> None:
         raise raised
 
-    flow = await start(orchestrator, Flow().use(fail))
+    flow = await start(
+        orchestrator, Flow(request=BookingRequest, response=BookingSyncResponse).use(fail)
+    )
 
     with pytest.raises(SagaFailed) as failure:
         await flow.run("r9", BookingRequest(), BookingSyncResponse())
@@ -202,7 +231,9 @@ async def test_a_bug_does_not_leak_its_details_to_the_caller(orchestrator: Orche
     async def buggy(request_id: str, ctx: Ctx) -> None:
         raise KeyError("secret detail")
 
-    flow = await start(orchestrator, Flow().use(buggy))
+    flow = await start(
+        orchestrator, Flow(request=BookingRequest, response=BookingSyncResponse).use(buggy)
+    )
 
     with pytest.raises(SagaFailed) as failure:
         await flow.run("r10", BookingRequest(), BookingSyncResponse())
@@ -220,7 +251,12 @@ async def test_a_cancelled_caller_still_gets_its_saga_rolled_back(
         entered.set()
         await asyncio.sleep(60)
 
-    flow = Flow().use(set_order).use(slow).consume_rollback("cancel", recorder)
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(set_order)
+        .use(slow)
+        .consume_rollback("cancel", recorder)
+    )
     await start(orchestrator, flow)
     run = asyncio.create_task(flow.run("r11", BookingRequest(ProductID=1), BookingSyncResponse()))
     await entered.wait()
@@ -234,7 +270,11 @@ async def test_a_cancelled_caller_still_gets_its_saga_rolled_back(
 
 async def test_a_rollback_the_broker_refuses_runs_inline(orchestrator: Orchestrator) -> None:
     recorder = Recorder()
-    flow = Flow().use(decline).consume_rollback("cancel", recorder)
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(decline)
+        .consume_rollback("cancel", recorder)
+    )
     await start(orchestrator, flow)
 
     async def refuse(*args: object, **kwargs: object) -> None:
@@ -249,15 +289,21 @@ async def test_a_rollback_the_broker_refuses_runs_inline(orchestrator: Orchestra
 
 def test_two_steps_cannot_share_a_name() -> None:
     with pytest.raises(ValueError, match="already used"):
-        Flow().use(set_order).use(set_order)
+        Flow(request=BookingRequest, response=BookingSyncResponse).use(set_order).use(set_order)
 
 
 def test_the_rollback_can_be_consumed_once() -> None:
-    flow = Flow().consume_rollback("cancel", Recorder())
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse).consume_rollback(
+        "cancel", Recorder()
+    )
     with pytest.raises(ValueError, match="already consumed"):
         flow.consume_rollback("cancel2", Recorder())
 
 
 def test_steps_lists_the_step_names_in_order() -> None:
-    flow = Flow().use(set_order).use(set_payment, name="pay")
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(set_order)
+        .use(set_payment, name="pay")
+    )
     assert flow.steps == ["set_order", "pay"]

@@ -55,7 +55,11 @@ async def test_a_sync_saga_is_one_trace_with_a_span_per_step(
         pass
 
     orchestrator = Orchestrator(InMemoryBroker())
-    flow = SyncFacade[BookingRequest, BookingSyncResponse]().use(create_order).use(create_payment)
+    flow = (
+        SyncFacade(request=BookingRequest, response=BookingSyncResponse)
+        .use(create_order)
+        .use(create_payment)
+    )
     orchestrator.register_sync_facade("Booking", flow)
     await orchestrator.start()
     await flow.run("t1", BookingRequest(ProductID=1), BookingSyncResponse())
@@ -94,7 +98,7 @@ async def test_an_async_saga_is_one_trace_across_its_hops_and_its_rollback(
         rolled_back.set()
 
     orchestrator = Orchestrator(InMemoryBroker())
-    flow = AsyncFacade("undo", dto=Dto).use("first", first).use("second", second)
+    flow = AsyncFacade(dto=Dto).use("first", first).use("second", second)
     orchestrator.register_async_facade("Async", flow.consume_rollback("undo", undo))
     await orchestrator.start()
     await flow.run("t2", Dto(request_id="t2"))
@@ -121,7 +125,7 @@ async def test_a_failed_step_is_still_recorded(spans: InMemorySpanExporter) -> N
         raise FailedPrecondition("no")
 
     orchestrator = Orchestrator(InMemoryBroker())
-    flow = SyncFacade[BookingRequest, BookingSyncResponse]().use(decline)
+    flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse).use(decline)
     orchestrator.register_sync_facade("Booking", flow)
     await orchestrator.start()
     with pytest.raises(SagaFailed):

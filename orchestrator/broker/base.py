@@ -116,8 +116,10 @@ class Broker(abc.ABC):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
     ) -> None:
-        """Publish and wait for the confirm; raises BrokerUnavailable or UnroutableError."""
+        """Publish and wait for the confirm, at most `timeout` seconds (None: the broker's
+        publish timeout); raises BrokerUnavailable or UnroutableError."""
 
     @abc.abstractmethod
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:

@@ -78,6 +78,7 @@ class InMemoryBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
     ) -> None:
         """Enqueue the message; raises UnroutableError when the topic was never declared."""
         queue = self._queues.get(topic)

@@ -195,6 +195,7 @@ class RabbitMQBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
     ) -> None:
         """Publish persistently and wait for the confirm.
 

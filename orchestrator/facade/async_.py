@@ -1,35 +1,42 @@
-"""The async facade: each node is a hop through a broker topic, carrying a JSON DTO."""
+"""The async facade: each node is a hop through a broker topic, carrying a JSON DTO.
+
+What is async-specific lives here: the DTO and its routing slip, publishing a
+saga's first hop, and consuming each hop. The journal decides what a hop
+message may do: it runs its node only when the saga is at that step and the
+message is the one the journal expects there; otherwise nothing is called
+upstream and nothing in the record changes (the message is dead-lettered, or
+dropped as a duplicate). The one exception is a redelivered hop the journal
+shows as just finished: its outcome (the next hop, or the rollback) is
+published again, so a crash between the journal write and that publish loses
+nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import functools
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Generic, NoReturn, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
-import grpc
 import pydantic
 
 from orchestrator import tracing
 from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.dto import AsyncFacadeContext, Rollback
-from orchestrator.errors import AlreadyExists, Failure, classify
-from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
-from orchestrator.facade.sync import UNCERTAIN_CODES, payload_digest
-from orchestrator.retry import RetryPolicy, call_with_retry
-from orchestrator.store.base import SagaState, SagaStore, StepState
+from orchestrator.errors import BrokerUnavailable, classify
+from orchestrator.facade.base import FacadeBase
+from orchestrator.facade.definition import (
+    DEFAULT_COMPENSATION_RETRY,
+    DEFAULT_RETRY,
+    StepDefinition,
+)
+from orchestrator.retry import RetryPolicy, caller_deadline
+from orchestrator.store import SagaRecord, SagaState, StepState
 
-__all__ = ["AsyncFacade", "AsyncNode", "SagaEndListener"]
-
-DEFAULT_POLICY = RetryPolicy()
-
-# The routing slip, set by run(): not part of what the caller asked for.
-_SLIP_FIELDS = {"request_id", "current_index", "topics", "rollback_topic"}
-_NOT_PUBLISHED = "not published"
-"""How the step log marks a first hop whose message never reached the broker."""
+__all__ = ["AsyncCompensation", "AsyncFacade", "AsyncNode"]
 
 log = logging.getLogger("orchestrator.facade.async")
 
@@ -37,49 +44,51 @@ DtoT = TypeVar("DtoT", bound=AsyncFacadeContext)
 
 AsyncNode = Callable[[DtoT], Awaitable[DtoT]]
 """`async def node(dto) -> dto`: returning publishes it to the next topic, raising rolls back."""
+AsyncCompensation = Callable[[DtoT], Awaitable[None]]
+"""`async def undo(dto)`: undoes its step, given the DTO as the saga left it."""
 
-SagaEndListener = Callable[[DtoT, Failure | None], Awaitable[None]]
-"""Called once a saga's last node returned (failure None) or a node failed."""
+PUBLISH_MARGIN_SECONDS = 0.25
+"""Left of the caller's deadline after a first publish that timed out: time to record that
+nothing was published and answer UNAVAILABLE before the caller gives up."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Hop(Generic[DtoT]):
-    topic: str
-    name: str
-    node: AsyncNode[DtoT]
-    retry: RetryPolicy
-    timeout: float | None
+class _Verdict(enum.Enum):
+    RUN = "run"
+    RESTART = "restart"
+    REPUBLISH = "republish"
+    DROP = "drop"
+    DEAD_LETTER = "dead_letter"
 
 
 class AsyncFacade(FacadeBase, Generic[DtoT]):
     """Chains nodes through broker topics that the orchestrator publishes and consumes itself.
 
-        flow = AsyncFacade(topic.CANCEL_ASYNC_BOOKING, dto=BookingMsgDTO)
+        flow = AsyncFacade(dto=BookingMsgDTO)
         flow.use(topic.CREATE_ORDER, create_order).use(topic.CREATE_PAYMENT, create_payment)
         flow.consume_rollback(topic.CANCEL_ASYNC_BOOKING, cancel_booking)
         orchestrator.register_async_facade("AsyncBooking", flow)
 
     A message is acknowledged only after its outcome (the next hop or the
     rollback) is confirmed by the broker, so a crash at any point replays the
-    hop: nodes must be idempotent, which the idempotency key makes easy.
+    hop: nodes must be idempotent, which `step_metadata()`'s key makes easy.
     """
 
     kind = "async"
 
-    def __init__(self, rollback_topic: str, *, dto: type[DtoT]) -> None:
+    def __init__(self, *, dto: type[DtoT]) -> None:
         super().__init__()
-        if not rollback_topic:
-            raise ValueError("the rollback topic must not be empty")
-        self._declared_rollback_topic = rollback_topic
-        self._rollback_topic = rollback_topic
+        if not (isinstance(dto, type) and issubclass(dto, AsyncFacadeContext)):
+            raise TypeError(f"dto must be a subclass of AsyncFacadeContext, not {dto!r}")
         self._dto = dto
-        self._hops: list[_Hop[DtoT]] = []
-        self._end_listeners: list[SagaEndListener[DtoT]] = []
+        # First publishes in flight on this replica, by request id: a duplicate waits for one.
+        self._starting: dict[str, asyncio.Future[None]] = {}
+        # Hops running on this replica: a second delivery of one is a duplicate.
+        self._running: set[tuple[str, int]] = set()
 
     @property
     def topics(self) -> list[str]:
         """The node topics, in order."""
-        return [hop.topic for hop in self._hops]
+        return [step.topic for step in self._steps]
 
     def use(
         self,
@@ -87,364 +96,264 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         node: AsyncNode[DtoT],
         *,
         name: str | None = None,
-        retry: RetryPolicy = DEFAULT_POLICY,
+        retry: RetryPolicy = DEFAULT_RETRY,
         timeout: float | None = None,
-        compensate: Callable[[DtoT], Awaitable[None]] | None = None,
+        compensate: AsyncCompensation[DtoT] | None = None,
         compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
     ) -> Self:
         """Append a node that consumes `topic` (the Go original's TopicNodePair).
 
         `retry` says which failures are retried in place and how; `timeout`
         bounds each attempt. A node still failing after that rolls back.
-        `compensate` undoes the node once it has completed, should a later
-        step fail: it gets the DTO as the saga left it.
+        `compensate(dto)` undoes the node once it may have taken effect, should
+        the saga fail: it gets the DTO as the saga left it.
         """
         if not topic:
             raise ValueError("the topic must not be empty")
-        if topic in self.topics or topic == self._declared_rollback_topic:
+        if topic in self.topics or topic == self._rollback_topic:
             raise ValueError(f"topic {topic!r} is already used by this facade")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
-        step_name: str = name or str(getattr(node, "__name__", topic))
-        if any(hop.name == step_name for hop in self._hops):
-            raise ValueError(f"a step named {step_name!r} is already used; pass name=")
-        self._hops.append(_Hop(topic, step_name, node, retry, timeout))
-        if compensate is not None:
-            self._add_compensation(
-                step_name, functools.partial(self._compensate, compensate), compensate_retry
-            )
-        return self
-
-    def consume_rollback(self, topic: str, node: RollbackNode | None = None) -> Self:
-        """Consume the facade's rollback topic (the Go TopicRollbackNodePair).
-
-        The consumer runs the compensations of the completed steps in reverse
-        order, then `node`. Compensations alone need no call: the rollback
-        topic is consumed whenever there is something to undo.
-        """
-        if topic != self._declared_rollback_topic:
-            expected = self._declared_rollback_topic
-            raise ValueError(f"this facade publishes rollbacks to {expected!r}, not {topic!r}")
-        self._set_rollback(topic, node)
-        return self
-
-    def on_end(self, listener: SagaEndListener[DtoT]) -> Self:
-        """Call `listener(dto, failure)` whenever a saga of this facade ends on this replica."""
-        self._end_listeners.append(listener)
+        self._append(
+            node,
+            name=name or str(getattr(node, "__name__", "") or topic),
+            params=("dto",),
+            retry=retry,
+            timeout=timeout,
+            compensate=compensate,
+            compensate_params=("dto",),
+            compensate_retry=compensate_retry,
+            topic=topic,
+        )
         return self
 
     async def start(self) -> None:
         """Declare every topic first, then consume: no hop may publish into a missing queue."""
-        if not self._hops:
-            raise ValueError(f"async facade {self.name!r} has no nodes")
-        for hop in self._hops:
-            await self.broker.declare(hop.topic)
-        await self.broker.declare(self._rollback_topic)
+        runtime = self.runtime
+        for step in runtime.definition.steps:
+            await runtime.broker.declare(step.topic)
         await super().start()
-        for index, hop in enumerate(self._hops):
-            await self.broker.subscribe(hop.topic, self._consumer(index, hop))
+        for step in runtime.definition.steps:
+            await runtime.broker.subscribe(step.topic, self._consumer(step))
+
+    # --- starting a saga -----------------------------------------------------------------
 
     async def run(self, request_id: str, dto: DtoT) -> None:
-        """Start a saga: publish the DTO to the first topic and wait for the broker's confirm."""
+        """Start a saga: publish the DTO to the first topic and wait for the broker's confirm.
+
+        A request id seen before publishes nothing, unless its first publish
+        failed (then it is published now). A broker that is down or blocked
+        refuses the call at once with UNAVAILABLE, before anything is recorded.
+        """
+        runtime = self.runtime
+        if not runtime.broker.healthy:
+            raise BrokerUnavailable("the broker is unavailable: try again later")
+        starting = self._starting.get(request_id)
+        if starting is not None:
+            # The same request, in flight here: answer as it will.
+            await asyncio.shield(starting)
+            return
+        started = self._starting[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._start(request_id, dto)
+        except BaseException as exc:
+            started.set_exception(exc)
+            started.exception()  # retrieved: a lone first call leaves no warning behind
+            raise
+        else:
+            started.set_result(None)
+        finally:
+            del self._starting[request_id]
+
+    async def _start(self, request_id: str, dto: DtoT) -> None:
+        runtime = self.runtime
+        first = runtime.definition.steps[0]
         dto.request_id = request_id
         dto.current_index = 0
         dto.topics = self.topics
         dto.rollback_topic = self._rollback_topic
-        if self._store is not None and not await self._begin(dto):
-            return
+        body = dto.model_dump_json()
         with tracing.span(
-            f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "async"}
+            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "async"}
         ):
+            existing = await runtime.begin(request_id, body)
+            if existing is not None:
+                step = existing.step(0)
+                if step is None or step.state != StepState.PENDING:
+                    return  # accepted before: its first hop is on its way, or beyond
+                if not await runtime.step_restarted(request_id, 0):
+                    return
             try:
-                await self._publish_hop(dto)
+                await runtime.broker.publish(
+                    first.topic,
+                    body.encode(),
+                    message_id=f"{request_id}:0:{first.topic}",
+                    headers=tracing.inject(),
+                    timeout=_time_left(),
+                )
             except Exception as exc:
-                await self._not_started(dto, exc)
+                # Nothing was published (as far as we know): a retry publishes it.
+                await runtime.step_pending(request_id, 0, f"not published: {classify(exc).reason}")
                 raise
-        self._metrics.started.inc()
 
-    async def _not_started(self, dto: DtoT, exc: Exception) -> None:
-        """Record that the first hop was never published, so a retry publishes it.
+    # --- consuming hops ------------------------------------------------------------------
 
-        The step fails, the saga stays RUNNING: nothing ran, nothing to undo.
-        """
-        if self._store is None:
+    def _consumer(self, step: StepDefinition) -> Callable[[Delivery], Awaitable[None]]:
+        return functools.partial(self._on_hop, step)
+
+    async def _on_hop(self, step: StepDefinition, delivery: Delivery) -> None:
+        runtime = self.runtime
+        dto = self._parse(step, delivery)
+        request_id = dto.request_id
+        running = (request_id, step.index)
+        if running in self._running:
+            runtime.metrics.message_refused(step.topic, "duplicate")
+            return  # the same hop is running here now: this copy is a duplicate
+        saga = await runtime.store.get(runtime.name, request_id)
+        verdict, reason = _verdict(saga, step.index, delivery)
+        if verdict is _Verdict.DEAD_LETTER:
+            runtime.metrics.message_refused(step.topic, "dead_lettered")
+            raise DeadLetter(f"{reason} ({runtime.name}/{request_id}, step {step.name})")
+        if verdict is _Verdict.DROP:
+            runtime.metrics.message_refused(step.topic, "duplicate")
+            log.info("hop dropped: " + reason, extra=self._fields(request_id, step))
             return
-        try:
-            await self._store.step_finished(
-                dto.request_id,
-                0,
-                state=StepState.FAILED,
-                data=dto.model_dump_json(),
-                error=f"{_NOT_PUBLISHED}: {classify(exc).reason}",
-            )
-        except Exception:
-            # The caller gets the publish error either way; a retry that finds step 0
-            # still RUNNING waits for its lease instead (see _begin).
-            log.exception(
-                "could not record the unpublished saga",
-                extra={"request_id": dto.request_id, "facade": self.name},
-            )
-
-    async def _begin(self, dto: DtoT) -> bool:
-        """Record the saga, its first hop started; False when this request was already
-        accepted (nothing to publish).
-
-        The same id with another request is ALREADY_EXISTS. A saga whose first
-        publish failed is published again, its first hop restarted; one whose
-        first hop is in flight (a concurrent duplicate) is left alone.
-        """
-        store = self._require_store()
-        payload = dto.model_dump_json(exclude=_SLIP_FIELDS)
-        digest = payload_digest(self.name, payload)
-        begun = await store.begin(
-            request_id=dto.request_id,
-            facade=self.name,
-            kind=self.kind,
-            payload=payload,
-            payload_hash=digest,
-            owner=self._owner,
-            first_step=self._hops[0].name,
-        )
-        if begun.created:
-            return True
-        saga = begun.existing
         assert saga is not None
-        if saga.facade != self.name or saga.payload_hash != digest:
-            raise AlreadyExists(
-                f"request id {dto.request_id!r} was already used for another request"
-            )
-        unpublished = (
-            saga.state == SagaState.RUNNING
-            and len(saga.steps) == 1
-            and saga.steps[0].state == StepState.FAILED
-            and saga.steps[0].error.startswith(_NOT_PUBLISHED)
-        )
-        if unpublished:
-            await store.step_started(dto.request_id, 0, self._hops[0].name)
-        return unpublished
-
-    async def _publish_hop(self, dto: DtoT) -> None:
-        topic = dto.topics[dto.current_index]
-        await self.broker.publish(
-            topic,
-            dto.model_dump_json().encode(),
-            message_id=f"{dto.request_id}:{dto.current_index}:{topic}",
-            headers=tracing.inject(),
-        )
-
-    def _consumer(self, index: int, hop: _Hop[DtoT]) -> Callable[[Delivery], Awaitable[None]]:
-        span_name = f"step {hop.name}"
-        attributes = {"saga.step": hop.name, "messaging.destination": hop.topic}
-
-        async def consume(delivery: Delivery) -> None:
-            with tracing.span(span_name, attributes, parent=delivery.headers):
-                await self._handle(index, hop, delivery)
-
-        return consume
-
-    async def _handle(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> None:
-        dto = await self._parse(index, hop, delivery)
-        store = self._store
-        if store is not None and delivery.redelivered:
-            # A redelivery of a hop that already finished must not run it again
-            # (the step log is the inbox): only its outcome is published again.
-            if await self._replayed(index, hop, dto, store):
-                return
-            # Another attempt. A first delivery's start is already recorded, with the
-            # saga's begin or the previous hop's end: one write per hop, not two.
-            await self._journal(store.step_started(dto.request_id, index, hop.name), dto.request_id)
-        metrics = self._metrics
-        metrics.in_flight.inc()
-        started = time.perf_counter()
+        if verdict is _Verdict.REPUBLISH:
+            await self._republish(saga, step)
+            return
+        if verdict is _Verdict.RESTART and not await runtime.step_restarted(request_id, step.index):
+            return
+        self._running.add(running)
         try:
-            result = await call_with_retry(
-                functools.partial(hop.node, dto),
-                policy=hop.retry,
-                attempt_timeout=hop.timeout,
-                deadline=None,
-                on_retry=functools.partial(self._retrying, dto.request_id, hop),
+            await self._run_hop(step, dto, delivery)
+        finally:
+            self._running.discard(running)
+
+    async def _run_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
+        runtime = self.runtime
+        request_id = dto.request_id
+        metrics = runtime.metrics
+        metrics.in_flight.inc()
+        try:
+            result = await runtime.run_step(
+                step, request_id, functools.partial(step.action, dto), parent=delivery.headers
             )
         except Exception as exc:
-            metrics.observe_step(hop.name, time.perf_counter() - started)
             failure = classify(exc)
             log.log(
                 logging.ERROR if failure.bug else logging.INFO,
                 "node failed, rolling back",
                 exc_info=failure.bug,
-                extra=_fields(self.name, dto, hop, failure),
+                extra={**self._fields(request_id, step), "code": failure.code.name},
             )
-            if store is not None:
-                await self._journal(
-                    store.step_finished(
-                        dto.request_id,
-                        index,
-                        state=StepState.FAILED,
-                        data=dto.model_dump_json(),
-                        error=failure.reason,
-                        saga_state=SagaState.COMPENSATING,
-                        error_code=failure.code.name,
-                        error_reason=failure.reason,
-                    ),
-                    dto.request_id,
-                )
-            await self._publish_rollback(
-                self._rollback_of(dto, hop.name, failure), inline_fallback=False
+            await runtime.fail(
+                request_id,
+                step.index,
+                failure,
+                data=dto.model_dump_json(),
+                inline_fallback=False,
             )
-            metrics.failed(failure.code.name)
-            await self._notify_end(dto, failure)
             return
-        else:
-            metrics.observe_step(hop.name, time.perf_counter() - started)
-            result.current_index = index + 1
-            last = result.current_index >= len(result.topics)
-            following = not last and index + 1 < len(self._hops)
-            next_step = self._hops[index + 1].name if following else ""
-            if store is not None:
-                # One write: the hop's end with the next hop's start (its message is
-                # published next), or with the saga's completion.
-                await self._journal(
-                    store.step_finished(
-                        dto.request_id,
-                        index,
-                        state=StepState.DONE,
-                        data=result.model_dump_json(),
-                        next_step=next_step,
-                        saga_state=SagaState.COMPLETED if last else None,
-                    ),
-                    dto.request_id,
-                )
-            await self._advance(result, hop, completion_recorded=True)
         finally:
             metrics.in_flight.dec()
+        steps = runtime.definition.steps
+        result.current_index = step.index + 1
+        body = result.model_dump_json()
+        # One write: the hop's end with the next hop's start, or with the saga's completion.
+        if not await runtime.step_ended(request_id, step.index, body):
+            return  # the saga moved on without this hop (it was stopped meanwhile)
+        if step.index + 1 < len(steps):
+            await self._publish_hop(steps[step.index + 1], request_id, body)
 
-    async def _advance(
-        self, result: DtoT, hop: _Hop[DtoT], *, completion_recorded: bool = False
-    ) -> None:
-        """Publish the next hop, or record the saga completed after its last one."""
-        if result.current_index < len(result.topics):
-            await self._publish_hop(result)
+    async def _republish(self, saga: SagaRecord, step: StepDefinition) -> None:
+        """Publish again the outcome of hop `step`, which the journal shows just finished."""
+        runtime = self.runtime
+        log.info(
+            "redelivered hop already done: its outcome goes out again",
+            extra=self._fields(saga.request_id, step),
+        )
+        if saga.state == SagaState.COMPENSATING:
+            await runtime.roll_back(saga.request_id, inline_fallback=False)
             return
-        if self._store is not None and not completion_recorded:
-            await self._journal(
-                self._store.set_state(
-                    result.request_id, SagaState.COMPLETED, data=result.model_dump_json()
-                ),
-                result.request_id,
-            )
-        log.info("saga completed", extra=_fields(self.name, result, hop, None))
-        self._metrics.completed.inc()
-        await self._notify_end(result, None)
+        steps = runtime.definition.steps
+        await self._publish_hop(steps[step.index + 1], saga.request_id, saga.data)
 
-    async def _replayed(self, index: int, hop: _Hop[DtoT], dto: DtoT, store: SagaStore) -> bool:
-        """Whether the step log says this hop already ran; then its outcome is re-sent."""
-        saga = await store.get(dto.request_id)
-        if saga is None or saga.finished:
-            return saga is not None
-        done = next((s for s in saga.steps if s.index == index and s.state == StepState.DONE), None)
-        if done is None:
-            return False
-        log.info("redelivered hop already done", extra=_fields(self.name, dto, hop, None))
-        await self._advance(self._dto.model_validate_json(saga.data), hop)
-        return True
+    async def _publish_hop(self, step: StepDefinition, request_id: str, body: str) -> None:
+        await self.runtime.broker.publish(
+            step.topic,
+            body.encode(),
+            message_id=f"{request_id}:{step.index}:{step.topic}",
+            headers=tracing.inject(),
+        )
 
-    async def _parse(self, index: int, hop: _Hop[DtoT], delivery: Delivery) -> DtoT:
-        """The delivery's DTO; a message that can never be handled is dead-lettered."""
+    def _parse(self, step: StepDefinition, delivery: Delivery) -> DtoT:
+        """The delivery's DTO; a message that can never be handled is dead-lettered, and
+        nothing else happens: no message acts on its own."""
         try:
             raw: Any = json.loads(delivery.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self.runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"malformed JSON: {exc}") from None
         try:
-            dto = self._dto.model_validate(raw)
+            return self._dto.model_validate(raw)
         except pydantic.ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
-            await self._reject(raw, hop, f"schema: {where}: {error['msg']}")
-        if dto.current_index != index or dto.topics[index : index + 1] != [hop.topic]:
-            await self._reject(
-                raw,
-                hop,
-                f"topic index {dto.current_index} does not match {hop.topic!r} "
-                f"(position {index} of {len(self._hops)})",
-            )
-        return dto
+            self.runtime.metrics.message_refused(step.topic, "dead_lettered")
+            raise DeadLetter(f"schema: {where}: {error['msg']}") from None
 
-    async def _reject(self, raw: Any, hop: _Hop[DtoT], reason: str) -> NoReturn:
-        """Dead-letter an invalid message, first rolling its saga back when its id is readable."""
-        request_id = raw.get("request_id") if isinstance(raw, dict) else None
-        if isinstance(request_id, str) and request_id:
-            await self._publish_rollback(
-                Rollback(
-                    request_id=request_id,
-                    facade=self.name,
-                    kind="async",
-                    failed_step=hop.name,
-                    code=grpc.StatusCode.INVALID_ARGUMENT.name,
-                    reason=f"invalid message: {reason}",
-                    data=raw,
-                    completed_steps=self._hop_names_before(hop.name),
-                ),
-                inline_fallback=False,
-            )
-        raise DeadLetter(reason)
+    def _fields(self, request_id: str, step: StepDefinition) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "facade": self.runtime.name,
+            "step": step.name,
+            "topic": step.topic,
+        }
 
-    def _retrying(self, request_id: str, hop: _Hop[DtoT], exc: BaseException, attempt: int) -> None:
-        self._metrics.retried(hop.name)
-        log.info(
-            "retrying step",
-            extra={
-                "request_id": request_id,
-                "facade": self.name,
-                "step": hop.name,
-                "topic": hop.topic,
-                "attempt": attempt,
-                "error": classify(exc).reason,
-            },
-        )
+    # --- FacadeKind ------------------------------------------------------------------------
 
-    def _rollback_of(self, dto: DtoT, step: str, failure: Failure) -> Rollback:
-        return Rollback(
-            request_id=dto.request_id,
-            facade=self.name,
-            kind="async",
-            failed_step=step,
-            code=failure.code.name,
-            reason=failure.reason,
-            data=dto.model_dump(),
-            completed_steps=self._to_compensate(step, failure),
-        )
+    def rollback_data(self, saga: SagaRecord) -> dict[str, Any]:
+        """The DTO as the saga left it, as a JSON object."""
+        data: dict[str, Any] = json.loads(saga.data or saga.payload or "{}")
+        return data
 
-    def _to_compensate(self, step: str, failure: Failure) -> list[str]:
-        """The hops before `step`, and `step` itself when it may have taken effect."""
-        names = [hop.name for hop in self._hops]
-        end = names.index(step) + (1 if failure.code in UNCERTAIN_CODES else 0)
-        return names[:end]
-
-    def _hop_names_before(self, step: str) -> list[str]:
-        names = [hop.name for hop in self._hops]
-        return names[: names.index(step)]
-
-    async def _compensate(
-        self, undo: Callable[[DtoT], Awaitable[None]], rollback: Rollback
-    ) -> None:
-        await undo(self._dto.model_validate(rollback.data))
-
-    async def _notify_end(self, dto: DtoT, failure: Failure | None) -> None:
-        for listener in self._end_listeners:
-            try:
-                await listener(dto, failure)
-            except Exception:
-                log.exception("saga end listener failed", extra={"request_id": dto.request_id})
+    async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
+        """Call the compensation with the DTO the saga left."""
+        assert step.compensation is not None
+        await step.compensation(self._dto.model_validate(rollback.data))
 
 
-def _fields(
-    facade: str, dto: AsyncFacadeContext, hop: _Hop[Any], failure: Failure | None
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "request_id": dto.request_id,
-        "facade": facade,
-        "step": hop.name,
-        "topic": hop.topic,
-    }
-    if failure is not None:
-        fields.update(code=failure.code.name, reason=failure.reason)
-    return fields
+def _time_left() -> float | None:
+    """What a first publish may take: the caller's deadline, less the time to answer."""
+    deadline = caller_deadline.get()
+    if deadline is None:
+        return None
+    left = deadline - asyncio.get_running_loop().time()
+    return max(left - min(PUBLISH_MARGIN_SECONDS, left / 4), 0.001)
+
+
+def _verdict(saga: SagaRecord | None, index: int, delivery: Delivery) -> tuple[_Verdict, str]:
+    """What the journal lets hop message `delivery` do at step `index`, and why not."""
+    if saga is None:
+        return _Verdict.DEAD_LETTER, "no such saga"
+    if saga.finished:
+        return _Verdict.DROP, f"the saga is {saga.state}"
+    step = saga.step(index)
+    if step is None:
+        return _Verdict.DEAD_LETTER, "not the saga's current step (it never started)"
+    expected = (saga.steps[index - 1].data if index else saga.payload) or ""
+    if delivery.body != expected.encode():
+        if step.current:
+            return _Verdict.DEAD_LETTER, "the message does not match the saga's record"
+        return _Verdict.DROP, f"step {index} is {step.state}"
+    if step.current:
+        if step.state == StepState.PENDING or delivery.redelivered:
+            return _Verdict.RESTART, ""
+        return _Verdict.RUN, ""
+    just_finished = (
+        step.state == StepState.DONE
+        and saga.state == SagaState.RUNNING
+        and saga.steps[-1].index == index + 1
+    ) or (step.state == StepState.FAILED and saga.state == SagaState.COMPENSATING)
+    if just_finished and delivery.redelivered:
+        return _Verdict.REPUBLISH, ""
+    return _Verdict.DROP, f"step {index} is {step.state}"

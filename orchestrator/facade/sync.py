@@ -1,20 +1,19 @@
-"""The sync facade: nodes run one after another in the caller's gRPC request."""
+"""The sync facade: nodes run one after another in the caller's gRPC request.
+
+What is sync-specific lives here: the protobuf request and response travel
+from node to node in a `Context`, in process, and the caller waits for the
+outcome. Everything else (the journal, retries, rollback) is the engine's.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
 import json
 import logging
-import time
-import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -22,36 +21,17 @@ from google.protobuf.message import Message
 from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
-from orchestrator.errors import AlreadyExists, Failure, SagaFailed, classify
-from orchestrator.facade.base import DEFAULT_COMPENSATION_RETRY, FacadeBase, RollbackNode
-from orchestrator.retry import RetryPolicy, call_with_retry, caller_deadline
-from orchestrator.store.base import SagaRecord, SagaState, StepState
-
-__all__ = ["SyncFacade", "SyncNode"]
-
-DEFAULT_POLICY = RetryPolicy()
-
-UNCERTAIN_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
+from orchestrator.errors import Failure, SagaFailed, classify
+from orchestrator.facade.base import FacadeBase
+from orchestrator.facade.definition import (
+    DEFAULT_COMPENSATION_RETRY,
+    DEFAULT_RETRY,
+    StepDefinition,
 )
-"""Failures after which the step may still have taken effect (a lost answer, a timeout, a
-crash): its compensation runs too, and must tolerate undoing what never happened."""
+from orchestrator.retry import RetryPolicy, caller_deadline
+from orchestrator.store import SagaRecord, SagaState
 
-
-def _json(message: Message) -> str:
-    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), sort_keys=True)
-
-
-def payload_digest(facade: str, payload: str) -> str:
-    """What tells one request from another under the same request id."""
-    return hashlib.sha256(f"{facade}\n{payload}".encode()).hexdigest()
-
+__all__ = ["SyncCompensation", "SyncFacade", "SyncNode"]
 
 log = logging.getLogger("orchestrator.facade.sync")
 
@@ -60,20 +40,20 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 
 SyncNode = Callable[[str, Context[RequestT, ResponseT]], Awaitable[None]]
 """`async def node(request_id, ctx)`: returning runs the next node, raising rolls back."""
+SyncCompensation = SyncNode[RequestT, ResponseT]
+"""`async def undo(request_id, ctx)`: undoes its step, given the Context as the saga left it."""
+
+_NODE_PARAMS = ("request_id", "ctx")
 
 
-@dataclass(frozen=True, slots=True)
-class _Step(Generic[RequestT, ResponseT]):
-    name: str
-    node: SyncNode[RequestT, ResponseT]
-    retry: RetryPolicy
-    timeout: float | None
+def _json(message: Message) -> str:
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), sort_keys=True)
 
 
 class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
     """Chains nodes over one protobuf request and response, in process.
 
-    flow = SyncFacade[BookingRequest, BookingSyncResponse]()
+    flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse)
     flow.use(create_order).use(create_payment)
     flow.consume_rollback(topic.CANCEL_SYNC_BOOKING, cancel_booking)
     orchestrator.register_sync_facade("SyncBooking", flow)
@@ -81,283 +61,201 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
 
     kind = "sync"
 
-    def __init__(self) -> None:
+    def __init__(self, *, request: type[RequestT], response: type[ResponseT]) -> None:
         super().__init__()
-        self._steps: list[_Step[RequestT, ResponseT]] = []
+        for role, message in (("request", request), ("response", response)):
+            if not (isinstance(message, type) and issubclass(message, Message)):
+                raise TypeError(f"{role} must be a protobuf message class, not {message!r}")
+        self.request_type = request
+        self.response_type = response
 
     def use(
         self,
         node: SyncNode[RequestT, ResponseT],
         *,
         name: str | None = None,
-        retry: RetryPolicy = DEFAULT_POLICY,
+        retry: RetryPolicy = DEFAULT_RETRY,
         timeout: float | None = None,
-        compensate: SyncNode[RequestT, ResponseT] | None = None,
+        compensate: SyncCompensation[RequestT, ResponseT] | None = None,
         compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
     ) -> Self:
-        """Append a node.
+        """Append a node: an `async def node(request_id, ctx)`.
 
-        `name` (default: the function's name) labels it in logs, errors and
-        metrics; `retry` says which failures are retried and how; `timeout`
-        bounds each attempt (the caller's deadline may cut it shorter).
-        `compensate` undoes the node once it has completed, should a later
-        step fail: it gets the request id and the Context as the saga left it.
+        `name` (default: the function's name) labels it in logs, errors,
+        metrics and idempotency keys; `retry` says which failures are retried
+        and how; `timeout` bounds each attempt (the caller's deadline may cut
+        it shorter). `compensate(request_id, ctx)` undoes the node once it may
+        have taken effect, should the saga fail: it gets the Context as the
+        saga left it.
         """
-        step_name: str = name or str(getattr(node, "__name__", f"step{len(self._steps) + 1}"))
-        if any(step.name == step_name for step in self._steps):
-            raise ValueError(f"a step named {step_name!r} is already used; pass name=")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self._steps.append(_Step(step_name, node, retry, timeout))
-        if compensate is not None:
-            self._add_compensation(
-                step_name, functools.partial(self._compensate, compensate), compensate_retry
-            )
+        self._append(
+            node,
+            name=name,
+            params=_NODE_PARAMS,
+            retry=retry,
+            timeout=timeout,
+            compensate=compensate,
+            compensate_params=_NODE_PARAMS,
+            compensate_retry=compensate_retry,
+        )
         return self
 
-    def consume_rollback(self, topic: str, node: RollbackNode | None = None) -> Self:
-        """On failure, publish a Rollback to `topic` and consume it here.
-
-        The consumer runs the compensations of the completed steps in reverse
-        order, then `node` (the Go original's facade-level rollback node).
-        """
-        self._set_rollback(topic, node)
-        return self
-
-    async def start(self) -> None:
-        """Check that compensations can rebuild their Context, then consume the rollback."""
-        if self._compensations:
-            self._types()
-        await super().start()
-
-    def _types(self) -> tuple[type[RequestT], type[ResponseT]]:
-        """The protobuf classes of `SyncFacade[Request, Response]()`, to rebuild a Context."""
-        alias = getattr(self, "__orig_class__", None)
-        arguments = typing.get_args(alias)
-        if len(arguments) != 2 or not all(isinstance(a, type) for a in arguments):
-            raise TypeError(
-                "compensations need the message types: create the facade as "
-                "SyncFacade[RequestMessage, ResponseMessage]()"
-            )
-        return arguments[0], arguments[1]
-
-    async def _compensate(self, undo: SyncNode[RequestT, ResponseT], rollback: Rollback) -> None:
-        request_type, response_type = self._types()
-        request = json_format.ParseDict(rollback.data.get("request", {}), request_type())
-        response = json_format.ParseDict(rollback.data.get("response", {}), response_type())
-        await undo(rollback.request_id, Context(rollback.request_id, request, response, self.name))
-
-    @property
-    def steps(self) -> list[str]:
-        """The step names, in order."""
-        return [step.name for step in self._steps]
-
-    async def run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
+    async def run(
+        self, request_id: str, request: RequestT, response: ResponseT | None = None
+    ) -> ResponseT:
         """Run every node in order and return the response they built.
 
-        Raises SagaFailed, carrying the gRPC status for the caller, once the
-        rollback of a failed run is safely with the broker.
+        A request id seen before gets its recorded outcome instead (waiting
+        while its first run is still going). Raises SagaFailed, carrying the
+        gRPC status for the caller, once the rollback of a failed run is
+        safely with the broker.
         """
+        runtime = self.runtime
         with tracing.span(
-            f"saga {self.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
+            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
         ):
-            if self._store is not None:
-                replayed = await self._begin(request_id, request, response)
-                if replayed is not None:
-                    return replayed
-            return await self._run(request_id, request, response)
+            existing = await runtime.begin(request_id, _json(request))
+            if existing is not None:
+                return await self._replay(existing)
+            ctx = Context(request_id, request, response or self.response_type(), runtime.name)
+            return await self._run(ctx)
 
-    async def _begin(
-        self, request_id: str, request: RequestT, response: ResponseT
-    ) -> ResponseT | None:
-        """Record the saga; for a request id seen before, its outcome instead of a new run.
-
-        The same request again gets the stored response or error (waiting for
-        it while the first run is still going); the same id with another
-        request is ALREADY_EXISTS.
-        """
-        store = self._require_store()
-        payload = _json(request)
-        begun = await store.begin(
-            request_id=request_id,
-            facade=self.name,
-            kind=self.kind,
-            payload=payload,
-            payload_hash=payload_digest(self.name, payload),
-            owner=self._owner,
-            first_step=self._steps[0].name if self._steps else "",
+    async def _replay(self, saga: SagaRecord) -> ResponseT:
+        """The outcome of a request run before: its response, or its failure."""
+        saga = await self.runtime.wait_until(
+            saga.request_id, lambda s: s.state != SagaState.RUNNING
         )
-        if begun.created:
-            return None
-        saga = begun.existing
-        assert saga is not None
-        if saga.facade != self.name or saga.payload_hash != payload_digest(self.name, payload):
-            raise AlreadyExists(f"request id {request_id!r} was already used for another request")
-        saga = await self._outcome_of(saga)
         if saga.state == SagaState.COMPLETED:
-            return json_format.ParseDict(json.loads(saga.data or "{}"), response)
-        failed = next((step.name for step in saga.steps if step.state == StepState.FAILED), "?")
-        code = grpc.StatusCode[saga.error_code] if saga.error_code else grpc.StatusCode.ABORTED
-        raise SagaFailed(
-            request_id=request_id,
-            facade=self.name,
-            step=failed,
-            failure=Failure(code, saga.error_reason or "the saga failed"),
-        )
+            return json_format.ParseDict(json.loads(saga.data or "{}"), self.response_type())
+        raise self.runtime.failure_of(saga)
 
-    async def _outcome_of(self, saga: SagaRecord) -> SagaRecord:
-        """Wait while the first run of this request is RUNNING (the caller's deadline bounds it).
-
-        This replica's writes to the saga wake the wait at once, so a run of its
-        own is read once a change (and once a second, should a wake be lost); a
-        run on another replica is polled, backing off to 0.2 s.
-        """
-        store = self._require_store()
-        local = saga.owner == self._owner
-        delay, ceiling = (1.0, 1.0) if local else (0.01, 0.2)
-        with self._watching(saga.request_id) as changed:
-            while saga.state == SagaState.RUNNING:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await changed.wait()
-                # Cleared before the read: a write landing during it wakes the next wait.
-                changed.clear()
-                delay = min(delay * 2, ceiling)
-                latest = await store.get(saga.request_id)
-                assert latest is not None
-                saga = latest
-        return saga
-
-    async def _run(self, request_id: str, request: RequestT, response: ResponseT) -> ResponseT:
-        ctx = Context(request_id, request, response, self.name)
-        metrics = self._metrics
-        metrics.started.inc()
-        metrics.in_flight.inc()
+    async def _run(self, ctx: Context[RequestT, ResponseT]) -> ResponseT:
+        runtime = self.runtime
+        steps = runtime.definition.steps
         loop = asyncio.get_running_loop()
         deadline = caller_deadline.get()
+        metrics = runtime.metrics
+        metrics.in_flight.inc()
         try:
-            for index, step in enumerate(self._steps):
-                started = time.perf_counter()
+            for step in steps:
                 # The caller's time left is split evenly among the steps still to run.
                 share = (
                     None
                     if deadline is None
-                    else loop.time() + (deadline - loop.time()) / (len(self._steps) - index)
+                    else loop.time() + (deadline - loop.time()) / (len(steps) - step.index)
                 )
                 try:
-                    # The step's start is already recorded, with the saga's begin or the
-                    # previous step's end: one durable write per step, not two.
-                    with tracing.span(f"step {step.name}", {"saga.step": step.name}):
-                        await call_with_retry(
-                            functools.partial(step.node, request_id, ctx),
-                            policy=step.retry,
-                            attempt_timeout=step.timeout,
-                            deadline=share,
-                            on_retry=functools.partial(self._retrying, request_id, step.name),
-                        )
-                    if self._store is not None:
-                        last = index == len(self._steps) - 1
-                        await self._store.step_finished(
-                            request_id,
-                            index,
-                            state=StepState.DONE,
-                            data=_json(ctx.response),
-                            next_step="" if last else self._steps[index + 1].name,
-                            saga_state=SagaState.COMPLETED if last else None,
-                        )
+                    await runtime.run_step(
+                        step,
+                        ctx.request_id,
+                        functools.partial(step.action, ctx.request_id, ctx),
+                        deadline=share,
+                    )
                 except asyncio.CancelledError:
                     # The caller went away mid-saga: what was done must still be undone.
-                    failure = classify(asyncio.CancelledError())
-                    metrics.failed(failure.code.name)
-                    await asyncio.shield(self._fail(ctx, step.name, failure))
+                    await asyncio.shield(self._fail(ctx, step, classify(asyncio.CancelledError())))
                     raise
                 except Exception as exc:
                     failure = classify(exc)
-                    metrics.failed(failure.code.name)
                     log.log(
                         logging.ERROR if failure.bug else logging.INFO,
                         "step failed",
                         exc_info=failure.bug,
                         extra={
-                            "request_id": request_id,
-                            "facade": self.name,
+                            "request_id": ctx.request_id,
+                            "facade": runtime.name,
                             "step": step.name,
                             "code": failure.code.name,
                             "reason": failure.reason,
                         },
                     )
-                    await self._fail(ctx, step.name, failure)
+                    await self._fail(ctx, step, failure)
                     raise SagaFailed(
-                        request_id=request_id, facade=self.name, step=step.name, failure=failure
+                        request_id=ctx.request_id,
+                        facade=runtime.name,
+                        step=step.name,
+                        failure=failure,
                     ) from exc
-                finally:
-                    metrics.observe_step(step.name, time.perf_counter() - started)
+                # The step's start is already recorded, with the saga's begin or the previous
+                # step's end: one durable write per step, not two.
+                if not await runtime.step_ended(ctx.request_id, step.index, _json(ctx.response)):
+                    raise await self._stopped(ctx.request_id)
         finally:
             metrics.in_flight.dec()
-        if self._store is not None and not self._steps:
-            await self._store.set_state(request_id, SagaState.COMPLETED, data=_json(ctx.response))
-        metrics.completed.inc()
         return ctx.response
 
-    def _recovery_data(self, saga: SagaRecord) -> dict[str, Any]:
+    async def _stopped(self, request_id: str) -> SagaFailed:
+        """The failure of a saga the journal says was stopped while it ran here (by its
+        deadline's recovery, say): the caller gets what stopped it."""
+        saga = await self.runtime.store.get(self.runtime.name, request_id)
+        if saga is None or saga.state in (SagaState.RUNNING, SagaState.COMPLETED):
+            raise RuntimeError(f"saga {self.runtime.name}/{request_id} refused its step's end")
+        return self.runtime.failure_of(saga)
+
+    async def _fail(
+        self, ctx: Context[RequestT, ResponseT], step: StepDefinition, failure: Failure
+    ) -> None:
+        runtime = self.runtime
+        try:
+            await runtime.fail(
+                ctx.request_id,
+                step.index,
+                failure,
+                data=_json(ctx.response),
+                inline_fallback=True,
+            )
+        except Exception:
+            # The store could not record the failure. Undo what this replica knows was
+            # done right away; the saga's deadline makes recovery finish its record.
+            log.exception(
+                "could not record the failed step; compensating from memory",
+                extra={"request_id": ctx.request_id, "facade": runtime.name, "step": step.name},
+            )
+            await self._compensate_unrecorded(ctx, step, failure)
+
+    async def _compensate_unrecorded(
+        self, ctx: Context[RequestT, ResponseT], step: StepDefinition, failure: Failure
+    ) -> None:
+        runtime = self.runtime
+        undo = runtime.to_undo(step.index, failure)
+        rollback = Rollback(
+            request_id=ctx.request_id,
+            facade=runtime.name,
+            kind="sync",
+            failed_step=step.name,
+            code=failure.code.name,
+            reason=failure.reason,
+            data=self._data(ctx.request, ctx.response),
+            completed_steps=[runtime.definition.steps[index].name for index in undo],
+        )
+        try:
+            await runtime.compensate_unrecorded(rollback, undo)
+        except Exception:
+            log.exception(
+                "compensating from memory failed; recovery will retry once the store is back",
+                extra={"request_id": ctx.request_id, "facade": runtime.name},
+            )
+
+    # --- FacadeKind ------------------------------------------------------------------------
+
+    def rollback_data(self, saga: SagaRecord) -> dict[str, Any]:
+        """The protobuf request and the response as the saga left it, as JSON objects."""
         return {
             "request": json.loads(saga.payload or "{}"),
             "response": json.loads(saga.data or "{}"),
         }
 
-    def _to_compensate(self, step: str, failure: Failure) -> list[str]:
-        """The steps before `step`, and `step` itself when it may have taken effect."""
-        names = self.steps
-        end = names.index(step) + (1 if failure.code in UNCERTAIN_CODES else 0)
-        return names[:end]
-
-    def _retrying(self, request_id: str, step: str, exc: BaseException, attempt: int) -> None:
-        self._metrics.retried(step)
-        log.info(
-            "retrying step",
-            extra={
-                "request_id": request_id,
-                "facade": self.name,
-                "step": step,
-                "attempt": attempt,
-                "error": classify(exc).reason,
-            },
-        )
-
-    async def _fail(self, ctx: Context[RequestT, ResponseT], step: str, failure: Failure) -> None:
-        if self._store is not None:
-            try:
-                await self._store.step_finished(
-                    ctx.request_id,
-                    self.steps.index(step),
-                    state=StepState.FAILED,
-                    data=_json(ctx.response),
-                    error=failure.reason,
-                    saga_state=SagaState.COMPENSATING,
-                    error_code=failure.code.name,
-                    error_reason=failure.reason,
-                )
-            except Exception:
-                # The rollback must go out all the same: this replica is alive, so
-                # recovery would never take a saga left RUNNING here.
-                log.exception(
-                    "could not record the failed step; rolling back anyway",
-                    extra={"request_id": ctx.request_id, "facade": self.name, "step": step},
-                )
-        data: dict[str, Any] = {
-            "request": MessageToDict(ctx.request, preserving_proto_field_name=True),
-            "response": MessageToDict(ctx.response, preserving_proto_field_name=True),
+    @staticmethod
+    def _data(request: Message, response: Message) -> dict[str, Any]:
+        return {
+            "request": MessageToDict(request, preserving_proto_field_name=True),
+            "response": MessageToDict(response, preserving_proto_field_name=True),
         }
-        await self._publish_rollback(
-            Rollback(
-                request_id=ctx.request_id,
-                facade=self.name,
-                kind="sync",
-                failed_step=step,
-                code=failure.code.name,
-                reason=failure.reason,
-                data=data,
-                completed_steps=self._to_compensate(step, failure),
-            ),
-            inline_fallback=True,
-        )
+
+    async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
+        """Call the compensation with the request id and the Context the saga left."""
+        assert step.compensation is not None
+        request = json_format.ParseDict(rollback.data.get("request", {}), self.request_type())
+        response = json_format.ParseDict(rollback.data.get("response", {}), self.response_type())
+        ctx = Context(rollback.request_id, request, response, rollback.facade)
+        await step.compensation(rollback.request_id, ctx)

@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorchestrator/proto/saga.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x02\n\x04Saga\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.orchestrator.v1.Step\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd0\x01\n\x04Step\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.orchestrator.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"$\n\x0eGetSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"t\n\x10ListSagasRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"R\n\x11ListSagasResponse\x12$\n\x05sagas\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10WatchSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t*\x7f\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x10\n\x0c\x43OMPENSATING\x10\x03\x12\x0f\n\x0b\x43OMPENSATED\x10\x04\x12\x17\n\x13\x43OMPENSATION_FAILED\x10\x05*Y\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTEP_RUNNING\x10\x01\x12\r\n\tSTEP_DONE\x10\x02\x12\x0f\n\x0bSTEP_FAILED\x10\x03\x32\xed\x01\n\x0bSagaService\x12\x41\n\x07GetSaga\x12\x1f.orchestrator.v1.GetSagaRequest\x1a\x15.orchestrator.v1.Saga\x12R\n\tListSagas\x12!.orchestrator.v1.ListSagasRequest\x1a\".orchestrator.v1.ListSagasResponse\x12G\n\tWatchSaga\x12!.orchestrator.v1.WatchSagaRequest\x1a\x15.orchestrator.v1.Saga0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorchestrator/proto/saga.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x02\n\x04Saga\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.orchestrator.v1.Step\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65\x61\x64line_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xda\x02\n\x04Step\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.orchestrator.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x38\n\x0c\x63ompensation\x18\x08 \x01(\x0e\x32\".orchestrator.v1.CompensationState\x12\x32\n\x0e\x63ompensated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ompensation_error\x18\n \x01(\t\"4\n\x0eGetSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\"t\n\x10ListSagasRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"R\n\x11ListSagasResponse\x12$\n\x05sagas\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t*\x7f\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x10\n\x0c\x43OMPENSATING\x10\x03\x12\x0f\n\x0b\x43OMPENSATED\x10\x04\x12\x17\n\x13\x43OMPENSATION_FAILED\x10\x05*k\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTEP_RUNNING\x10\x01\x12\r\n\tSTEP_DONE\x10\x02\x12\x0f\n\x0bSTEP_FAILED\x10\x03\x12\x10\n\x0cSTEP_PENDING\x10\x04*\x8c\x01\n\x11\x43ompensationState\x12\x1b\n\x17\x43OMPENSATION_STATE_NONE\x10\x00\x12\x1e\n\x1a\x43OMPENSATION_STATE_PENDING\x10\x01\x12\x1b\n\x17\x43OMPENSATION_STATE_DONE\x10\x02\x12\x1d\n\x19\x43OMPENSATION_STATE_FAILED\x10\x03\x32\xed\x01\n\x0bSagaService\x12\x41\n\x07GetSaga\x12\x1f.orchestrator.v1.GetSagaRequest\x1a\x15.orchestrator.v1.Saga\x12R\n\tListSagas\x12!.orchestrator.v1.ListSagasRequest\x1a\".orchestrator.v1.ListSagasResponse\x12G\n\tWatchSaga\x12!.orchestrator.v1.WatchSagaRequest\x1a\x15.orchestrator.v1.Saga0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.proto.saga_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAGASTATE']._serialized_start=852
-  _globals['_SAGASTATE']._serialized_end=979
-  _globals['_STEPSTATE']._serialized_start=981
-  _globals['_STEPSTATE']._serialized_end=1070
+  _globals['_SAGASTATE']._serialized_start=1071
+  _globals['_SAGASTATE']._serialized_end=1198
+  _globals['_STEPSTATE']._serialized_start=1200
+  _globals['_STEPSTATE']._serialized_end=1307
+  _globals['_COMPENSATIONSTATE']._serialized_start=1310
+  _globals['_COMPENSATIONSTATE']._serialized_end=1450
   _globals['_SAGA']._serialized_start=84
-  _globals['_SAGA']._serialized_end=359
-  _globals['_STEP']._serialized_start=362
-  _globals['_STEP']._serialized_end=570
-  _globals['_GETSAGAREQUEST']._serialized_start=572
-  _globals['_GETSAGAREQUEST']._serialized_end=608
-  _globals['_LISTSAGASREQUEST']._serialized_start=610
-  _globals['_LISTSAGASREQUEST']._serialized_end=726
-  _globals['_LISTSAGASRESPONSE']._serialized_start=728
-  _globals['_LISTSAGASRESPONSE']._serialized_end=810
-  _globals['_WATCHSAGAREQUEST']._serialized_start=812
-  _globals['_WATCHSAGAREQUEST']._serialized_end=850
-  _globals['_SAGASERVICE']._serialized_start=1073
-  _globals['_SAGASERVICE']._serialized_end=1310
+  _globals['_SAGA']._serialized_end=408
+  _globals['_STEP']._serialized_start=411
+  _globals['_STEP']._serialized_end=757
+  _globals['_GETSAGAREQUEST']._serialized_start=759
+  _globals['_GETSAGAREQUEST']._serialized_end=811
+  _globals['_LISTSAGASREQUEST']._serialized_start=813
+  _globals['_LISTSAGASREQUEST']._serialized_end=929
+  _globals['_LISTSAGASRESPONSE']._serialized_start=931
+  _globals['_LISTSAGASRESPONSE']._serialized_end=1013
+  _globals['_WATCHSAGAREQUEST']._serialized_start=1015
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1069
+  _globals['_SAGASERVICE']._serialized_start=1453
+  _globals['_SAGASERVICE']._serialized_end=1690
 # @@protoc_insertion_point(module_scope)

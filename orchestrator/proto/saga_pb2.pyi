@@ -69,7 +69,11 @@ class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.V
     STEP_DONE: _StepState.ValueType  # 2
     """The step succeeded."""
     STEP_FAILED: _StepState.ValueType  # 3
-    """The step failed after its last attempt."""
+    """The step failed after its last attempt (or the saga was stopped at it)."""
+    STEP_PENDING: _StepState.ValueType  # 4
+    """The step's message never reached the broker: it runs when the request is
+    repeated, or is rolled back with the saga at its deadline.
+    """
 
 class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper):
     """StepState is where one step stands. Its values carry a STEP_ prefix because
@@ -83,8 +87,40 @@ STEP_RUNNING: StepState.ValueType  # 1
 STEP_DONE: StepState.ValueType  # 2
 """The step succeeded."""
 STEP_FAILED: StepState.ValueType  # 3
-"""The step failed after its last attempt."""
+"""The step failed after its last attempt (or the saga was stopped at it)."""
+STEP_PENDING: StepState.ValueType  # 4
+"""The step's message never reached the broker: it runs when the request is
+repeated, or is rolled back with the saga at its deadline.
+"""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
+
+class _CompensationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompensationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompensationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPENSATION_STATE_NONE: _CompensationState.ValueType  # 0
+    """Nothing to undo: the step did not take effect, or its saga did not fail."""
+    COMPENSATION_STATE_PENDING: _CompensationState.ValueType  # 1
+    """The step may have taken effect and its saga is compensating."""
+    COMPENSATION_STATE_DONE: _CompensationState.ValueType  # 2
+    """Its compensation succeeded (or it had none and the rollback finished)."""
+    COMPENSATION_STATE_FAILED: _CompensationState.ValueType  # 3
+    """Its compensation kept failing: the saga is COMPENSATION_FAILED."""
+
+class CompensationState(_CompensationState, metaclass=_CompensationStateEnumTypeWrapper):
+    """CompensationState is whether a step's effect was undone."""
+
+COMPENSATION_STATE_NONE: CompensationState.ValueType  # 0
+"""Nothing to undo: the step did not take effect, or its saga did not fail."""
+COMPENSATION_STATE_PENDING: CompensationState.ValueType  # 1
+"""The step may have taken effect and its saga is compensating."""
+COMPENSATION_STATE_DONE: CompensationState.ValueType  # 2
+"""Its compensation succeeded (or it had none and the rollback finished)."""
+COMPENSATION_STATE_FAILED: CompensationState.ValueType  # 3
+"""Its compensation kept failing: the saga is COMPENSATION_FAILED."""
+Global___CompensationState: _TypeAlias = CompensationState  # noqa: Y015
 
 @_typing.final
 class Saga(_message.Message):
@@ -101,6 +137,7 @@ class Saga(_message.Message):
     ERROR_REASON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DEADLINE_AT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the saga runs under (the x-request-id of its request)."""
     facade: _builtins.str
@@ -127,6 +164,12 @@ class Saga(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
 
+    @_builtins.property
+    def deadline_at(self) -> _timestamp_pb2.Timestamp:
+        """By when it must reach an end (RUNNING) or finish compensating
+        (COMPENSATING), else recovery drives it to one; unset once finished.
+        """
+
     def __init__(
         self,
         *,
@@ -139,10 +182,11 @@ class Saga(_message.Message):
         error_reason: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        deadline_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline_at", b"deadline_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error_code", b"error_code", "error_reason", b"error_reason", "facade", b"facade", "kind", b"kind", "request_id", b"request_id", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline_at", b"deadline_at", "error_code", b"error_code", "error_reason", b"error_reason", "facade", b"facade", "kind", b"kind", "request_id", b"request_id", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,6 +205,9 @@ class Step(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
+    COMPENSATED_AT_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ERROR_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Its position in the facade, from 0."""
     name: _builtins.str
@@ -171,6 +218,10 @@ class Step(_message.Message):
     """How many times it started (retries included)."""
     error: _builtins.str
     """Why it failed; empty unless it did."""
+    compensation: Global___CompensationState.ValueType
+    """Whether its effect was undone."""
+    compensation_error: _builtins.str
+    """Why its compensation failed; empty unless it did."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When its latest attempt started."""
@@ -178,6 +229,10 @@ class Step(_message.Message):
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When it finished; unset while it runs."""
+
+    @_builtins.property
+    def compensated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its compensation ended; unset until it did."""
 
     def __init__(
         self,
@@ -189,10 +244,13 @@ class Step(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        compensation: Global___CompensationState.ValueType = ...,
+        compensated_at: _timestamp_pb2.Timestamp | None = ...,
+        compensation_error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "index", b"index", "name", b"name", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_error", b"compensation_error", "error", b"error", "finished_at", b"finished_at", "index", b"index", "name", b"name", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,16 +263,20 @@ class GetSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FACADE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The saga's request id: 1 to 128 characters."""
+    facade: _builtins.str
+    """The facade that runs it; empty to find it among every facade."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        facade: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,16 +355,20 @@ class WatchSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FACADE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The saga's request id: 1 to 128 characters."""
+    facade: _builtins.str
+    """The facade that runs it; empty to find it among every facade."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        facade: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

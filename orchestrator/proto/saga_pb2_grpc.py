@@ -59,8 +59,10 @@ class SagaServiceServicer:
     """
 
     def GetSaga(self, request, context):
-        """Returns the saga of a request id: NOT_FOUND when there is none,
-        INVALID_ARGUMENT for an empty id or one longer than 128 characters.
+        """Returns the saga of a request id (of a facade): NOT_FOUND when there is
+        none, INVALID_ARGUMENT for an empty id or one longer than 128 characters,
+        FAILED_PRECONDITION naming the facades when several hold the request id
+        and the request names none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +78,8 @@ class SagaServiceServicer:
     def WatchSaga(self, request, context):
         """Streams the saga at once, then again each time it changes, and ends after
         the message that shows it in a final state (COMPLETED, COMPENSATED or
-        COMPENSATION_FAILED). NOT_FOUND when there is no such saga.
+        COMPENSATION_FAILED). NOT_FOUND when there is no such saga; the request id
+        is resolved to a facade as GetSaga does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

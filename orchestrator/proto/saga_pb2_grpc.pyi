@@ -36,15 +36,18 @@ class SagaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SagaServiceAsyncStub: ...
     GetSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.Saga]
-    """Returns the saga of a request id: NOT_FOUND when there is none,
-    INVALID_ARGUMENT for an empty id or one longer than 128 characters.
+    """Returns the saga of a request id (of a facade): NOT_FOUND when there is
+    none, INVALID_ARGUMENT for an empty id or one longer than 128 characters,
+    FAILED_PRECONDITION naming the facades when several hold the request id
+    and the request names none.
     """
     ListSagas: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]
     """Lists sagas newest first, filtered by facade and state, a page at a time."""
     WatchSaga: _grpc.UnaryStreamMultiCallable[_saga_pb2.WatchSagaRequest, _saga_pb2.Saga]
     """Streams the saga at once, then again each time it changes, and ends after
     the message that shows it in a final state (COMPLETED, COMPENSATED or
-    COMPENSATION_FAILED). NOT_FOUND when there is no such saga.
+    COMPENSATION_FAILED). NOT_FOUND when there is no such saga; the request id
+    is resolved to a facade as GetSaga does.
     """
 
 @_typing.type_check_only
@@ -55,15 +58,18 @@ class SagaServiceAsyncStub(SagaServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.Saga]  # type: ignore[assignment]
-    """Returns the saga of a request id: NOT_FOUND when there is none,
-    INVALID_ARGUMENT for an empty id or one longer than 128 characters.
+    """Returns the saga of a request id (of a facade): NOT_FOUND when there is
+    none, INVALID_ARGUMENT for an empty id or one longer than 128 characters,
+    FAILED_PRECONDITION naming the facades when several hold the request id
+    and the request names none.
     """
     ListSagas: _aio.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]  # type: ignore[assignment]
     """Lists sagas newest first, filtered by facade and state, a page at a time."""
     WatchSaga: _aio.UnaryStreamMultiCallable[_saga_pb2.WatchSagaRequest, _saga_pb2.Saga]  # type: ignore[assignment]
     """Streams the saga at once, then again each time it changes, and ends after
     the message that shows it in a final state (COMPLETED, COMPENSATED or
-    COMPENSATION_FAILED). NOT_FOUND when there is no such saga.
+    COMPENSATION_FAILED). NOT_FOUND when there is no such saga; the request id
+    is resolved to a facade as GetSaga does.
     """
 
 class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,8 +83,10 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.GetSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.Saga, _abc.Awaitable[_saga_pb2.Saga]]:
-        """Returns the saga of a request id: NOT_FOUND when there is none,
-        INVALID_ARGUMENT for an empty id or one longer than 128 characters.
+        """Returns the saga of a request id (of a facade): NOT_FOUND when there is
+        none, INVALID_ARGUMENT for an empty id or one longer than 128 characters,
+        FAILED_PRECONDITION naming the facades when several hold the request id
+        and the request names none.
         """
 
     @_abc_1.abstractmethod
@@ -97,7 +105,8 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_saga_pb2.Saga], _abc.AsyncIterator[_saga_pb2.Saga]]:
         """Streams the saga at once, then again each time it changes, and ends after
         the message that shows it in a final state (COMPLETED, COMPENSATED or
-        COMPENSATION_FAILED). NOT_FOUND when there is no such saga.
+        COMPENSATION_FAILED). NOT_FOUND when there is no such saga; the request id
+        is resolved to a facade as GetSaga does.
         """
 
 def add_SagaServiceServicer_to_server(servicer: SagaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

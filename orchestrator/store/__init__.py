@@ -1,32 +1,52 @@
-"""Saga stores: the protocol, the in-memory one for tests and the SQL one, chosen by URL."""
+"""Saga stores: the protocol, the in-memory one and the SQL one, chosen by URL."""
 
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.store.base import (
+from orchestrator.store.base import CLAIM_BATCH, MAX_PAGE_SIZE, SagaStore
+from orchestrator.store.changes import (
+    Change,
+    CompensationEnded,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
+)
+from orchestrator.store.memory import InMemorySagaStore
+from orchestrator.store.records import (
     FINAL_STATES,
-    BeginResult,
+    CompensationState,
+    NewSaga,
     SagaPage,
     SagaRecord,
     SagaState,
-    SagaStore,
+    Stalled,
     StepRecord,
     StepState,
 )
-from orchestrator.store.memory import InMemorySagaStore
 
 if TYPE_CHECKING:
     from orchestrator.store.sql import SqlSagaStore
 
 __all__ = [
+    "CLAIM_BATCH",
     "FINAL_STATES",
-    "BeginResult",
+    "MAX_PAGE_SIZE",
+    "Change",
+    "CompensationEnded",
+    "CompensationState",
     "InMemorySagaStore",
+    "NewSaga",
     "SagaPage",
     "SagaRecord",
     "SagaState",
     "SagaStore",
     "SqlSagaStore",
+    "Stalled",
+    "StepEnded",
+    "StepFailed",
+    "StepPending",
     "StepRecord",
+    "StepRestarted",
     "StepState",
     "store_from_url",
 ]
@@ -42,10 +62,10 @@ def __getattr__(name: str) -> Any:
 
 
 def store_from_url(url: str) -> SagaStore:
-    """The store `url` names: `memory://`, `sqlite+aiosqlite:///file.db` or
+    """The store `url` names: `memory://` (or empty), `sqlite+aiosqlite:///file.db` or
     `postgresql+asyncpg://user@host:port/db` (`sqlite://`, `postgresql://` get those drivers).
     Not started yet: `await store.start()`."""
-    if url.strip() == "memory://":
+    if url.strip() in ("", "memory://"):
         return InMemorySagaStore()
     from orchestrator.store.sql import SqlSagaStore
 

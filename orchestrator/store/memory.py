@@ -1,6 +1,10 @@
-"""A saga store in process memory, with the SQL store's semantics, for unit tests.
+"""A saga store in process memory, with the SQL store's semantics.
 
-It survives nothing but itself: production uses `SqlSagaStore`.
+It survives nothing but itself: sagas are recorded (so requests are idempotent
+and the journal governs) for as long as the process lives. It backs the
+embedded default when no store URL is configured, and fast unit tests;
+production uses `SqlSagaStore`. Finished sagas beyond `max_finished` are
+forgotten, oldest first, so a long-running process does not grow without end.
 """
 
 from __future__ import annotations
@@ -8,19 +12,32 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.store.base import (
-    BeginResult,
+from orchestrator.store.base import CLAIM_BATCH, MAX_PAGE_SIZE, SagaStore
+from orchestrator.store.changes import (
+    Change,
+    CompensationEnded,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
+)
+from orchestrator.store.records import (
+    CompensationState,
+    NewSaga,
     SagaPage,
     SagaRecord,
     SagaState,
-    SagaStore,
+    Stalled,
     StepRecord,
     StepState,
 )
 
-__all__ = ["InMemorySagaStore"]
+__all__ = ["InMemorySagaStore", "transition"]
+
+_Key = tuple[str, str]
 
 
 class InMemorySagaStore(SagaStore):
@@ -30,8 +47,12 @@ class InMemorySagaStore(SagaStore):
     write changes `updated_at` and "newest first" is never a tie.
     """
 
-    def __init__(self) -> None:
-        self._sagas: dict[str, SagaRecord] = {}
+    def __init__(self, *, max_finished: int = 100_000) -> None:
+        if max_finished < 1:
+            raise ValueError("max_finished must be at least 1")
+        self._sagas: dict[_Key, SagaRecord] = {}
+        self._finished: OrderedDict[_Key, None] = OrderedDict()
+        self._max_finished = max_finished
         self._heartbeats: dict[str, datetime] = {}
         self._last = datetime.min.replace(tzinfo=UTC)
 
@@ -45,114 +66,52 @@ class InMemorySagaStore(SagaStore):
     async def close(self) -> None:
         """Nothing to flush."""
 
-    async def begin(
-        self,
-        *,
-        request_id: str,
-        facade: str,
-        kind: str,
-        payload: str,
-        payload_hash: str,
-        owner: str,
-        first_step: str = "",
-    ) -> BeginResult:
-        """Record a new saga (with its first step started), or return the one already there."""
-        existing = self._sagas.get(request_id)
+    async def begin(self, saga: NewSaga) -> SagaRecord | None:
+        """Record a new saga with its first step started, or return the one already there."""
+        key = (saga.facade, saga.request_id)
+        existing = self._sagas.get(key)
         if existing is not None:
-            return BeginResult(created=False, existing=existing)
+            return existing
         now = self._now()
-        self._sagas[request_id] = SagaRecord(
-            request_id=request_id,
-            facade=facade,
-            kind=kind,
+        self._sagas[key] = SagaRecord(
+            facade=saga.facade,
+            request_id=saga.request_id,
+            kind=saga.kind,
             state=SagaState.RUNNING,
-            payload=payload,
-            payload_hash=payload_hash,
+            payload=saga.payload,
+            payload_hash=saga.payload_hash,
             data="",
-            owner=owner,
+            owner=saga.owner,
             created_at=now,
             updated_at=now,
+            deadline_at=saga.deadline_at,
+            steps=(StepRecord(0, saga.first_step, StepState.RUNNING, 1, now),),
         )
-        if first_step:
-            self._start_step(request_id, 0, first_step)
-        return BeginResult(created=True)
+        return None
 
-    async def step_started(self, request_id: str, index: int, name: str) -> None:
-        """Record an attempt of step `index`; KeyError for a saga never begun."""
-        self._start_step(request_id, index, name)
+    async def apply(self, facade: str, request_id: str, change: Change) -> bool:
+        """Apply `change` where the saga stands as it expects; False (nothing changed) else."""
+        key = (facade, request_id)
+        saga = self._sagas.get(key)
+        if saga is None:
+            return False
+        moved = transition(saga, change, self._now())
+        if moved is None:
+            return False
+        self._sagas[key] = moved
+        if moved.finished:
+            self._forget_old(key)
+        return True
 
-    def _start_step(self, request_id: str, index: int, name: str) -> None:
-        saga = self._sagas[request_id]
-        steps = {step.index: step for step in saga.steps}
-        previous = steps.get(index)
-        steps[index] = StepRecord(
-            index=index,
-            name=name,
-            state=StepState.RUNNING,
-            attempts=(previous.attempts if previous else 0) + 1,
-            started_at=self._now(),
-        )
-        self._replace(saga, steps=tuple(steps[i] for i in sorted(steps)))
+    def _forget_old(self, key: _Key) -> None:
+        self._finished[key] = None
+        while len(self._finished) > self._max_finished:
+            oldest, _ = self._finished.popitem(last=False)
+            self._sagas.pop(oldest, None)
 
-    async def step_finished(
-        self,
-        request_id: str,
-        index: int,
-        *,
-        state: StepState,
-        data: str,
-        error: str = "",
-        next_step: str = "",
-        saga_state: SagaState | None = None,
-        error_code: str = "",
-        error_reason: str = "",
-    ) -> None:
-        """Record how step `index` ended and the saga's data after it, then what follows."""
-        saga = self._sagas[request_id]
-        steps = [
-            dataclasses.replace(step, state=state, finished_at=self._now(), error=error)
-            if step.index == index
-            else step
-            for step in saga.steps
-        ]
-        self._replace(saga, steps=tuple(steps), data=data)
-        if next_step:
-            self._start_step(request_id, index + 1, next_step)
-        if saga_state is not None:
-            self._move(request_id, saga_state, None, error_code, error_reason)
-
-    async def set_state(
-        self,
-        request_id: str,
-        state: SagaState,
-        *,
-        data: str | None = None,
-        error_code: str = "",
-        error_reason: str = "",
-    ) -> None:
-        """Move the saga to `state`; KeyError for a saga never begun."""
-        self._move(request_id, state, data, error_code, error_reason)
-
-    def _move(
-        self,
-        request_id: str,
-        state: SagaState,
-        data: str | None,
-        error_code: str,
-        error_reason: str,
-    ) -> None:
-        saga = self._sagas[request_id]
-        self._replace(
-            saga,
-            state=state,
-            data=saga.data if data is None else data,
-            error_code=error_code or saga.error_code,
-            error_reason=error_reason or saga.error_reason,
-        )
-
-    async def get(self, request_id: str) -> SagaRecord | None:
+    async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, or None."""
-        return self._sagas.get(request_id)
+        return self._sagas.get((facade, request_id))
 
     async def list_sagas(
         self,
@@ -163,10 +122,8 @@ class InMemorySagaStore(SagaStore):
         page_token: str = "",
     ) -> SagaPage:
         """Newest first, a page at a time; a bad token raises ValueError."""
-        page_size = max(1, min(page_size, 500))
-        ordered = sorted(
-            self._sagas.values(), key=lambda s: (s.created_at, s.request_id), reverse=True
-        )
+        page_size = max(1, min(page_size, MAX_PAGE_SIZE))
+        ordered = sorted(self._sagas.values(), key=_position, reverse=True)
         matching = [
             saga
             for saga in ordered
@@ -174,7 +131,7 @@ class InMemorySagaStore(SagaStore):
         ]
         if page_token:
             after = _decode(page_token)
-            matching = [s for s in matching if (s.created_at.isoformat(), s.request_id) < after]
+            matching = [saga for saga in matching if _position(saga) < after]
         page = matching[:page_size]
         token = _encode(page[-1]) if len(matching) > page_size else ""
         return SagaPage(sagas=page, next_page_token=token)
@@ -183,35 +140,141 @@ class InMemorySagaStore(SagaStore):
         """Record that `owner` is alive."""
         self._heartbeats[owner] = self._now()
 
-    async def claim_orphans(self, owner: str, *, stale_after: float, kind: str) -> list[SagaRecord]:
-        """Take over the running sagas of replicas whose heartbeat went stale."""
-        cutoff = self._now() - timedelta(seconds=stale_after)
-        claimed = []
-        for saga in list(self._sagas.values()):
+    async def claim_stalled(
+        self, owner: str, *, stale_after: float, hold_for: float
+    ) -> list[Stalled]:
+        """Take over the sagas past their deadline and the sync ones of dead replicas."""
+        now = self._now()
+        cutoff = now - timedelta(seconds=stale_after)
+        claimed: list[Stalled] = []
+        for key, saga in sorted(self._sagas.items(), key=lambda item: item[1].created_at):
+            if len(claimed) == CLAIM_BATCH:
+                break
+            if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+                continue
             beat = self._heartbeats.get(saga.owner)
-            if (
+            expired = saga.deadline_at is not None and saga.deadline_at < now
+            orphaned = (
                 saga.state == SagaState.RUNNING
-                and saga.kind == kind
+                and saga.kind == "sync"
                 and saga.owner != owner
                 and (beat is None or beat < cutoff)
-            ):
-                claimed.append(self._replace(saga, owner=owner))
+            )
+            if expired or orphaned:
+                taken = dataclasses.replace(
+                    saga, owner=owner, deadline_at=now + timedelta(seconds=hold_for), updated_at=now
+                )
+                self._sagas[key] = taken
+                claimed.append(Stalled(taken, expired=expired))
         return claimed
 
-    def _replace(self, saga: SagaRecord, **changes: object) -> SagaRecord:
-        updated = dataclasses.replace(saga, updated_at=self._now(), **changes)  # type: ignore[arg-type]
-        self._sagas[saga.request_id] = updated
-        return updated
+
+def transition(saga: SagaRecord, change: Change, now: datetime) -> SagaRecord | None:
+    """`saga` after `change` at `now`, or None when the saga is not where `change` expects it.
+
+    The in-memory store applies changes with it; the SQL store's statements
+    encode the same rules.
+    """
+    if isinstance(change, CompensationEnded):
+        return _compensation_ended(saga, change, now)
+    current = saga.current_step
+    if current is None or current.index != change.index:
+        return None
+    if isinstance(change, StepRestarted):
+        step = dataclasses.replace(
+            current,
+            state=StepState.RUNNING,
+            attempts=current.attempts + 1,
+            started_at=now,
+            finished_at=None,
+            error="",
+            data=None,
+        )
+        return _with_steps(saga, now, step)
+    if current.state != StepState.RUNNING and not isinstance(change, StepFailed):
+        return None
+    if isinstance(change, StepPending):
+        return _with_steps(
+            saga, now, dataclasses.replace(current, state=StepState.PENDING, error=change.reason)
+        )
+    if isinstance(change, StepEnded):
+        ended = dataclasses.replace(
+            current, state=StepState.DONE, finished_at=now, data=change.data
+        )
+        if change.complete:
+            return _with_steps(
+                dataclasses.replace(saga, state=SagaState.COMPLETED, deadline_at=None), now, ended
+            )
+        following = StepRecord(change.index + 1, change.next_step, StepState.RUNNING, 1, now)
+        return _with_steps(saga, now, ended, following)
+    failed = dataclasses.replace(
+        current,
+        state=StepState.FAILED,
+        finished_at=now,
+        error=change.reason,
+        data=current.data if change.data is None else change.data,
+    )
+    marked = [
+        dataclasses.replace(step, compensation=CompensationState.PENDING)
+        for step in (*saga.steps[: current.index], failed)
+        if step.index in change.undo
+    ]
+    moved = dataclasses.replace(
+        saga,
+        state=change.then,
+        error_code=change.code,
+        error_reason=change.reason,
+        deadline_at=change.deadline_at if change.then == SagaState.COMPENSATING else None,
+    )
+    return _with_steps(moved, now, failed, *marked)
+
+
+def _compensation_ended(
+    saga: SagaRecord, change: CompensationEnded, now: datetime
+) -> SagaRecord | None:
+    if saga.state != SagaState.COMPENSATING:
+        return None
+    changed = [
+        dataclasses.replace(step, compensation=CompensationState.DONE, compensated_at=now)
+        for step in saga.steps
+        if step.index in change.done
+    ]
+    failed = saga.step(change.failed) if change.failed is not None else None
+    if failed is not None:
+        changed.append(
+            dataclasses.replace(
+                failed,
+                compensation=CompensationState.FAILED,
+                compensated_at=now,
+                compensation_error=change.error,
+            )
+        )
+    moved = dataclasses.replace(saga, state=change.state, deadline_at=None)
+    if change.state == SagaState.COMPENSATION_FAILED and change.error:
+        moved = dataclasses.replace(moved, error_reason=change.error)
+    return _with_steps(moved, now, *changed)
+
+
+def _with_steps(saga: SagaRecord, now: datetime, *changed: StepRecord) -> SagaRecord:
+    steps = {step.index: step for step in saga.steps}
+    steps.update((step.index, step) for step in changed)
+    ordered = tuple(steps[index] for index in sorted(steps))
+    data = next((s.data for s in reversed(ordered) if s.data is not None), saga.data)
+    return dataclasses.replace(saga, steps=ordered, data=data, updated_at=now)
+
+
+def _position(saga: SagaRecord) -> tuple[str, str, str]:
+    return saga.created_at.isoformat(), saga.facade, saga.request_id
 
 
 def _encode(saga: SagaRecord) -> str:
-    raw = json.dumps([saga.created_at.isoformat(), saga.request_id]).encode()
+    raw = json.dumps(list(_position(saga))).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def _decode(token: str) -> tuple[str, str]:
+def _decode(token: str) -> tuple[str, str, str]:
     try:
-        created_at, request_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        created_at, facade, request_id = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, TypeError) as exc:
         raise ValueError("invalid page token") from exc
-    return str(created_at), str(request_id)
+    return str(created_at), str(facade), str(request_id)

@@ -1,12 +1,9 @@
-"""The saga store on SQL: SQLite or PostgreSQL (asyncpg), with group commit."""
+"""The saga store on SQL: SQLite or PostgreSQL (asyncpg), with group commit.
 
-from orchestrator.store.sql._store import (
-    SqlSagaStore,
-    WriterStats,
-    metadata,
-    replicas,
-    saga_steps,
-    sagas,
-)
+See `SqlSagaStore`; the tables are in `_schema`, created and upgraded by the
+migrations in `_migrations`.
+"""
 
-__all__ = ["SqlSagaStore", "WriterStats", "metadata", "replicas", "saga_steps", "sagas"]
+from orchestrator.store.sql._store import SqlSagaStore, WriterStats
+
+__all__ = ["SqlSagaStore", "WriterStats"]

@@ -1,0 +1,598 @@
+"""The saga engine: one runtime under every facade, governed by the saga's journal.
+
+A `SagaRuntime` runs the sagas of one registered facade. It is written once
+for both kinds: the idempotent begin, running a step under its retry policy
+and timeout, the journal's compare-and-set writes (a step's end, its failure,
+the compensation's end), which steps to undo, the rollback message and its
+consumer, the compensations in reverse order and the rollback node, and the
+recovery of a saga nobody else will finish. A facade adds only what its kind
+is: the sync facade runs every step in the caller's task on a protobuf
+Context; the async facade makes each step a hop through a broker topic.
+
+The journal governs. Every write names where it expects the saga; a refused
+write means the saga moved on without this caller (a duplicate message, a
+replica that lost its lease, recovery or an operator acting first), and the
+caller does nothing more. A rollback message only says "this saga"; what is
+undone, and with which data, comes from the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from orchestrator import tracing
+from orchestrator.broker.base import Broker, DeadLetter, Delivery
+from orchestrator.context import StepScope, enter_step, leave_step
+from orchestrator.dto import Rollback
+from orchestrator.errors import (
+    AlreadyExists,
+    BrokerUnavailable,
+    Failure,
+    InvalidArgument,
+    SagaFailed,
+    classify,
+)
+from orchestrator.facade.definition import SagaDefinition, StepDefinition
+from orchestrator.metrics import FacadeMetrics
+from orchestrator.request_id import check_request_id
+from orchestrator.retry import call_with_retry
+from orchestrator.store import (
+    Change,
+    CompensationEnded,
+    CompensationState,
+    NewSaga,
+    SagaRecord,
+    SagaState,
+    SagaStore,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
+)
+
+__all__ = ["UNCERTAIN_CODES", "FacadeKind", "SagaPolicy", "SagaRuntime"]
+
+log = logging.getLogger("orchestrator.facade")
+
+T = TypeVar("T")
+
+UNCERTAIN_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+"""Failures after which the step may still have taken effect (a lost answer, a timeout, a
+crash): its compensation runs too, and must tolerate undoing what never happened."""
+
+
+class FacadeKind(Protocol):
+    """What the engine asks of a facade's kind: its saga data for a rollback, and how its
+    compensations are called."""
+
+    def rollback_data(self, saga: SagaRecord) -> dict[str, Any]:
+        """The saga's data as a `Rollback` carries it, rebuilt from the journal."""
+
+    async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
+        """Call `step`'s compensation with the arguments its kind gives it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPolicy:
+    """How long a facade's sagas may take before recovery drives them to an end."""
+
+    deadline_seconds: float = 300.0
+    """A saga still RUNNING this long after it began is rolled back by recovery."""
+    compensation_seconds: float = 120.0
+    """A saga still COMPENSATING this long has its compensation run by recovery; one
+    that cannot succeed then ends COMPENSATION_FAILED."""
+
+
+def payload_digest(facade: str, payload: str) -> str:
+    """What tells one request from another under the same request id."""
+    return hashlib.sha256(f"{facade}\n{payload}".encode()).hexdigest()
+
+
+class SagaRuntime:
+    """Runs the sagas of one registered facade against its journal and broker."""
+
+    def __init__(
+        self,
+        facade: FacadeKind,
+        definition: SagaDefinition,
+        name: str,
+        *,
+        broker: Broker,
+        store: SagaStore,
+        metrics: FacadeMetrics,
+        owner: str,
+        policy: SagaPolicy,
+        on_change: Callable[[str, str], None],
+    ) -> None:
+        self.facade = facade
+        self.definition = definition
+        self.name = name
+        self.broker = broker
+        self.store = store
+        self.metrics = metrics
+        self.owner = owner
+        self.policy = policy
+        self._on_change = on_change
+        # Callers of this replica waiting on a saga, by request id; local writes wake them.
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    @property
+    def kind(self) -> str:
+        """`sync` or `async`."""
+        return self.definition.kind
+
+    # --- beginning ---------------------------------------------------------------------
+
+    async def begin(self, request_id: str, payload: str) -> SagaRecord | None:
+        """Record a new saga, its first step started; or the one this request began before.
+
+        The same request id with another payload is ALREADY_EXISTS; a request id
+        no saga could carry is INVALID_ARGUMENT. Both are raised before any effect.
+        """
+        check_request_id(request_id)
+        digest = payload_digest(self.name, payload)
+        now = datetime.now(UTC)
+        existing = await self.store.begin(
+            NewSaga(
+                facade=self.name,
+                request_id=request_id,
+                kind=self.kind,
+                payload=payload,
+                payload_hash=digest,
+                owner=self.owner,
+                first_step=self.definition.steps[0].name,
+                deadline_at=now + timedelta(seconds=self.policy.deadline_seconds),
+            )
+        )
+        if existing is None:
+            self.metrics.started.inc()
+            self._changed(request_id)
+            return None
+        if existing.payload_hash != digest:
+            raise AlreadyExists(
+                f"request id {request_id!r} was already used for another {self.name} request"
+            )
+        return existing
+
+    # --- steps -------------------------------------------------------------------------
+
+    async def run_step(
+        self,
+        step: StepDefinition,
+        request_id: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        deadline: float | None = None,
+        parent: Mapping[str, str] | None = None,
+    ) -> T:
+        """Run one step's node under its retry policy and timeout, within `deadline` (loop
+        time), as the running step (for `step_metadata()`), timed and traced."""
+        token = enter_step(StepScope(self.name, request_id, step.name, "action"))
+        started = time.perf_counter()
+        try:
+            with tracing.span(
+                f"step {step.name}",
+                {"saga.request_id": request_id, "saga.step": step.name},
+                parent=parent,
+            ):
+                return await call_with_retry(
+                    call,
+                    policy=step.retry,
+                    attempt_timeout=step.timeout,
+                    deadline=deadline,
+                    on_retry=functools.partial(self._retrying, request_id, step),
+                )
+        finally:
+            self.metrics.observe_step(step.name, time.perf_counter() - started)
+            leave_step(token)
+
+    def _retrying(
+        self, request_id: str, step: StepDefinition, exc: BaseException, attempt: int
+    ) -> None:
+        self.metrics.retried(step.name)
+        log.info(
+            "retrying step",
+            extra={
+                "request_id": request_id,
+                "facade": self.name,
+                "step": step.name,
+                "attempt": attempt,
+                "error": classify(exc).reason,
+            },
+        )
+
+    async def step_ended(self, request_id: str, index: int, data: str) -> bool:
+        """Record step `index` done (the next one started, or the saga COMPLETED after the
+        last); False when the journal refused it."""
+        steps = self.definition.steps
+        last = index == len(steps) - 1
+        change = (
+            StepEnded(index, data, complete=True)
+            if last
+            else StepEnded(index, data, next_step=steps[index + 1].name)
+        )
+        if not await self.apply(request_id, change):
+            return False
+        if last:
+            self.metrics.completed.inc()
+            log.info("saga completed", extra={"request_id": request_id, "facade": self.name})
+        return True
+
+    async def step_restarted(self, request_id: str, index: int) -> bool:
+        """Record another attempt of the current step `index`; False when refused."""
+        return await self.apply(request_id, StepRestarted(index))
+
+    async def step_pending(self, request_id: str, index: int, reason: str) -> bool:
+        """Record that step `index`'s message never reached the broker; False when refused."""
+        return await self.apply(request_id, StepPending(index, reason))
+
+    async def apply(self, request_id: str, change: Change) -> bool:
+        """Apply a journal write; a refusal is counted and logged, never raised."""
+        if await self.store.apply(self.name, request_id, change):
+            self._changed(request_id)
+            return True
+        kind = type(change).__name__
+        self.metrics.refused(kind)
+        log.info(
+            "journal refused a write: the saga is not where it expected",
+            extra={"request_id": request_id, "facade": self.name, "write": kind},
+        )
+        return False
+
+    # --- failing and rolling back ------------------------------------------------------
+
+    def to_undo(self, index: int, failure: Failure, *, uncertain: bool = False) -> tuple[int, ...]:
+        """The steps to compensate when step `index` fails: those before it, and itself when
+        it may have taken effect (an uncertain failure)."""
+        if uncertain or failure.code in UNCERTAIN_CODES:
+            return tuple(range(index + 1))
+        return tuple(range(index))
+
+    async def fail(
+        self,
+        request_id: str,
+        index: int,
+        failure: Failure,
+        *,
+        data: str | None = None,
+        inline_fallback: bool,
+        uncertain: bool = False,
+    ) -> bool:
+        """Step `index` failed: record it and roll the saga back; False when the journal
+        refused (the saga was no longer at that step: someone else rolled it back).
+
+        The journal write comes first; then the rollback message goes to the
+        broker. With `inline_fallback` (a sync caller, recovery: nobody would
+        redeliver) a broker that refuses it makes the compensation run here.
+        """
+        undo = self.to_undo(index, failure, uncertain=uncertain)
+        compensating = self.definition.undoing(undo)
+        change = StepFailed(
+            index,
+            failure.code.name,
+            failure.reason,
+            undo=undo,
+            deadline_at=(
+                datetime.now(UTC) + timedelta(seconds=self.policy.compensation_seconds)
+                if compensating
+                else None
+            ),
+            then=SagaState.COMPENSATING if compensating else SagaState.COMPENSATED,
+            data=data,
+        )
+        if not await self.apply(request_id, change):
+            return False
+        self.metrics.failed(failure.code.name)
+        if not compensating:
+            self.metrics.compensated.inc()
+            log.info("nothing to undo: compensated", extra=self._fields(request_id))
+            return True
+        await self.roll_back(request_id, inline_fallback=inline_fallback)
+        return True
+
+    async def roll_back(self, request_id: str, *, inline_fallback: bool) -> None:
+        """Hand the saga's rollback to the broker: a message naming the saga, on the
+        facade's rollback topic, consumed by `on_rollback` on any replica."""
+        body = json.dumps({"facade": self.name, "request_id": request_id}).encode()
+        try:
+            await self.broker.publish(
+                self.definition.rollback_topic,
+                body,
+                message_id=f"{self.name}:{request_id}:rollback",
+                headers=tracing.inject(),
+            )
+        except BrokerUnavailable:
+            if not inline_fallback:
+                raise
+            # Nobody would deliver it again: run it here rather than leave it half-done.
+            log.warning(
+                "broker refused the rollback, running it inline", extra=self._fields(request_id)
+            )
+            saga = await self.store.get(self.name, request_id)
+            if saga is not None and saga.state == SagaState.COMPENSATING:
+                await self.compensate(saga)
+
+    async def on_rollback(self, delivery: Delivery) -> None:
+        """Consume a rollback message: compensate the saga it names, as its journal says.
+
+        Only a COMPENSATING saga is compensated; a finished one makes the
+        message a duplicate (dropped), and a saga that is unknown or still
+        RUNNING makes it one to dead-letter: it does not act on its own.
+        """
+        request_id = _rollback_target(delivery.body, self.name)
+        saga = await self.store.get(self.name, request_id)
+        if saga is None:
+            self.metrics.message_refused(delivery.topic, "unknown_saga")
+            raise DeadLetter(f"rollback for a saga that does not exist: {self.name}/{request_id}")
+        if saga.state != SagaState.COMPENSATING:
+            if saga.finished:
+                self.metrics.message_refused(delivery.topic, "finished")
+                log.info(
+                    "rollback of a finished saga dropped as a duplicate",
+                    extra={**self._fields(request_id), "state": str(saga.state)},
+                )
+                return
+            self.metrics.message_refused(delivery.topic, "not_compensating")
+            raise DeadLetter(f"rollback for a saga that is {saga.state}, not compensating")
+        log.info(
+            "rolling back",
+            extra={
+                **self._fields(request_id),
+                "topic": delivery.topic,
+                "attempt": delivery.delivery_count,
+            },
+        )
+        with tracing.span(
+            f"rollback {self.name}", {"saga.request_id": request_id}, parent=delivery.headers
+        ):
+            failure = await self.compensate(saga)
+        if failure is not None:
+            raise DeadLetter(f"COMPENSATION_FAILED: {failure}")
+
+    async def compensate(self, saga: SagaRecord) -> str | None:
+        """Undo what the journal says may have taken effect, in reverse order, then run the
+        rollback node; record how it ended. Returns why it failed, if it did.
+
+        Each compensation and the rollback node run under their retry policies;
+        one still failing after them makes the saga COMPENSATION_FAILED.
+        """
+        request_id = saga.request_id
+        pending = tuple(
+            step.index
+            for step in saga.steps
+            if step.compensation in (CompensationState.PENDING, CompensationState.FAILED)
+        )
+        done, failed, reason = await self._undo(self.rollback_of(saga), pending)
+        if reason is not None:
+            change = CompensationEnded(
+                SagaState.COMPENSATION_FAILED, done=done, failed=failed, error=reason
+            )
+            if await self.apply(request_id, change):
+                self.metrics.compensation_failed.inc()
+                log.error(
+                    "compensation failed for good",
+                    extra={**self._fields(request_id), "reason": reason},
+                )
+            return reason
+        if await self.apply(request_id, CompensationEnded(SagaState.COMPENSATED, done=done)):
+            self.metrics.compensated.inc()
+            log.info("rolled back", extra=self._fields(request_id))
+        return None
+
+    async def compensate_unrecorded(self, rollback: Rollback, indexes: tuple[int, ...]) -> None:
+        """Undo the steps `indexes` and run the rollback node without the journal (it could
+        not record the failure): the saga's deadline makes recovery finish its record."""
+        _, _, reason = await self._undo(rollback, indexes)
+        if reason is not None:
+            raise RuntimeError(reason)
+
+    async def _undo(
+        self, rollback: Rollback, indexes: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], int | None, str | None]:
+        """Compensate `indexes` in reverse order, then the rollback node: what was undone,
+        and the step (or None for the node) and reason of a failure for good."""
+        done: list[int] = []
+        for index in reversed(indexes):
+            step = self.definition.steps[index]
+            if step.compensation is not None:
+                try:
+                    await self._undo_step(step, rollback)
+                except Exception as exc:
+                    return (
+                        tuple(done),
+                        index,
+                        f"compensation of {step.name} failed: {classify(exc).reason}",
+                    )
+            done.append(index)
+        node = self.definition.rollback_node
+        if node is not None:
+            try:
+                await self._run_rollback_node(node, rollback)
+            except Exception as exc:
+                return tuple(done), None, f"rollback node failed: {classify(exc).reason}"
+        return tuple(done), None, None
+
+    async def _undo_step(self, step: StepDefinition, rollback: Rollback) -> None:
+        token = enter_step(StepScope(self.name, rollback.request_id, step.name, "compensation"))
+        try:
+            await call_with_retry(
+                functools.partial(self.facade.compensate, step, rollback),
+                policy=step.compensate_retry,
+                attempt_timeout=step.timeout,
+                deadline=None,
+                on_retry=functools.partial(self._undo_retrying, rollback, step.name),
+            )
+        finally:
+            leave_step(token)
+
+    async def _run_rollback_node(
+        self, node: Callable[[Rollback], Awaitable[None]], rollback: Rollback
+    ) -> None:
+        token = enter_step(StepScope(self.name, rollback.request_id, "rollback", "rollback"))
+        try:
+            await call_with_retry(
+                functools.partial(node, rollback),
+                policy=self.definition.rollback_retry,
+                attempt_timeout=None,
+                deadline=None,
+                on_retry=functools.partial(self._undo_retrying, rollback, "rollback"),
+            )
+        finally:
+            leave_step(token)
+
+    def _undo_retrying(
+        self, rollback: Rollback, step: str, exc: BaseException, attempt: int
+    ) -> None:
+        self.metrics.retried(f"compensate {step}")
+        log.warning(
+            "compensation failed, retrying",
+            extra={
+                **self._fields(rollback.request_id),
+                "step": step,
+                "attempt": attempt,
+                "reason": classify(exc).reason,
+            },
+        )
+
+    def rollback_of(self, saga: SagaRecord) -> Rollback:
+        """What a rollback node and the compensations receive, from the journal."""
+        failed = saga.failed_step
+        return Rollback(
+            request_id=saga.request_id,
+            facade=self.name,
+            kind="sync" if self.kind == "sync" else "async",
+            failed_step=failed.name if failed is not None else "",
+            code=saga.error_code,
+            reason=saga.error_reason,
+            data=self.facade.rollback_data(saga),
+            completed_steps=[
+                step.name for step in saga.steps if step.compensation != CompensationState.NONE
+            ],
+        )
+
+    # --- recovery ----------------------------------------------------------------------
+
+    async def recover(self, saga: SagaRecord, *, expired: bool) -> None:
+        """Drive a stalled saga to an end: roll back a RUNNING one (its current step may
+        have taken effect), compensate a COMPENSATING one here."""
+        request_id = saga.request_id
+        cause = "deadline" if expired else "orphaned"
+        self.metrics.recovered(cause)
+        log.warning(
+            "recovering a stalled saga",
+            extra={**self._fields(request_id), "state": str(saga.state), "cause": cause},
+        )
+        if saga.state == SagaState.COMPENSATING:
+            await self.compensate(saga)
+            return
+        current = saga.current_step
+        if saga.state != SagaState.RUNNING or current is None:
+            return
+        if expired:
+            failure = Failure(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the saga outlived its deadline ({self.policy.deadline_seconds:g}s) "
+                f"at {current.name}; it was rolled back",
+            )
+        else:
+            failure = Failure(
+                grpc.StatusCode.ABORTED,
+                f"the replica running the saga stopped at {current.name}; it was rolled back",
+            )
+        await self.fail(request_id, current.index, failure, inline_fallback=True, uncertain=True)
+
+    # --- waiting on a saga -------------------------------------------------------------
+
+    def _changed(self, request_id: str) -> None:
+        for event in self._waiters.get(request_id, ()):
+            event.set()
+        self._on_change(self.name, request_id)
+
+    @contextlib.contextmanager
+    def _watching(self, request_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        waiters = self._waiters.setdefault(request_id, set())
+        waiters.add(event)
+        try:
+            yield event
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[request_id]
+
+    async def wait_until(self, request_id: str, done: Callable[[SagaRecord], bool]) -> SagaRecord:
+        """The saga once `done(saga)` holds (the caller bounds the wait).
+
+        This replica's writes wake the wait at once, so a saga run here is read
+        once a change (and once a second, should a wake be lost); one run by
+        another replica is polled, backing off to 0.2 s.
+        """
+        with self._watching(request_id) as changed:
+            delay = 0.01
+            while True:
+                # Cleared before the read: a write landing during it wakes the next wait.
+                changed.clear()
+                saga = await self.store.get(self.name, request_id)
+                if saga is None:
+                    raise KeyError(f"no saga {self.name}/{request_id}")
+                if done(saga):
+                    return saga
+                local = saga.owner == self.owner
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0 if local else delay):
+                        await changed.wait()
+                delay = min(delay * 2, 0.2)
+
+    def failure_of(self, saga: SagaRecord) -> SagaFailed:
+        """The error a caller gets for a saga that failed, as its first run raised it."""
+        failed = saga.failed_step
+        code = grpc.StatusCode[saga.error_code] if saga.error_code else grpc.StatusCode.ABORTED
+        return SagaFailed(
+            request_id=saga.request_id,
+            facade=self.name,
+            step=failed.name if failed is not None else "?",
+            failure=Failure(code, saga.error_reason or "the saga failed"),
+        )
+
+    def _fields(self, request_id: str) -> dict[str, Any]:
+        return {"request_id": request_id, "facade": self.name}
+
+
+def _rollback_target(body: bytes, facade: str) -> str:
+    """The request id a rollback message names; DeadLetter when it names nothing of ours."""
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeadLetter(f"not a rollback message: malformed JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise DeadLetter("not a rollback message: not a JSON object")
+    named, request_id = message.get("facade"), message.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise DeadLetter("not a rollback message: no request_id")
+    if named != facade:
+        raise DeadLetter(f"rollback for facade {named!r} on {facade}'s rollback topic")
+    try:
+        check_request_id(request_id)
+    except InvalidArgument as exc:
+        raise DeadLetter(f"not a rollback message: {exc}") from None
+    return request_id

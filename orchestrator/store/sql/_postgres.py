@@ -1,0 +1,372 @@
+"""The PostgreSQL side of the SQL store: a batch of writes as a few set-based statements.
+
+A batch is split into rounds (one op per saga each, see `rounds`); within a
+round, every kind of write is one statement over arrays, one per column:
+`UPDATE ... FROM unnest(...)` or `INSERT ... SELECT FROM unnest(...)`. An
+executemany would be one server round of parse/bind/execute per row (about
+30 us each); one statement costs one execution, and one SQL text for asyncpg's
+prepared-statement cache whatever the batch size.
+
+Each compare-and-set first updates the row of the saga's current step (its
+condition is the step's state), RETURNING the sagas it matched; only those
+go on to their saga row. Every way out of RUNNING ends the current step in the
+same transaction, so that row is what concurrent writers queue on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from orchestrator.store.base import CLAIM_BATCH
+from orchestrator.store.changes import (
+    CompensationEnded,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
+)
+from orchestrator.store.sql._ops import (
+    ApplyOp,
+    BeginOp,
+    ClaimOp,
+    HeartbeatOp,
+    JournalBroken,
+    Op,
+    rounds,
+)
+from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY
+
+__all__ = ["apply_batch"]
+
+_Key = tuple[str, str]
+_C = TypeVar("_C")
+
+
+def _unnest(**columns: str) -> str:
+    """`unnest(CAST(:a AS t[]), ...) AS c(a, ...)`: a table from one bound array per column."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
+    return f"unnest({arrays}) AS c({', '.join(columns)})"
+
+
+_KEYS: Final = {"f": "text", "r": "text"}
+_MATCH: Final = "s.facade = c.f AND s.request_id = c.r"
+
+_BEGIN: Final = text(
+    "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
+    " error_code, error_reason, created_at, updated_at, deadline_at)"
+    " SELECT c.f, c.r, c.kind, 'RUNNING', c.payload, c.hash, '', c.owner, '', '', c.at, c.at,"
+    " c.deadline FROM "
+    + _unnest(
+        **_KEYS,
+        kind="text",
+        payload="text",
+        hash="text",
+        owner="text",
+        at="timestamptz",
+        deadline="timestamptz",
+    )
+    + " ON CONFLICT (facade, request_id) DO NOTHING RETURNING facade, request_id"
+)
+_STEP_START: Final = text(
+    "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
+    " compensation, compensation_error)"
+    " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
+    + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
+)
+_STEP_RESTARTED: Final = text(
+    "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
+    " finished_at = NULL, error = '', data = NULL FROM "
+    + _unnest(**_KEYS, idx="int", at="timestamptz")
+    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
+    " RETURNING s.facade, s.request_id"
+)
+_STEP_PENDING: Final = text(
+    "UPDATE saga_steps s SET state = 'PENDING', error = c.reason FROM "
+    + _unnest(**_KEYS, idx="int", reason="text")
+    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
+    " RETURNING s.facade, s.request_id"
+)
+_STEP_DONE: Final = text(
+    "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
+    + _unnest(**_KEYS, idx="int", at="timestamptz", data="text")
+    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
+    " RETURNING s.facade, s.request_id"
+)
+_STEP_FAILED: Final = text(
+    "UPDATE saga_steps s SET state = 'FAILED', finished_at = c.at, error = c.reason,"
+    " data = coalesce(c.data, s.data) FROM "
+    + _unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
+    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
+    " RETURNING s.facade, s.request_id"
+)
+_COMPLETE: Final = text(
+    "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
+    + _unnest(**_KEYS, at="timestamptz")
+    + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
+)
+_FAIL: Final = text(
+    "UPDATE sagas s SET state = c.state, error_code = c.code, error_reason = c.reason,"
+    " deadline_at = c.deadline, updated_at = c.at FROM "
+    + _unnest(
+        **_KEYS,
+        state="text",
+        code="text",
+        reason="text",
+        deadline="timestamptz",
+        at="timestamptz",
+    )
+    + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
+)
+_UNDO: Final = text(
+    "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
+    + _unnest(**_KEYS, idx="int")
+    + f" WHERE {_MATCH} AND s.idx = c.idx"
+)
+_COMPENSATION_ENDED: Final = text(
+    "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
+    " error_reason = CASE c.error WHEN '' THEN s.error_reason ELSE c.error END FROM "
+    + _unnest(**_KEYS, state="text", at="timestamptz", error="text")
+    + f" WHERE {_MATCH} AND s.state = 'COMPENSATING' RETURNING s.facade, s.request_id"
+)
+_UNDONE: Final = text(
+    "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
+    " compensation_error = c.error FROM "
+    + _unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
+    + f" WHERE {_MATCH} AND s.idx = c.idx"
+)
+_HEARTBEAT: Final = text(
+    "INSERT INTO replicas (owner, heartbeat_at) SELECT c.owner, c.at FROM "
+    + _unnest(owner="text", at="timestamptz")
+    + " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+)
+# Two claims, each over the rows the other replicas do not hold locked right now; the
+# outer condition is checked again on the row as it stands once locked.
+_ORPHANED: Final = (
+    f"({RUNNING_ONLY}) AND s.kind = 'sync' AND s.owner != :me AND NOT EXISTS"
+    " (SELECT 1 FROM replicas r WHERE r.owner = s.owner AND r.heartbeat_at >= :stale)"
+)
+_EXPIRED: Final = f"({OPEN_ONLY}) AND s.deadline_at < :now"
+_CLAIM: Final = (
+    "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now"
+    " WHERE (s.facade, s.request_id) IN (SELECT s.facade, s.request_id FROM sagas s"
+    " WHERE {condition} ORDER BY s.{order} LIMIT :limit FOR UPDATE SKIP LOCKED)"
+    " AND {condition} RETURNING s.facade, s.request_id"
+)
+_CLAIM_ORPHANED: Final = text(_CLAIM.format(condition=_ORPHANED, order="created_at"))
+_CLAIM_EXPIRED: Final = text(_CLAIM.format(condition=_EXPIRED, order="deadline_at"))
+
+
+async def apply_batch(conn: AsyncConnection, ops: Sequence[Op]) -> dict[Op, object]:
+    """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed)."""
+    outcomes: dict[Op, object] = {}
+    for round_ops in rounds(ops):
+        await _apply_round(conn, round_ops, outcomes)
+    return outcomes
+
+
+async def _rows(
+    conn: AsyncConnection, statement: TextClause, rows: list[dict[str, Any]]
+) -> set[_Key]:
+    """Run a set-based statement over `rows` (one array per column); the keys it returned."""
+    if not rows:
+        return set()
+    arrays = {name: [row[name] for row in rows] for name in rows[0]}
+    result = await conn.execute(statement, arrays)
+    return {(facade, request_id) for facade, request_id in result} if result.returns_rows else set()
+
+
+def _key(op: ApplyOp | BeginOp) -> _Key:
+    if isinstance(op, BeginOp):
+        return op.saga.facade, op.saga.request_id
+    return op.facade, op.request_id
+
+
+async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object]) -> None:
+    """One statement per kind of write, rows sorted by key.
+
+    The sort gives concurrent writers one lock order, which keeps them from
+    deadlocking on the rows they share.
+    """
+    begins = sorted((op for op in ops if isinstance(op, BeginOp)), key=_key)
+    created = await _rows(
+        conn,
+        _BEGIN,
+        [
+            {
+                "f": op.saga.facade,
+                "r": op.saga.request_id,
+                "kind": op.saga.kind,
+                "payload": op.saga.payload,
+                "hash": op.saga.payload_hash,
+                "owner": op.saga.owner,
+                "at": op.at,
+                "deadline": op.saga.deadline_at,
+            }
+            for op in begins
+        ],
+    )
+    starts = []
+    for begin in begins:
+        outcomes[begin] = _key(begin) in created
+        if outcomes[begin]:
+            starts.append(
+                {
+                    "f": begin.saga.facade,
+                    "r": begin.saga.request_id,
+                    "idx": 0,
+                    "name": begin.saga.first_step,
+                    "at": begin.at,
+                }
+            )
+
+    changes = sorted((op for op in ops if isinstance(op, ApplyOp)), key=_key)
+    by_kind: dict[type, list[ApplyOp]] = {}
+    for op in changes:
+        by_kind.setdefault(type(op.change), []).append(op)
+        outcomes[op] = False
+
+    def base(op: ApplyOp, **values: object) -> dict[str, object]:
+        return {"f": op.facade, "r": op.request_id, **values}
+
+    restarted = by_kind.get(StepRestarted, [])
+    applied = await _rows(
+        conn,
+        _STEP_RESTARTED,
+        [base(op, idx=_index(op), at=op.at) for op in restarted],
+    )
+    pending = by_kind.get(StepPending, [])
+    applied |= await _rows(
+        conn,
+        _STEP_PENDING,
+        [base(op, idx=_index(op), reason=_change(op, StepPending).reason) for op in pending],
+    )
+
+    ended = by_kind.get(StepEnded, [])
+    done = await _rows(
+        conn,
+        _STEP_DONE,
+        [base(op, idx=_index(op), at=op.at, data=_change(op, StepEnded).data) for op in ended],
+    )
+    applied |= done
+    completing = [op for op in ended if _key(op) in done and _change(op, StepEnded).complete]
+    starts += [
+        base(op, idx=_index(op) + 1, name=_change(op, StepEnded).next_step, at=op.at)
+        for op in ended
+        if _key(op) in done and not _change(op, StepEnded).complete
+    ]
+    completed = await _rows(conn, _COMPLETE, [base(op, at=op.at) for op in completing])
+    _followed(completing, completed)
+
+    failing = by_kind.get(StepFailed, [])
+    failed_steps = await _rows(
+        conn,
+        _STEP_FAILED,
+        [
+            base(
+                op,
+                idx=_index(op),
+                at=op.at,
+                reason=_change(op, StepFailed).reason,
+                data=_change(op, StepFailed).data,
+            )
+            for op in failing
+        ],
+    )
+    applied |= failed_steps
+    failing = [op for op in failing if _key(op) in failed_steps]
+    await _rows(
+        conn,
+        _UNDO,
+        [base(op, idx=index) for op in failing for index in _change(op, StepFailed).undo],
+    )
+    moved = await _rows(
+        conn,
+        _FAIL,
+        [
+            base(
+                op,
+                state=str(_change(op, StepFailed).then),
+                code=_change(op, StepFailed).code,
+                reason=_change(op, StepFailed).reason,
+                deadline=_change(op, StepFailed).deadline_at,
+                at=op.at,
+            )
+            for op in failing
+        ],
+    )
+    _followed(failing, moved)
+
+    ending = by_kind.get(CompensationEnded, [])
+    compensated = await _rows(
+        conn,
+        _COMPENSATION_ENDED,
+        [
+            base(
+                op,
+                state=str(_change(op, CompensationEnded).state),
+                at=op.at,
+                error=_change(op, CompensationEnded).error,
+            )
+            for op in ending
+        ],
+    )
+    applied |= compensated
+    undone: list[dict[str, object]] = []
+    for op in ending:
+        if _key(op) not in compensated:
+            continue
+        change = _change(op, CompensationEnded)
+        undone += [base(op, idx=i, state="DONE", at=op.at, error="") for i in change.done]
+        if change.failed is not None:
+            undone.append(base(op, idx=change.failed, state="FAILED", at=op.at, error=change.error))
+    await _rows(conn, _UNDONE, undone)
+
+    await _rows(conn, _STEP_START, starts)
+    for change_op in changes:
+        outcomes[change_op] = _key(change_op) in applied
+
+    beats = sorted((op for op in ops if isinstance(op, HeartbeatOp)), key=lambda op: op.owner)
+    await _rows(conn, _HEARTBEAT, [{"owner": op.owner, "at": op.at} for op in beats])
+    outcomes.update(dict.fromkeys(beats))
+
+    for claim in ops:
+        if isinstance(claim, ClaimOp):
+            outcomes[claim] = await _claim(conn, claim)
+
+
+async def _claim(conn: AsyncConnection, op: ClaimOp) -> list[tuple[_Key, bool]]:
+    values: dict[str, Any] = {
+        "me": op.owner,
+        "hold": op.hold_until,
+        "now": op.at,
+        "stale": op.stale_before,
+        "limit": CLAIM_BATCH,
+    }
+    claimed: dict[_Key, bool] = {}
+    for statement, expired in ((_CLAIM_EXPIRED, True), (_CLAIM_ORPHANED, False)):
+        result = await conn.execute(statement, values)
+        for facade, request_id in result:
+            claimed.setdefault((facade, request_id), expired)
+    return list(claimed.items())
+
+
+def _index(op: ApplyOp) -> int:
+    change = op.change
+    assert not isinstance(change, CompensationEnded)
+    return change.index
+
+
+def _change(op: ApplyOp, kind: type[_C]) -> _C:
+    change = op.change
+    assert isinstance(change, kind)
+    return change
+
+
+def _followed(ops: Sequence[ApplyOp], moved: set[_Key]) -> None:
+    for op in ops:
+        if _key(op) not in moved:
+            raise JournalBroken(op.facade, op.request_id)
