@@ -33,6 +33,8 @@ from orchestrator.config import (
 from orchestrator.context import (
     IDEMPOTENCY_KEY_HEADER,
     Context,
+    StepScope,
+    current_step,
     idempotency_key,
     step_metadata,
 )
@@ -99,6 +101,7 @@ __all__ = [
     "SagaFailed",
     "SagaSettings",
     "Settings",
+    "StepScope",
     "StoreSettings",
     "StrictModel",
     "SyncCompensation",
@@ -113,6 +116,7 @@ __all__ = [
     "classify",
     "configure_logging",
     "configure_tracing",
+    "current_step",
     "endpoint",
     "idempotency_key",
     "load_settings",

@@ -53,6 +53,11 @@ class StepScope:
         return f"{self.facade}:{self.request_id}:{step}"
 
     @property
+    def action_key(self) -> str:
+        """The idempotency key of this step's action: what its compensation undoes by."""
+        return self.key_of(self.step)
+
+    @property
     def key(self) -> str:
         """The idempotency key of what runs now: a step's action, its compensation
         (`...:<step>:compensation`) or the rollback node (`...:rollback`)."""

@@ -322,7 +322,7 @@ def saga_grpc_service(
     """The status service over `store`, ready for OrchestratorServer, and its servicer.
 
     `facades` are the registered facade names, where a request id alone is looked up.
-    Keep the servicer to call `notify(request_id)` after the framework's writes.
+    Keep the servicer to call `notify(facade, request_id)` after the framework's writes.
     """
     servicer = SagaStatusService(store, poll_interval=poll_interval, facades=facades)
     service = GrpcService(

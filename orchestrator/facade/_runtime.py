@@ -183,18 +183,15 @@ class SagaRuntime:
         call: Callable[[], Awaitable[T]],
         *,
         deadline: float | None = None,
-        parent: Mapping[str, str] | None = None,
+        traced: bool = True,
     ) -> T:
         """Run one step's node under its retry policy and timeout, within `deadline` (loop
-        time), as the running step (for `step_metadata()`), timed and traced."""
+        time), as the running step (for `step_metadata()`), timed, and traced unless the
+        caller's span already covers the step (`traced=False`)."""
         token = enter_step(StepScope(self.name, request_id, step.name, "action"))
         started = time.perf_counter()
         try:
-            with tracing.span(
-                f"step {step.name}",
-                {"saga.request_id": request_id, "saga.step": step.name},
-                parent=parent,
-            ):
+            with self.step_span(step, request_id) if traced else contextlib.nullcontext():
                 return await call_with_retry(
                     call,
                     policy=step.retry,
@@ -205,6 +202,19 @@ class SagaRuntime:
         finally:
             self.metrics.observe_step(step.name, time.perf_counter() - started)
             leave_step(token)
+
+    def step_span(
+        self,
+        step: StepDefinition,
+        request_id: str,
+        parent: Mapping[str, str] | None = None,
+    ) -> contextlib.AbstractContextManager[object]:
+        """The span of one step (a child of `parent`'s trace context when given)."""
+        return tracing.span(
+            f"step {step.name}",
+            {"saga.request_id": request_id, "saga.step": step.name},
+            parent=parent,
+        )
 
     def _retrying(
         self, request_id: str, step: StepDefinition, exc: BaseException, attempt: int

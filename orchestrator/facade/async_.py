@@ -18,6 +18,7 @@ import enum
 import functools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Self, TypeVar
 
@@ -31,6 +32,7 @@ from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_RETRY,
+    RollbackNode,
     StepDefinition,
 )
 from orchestrator.retry import RetryPolicy, caller_deadline
@@ -47,6 +49,9 @@ AsyncNode = Callable[[DtoT], Awaitable[DtoT]]
 AsyncCompensation = Callable[[DtoT], Awaitable[None]]
 """`async def undo(dto)`: undoes its step, given the DTO as the saga left it."""
 
+ACCEPTED_MEMORY = 4096
+"""First publishes this replica confirmed, remembered (newest) so that a repeated request
+is answered without publishing again."""
 PUBLISH_MARGIN_SECONDS = 0.25
 """Left of the caller's deadline after a first publish that timed out: time to record that
 nothing was published and answer UNAVAILABLE before the caller gives up."""
@@ -82,6 +87,8 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         self._dto = dto
         # First publishes in flight on this replica, by request id: a duplicate waits for one.
         self._starting: dict[str, asyncio.Future[None]] = {}
+        # First publishes this replica saw confirmed (the newest ACCEPTED_MEMORY).
+        self._accepted: OrderedDict[str, None] = OrderedDict()
         # Hops running on this replica: a second delivery of one is a duplicate.
         self._running: set[tuple[str, int]] = set()
 
@@ -139,9 +146,12 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     async def run(self, request_id: str, dto: DtoT) -> None:
         """Start a saga: publish the DTO to the first topic and wait for the broker's confirm.
 
-        A request id seen before publishes nothing, unless its first publish
-        failed (then it is published now). A broker that is down or blocked
-        refuses the call at once with UNAVAILABLE, before anything is recorded.
+        A request id seen before publishes nothing, unless its first hop may
+        never have reached the broker: its publish failed, or the process that
+        began it may have died before publishing (then it is published now; a
+        duplicate of a first hop is harmless, the journal runs it once). A
+        broker that is down or blocked refuses the call at once with
+        UNAVAILABLE, before anything is recorded.
         """
         runtime = self.runtime
         if not runtime.broker.healthy:
@@ -160,6 +170,9 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             raise
         else:
             started.set_result(None)
+            self._accepted[request_id] = None
+            if len(self._accepted) > ACCEPTED_MEMORY:
+                self._accepted.popitem(last=False)
         finally:
             del self._starting[request_id]
 
@@ -176,10 +189,12 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         ):
             existing = await runtime.begin(request_id, body)
             if existing is not None:
-                step = existing.step(0)
-                if step is None or step.state != StepState.PENDING:
+                step = existing.current_step
+                if step is None or step.index != 0 or request_id in self._accepted:
                     return  # accepted before: its first hop is on its way, or beyond
-                if not await runtime.step_restarted(request_id, 0):
+                if step.state == StepState.PENDING and not await runtime.step_restarted(
+                    request_id, 0
+                ):
                     return
             try:
                 await runtime.broker.publish(
@@ -224,18 +239,21 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             return
         self._running.add(running)
         try:
-            await self._run_hop(step, dto, delivery)
+            # One span for the hop: its node, its journal write and its outcome's publish,
+            # so the next hop (or the rollback) carries this trace on.
+            with runtime.step_span(step, request_id, parent=delivery.headers):
+                await self._run_hop(step, dto)
         finally:
             self._running.discard(running)
 
-    async def _run_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
+    async def _run_hop(self, step: StepDefinition, dto: DtoT) -> None:
         runtime = self.runtime
         request_id = dto.request_id
         metrics = runtime.metrics
         metrics.in_flight.inc()
         try:
             result = await runtime.run_step(
-                step, request_id, functools.partial(step.action, dto), parent=delivery.headers
+                step, request_id, functools.partial(step.action, dto), traced=False
             )
         except Exception as exc:
             failure = classify(exc)
@@ -300,6 +318,18 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             where = ".".join(str(part) for part in error["loc"])
             self.runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"schema: {where}: {error['msg']}") from None
+
+    def consume_rollback(
+        self,
+        topic: str,
+        node: RollbackNode | None = None,
+        *,
+        retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
+    ) -> Self:
+        """See `FacadeBase.consume_rollback`; the topic must not be a step's."""
+        if topic in self.topics:
+            raise ValueError(f"topic {topic!r} is already a step's topic in this facade")
+        return super().consume_rollback(topic, node, retry=retry)
 
     def _fields(self, request_id: str, step: StepDefinition) -> dict[str, Any]:
         return {
