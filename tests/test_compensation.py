@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 
 from orchestrator import (
+    NO_RETRY,
     AsyncFacade,
     AsyncFacadeContext,
     BrokerSettings,
@@ -20,11 +22,14 @@ from orchestrator import (
     SagaFailed,
     SyncFacade,
 )
+from orchestrator.store import CompensationState, SagaRecord, SagaState
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
 Flow = SyncFacade[BookingRequest, BookingSyncResponse]
 QUICK = RetryPolicy(attempts=5, initial_backoff=0.001, max_backoff=0.002, any_error=True)
+BOUND = 10.0
+"""Seconds any single wait in these tests may take before it fails."""
 
 
 class Journal:
@@ -65,12 +70,18 @@ async def orchestrator(broker: InMemoryBroker) -> AsyncIterator[Orchestrator]:
     await orchestrator.close()
 
 
-async def fail_and_settle(orchestrator: Orchestrator, broker: InMemoryBroker, flow: Flow) -> None:
+async def fail_and_settle(
+    orchestrator: Orchestrator, broker: InMemoryBroker, flow: Flow
+) -> SagaRecord:
+    """Run saga c1 to its failure, then wait until it and its rollback message are done."""
     orchestrator.register_sync_facade("Booking", flow)
     await orchestrator.start()
     with pytest.raises(SagaFailed):
         await flow.run("c1", BookingRequest(ProductID=1), BookingSyncResponse())
-    await asyncio.wait_for(broker.join(), 10)
+    async with asyncio.timeout(BOUND):
+        saga = await flow.wait_for("c1")
+        await broker.join()
+    return saga
 
 
 def metric(orchestrator: Orchestrator, name: str) -> float:
@@ -99,6 +110,54 @@ async def test_completed_steps_are_compensated_in_reverse_order_with_the_saga_st
         "undo reserve order=7 rid=c1",
     ]
     assert metric(orchestrator, "orchestrator_sagas_compensated_total") == 1
+
+
+async def test_the_journal_records_which_steps_were_undone(
+    orchestrator: Orchestrator, broker: InMemoryBroker
+) -> None:
+    journal = Journal()
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(journal.node("reserve"), compensate=journal.undo("reserve"))  # type: ignore[arg-type]
+        .use(decline)
+        .consume_rollback("cancel")
+    )
+
+    saga = await fail_and_settle(orchestrator, broker, flow)
+
+    assert saga.state == SagaState.COMPENSATED
+    assert [(step.name, step.compensation) for step in saga.steps] == [
+        ("reserve", CompensationState.DONE),
+        ("decline", CompensationState.NONE),
+    ]
+    assert saga.steps[0].compensated_at is not None
+
+
+async def test_a_step_that_may_have_taken_effect_before_failing_is_compensated_too(
+    orchestrator: Orchestrator, broker: InMemoryBroker
+) -> None:
+    journal = Journal()
+
+    async def lost_answer(request_id: str, ctx: Ctx) -> None:
+        journal.entries.append("pay")
+        raise TimeoutError  # UNAVAILABLE: the upstream may have applied it
+
+    flow = (
+        Flow(request=BookingRequest, response=BookingSyncResponse)
+        .use(journal.node("order"), compensate=journal.undo("order"))  # type: ignore[arg-type]
+        .use(lost_answer, name="pay", retry=NO_RETRY, compensate=journal.undo("pay"))  # type: ignore[arg-type]
+        .consume_rollback("cancel")
+    )
+
+    saga = await fail_and_settle(orchestrator, broker, flow)
+
+    assert journal.entries == [
+        "order",
+        "pay",
+        "undo pay order=0 rid=c1",
+        "undo order order=0 rid=c1",
+    ]
+    assert [step.compensation for step in saga.steps] == [CompensationState.DONE] * 2
 
 
 async def test_the_rollback_node_runs_after_the_compensations(
@@ -169,8 +228,8 @@ async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation
 
     [dead] = broker.dead_letters
     assert dead.topic == "cancel"
-    assert dead.reason.startswith("COMPENSATION_FAILED at order")
-    assert Rollback.model_validate_json(dead.body).request_id == "c1"
+    assert dead.reason.startswith("COMPENSATION_FAILED: compensation of order failed: ")
+    assert json.loads(dead.body) == {"facade": "Booking", "request_id": "c1"}
     assert metric(orchestrator, "orchestrator_sagas_compensation_failed_total") == 1
     assert metric(orchestrator, "orchestrator_sagas_compensated_total") == 0
 
@@ -178,22 +237,17 @@ async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation
 async def test_compensations_need_a_rollback_topic(orchestrator: Orchestrator) -> None:
     journal = Journal()
     flow = Flow(request=BookingRequest, response=BookingSyncResponse).use(
-        journal.node("order"), compensate=journal.undo("order")
-    )  # type: ignore[arg-type]
-    orchestrator.register_sync_facade("Booking", flow)
+        journal.node("order"),  # type: ignore[arg-type]
+        compensate=journal.undo("order"),  # type: ignore[arg-type]
+    )
 
-    with pytest.raises(ValueError, match="no rollback topic"):
-        await orchestrator.start()
+    with pytest.raises(ValueError, match=r"need a rollback topic .* consume_rollback\(topic\)"):
+        orchestrator.register_sync_facade("Booking", flow)
 
 
-async def test_compensations_need_the_facade_message_types(orchestrator: Orchestrator) -> None:
-    journal = Journal()
-    flow: Flow = SyncFacade()
-    flow.use(journal.node("order"), compensate=journal.undo("order"))  # type: ignore[arg-type]
-    orchestrator.register_sync_facade("Booking", flow.consume_rollback("cancel"))
-
-    with pytest.raises(TypeError, match=r"SyncFacade\[RequestMessage, ResponseMessage\]"):
-        await orchestrator.start()
+def test_a_sync_facade_is_refused_without_protobuf_message_types() -> None:
+    with pytest.raises(TypeError, match="request must be a protobuf message class"):
+        SyncFacade(request=dict, response=BookingSyncResponse)  # type: ignore[type-var]
 
 
 class OrderDTO(AsyncFacadeContext):
@@ -217,9 +271,53 @@ async def test_an_async_saga_compensates_its_completed_hops_with_the_dto(
 
     flow = AsyncFacade(dto=OrderDTO)
     flow.use("order", create_order, compensate=cancel_order).use("payment", create_payment)
-    orchestrator.register_async_facade("AsyncBooking", flow)
+    orchestrator.register_async_facade("AsyncBooking", flow.consume_rollback("cancel"))
     await orchestrator.start()
     await flow.run("c2", OrderDTO(request_id="c2"))
-    await asyncio.wait_for(broker.join(), 10)
+    async with asyncio.timeout(BOUND):
+        saga = await flow.wait_for("c2")
 
     assert undone == [42]
+    assert saga.state == SagaState.COMPENSATED
+
+
+async def test_an_async_saga_with_nothing_to_undo_is_compensated_without_a_rollback_message(
+    orchestrator: Orchestrator, broker: InMemoryBroker
+) -> None:
+    published: list[str] = []
+    real_publish = broker.publish
+
+    async def spying(topic: str, body: bytes, **kwargs: object) -> None:
+        published.append(topic)
+        await real_publish(topic, body, **kwargs)  # type: ignore[arg-type]
+
+    async def create_payment(dto: OrderDTO) -> OrderDTO:
+        raise FailedPrecondition("declined")
+
+    flow = AsyncFacade(dto=OrderDTO).use("payment", create_payment)
+    orchestrator.register_async_facade("AsyncBooking", flow)
+    await orchestrator.start()
+    broker.publish = spying  # type: ignore[method-assign]
+    await flow.run("c3", OrderDTO(request_id="c3"))
+    async with asyncio.timeout(BOUND):
+        saga = await flow.wait_for("c3")
+        await broker.join()
+
+    assert (saga.state, saga.error_code) == (SagaState.COMPENSATED, "FAILED_PRECONDITION")
+    assert published == ["payment"]
+    assert broker.dead_letters == []
+
+
+async def test_an_async_facade_with_compensations_needs_a_rollback_topic(
+    orchestrator: Orchestrator,
+) -> None:
+    async def create_order(dto: OrderDTO) -> OrderDTO:
+        return dto
+
+    async def cancel_order(dto: OrderDTO) -> None:
+        pass
+
+    flow = AsyncFacade(dto=OrderDTO).use("order", create_order, compensate=cancel_order)
+
+    with pytest.raises(ValueError, match="need a rollback topic"):
+        orchestrator.register_async_facade("AsyncBooking", flow)

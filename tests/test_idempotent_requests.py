@@ -82,13 +82,14 @@ def ledger_calls(upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch) -> Count
     """How many times each ledger write was asked for, by method name.
 
     Row counts alone cannot tell one saga from fifty: the upstreams dedupe a
-    create on its idempotency key (request id and step), so only the calls show
-    whether the saga ran more than once.
+    create on its idempotency key (facade, request id and step), so only the
+    calls show whether the saga ran more than once. The rollback undoes each
+    create by that key.
     """
     calls: Counter[str] = Counter()
     writes = {
-        upstreams.order.ledger: ("create_order", "cancel_orders_of"),
-        upstreams.payment.ledger: ("create_payment", "refund_payments_of"),
+        upstreams.order.ledger: ("create_order", "cancel_order_by_key"),
+        upstreams.payment.ledger: ("create_payment", "refund_payment_by_key"),
     }
     for ledger, names in writes.items():
         for name in names:
@@ -272,7 +273,7 @@ async def test_100_failing_sync_calls_with_one_request_id_get_one_error_and_undo
     assert order is not None and order.status == CANCELLED
     assert ledger_rows(upstreams, rid) == (1, 0)
     # The payment is declined before it reaches the ledger; its refund finds nothing.
-    assert ledger_calls == Counter(create_order=1, cancel_orders_of=1, refund_payments_of=1)
+    assert ledger_calls == Counter(create_order=1, cancel_order_by_key=1, refund_payment_by_key=1)
     assert await stored_request_ids(service.sagas) == [rid]
     assert (saga.error_code, saga.kind) == ("FAILED_PRECONDITION", "sync")
     assert step_log(saga) == [

@@ -14,7 +14,6 @@ from orchestrator import (
     AsyncFacadeContext,
     Context,
     FailedPrecondition,
-    Failure,
     InMemoryBroker,
     Orchestrator,
     RetryPolicy,
@@ -24,6 +23,7 @@ from orchestrator import (
     step_timeout,
 )
 from orchestrator.retry import caller_deadline
+from orchestrator.store import SagaState
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
@@ -284,7 +284,6 @@ async def test_an_async_node_is_retried_in_place_before_any_rollback(
     orchestrator: Orchestrator,
 ) -> None:
     attempts = 0
-    ended: asyncio.Queue[Failure | None] = asyncio.Queue()
 
     async def flaky(dto: Dto) -> Dto:
         nonlocal attempts
@@ -293,16 +292,16 @@ async def test_an_async_node_is_retried_in_place_before_any_rollback(
             raise rpc_error(grpc.StatusCode.UNAVAILABLE)
         return dto
 
-    async def on_end(dto: Dto, failure: Failure | None) -> None:
-        ended.put_nowait(failure)
-
-    flow = AsyncFacade(dto=Dto).use("hop", flaky, retry=QUICK).on_end(on_end)
+    flow = AsyncFacade(dto=Dto).use("hop", flaky, retry=QUICK)
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     await flow.run("r", Dto(request_id="r"))
+    async with asyncio.timeout(5):
+        saga = await flow.wait_for("r")
 
-    assert await asyncio.wait_for(ended.get(), 5) is None
+    assert saga.state == SagaState.COMPLETED
     assert attempts == 3
+    assert [(step.name, step.attempts) for step in saga.steps] == [("flaky", 1)]
 
 
 def test_a_timeout_must_be_positive() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -21,17 +21,29 @@ from orchestrator import (
     RetryPolicy,
     SagaError,
     SagaFailed,
+    SagaSettings,
     SyncFacade,
 )
-from orchestrator.facade.sync import payload_digest
-from orchestrator.store.base import BeginResult, SagaState, StepState, saga_key
-from orchestrator.store.memory import InMemorySagaStore
+from orchestrator.facade._runtime import payload_digest
+from orchestrator.store import (
+    Change,
+    CompensationState,
+    InMemorySagaStore,
+    NewSaga,
+    SagaRecord,
+    SagaState,
+    StepEnded,
+    StepFailed,
+    StepState,
+)
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.fake_store import FakeSagaStore
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
 Flow = SyncFacade[BookingRequest, BookingSyncResponse]
 NEVER = RetryPolicy(attempts=1, any_error=True)
+BOUND = 5.0
+"""Seconds any single wait in these tests may take before it fails."""
 
 
 class Ledger:
@@ -96,13 +108,45 @@ async def book(flow: Flow, rid: str = "j1", product: int = 1) -> BookingSyncResp
     return await flow.run(rid, BookingRequest(ProductID=product), BookingSyncResponse())
 
 
+async def ended(flow: Flow | AsyncFacade[Dto], request_id: str) -> SagaRecord:
+    """The saga of `request_id` once it is finished (within BOUND seconds)."""
+    async with asyncio.timeout(BOUND):
+        return await flow.wait_for(request_id)
+
+
+async def recovered(orchestrator: Orchestrator) -> int:
+    """Run recovery rounds until one takes over a stalled saga (within BOUND seconds):
+    how many it took. The saga's deadline is what the test waits for."""
+    async with asyncio.timeout(BOUND):
+        # Polling on purpose: nothing announces that a deadline has passed.
+        while not (claimed := await orchestrator.recover_now()):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return claimed
+
+
+def new_saga(
+    request_id: str, owner: str, *, payload: str = "{}", deadline_seconds: float = 300
+) -> NewSaga:
+    """A Booking saga begun by replica `owner`, at create_order."""
+    return NewSaga(
+        facade="Booking",
+        request_id=request_id,
+        kind="sync",
+        payload=payload,
+        payload_hash=payload_digest("Booking", payload),
+        owner=owner,
+        first_step="create_order",
+        deadline_at=datetime.now(UTC) + timedelta(seconds=deadline_seconds),
+    )
+
+
 async def test_a_completed_saga_is_recorded_with_its_step_log(
     orchestrator: Orchestrator, store: InMemorySagaStore
 ) -> None:
     flow = await started(orchestrator, booking_flow(Ledger()))
     await book(flow)
 
-    saga = await store.get(saga_key("Booking", "j1"))
+    saga = await store.get("Booking", "j1")
     assert saga is not None
     assert (saga.state, saga.facade, saga.kind) == (SagaState.COMPLETED, "Booking", "sync")
     assert [(s.name, s.state, s.attempts) for s in saga.steps] == [
@@ -153,19 +197,18 @@ async def test_the_same_request_id_with_another_request_is_already_exists(
 
 
 async def test_a_failed_saga_ends_compensated_and_its_replay_gets_the_same_error(
-    orchestrator: Orchestrator, broker: InMemoryBroker, store: InMemorySagaStore
+    orchestrator: Orchestrator,
 ) -> None:
     ledger = Ledger()
     flow = await started(orchestrator, booking_flow(ledger, fail=True))
 
     with pytest.raises(SagaFailed) as first:
         await book(flow)
-    await asyncio.wait_for(broker.join(), 5)
+    saga = await ended(flow, "j1")
     with pytest.raises(SagaFailed) as replay:
         await book(flow)
 
-    saga = await store.get(saga_key("Booking", "j1"))
-    assert saga is not None and saga.state == SagaState.COMPENSATED
+    assert saga.state == SagaState.COMPENSATED
     assert [s.state for s in saga.steps] == [StepState.DONE, StepState.FAILED]
     assert (saga.error_code, saga.error_reason) == ("FAILED_PRECONDITION", "declined")
     assert ledger.undone == ["create_order:7"]
@@ -175,7 +218,7 @@ async def test_a_failed_saga_ends_compensated_and_its_replay_gets_the_same_error
 
 
 async def test_a_compensation_that_keeps_failing_leaves_the_saga_compensation_failed(
-    orchestrator: Orchestrator, broker: InMemoryBroker, store: InMemorySagaStore
+    orchestrator: Orchestrator, broker: InMemoryBroker
 ) -> None:
     async def broken_undo(request_id: str, ctx: Ctx) -> None:
         raise ConnectionError("order service gone")
@@ -192,40 +235,38 @@ async def test_a_compensation_that_keeps_failing_leaves_the_saga_compensation_fa
 
     with pytest.raises(SagaFailed):
         await book(flow)
-    await asyncio.wait_for(broker.join(), 5)
+    saga = await ended(flow, "j1")
+    await asyncio.wait_for(broker.join(), BOUND)
 
-    saga = await store.get(saga_key("Booking", "j1"))
-    assert saga is not None and saga.state == SagaState.COMPENSATION_FAILED
+    assert saga.state == SagaState.COMPENSATION_FAILED
     assert "compensation of create_order failed" in saga.error_reason
+    assert (saga.steps[0].compensation, saga.steps[0].compensation_error) == (
+        CompensationState.FAILED,
+        saga.error_reason,
+    )
     assert broker.dead_letters[0].reason.startswith("COMPENSATION_FAILED")
 
 
 async def test_the_sagas_of_a_dead_replica_are_taken_over_and_rolled_back(
-    orchestrator: Orchestrator, broker: InMemoryBroker, store: InMemorySagaStore
+    orchestrator: Orchestrator, store: InMemorySagaStore
 ) -> None:
     """A replica died after create_order, during create_payment: the saga is rolled back."""
     ledger = Ledger()
-    await started(orchestrator, booking_flow(ledger))
-    payload = '{"ProductID": "1"}'
-    await store.begin(
-        request_id=saga_key("Booking", "orphan"),
-        facade="Booking",
-        kind="sync",
-        payload=payload,
-        payload_hash=payload_digest("Booking", payload),
-        owner="dead-replica",
-    )
-    key = saga_key("Booking", "orphan")
-    await store.step_started(key, 0, "create_order")
-    await store.step_finished(key, 0, state=StepState.DONE, data='{"OrderID": "9"}')
-    await store.step_started(key, 1, "create_payment")
+    flow = await started(orchestrator, booking_flow(ledger))
+    await store.begin(new_saga("orphan", "dead-replica", payload='{"ProductID": "1"}'))
+    ended_order = StepEnded(0, '{"OrderID": "9"}', next_step="create_payment")
+    assert await store.apply("Booking", "orphan", ended_order)
 
     assert await orchestrator.recover_now() == 1
-    await asyncio.wait_for(broker.join(), 5)
+    saga = await ended(flow, "orphan")
 
-    saga = await store.get(saga_key("Booking", "orphan"))
-    assert saga is not None and saga.state == SagaState.COMPENSATED
+    assert saga.state == SagaState.COMPENSATED
+    assert saga.error_code == "ABORTED"
     assert saga.owner == orchestrator.replica_id
+    assert [(s.name, s.state) for s in saga.steps] == [
+        ("create_order", StepState.DONE),
+        ("create_payment", StepState.FAILED),
+    ]
     assert ledger.undone == ["create_order:9"]
     assert await orchestrator.recover_now() == 0
 
@@ -234,17 +275,78 @@ async def test_a_live_replicas_sagas_are_left_alone(
     orchestrator: Orchestrator, store: InMemorySagaStore
 ) -> None:
     await started(orchestrator, booking_flow(Ledger()))
-    await store.begin(
-        request_id=saga_key("Booking", "busy"),
-        facade="Booking",
-        kind="sync",
-        payload="{}",
-        payload_hash="x",
-        owner="other-replica",
-    )
+    await store.begin(new_saga("busy", "other-replica"))
     await store.heartbeat("other-replica")
 
     assert await orchestrator.recover_now() == 0
+
+
+async def test_a_sync_saga_past_its_deadline_is_rolled_back_and_its_caller_gets_the_failure(
+    broker: InMemoryBroker, store: InMemorySagaStore
+) -> None:
+    orchestrator = Orchestrator(
+        broker, store=store, heartbeat_seconds=60, sagas=SagaSettings(deadline_seconds=0.2)
+    )
+    ledger = Ledger()
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def stuck_payment(request_id: str, ctx: Ctx) -> None:
+        entered.set()
+        await release.wait()
+
+    async def refund(request_id: str, ctx: Ctx) -> None:
+        ledger.undone.append("create_payment")
+
+    flow = Flow(request=BookingRequest, response=BookingSyncResponse)
+    flow.use(ledger.node("create_order", order_id=7), compensate=ledger.undo("create_order"))  # type: ignore[arg-type]
+    flow.use(stuck_payment, name="create_payment", compensate=refund)
+    try:
+        await started(orchestrator, flow.consume_rollback("cancel"))
+        caller = asyncio.create_task(book(flow, "late"))
+        await asyncio.wait_for(entered.wait(), BOUND)
+
+        assert await recovered(orchestrator) == 1
+        saga = await ended(flow, "late")
+        release.set()
+        with pytest.raises(SagaFailed) as failure:
+            await asyncio.wait_for(caller, BOUND)
+
+        assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert failure.value.step == "create_payment"
+        assert (saga.state, saga.error_code) == (SagaState.COMPENSATED, "DEADLINE_EXCEEDED")
+        # The step it was stopped at may have taken effect: undone too, first.
+        assert ledger.undone == ["create_payment", "create_order:7"]
+    finally:
+        release.set()
+        await orchestrator.close()
+
+
+async def test_a_compensating_saga_whose_rollback_was_lost_is_compensated_by_recovery(
+    store: InMemorySagaStore,
+) -> None:
+    broker = LosingBroker()
+    orchestrator = Orchestrator(
+        broker, store=store, heartbeat_seconds=60, sagas=SagaSettings(compensation_seconds=0.5)
+    )
+    ledger = Ledger()
+    try:
+        flow = await started(orchestrator, booking_flow(ledger, fail=True))
+        broker.lose.add("cancel")
+        with pytest.raises(SagaFailed):
+            await book(flow, "lost")
+        await asyncio.wait_for(broker.join(), BOUND)
+        stalled = await store.get("Booking", "lost")
+        assert stalled is not None and stalled.state == SagaState.COMPENSATING
+        assert ledger.undone == []
+        assert await orchestrator.recover_now() == 0  # its compensation_seconds have not passed
+
+        assert await recovered(orchestrator) == 1
+        saga = await ended(flow, "lost")
+
+        assert saga.state == SagaState.COMPENSATED
+        assert ledger.undone == ["create_order:7"]
+    finally:
+        await orchestrator.close()
 
 
 class Dto(AsyncFacadeContext):
@@ -263,10 +365,9 @@ class CountedHop:
 
 
 async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_again(
-    orchestrator: Orchestrator, broker: InMemoryBroker, store: InMemorySagaStore
+    orchestrator: Orchestrator, broker: InMemoryBroker
 ) -> None:
     runs = {"first": 0, "second": 0}
-    done = asyncio.Event()
 
     async def first(dto: Dto) -> Dto:
         runs["first"] += 1
@@ -274,7 +375,6 @@ async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_a
 
     async def second(dto: Dto) -> Dto:
         runs["second"] += 1
-        done.set()
         return dto
 
     flow = AsyncFacade(dto=Dto).use("a", first).use("b", second)
@@ -292,12 +392,11 @@ async def test_an_async_saga_is_recorded_and_a_redelivered_done_hop_is_not_run_a
 
     broker.publish = flaky  # type: ignore[method-assign]
     await flow.run("a1", Dto(request_id="a1", product_id=3))
-    await asyncio.wait_for(done.wait(), 5)
-    await asyncio.wait_for(broker.join(), 5)
+    saga = await ended(flow, "a1")
+    await asyncio.wait_for(broker.join(), BOUND)
 
     assert runs == {"first": 1, "second": 1}
-    saga = await store.get(saga_key("Async", "a1"))
-    assert saga is not None and saga.state == SagaState.COMPLETED
+    assert saga.state == SagaState.COMPLETED
     assert [s.state for s in saga.steps] == [StepState.DONE, StepState.DONE]
 
 
@@ -309,9 +408,9 @@ async def test_an_async_request_accepted_twice_runs_once(
     orchestrator.register_async_facade("Async", flow)
     await orchestrator.start()
     await flow.run("a2", Dto(request_id="a2", product_id=1))
-    await asyncio.wait_for(broker.join(), 5)
+    await asyncio.wait_for(broker.join(), BOUND)
     await flow.run("a2", Dto(request_id="a2", product_id=1))
-    await asyncio.wait_for(broker.join(), 5)
+    await asyncio.wait_for(broker.join(), BOUND)
 
     assert hop.runs == 1
     with pytest.raises(SagaError) as failure:
@@ -336,8 +435,12 @@ async def test_one_request_id_on_two_facades_is_two_sagas(
     await book(sync_flow, "shared")
     await async_flow.run("shared", Dto(request_id="shared", product_id=1))
 
-    assert (await store.get(saga_key("Booking", "shared"))) is not None
-    assert (await store.get(saga_key("Async", "shared"))) is not None
+    async with asyncio.timeout(BOUND):
+        await async_flow.wait_for("shared")
+    booking = await store.get("Booking", "shared")
+    hop = await store.get("Async", "shared")
+    assert booking is not None and (booking.kind, booking.state) == ("sync", SagaState.COMPLETED)
+    assert hop is not None and (hop.kind, hop.state) == ("async", SagaState.COMPLETED)
 
 
 class CountingStore(InMemorySagaStore):
@@ -347,21 +450,13 @@ class CountingStore(InMemorySagaStore):
         super().__init__()
         self.writes = 0
 
-    async def begin(self, **fields: Any) -> BeginResult:
+    async def begin(self, saga: NewSaga) -> SagaRecord | None:
         self.writes += 1
-        return await super().begin(**fields)
+        return await super().begin(saga)
 
-    async def step_started(self, request_id: str, index: int, name: str) -> None:
+    async def apply(self, facade: str, request_id: str, change: Change) -> bool:
         self.writes += 1
-        await super().step_started(request_id, index, name)
-
-    async def step_finished(self, request_id: str, index: int, **fields: Any) -> None:
-        self.writes += 1
-        await super().step_finished(request_id, index, **fields)
-
-    async def set_state(self, request_id: str, state: SagaState, **fields: Any) -> None:
-        self.writes += 1
-        await super().set_state(request_id, state, **fields)
+        return await super().apply(facade, request_id, change)
 
 
 async def test_a_two_step_sync_saga_costs_three_durable_writes(broker: InMemoryBroker) -> None:
@@ -373,7 +468,7 @@ async def test_a_two_step_sync_saga_costs_three_durable_writes(broker: InMemoryB
         flow = await started(orchestrator, booking_flow(Ledger()))
         await book(flow)
 
-        saga = await store.get(saga_key("Booking", "j1"))
+        saga = await store.get("Booking", "j1")
         assert saga is not None and saga.state == SagaState.COMPLETED
         assert [(s.name, s.state) for s in saga.steps] == [
             ("create_order", StepState.DONE),
@@ -384,21 +479,21 @@ async def test_a_two_step_sync_saga_costs_three_durable_writes(broker: InMemoryB
         await orchestrator.close()
 
 
-async def test_listeners_hear_of_each_write_under_the_callers_request_id(
+async def test_listeners_hear_of_each_write_under_the_facade_and_the_callers_request_id(
     orchestrator: Orchestrator,
 ) -> None:
-    heard: list[str] = []
-    orchestrator.on_saga_change(heard.append)
+    heard: list[tuple[str, str]] = []
+    orchestrator.on_saga_change(lambda facade, request_id: heard.append((facade, request_id)))
     flow = await started(orchestrator, booking_flow(Ledger()))
 
     await book(flow, "j7")
 
-    assert heard == ["j7"] * 3
+    assert heard == [("Booking", "j7")] * 3
 
 
 async def test_a_removed_listener_hears_nothing_more(orchestrator: Orchestrator) -> None:
     heard: list[str] = []
-    remove = orchestrator.on_saga_change(heard.append)
+    remove = orchestrator.on_saga_change(lambda facade, request_id: heard.append(request_id))
     flow = await started(orchestrator, booking_flow(Ledger()))
     await book(flow, "j8")
 
@@ -422,11 +517,32 @@ class FlakyPublishBroker(InMemoryBroker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
         if self.fail_next:
             self.fail_next -= 1
             raise BrokerUnavailable("broker unreachable")
         await super().publish(topic, body, message_id=message_id, headers=headers)
+
+
+class LosingBroker(InMemoryBroker):
+    """An in-memory broker that confirms, then loses, the publishes to the topics in `lose`."""
+
+    def __init__(self) -> None:
+        super().__init__(BrokerSettings(redelivery_delay_seconds=0.001))
+        self.lose: set[str] = set()
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> None:
+        if topic not in self.lose:
+            await super().publish(topic, body, message_id=message_id, headers=headers)
 
 
 async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
@@ -443,10 +559,9 @@ async def test_an_async_request_whose_first_publish_failed_runs_when_retried(
         with pytest.raises(BrokerUnavailable):
             await flow.run("a3", Dto(request_id="a3", product_id=1))
         await flow.run("a3", Dto(request_id="a3", product_id=1))
-        await asyncio.wait_for(broker.join(), 5)
+        saga = await ended(flow, "a3")
 
-        saga = await store.get(saga_key("Async", "a3"))
-        assert saga is not None and saga.state == SagaState.COMPLETED
+        assert saga.state == SagaState.COMPLETED
         assert [(s.state, s.attempts) for s in saga.steps] == [(StepState.DONE, 2)]
         assert hop.runs == 1
     finally:
@@ -471,7 +586,7 @@ async def test_a_duplicate_of_an_async_request_in_flight_publishes_nothing(
     # Together: the duplicates find the saga begun, its first hop not yet consumed.
     await asyncio.gather(*(flow.run("a4", Dto(request_id="a4", product_id=1)) for _ in range(6)))
     release.set()
-    await asyncio.wait_for(broker.join(), 5)
+    await asyncio.wait_for(broker.join(), BOUND)
 
     assert runs == 1
 
@@ -479,13 +594,17 @@ async def test_a_duplicate_of_an_async_request_in_flight_publishes_nothing(
 class FailedStepsUnwritable(InMemorySagaStore):
     """A store that fails to record a step's failure, as a database gone at that moment."""
 
-    async def step_finished(self, request_id: str, index: int, **fields: Any) -> None:
-        if fields["state"] == StepState.FAILED:
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def apply(self, facade: str, request_id: str, change: Change) -> bool:
+        if self.down and isinstance(change, StepFailed):
             raise ConnectionError("database unreachable")
-        await super().step_finished(request_id, index, **fields)
+        return await super().apply(facade, request_id, change)
 
 
-async def test_a_failed_sync_saga_is_rolled_back_even_when_its_failure_cannot_be_recorded(
+async def test_a_failed_sync_saga_whose_failure_cannot_be_recorded_is_compensated_from_memory(
     broker: InMemoryBroker,
 ) -> None:
     store = FailedStepsUnwritable()
@@ -495,11 +614,35 @@ async def test_a_failed_sync_saga_is_rolled_back_even_when_its_failure_cannot_be
         flow = await started(orchestrator, booking_flow(ledger, fail=True))
         with pytest.raises(SagaFailed):
             await book(flow, "j10")
-        await asyncio.wait_for(broker.join(), 5)
 
         assert ledger.undone == ["create_order:7"]
-        saga = await store.get(saga_key("Booking", "j10"))
-        assert saga is not None and saga.state == SagaState.COMPENSATED
+        saga = await store.get("Booking", "j10")
+        assert saga is not None and saga.state == SagaState.RUNNING
+        assert saga.current_step is not None and saga.current_step.name == "create_payment"
+    finally:
+        await orchestrator.close()
+
+
+async def test_an_unrecorded_failure_is_recorded_by_recovery_at_the_sagas_deadline(
+    broker: InMemoryBroker,
+) -> None:
+    store = FailedStepsUnwritable()
+    orchestrator = Orchestrator(
+        broker, store=store, heartbeat_seconds=60, sagas=SagaSettings(deadline_seconds=0.2)
+    )
+    ledger = Ledger()
+    try:
+        flow = await started(orchestrator, booking_flow(ledger, fail=True))
+        with pytest.raises(SagaFailed):
+            await book(flow, "j11")
+        store.down = False
+
+        assert await recovered(orchestrator) == 1
+        saga = await ended(flow, "j11")
+
+        assert (saga.state, saga.error_code) == (SagaState.COMPENSATED, "DEADLINE_EXCEEDED")
+        # Undone from memory first, then again by recovery: compensations are idempotent.
+        assert ledger.undone == ["create_order:7", "create_order:7"]
     finally:
         await orchestrator.close()
 
@@ -511,7 +654,10 @@ async def test_a_duplicate_waits_on_this_replicas_run_by_its_writes_not_by_polli
     orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
     release = asyncio.Event()
 
+    entered = asyncio.Event()
+
     async def slow(request_id: str, ctx: Ctx) -> None:
+        entered.set()
         await release.wait()
         ctx.response.OrderID = 9
 
@@ -520,7 +666,7 @@ async def test_a_duplicate_waits_on_this_replicas_run_by_its_writes_not_by_polli
         await started(orchestrator, flow)
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(book(flow, "w1"))
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(entered.wait(), BOUND)
         duplicate = asyncio.create_task(book(flow, "w1"))
         await asyncio.sleep(0.5)  # polling from 10 ms up to 0.2 s would read about 6 times
         release.set()

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -33,8 +33,19 @@ from orchestrator.status import (
     step_state_from_proto,
     step_state_to_proto,
 )
-from orchestrator.store.base import SagaRecord, SagaState, StepRecord, StepState
-from orchestrator.store.memory import InMemorySagaStore
+from orchestrator.store import (
+    Change,
+    CompensationEnded,
+    InMemorySagaStore,
+    NewSaga,
+    SagaRecord,
+    SagaState,
+    StepEnded,
+    StepFailed,
+    StepRecord,
+    StepRestarted,
+    StepState,
+)
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.fake_store import FakeSagaStore
 from tests.support.processes import grpcurl_binary
@@ -43,6 +54,8 @@ FAST_POLL = 0.02
 """A poll interval short enough that watch tests never wait on it for long."""
 BOUND = 5.0
 """Seconds any single wait in these tests may take before it fails."""
+FACADES = ("booking", "refund")
+"""The facades the service knows: where a request id alone is looked up."""
 
 
 @dataclass
@@ -63,7 +76,7 @@ class Served:
 async def serving(poll_interval: float = FAST_POLL) -> AsyncIterator[Served]:
     """Serve the status service and reflection on a free port, as OrchestratorServer would."""
     store = FakeSagaStore()
-    service, status = saga_grpc_service(store, poll_interval=poll_interval)
+    service, status = saga_grpc_service(store, poll_interval=poll_interval, facades=FACADES)
     server = grpc.aio.server()
     service.add_to_server(service.servicer, server)
     reflection.enable_server_reflection([service.name, reflection.SERVICE_NAME], server)
@@ -83,39 +96,55 @@ async def served() -> AsyncIterator[Served]:
 
 
 async def begin(
-    store: FakeSagaStore, request_id: str, *, facade: str = "booking", kind: str = "sync"
+    store: FakeSagaStore,
+    request_id: str,
+    *,
+    facade: str = "booking",
+    kind: str = "sync",
+    deadline_at: datetime | None = None,
 ) -> None:
-    result = await store.begin(
-        request_id=request_id,
-        facade=facade,
-        kind=kind,
-        payload="{}",
-        payload_hash="h",
-        owner="replica-1",
+    """A RUNNING saga at its first step, create_order."""
+    created = await store.begin(
+        NewSaga(
+            facade=facade,
+            request_id=request_id,
+            kind=kind,
+            payload="{}",
+            payload_hash="h",
+            owner="replica-1",
+            first_step="create_order",
+            deadline_at=deadline_at,
+        )
     )
-    assert result.created
+    assert created is None
+
+
+async def write(store: FakeSagaStore, request_id: str, change: Change) -> None:
+    """Apply `change` to the booking saga `request_id`; it must be accepted."""
+    assert await store.apply("booking", request_id, change)
+
+
+ORDER_RETRIED = StepRestarted(0)
+ORDER_DONE = StepEnded(0, '{"order": 1}', next_step="create_payment")
+PAYMENT_DECLINED = StepFailed(
+    1,
+    "FAILED_PRECONDITION",
+    "payment declined",
+    undo=(0,),
+    deadline_at=datetime(2030, 1, 1, tzinfo=UTC),
+)
+UNDONE = CompensationEnded(SagaState.COMPENSATED, done=(0,))
 
 
 async def compensated_saga(store: FakeSagaStore, request_id: str) -> None:
     """A saga whose first step was retried and succeeded, whose second failed, rolled back."""
     await begin(store, request_id)
-    await store.step_started(request_id, 0, "create_order")
-    await store.step_started(request_id, 0, "create_order")
-    await store.step_finished(request_id, 0, state=StepState.DONE, data='{"order": 1}')
-    await store.step_started(request_id, 1, "create_payment")
-    await store.step_finished(
-        request_id, 1, state=StepState.FAILED, data="{}", error="payment declined"
-    )
-    await store.set_state(
-        request_id,
-        SagaState.COMPENSATED,
-        error_code="FAILED_PRECONDITION",
-        error_reason="payment declined",
-    )
+    for change in (ORDER_RETRIED, ORDER_DONE, PAYMENT_DECLINED, UNDONE):
+        await write(store, request_id, change)
 
 
-async def stored(store: FakeSagaStore, request_id: str) -> SagaRecord:
-    record = await store.get(request_id)
+async def stored(store: FakeSagaStore, request_id: str, facade: str = "booking") -> SagaRecord:
+    record = await store.get(facade, request_id)
     assert record is not None
     return record
 
@@ -187,7 +216,6 @@ async def test_get_saga_returns_state_facade_kind_and_steps(served: Served) -> N
 
 async def test_get_saga_leaves_finished_at_unset_while_a_step_runs(served: Served) -> None:
     await begin(served.store, "r-1")
-    await served.store.step_started("r-1", 0, "create_order")
 
     saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
 
@@ -222,6 +250,116 @@ async def test_get_saga_with_an_id_over_128_characters_is_invalid_argument(
     assert "129" in (raised.value.details() or "")
 
 
+async def test_get_saga_names_one_facades_saga_of_a_request_id_held_by_several(
+    served: Served,
+) -> None:
+    await begin(served.store, "shared", facade="booking", kind="sync")
+    await begin(served.store, "shared", facade="refund", kind="async")
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="shared", facade="refund"))
+
+    assert (saga.request_id, saga.facade, saga.kind) == ("shared", "refund", "async")
+
+
+async def test_get_saga_without_a_facade_for_an_id_held_by_several_is_failed_precondition(
+    served: Served,
+) -> None:
+    await begin(served.store, "shared", facade="booking")
+    await begin(served.store, "shared", facade="refund")
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="shared"))
+
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(booking, refund): name one in facade" in (raised.value.details() or "")
+
+
+async def test_get_saga_in_a_facade_without_that_id_is_not_found_naming_both(
+    served: Served,
+) -> None:
+    await begin(served.store, "r-1", facade="booking")
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1", facade="refund"))
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'r-1' in facade 'refund'" in (raised.value.details() or "")
+
+
+async def test_get_saga_shows_the_steps_to_undo_while_the_saga_compensates(
+    served: Served,
+) -> None:
+    await begin(served.store, "r-1")
+    await write(served.store, "r-1", ORDER_DONE)
+    await write(served.store, "r-1", PAYMENT_DECLINED)
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
+
+    assert saga.state == saga_pb2.COMPENSATING
+    assert [(step.name, step.compensation) for step in saga.steps] == [
+        ("create_order", saga_pb2.COMPENSATION_STATE_PENDING),
+        ("create_payment", saga_pb2.COMPENSATION_STATE_NONE),
+    ]
+    assert not any(step.HasField("compensated_at") for step in saga.steps)
+
+
+async def test_get_saga_shows_when_each_step_was_undone(served: Served) -> None:
+    await compensated_saga(served.store, "r-1")
+    record = await stored(served.store, "r-1")
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
+
+    order, payment = saga.steps
+    assert order.compensation == saga_pb2.COMPENSATION_STATE_DONE
+    assert record.steps[0].compensated_at is not None
+    assert utc(order.compensated_at) == record.steps[0].compensated_at
+    assert (order.compensation_error, payment.compensation) == (
+        "",
+        saga_pb2.COMPENSATION_STATE_NONE,
+    )
+
+
+async def test_get_saga_shows_a_compensation_that_failed_and_why(served: Served) -> None:
+    await begin(served.store, "r-1")
+    await write(served.store, "r-1", ORDER_DONE)
+    await write(served.store, "r-1", PAYMENT_DECLINED)
+    reason = "compensation of create_order failed: order service gone"
+    await write(
+        served.store,
+        "r-1",
+        CompensationEnded(SagaState.COMPENSATION_FAILED, failed=0, error=reason),
+    )
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
+
+    assert (saga.state, saga.error_reason) == (saga_pb2.COMPENSATION_FAILED, reason)
+    order = saga.steps[0]
+    assert (order.compensation, order.compensation_error) == (
+        saga_pb2.COMPENSATION_STATE_FAILED,
+        reason,
+    )
+    assert order.HasField("compensated_at")
+
+
+async def test_get_saga_shows_the_deadline_of_a_running_saga(served: Served) -> None:
+    deadline = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    await begin(served.store, "r-1", deadline_at=deadline)
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
+
+    assert utc(saga.deadline_at) == deadline
+
+
+async def test_get_saga_leaves_the_deadline_of_a_finished_saga_unset(served: Served) -> None:
+    await begin(served.store, "r-1", deadline_at=datetime.now(UTC) + timedelta(minutes=5))
+    await write(served.store, "r-1", StepEnded(0, "{}", complete=True))
+
+    saga = await served.stub.GetSaga(saga_pb2.GetSagaRequest(request_id="r-1"))
+
+    assert saga.state == saga_pb2.COMPLETED
+    assert not saga.HasField("deadline_at")
+
+
 # ListSagas
 
 
@@ -242,7 +380,7 @@ async def test_list_sagas_filters_by_state(served: Served) -> None:
     await begin(served.store, "running")
     await compensated_saga(served.store, "compensated")
     await begin(served.store, "completed")
-    await served.store.set_state("completed", SagaState.COMPLETED)
+    await write(served.store, "completed", StepEnded(0, "{}", complete=True))
 
     assert await list_ids(served, state=saga_pb2.COMPENSATED) == ["compensated"]
     assert await list_ids(served, state=saga_pb2.RUNNING) == ["running"]
@@ -340,32 +478,24 @@ async def test_watch_saga_streams_running_then_step_updates_then_compensated_and
     call = served.stub.WatchSaga(saga_pb2.WatchSagaRequest(request_id="r-1"))
     # Each write waits for the message that shows it, so no two writes can
     # fall between the same two polls and be reported as one change.
-    writes: list[Callable[[], Awaitable[None]]] = [
-        lambda: store.step_started("r-1", 0, "create_order"),
-        lambda: store.step_finished("r-1", 0, state=StepState.DONE, data="{}"),
-        lambda: store.step_started("r-1", 1, "create_payment"),
-        lambda: store.step_finished("r-1", 1, state=StepState.FAILED, data="{}", error="no"),
-        lambda: store.set_state("r-1", SagaState.COMPENSATING),
-        lambda: store.set_state("r-1", SagaState.COMPENSATED),
-    ]
     seen = [await next_message(call)]
-    for write in writes:
-        await write()
+    for change in (ORDER_RETRIED, ORDER_DONE, PAYMENT_DECLINED, UNDONE):
+        await write(store, "r-1", change)
         seen.append(await next_message(call))
 
     assert await ends(call)
     assert await call.code() == grpc.StatusCode.OK
     assert [saga.state for saga in seen] == [
-        *[saga_pb2.RUNNING] * 5,
+        *[saga_pb2.RUNNING] * 3,
         saga_pb2.COMPENSATING,
         saga_pb2.COMPENSATED,
     ]
-    assert [[(step.name, step.state) for step in saga.steps] for saga in seen[:5]] == [
-        [],
-        [("create_order", saga_pb2.STEP_RUNNING)],
-        [("create_order", saga_pb2.STEP_DONE)],
-        [("create_order", saga_pb2.STEP_DONE), ("create_payment", saga_pb2.STEP_RUNNING)],
-        [("create_order", saga_pb2.STEP_DONE), ("create_payment", saga_pb2.STEP_FAILED)],
+    assert [[(step.name, step.state, step.attempts) for step in saga.steps] for saga in seen] == [
+        [("create_order", saga_pb2.STEP_RUNNING, 1)],
+        [("create_order", saga_pb2.STEP_RUNNING, 2)],
+        [("create_order", saga_pb2.STEP_DONE, 2), ("create_payment", saga_pb2.STEP_RUNNING, 1)],
+        [("create_order", saga_pb2.STEP_DONE, 2), ("create_payment", saga_pb2.STEP_FAILED, 1)],
+        [("create_order", saga_pb2.STEP_DONE, 2), ("create_payment", saga_pb2.STEP_FAILED, 1)],
     ]
     assert seen[-1] == saga_to_proto(await stored(store, "r-1"))
 
@@ -388,7 +518,7 @@ async def test_watch_saga_sends_nothing_while_the_saga_does_not_change(served: S
     polls = served.store.gets
 
     await until(lambda: served.store.gets >= polls + 5, "polled five more times")
-    await served.store.set_state("r-1", SagaState.COMPLETED)
+    await write(served.store, "r-1", StepEnded(0, "{}", complete=True))
 
     assert (await next_message(call)).state == saga_pb2.COMPLETED
 
@@ -404,6 +534,36 @@ async def test_watch_saga_of_an_unknown_id_is_not_found(served: Served) -> None:
     await until(lambda: served.status.active_watches == 0, "watch cleaned up")
 
 
+async def test_watch_saga_names_one_facades_saga_of_a_request_id_held_by_several(
+    served: Served,
+) -> None:
+    await begin(served.store, "shared", facade="booking")
+    await begin(served.store, "shared", facade="refund")
+    call = served.stub.WatchSaga(saga_pb2.WatchSagaRequest(request_id="shared", facade="booking"))
+    await next_message(call)
+
+    await write(served.store, "shared", StepEnded(0, "{}", complete=True))
+
+    assert (await next_message(call)).state == saga_pb2.COMPLETED
+    assert await ends(call)
+    assert (await stored(served.store, "shared", "refund")).state == SagaState.RUNNING
+
+
+async def test_watch_saga_without_a_facade_for_an_id_held_by_several_is_failed_precondition(
+    served: Served,
+) -> None:
+    await begin(served.store, "shared", facade="booking")
+    await begin(served.store, "shared", facade="refund")
+    call = served.stub.WatchSaga(saga_pb2.WatchSagaRequest(request_id="shared"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await next_message(call)
+
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "booking, refund" in (raised.value.details() or "")
+    await until(lambda: served.status.active_watches == 0, "no watch left")
+
+
 async def test_notify_wakes_a_watcher_well_before_the_poll_interval() -> None:
     async with serving(poll_interval=30.0) as served:
         await begin(served.store, "r-1")
@@ -411,19 +571,19 @@ async def test_notify_wakes_a_watcher_well_before_the_poll_interval() -> None:
         await next_message(call)
         await until(lambda: served.status.active_watches == 1, "watching")
 
-        await served.store.step_started("r-1", 0, "create_order")
+        await write(served.store, "r-1", ORDER_DONE)
         started = time.monotonic()
-        served.status.notify("r-1")
+        served.status.notify("booking", "r-1")
         saga = await next_message(call)
         elapsed = time.monotonic() - started
 
-        assert [step.name for step in saga.steps] == ["create_order"]
+        assert [step.name for step in saga.steps] == ["create_order", "create_payment"]
         assert elapsed < 1.0, f"notify took {elapsed:.2f}s to wake the watcher"
         call.cancel()
 
 
 async def test_notify_without_watchers_does_nothing(served: Served) -> None:
-    served.status.notify("nobody-watches-this")
+    served.status.notify("booking", "nobody-watches-this")
 
     assert served.status.active_watches == 0
 
@@ -432,7 +592,7 @@ async def test_cancelling_the_watch_stops_the_server_side_loop(served: Served) -
     await begin(served.store, "r-1")
     call = served.stub.WatchSaga(saga_pb2.WatchSagaRequest(request_id="r-1"))
     await next_message(call)
-    (watcher,) = served.store.readers  # the server-side task of the call, which polls
+    (watcher,) = set(served.store.readers)  # the server-side task of the call, which polls
     assert served.status.active_watches == 1
 
     call.cancel()
@@ -448,7 +608,7 @@ async def test_the_watch_deadline_stops_the_server_side_loop(served: Served) -> 
     await begin(served.store, "r-1")
     call = served.stub.WatchSaga(saga_pb2.WatchSagaRequest(request_id="r-1"), timeout=0.3)
     await next_message(call)
-    (watcher,) = served.store.readers
+    (watcher,) = set(served.store.readers)
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await next_message(call)
@@ -603,7 +763,7 @@ async def test_a_served_orchestrators_watchers_see_each_step_without_waiting_for
     assert server.status is not None
     server.status.poll_interval = 60.0  # so only the orchestrator's own notifications can wake
     begun = asyncio.Event()
-    orchestrator.on_saga_change(lambda request_id: begun.set())
+    orchestrator.on_saga_change(lambda facade, request_id: begun.set())
     run = asyncio.create_task(flow.run("w-1", BookingRequest(), BookingSyncResponse()))
     try:
         async with asyncio.timeout(BOUND):

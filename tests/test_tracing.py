@@ -22,7 +22,7 @@ from orchestrator import (
     SyncFacade,
     TracingSettings,
     configure_tracing,
-    idempotency_metadata,
+    step_metadata,
 )
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
@@ -49,7 +49,7 @@ async def test_a_sync_saga_is_one_trace_with_a_span_per_step(
     seen_metadata: list[tuple[tuple[str, str], ...]] = []
 
     async def create_order(request_id: str, ctx: Ctx) -> None:
-        seen_metadata.append(ctx.upstream_metadata("create_order"))
+        seen_metadata.append(step_metadata())
 
     async def create_payment(request_id: str, ctx: Ctx) -> None:
         pass
@@ -75,6 +75,7 @@ async def test_a_sync_saga_is_one_trace_with_a_span_per_step(
     assert {order.context.trace_id, payment.context.trace_id} == {root.context.trace_id}
     assert order.parent is not None and order.parent.span_id == root.context.span_id
     [metadata] = seen_metadata
+    assert dict(metadata)["x-idempotency-key"] == "Booking:t1:create_order"
     traceparent = dict(metadata)["traceparent"]
     assert f"{order.context.trace_id:032x}" in traceparent
 
@@ -102,7 +103,9 @@ async def test_an_async_saga_is_one_trace_across_its_hops_and_its_rollback(
     orchestrator.register_async_facade("Async", flow.consume_rollback("undo", undo))
     await orchestrator.start()
     await flow.run("t2", Dto(request_id="t2"))
-    await asyncio.wait_for(rolled_back.wait(), 5)
+    async with asyncio.timeout(5):
+        await rolled_back.wait()
+        await flow.wait_for("t2")
     await orchestrator.close()
 
     named = by_name(spans)
@@ -113,11 +116,24 @@ async def test_an_async_saga_is_one_trace_across_its_hops_and_its_rollback(
     assert parents == [root.context.span_id, chain[0].context.span_id, chain[1].context.span_id]
 
 
-def test_without_tracing_no_trace_context_is_sent() -> None:
-    assert idempotency_metadata("t3", "create_order") == (
-        ("x-request-id", "t3"),
-        ("x-idempotency-key", "t3:create_order"),
-    )
+async def test_without_tracing_no_trace_context_is_sent() -> None:
+    seen_metadata: list[tuple[tuple[str, str], ...]] = []
+
+    async def create_order(request_id: str, ctx: Ctx) -> None:
+        seen_metadata.append(step_metadata())
+
+    orchestrator = Orchestrator(InMemoryBroker())
+    flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse).use(create_order)
+    orchestrator.register_sync_facade("Booking", flow)
+    await orchestrator.start()
+    try:
+        await flow.run("t3", BookingRequest(), BookingSyncResponse())
+    finally:
+        await orchestrator.close()
+
+    assert seen_metadata == [
+        (("x-request-id", "t3"), ("x-idempotency-key", "Booking:t3:create_order")),
+    ]
 
 
 async def test_a_failed_step_is_still_recorded(spans: InMemorySpanExporter) -> None:

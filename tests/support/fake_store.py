@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from orchestrator.store.base import SagaRecord
-from orchestrator.store.memory import InMemorySagaStore
+from orchestrator.store import InMemorySagaStore, SagaRecord
 
 __all__ = ["FakeSagaStore"]
 
@@ -21,10 +20,10 @@ class FakeSagaStore(InMemorySagaStore):
         self.readers: list[asyncio.Task[Any]] = []
         """The task of each `get` call, in order: a watch's server-side task."""
 
-    async def get(self, request_id: str) -> SagaRecord | None:
+    async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, counting the read and remembering who made it."""
         self.gets += 1
         task = asyncio.current_task()
         if task is not None:
             self.readers.append(task)
-        return await super().get(request_id)
+        return await super().get(facade, request_id)
