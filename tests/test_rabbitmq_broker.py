@@ -597,3 +597,26 @@ async def test_a_handler_failing_for_the_broker_is_retried_without_spending_the_
             assert await broker.dead_letters(TOPIC) == []
     finally:
         await delete_topology(settings, frozenset({TOPIC}))
+
+
+@pytest.mark.timeout(30)
+async def test_an_in_place_retry_after_broker_unavailable_is_marked_retried_and_redelivered(
+    rabbitmq_broker: RabbitMQBroker,
+) -> None:
+    received: list[Delivery] = []
+    handled = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) == 1:
+            raise BrokerUnavailable("outcome publish failed")
+        handled.set()
+
+    await rabbitmq_broker.declare(TOPIC)
+    await rabbitmq_broker.subscribe(TOPIC, handler)
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="retry-me")
+    async with asyncio.timeout(10):
+        await handled.wait()
+    first, retry = received
+    assert (first.delivery_count, first.retried, first.redelivered) == (1, False, False)
+    assert (retry.delivery_count, retry.retried, retry.redelivered) == (1, True, True)

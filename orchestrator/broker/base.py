@@ -13,6 +13,8 @@ Semantics every implementation keeps:
 - A handler that raises BrokerUnavailable (other than UnroutableError) failed
   because of the broker, not the message: it is retried once the broker
   recovers, without spending the delivery limit meant for poison messages.
+  That retry keeps its delivery count but is marked `retried`, so it counts as
+  `redelivered`: whatever the failed attempt did may have happened in part.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ class Delivery:
     message_id: str
     headers: Mapping[str, str] = field(default_factory=dict)
     delivery_count: int = 1
+    """Deliveries of this message so far, this one included; in-place retries do not count."""
+    retried: bool = False
+    """True when this consumer handled this delivery before and failed because of the broker
+    (BrokerUnavailable): an in-place retry, which does not spend the delivery limit."""
 
     @property
     def redelivered(self) -> bool:
-        """True when an earlier attempt at this message did not finish."""
-        return self.delivery_count > 1
+        """True when an earlier attempt at this message did not finish, in place or not."""
+        return self.delivery_count > 1 or self.retried
 
 
 @dataclass(frozen=True, slots=True)

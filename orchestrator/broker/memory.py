@@ -35,6 +35,7 @@ class _Message:
     headers: Mapping[str, str]
     delivery_count: int = 0
     outages: int = 0
+    retried: bool = False  # the last attempt failed because of the broker
 
 
 class InMemoryBroker(Broker):
@@ -125,6 +126,7 @@ class InMemoryBroker(Broker):
                 message_id=message.message_id,
                 headers=message.headers,
                 delivery_count=message.delivery_count,
+                retried=message.retried,
             )
             try:
                 await handler(delivery)
@@ -138,9 +140,11 @@ class InMemoryBroker(Broker):
                 if isinstance(exc, UnroutableError):
                     self._retry_or_dead_letter(topic, queue, message, exc)
                 else:
-                    # The broker failed, not the message: this attempt does not count.
+                    # The broker failed, not the message: this attempt does not count,
+                    # but the next one is a retry of it.
                     message.delivery_count -= 1
                     message.outages += 1
+                    message.retried = True
                     self._requeue_later(queue, message, min(0.05 * 2**message.outages, 2.0))
             except Exception as exc:
                 self._retry_or_dead_letter(topic, queue, message, exc)
@@ -159,6 +163,7 @@ class InMemoryBroker(Broker):
             "handler failed, redelivering",
             extra={"topic": topic, "message_id": message.message_id, "error": repr(exc)},
         )
+        message.retried = False  # a new delivery, counted as such
         delay = self._settings.redelivery_delay_seconds * message.delivery_count
         self._requeue_later(queue, message, delay)
 

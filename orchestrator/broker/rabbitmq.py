@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -329,6 +330,8 @@ class RabbitMQBroker(Broker):
                 outage_retries += 1
                 if not await self._await_recovery(message, outage_retries):
                     return
+                # Whatever the failed attempt did may have happened in part.
+                delivery = dataclasses.replace(delivery, retried=True)
                 continue
             except Exception as exc:
                 await self._retry_or_dead_letter(topic, message, delivery, exc)
