@@ -95,3 +95,26 @@ async def test_a_redelivery_after_a_handler_error_is_counted_not_retried() -> No
         assert received[-1].redelivered
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(10)
+async def test_publish_with_a_timeout_enqueues_at_once() -> None:
+    broker = await started()
+    try:
+        await broker.declare(TOPIC)
+        await broker.publish(TOPIC, b"{}", message_id="m", timeout=0.5)
+        assert broker.depth(TOPIC) == 1
+    finally:
+        await broker.close()
+
+
+@pytest.mark.timeout(10)
+async def test_publish_with_no_time_left_raises_and_enqueues_nothing() -> None:
+    broker = await started()
+    try:
+        await broker.declare(TOPIC)
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish(TOPIC, b"{}", message_id="m", timeout=0)
+        assert broker.depth(TOPIC) == 0
+    finally:
+        await broker.close()

@@ -5,6 +5,10 @@ Semantics every implementation keeps:
 - `publish` returns only once the broker has taken responsibility for the
   message (a publisher confirm); it raises BrokerUnavailable otherwise, and
   UnroutableError when no queue exists for the topic.
+- A publish never outlives its caller: it returns or raises within its
+  `timeout` (at most `publish_timeout_seconds`), however the broker fails,
+  a half-open connection that answers nothing included. A publish that timed
+  out may still have reached the broker: a retry can make a duplicate.
 - A handler's delivery is acknowledged only after the handler returns, so
   whatever the handler published first is safe before the input is dropped.
 - A handler that raises DeadLetter sends the delivery to the dead-letter queue
@@ -122,8 +126,14 @@ class Broker(abc.ABC):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Publish and wait for the confirm; raises BrokerUnavailable or UnroutableError."""
+        """Publish and wait for the confirm; raises BrokerUnavailable or UnroutableError.
+
+        `timeout` caps the wait: None means `publish_timeout_seconds`, any other
+        value the smaller of the two; none left (<= 0) publishes nothing and
+        raises BrokerUnavailable.
+        """
 
     @abc.abstractmethod
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:

@@ -79,8 +79,15 @@ class InMemoryBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Enqueue the message; raises UnroutableError when the topic was never declared."""
+        """Enqueue the message at once; raises UnroutableError when the topic was never declared.
+
+        Only a `timeout` with no time left (<= 0) matters: it raises
+        BrokerUnavailable, as RabbitMQ's would.
+        """
+        if timeout is not None and timeout <= 0:
+            raise BrokerUnavailable(f"no time left to publish message {message_id}")
         queue = self._queues.get(topic)
         if queue is None:
             raise UnroutableError(f"no queue for topic {topic!r}")

@@ -196,24 +196,28 @@ class RabbitMQBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Publish persistently and wait for the confirm.
+        """Publish persistently and wait for the confirm, for `timeout` at most.
 
         Raises ValueError for a body over `max_message_bytes`, UnroutableError
-        when the topic has no queue, BrokerUnavailable on a nack, a lost
-        connection or no confirm within `publish_timeout_seconds`.
+        when the topic has no queue, BrokerUnavailable on a nack, a lost or
+        silent connection, or no confirm within `timeout` (None:
+        `publish_timeout_seconds`; otherwise the smaller of the two).
         """
         if len(body) > self._settings.max_message_bytes:
             raise ValueError(
                 f"message of {len(body)} bytes exceeds max_message_bytes "
                 f"({self._settings.max_message_bytes})"
             )
+        limit = self._settings.publish_timeout_seconds
         await self._publish(
             _require(self._exchange),
             self._settings.queue_name(topic),
             body,
             message_id,
             dict(headers or {}),
+            timeout=limit if timeout is None else min(timeout, limit),
         )
 
     async def _publish(
@@ -223,7 +227,11 @@ class RabbitMQBroker(Broker):
         body: bytes,
         message_id: str,
         headers: dict[str, FieldValue],
+        *,
+        timeout: float,  # noqa: ASYNC109 (the publish's one timer)
     ) -> None:
+        if timeout <= 0:
+            raise BrokerUnavailable(f"no time left to publish message {message_id}")
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -232,9 +240,11 @@ class RabbitMQBroker(Broker):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
-            # A publish on a dropped robust connection waits for the reconnect:
-            # the timeout turns that into BrokerUnavailable.
-            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+            # The one timer of this publish. aio-pika's own `timeout=` would not
+            # do: it bounds the frames and the confirm, but not the wait for a
+            # robust channel that is reconnecting (`get_underlay_channel`), which
+            # is unbounded. Silence on a half-open connection ends here too.
+            async with asyncio.timeout(timeout):
                 await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except PublishError as exc:
             raise UnroutableError(
@@ -244,8 +254,7 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
         except TimeoutError as exc:
             raise BrokerUnavailable(
-                f"no publisher confirm for message {message_id} within "
-                f"{self._settings.publish_timeout_seconds}s"
+                f"no publisher confirm for message {message_id} within {timeout}s"
             ) from exc
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"cannot publish message {message_id}: {exc!r}") from exc
@@ -398,6 +407,7 @@ class RabbitMQBroker(Broker):
                 message.body,
                 message_id,
                 headers,
+                timeout=self._settings.publish_timeout_seconds,
             )
         except BrokerUnavailable as exc:
             log.error(
