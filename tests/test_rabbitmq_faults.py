@@ -1,7 +1,8 @@
-"""RabbitMQBroker under network faults: a private node behind a TCP proxy that can go silent.
+"""RabbitMQBroker under faults short of a broker crash: a silent link, RabbitMQ's flow control.
 
-The proxy breaks only this test's own connection, never the node, so the
-tests here share one private node for the module.
+The tests share one private node for the module: the proxy breaks only a
+test's own connection, and a test that raises the node's memory alarm clears
+it again whatever happens.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_asyncio
@@ -28,7 +30,7 @@ SLACK = 1.0  # what a loaded 2-core machine may add to a timer
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[RabbitMQNode]:
-    """One private node for the module; the faults are in the proxy, the node stays up."""
+    """One private node for the module, which every test leaves running and without alarm."""
     if not RabbitMQNode.available():
         skip_or_fail("private RabbitMQ node", ["no RabbitMQ install under /usr/lib/rabbitmq/bin"])
     private = RabbitMQNode()
@@ -44,6 +46,16 @@ async def proxy(node: RabbitMQNode) -> AsyncIterator[TcpProxy]:
     """A proxy in front of the node, stopped (every connection closed) after the test."""
     async with TcpProxy("127.0.0.1", node.port) as running_proxy:
         yield running_proxy
+
+
+@asynccontextmanager
+async def memory_alarm(node: RabbitMQNode) -> AsyncIterator[None]:
+    """The node's memory alarm, raised for the block and cleared after it, whatever happened."""
+    await node.aset_memory_alarm()
+    try:
+        yield
+    finally:
+        await node.aclear_memory_alarm()
 
 
 async def timed_publish(broker: RabbitMQBroker, message_id: str, **kwargs: float) -> float:
@@ -125,3 +137,90 @@ async def test_publishes_in_flight_on_a_half_open_link_fail_in_time_and_the_link
         assert broker.healthy
         await broker.publish(TOPIC, b"{}", message_id="after")
         assert (await receive(received)).message_id == "after"
+
+
+# -- flow control: RabbitMQ blocks publishing connections during an alarm -------
+
+
+@pytest.mark.timeout(60)
+async def test_a_publish_blocked_by_a_memory_alarm_fails_fast_naming_the_reason(
+    node: RabbitMQNode,
+) -> None:
+    settings = make_settings(node.url, publish_timeout_seconds=10)
+    async with running(settings) as broker, memory_alarm(node):
+        await broker.declare(TOPIC)
+
+        # The first publish is what makes RabbitMQ block the connection:
+        # it is in flight when the block arrives.
+        first = await timed_publish(broker, "first")
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="low on memory"):
+            await broker.publish(TOPIC, b"{}", message_id="second")
+        second = time.monotonic() - began
+
+        assert first < SLACK, first
+        assert second < 0.1, second
+
+
+@pytest.mark.timeout(60)
+async def test_health_is_false_while_the_connection_is_blocked_and_true_once_unblocked(
+    node: RabbitMQNode,
+) -> None:
+    settings = make_settings(node.url, publish_timeout_seconds=10)
+    async with running(settings) as broker:
+        changes = health_changes(broker)
+        await broker.declare(TOPIC)
+        async with memory_alarm(node):
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish(TOPIC, b"{}", message_id="blocked")
+            await next_change(changes, False, within=5)
+            assert not broker.healthy
+
+        await next_change(changes, True, within=10)
+        assert broker.healthy
+
+
+@pytest.mark.timeout(60)
+async def test_publishes_are_confirmed_and_consumed_again_once_the_alarm_clears(
+    node: RabbitMQNode,
+) -> None:
+    settings = make_settings(node.url, publish_timeout_seconds=10)
+    async with running(settings) as broker:
+        changes = health_changes(broker)
+        await broker.declare(TOPIC)
+        received, handler = recorder()
+        await broker.subscribe(TOPIC, handler)
+        async with memory_alarm(node):
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish(TOPIC, b"{}", message_id="blocked")
+        await next_change(changes, True, within=10)
+
+        await broker.publish(TOPIC, b"{}", message_id="after", timeout=5)
+
+        # The blocked publish may have reached RabbitMQ all the same (it
+        # raised, so its caller would publish it again): at least once.
+        seen = {(await receive(received)).message_id}
+        if seen == {"blocked"}:
+            seen.add((await receive(received)).message_id)
+        assert "after" in seen
+
+
+@pytest.mark.timeout(90)
+async def test_the_connection_made_by_a_reconnect_is_watched_for_blocks_too(
+    node: RabbitMQNode, proxy: TcpProxy
+) -> None:
+    settings = make_settings(proxy.url(node.url), publish_timeout_seconds=10)
+    async with running(settings) as broker:
+        changes = health_changes(broker)
+        await broker.declare(TOPIC)
+        async with memory_alarm(node):
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish(TOPIC, b"{}", message_id="blocked")
+            await next_change(changes, False, within=5)
+
+            proxy.reset()
+            # A new connection is not blocked until it publishes.
+            await next_change(changes, True, within=30)
+            elapsed = await timed_publish(broker, "blocked-again")
+            assert elapsed < SLACK, elapsed
+            assert not broker.healthy

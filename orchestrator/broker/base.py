@@ -9,6 +9,9 @@ Semantics every implementation keeps:
   `timeout` (at most `publish_timeout_seconds`), however the broker fails,
   a half-open connection that answers nothing included. A publish that timed
   out may still have reached the broker: a retry can make a duplicate.
+- While the broker refuses publishes for a time (RabbitMQ blocking the
+  connection on a memory or disk alarm), it is not `healthy`, and `publish`
+  fails at once with BrokerUnavailable naming the broker's reason.
 - A handler's delivery is acknowledged only after the handler returns, so
   whatever the handler published first is safe before the input is dropped.
 - A handler that raises DeadLetter sends the delivery to the dead-letter queue
@@ -141,11 +144,11 @@ class Broker(abc.ABC):
 
     @property
     def healthy(self) -> bool:
-        """True while the broker is reachable."""
+        """True while the broker is reachable and takes publishes."""
         return self._healthy
 
     def add_health_listener(self, listener: HealthListener) -> None:
-        """Call `listener(healthy)` on every change of reachability."""
+        """Call `listener(healthy)` on every change of `healthy`."""
         self._health_listeners.append(listener)
 
     def _set_healthy(self, healthy: bool) -> None:

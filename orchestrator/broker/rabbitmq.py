@@ -14,6 +14,13 @@ Publishing uses one channel with publisher confirms, `mandatory` and
 disk and raises when no queue took it. Each subscription has its own channel
 with the topic's concurrency as prefetch, and runs every delivery's handler in
 a task of its own.
+
+Flow control: when RabbitMQ blocks the connection (`connection.blocked`, sent
+while a memory or disk alarm is in effect), the broker reports itself
+unhealthy and `publish` fails at once with BrokerUnavailable naming RabbitMQ's
+reason, those in flight included, until RabbitMQ unblocks it. While blocked,
+RabbitMQ reads nothing from the connection: declares, acks and nacks wait too
+(each within its own timeout).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import aio_pika
@@ -46,6 +53,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 from pamqp.common import FieldValue
+from yarl import URL
 
 from orchestrator.broker.base import (
     REASON_HEADER,
@@ -98,6 +106,9 @@ class RabbitMQBroker(Broker):
         self._consumers: list[tuple[AbstractRobustChannel, AbstractRobustQueue, str]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._link_up = False  # connected, channels open
+        self._blocked_reason: str | None = None  # RabbitMQ's, while it blocks the connection
+        self._publish_timers: set[asyncio.Timeout] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -122,7 +133,8 @@ class RabbitMQBroker(Broker):
             connection.close_callbacks.add(self._on_connection_lost)
             connection.reconnect_callbacks.add(self._on_reconnected)
             log.info("connected to broker", extra={"url": self._settings.safe_url})
-            self._set_healthy(True)
+            self._link_up = True
+            self._refresh_health()
 
     async def close(self) -> None:
         """Cancel consumers, let in-flight handlers finish briefly, then disconnect.
@@ -142,7 +154,9 @@ class RabbitMQBroker(Broker):
             self._publish_channel = self._topology_channel = None
             self._exchange = self._dlx = None
             self._consumers.clear()
-            self._set_healthy(False)
+            self._link_up = False
+            self._blocked_reason = None
+            self._refresh_health()
 
     # -- topology ----------------------------------------------------------
 
@@ -232,6 +246,8 @@ class RabbitMQBroker(Broker):
     ) -> None:
         if timeout <= 0:
             raise BrokerUnavailable(f"no time left to publish message {message_id}")
+        if self._blocked_reason is not None:
+            raise BrokerUnavailable(self._blocked_message(message_id))
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -243,9 +259,14 @@ class RabbitMQBroker(Broker):
             # The one timer of this publish. aio-pika's own `timeout=` would not
             # do: it bounds the frames and the confirm, but not the wait for a
             # robust channel that is reconnecting (`get_underlay_channel`), which
-            # is unbounded. Silence on a half-open connection ends here too.
-            async with asyncio.timeout(timeout):
-                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            # is unbounded. Silence on a half-open connection ends here too, and
+            # a blocked connection ends it early (`_on_flow_control`).
+            async with asyncio.timeout(timeout) as timer:
+                self._publish_timers.add(timer)
+                try:
+                    await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                finally:
+                    self._publish_timers.discard(timer)
         except PublishError as exc:
             raise UnroutableError(
                 f"no queue for routing key {routing_key!r} on exchange {exchange.name!r}"
@@ -253,6 +274,8 @@ class RabbitMQBroker(Broker):
         except DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
         except TimeoutError as exc:
+            if self._blocked_reason is not None:
+                raise BrokerUnavailable(self._blocked_message(message_id)) from exc
             raise BrokerUnavailable(
                 f"no publisher confirm for message {message_id} within {timeout}s"
             ) from exc
@@ -509,11 +532,12 @@ class RabbitMQBroker(Broker):
         while True:
             attempt += 1
             remaining = deadline - loop.time()
-            connection = aio_pika.RobustConnection(
+            connection = _FlowControlledConnection(
                 make_url(
                     settings.url.get_secret_value(),
                     heartbeat=settings.heartbeat_seconds,
                 ),
+                on_flow_control=self._on_flow_control,
                 reconnect_interval=settings.reconnect_interval_seconds,
                 client_properties={"connection_name": "orchestrator"},
             )
@@ -619,11 +643,104 @@ class RabbitMQBroker(Broker):
             "broker connection lost, reconnecting",
             extra={"url": self._settings.safe_url, "error": repr(exc)},
         )
-        self._set_healthy(False)
+        self._link_up = False
+        self._refresh_health()
 
     def _on_reconnected(self, _sender: object) -> None:
         log.info("broker connection restored", extra={"url": self._settings.safe_url})
-        self._set_healthy(True)
+        self._link_up = True
+        self._refresh_health()
+
+    def _on_flow_control(self, reason: str | None) -> None:
+        """RabbitMQ blocked the connection for `reason`, or (None) unblocked it."""
+        if reason == self._blocked_reason:
+            return
+        self._blocked_reason = reason
+        if reason is not None:
+            log.warning(
+                "broker blocked publishing",
+                extra={"url": self._settings.safe_url, "reason": reason},
+            )
+            # The publishes in flight wait for confirms RabbitMQ will not send
+            # while blocked: expire their timers now rather than at their end.
+            now = asyncio.get_running_loop().time()
+            for timer in self._publish_timers:
+                if not timer.expired():
+                    timer.reschedule(now)
+        elif self._link_up:
+            log.info("broker unblocked publishing", extra={"url": self._settings.safe_url})
+        self._refresh_health()
+
+    def _refresh_health(self) -> None:
+        self._set_healthy(self._link_up and self._blocked_reason is None)
+
+    def _blocked_message(self, message_id: str) -> str:
+        return (
+            f"cannot publish message {message_id}: broker {self._settings.safe_url} "
+            f"blocked publishing ({self._blocked_reason})"
+        )
+
+
+_FlowControlListener = Callable[[str | None], None]
+
+# aiormq handles RabbitMQ's Connection.Blocked and Connection.Unblocked frames
+# itself, in private (name-mangled) methods, and offers no callback for them.
+# Its frame reader calls them through the instance, so wrapping them on each
+# connection observes the frames without changing what aiormq does with them.
+_BLOCKED_HANDLER = "_Connection__handle_connection_blocked"
+_UNBLOCKED_HANDLER = "_Connection__handle_connection_unblocked"
+# The event aiormq clears on Blocked and sets on Unblocked; `ready()` waits for it.
+_UNBLOCKED_EVENT = "_Connection__connection_unblocked"
+
+
+class _FlowControlledConnection(aio_pika.RobustConnection):
+    """A robust connection that tells `on_flow_control` when RabbitMQ blocks or unblocks it.
+
+    Every underlying aiormq connection, the first and each one after a
+    reconnect, is observed from its start: `_on_connected` runs before any
+    channel is opened or restored on it. A new connection starts unblocked.
+    """
+
+    def __init__(self, url: URL, *, on_flow_control: _FlowControlListener, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._on_flow_control = on_flow_control
+
+    async def _on_connected(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            self._on_flow_control(None)
+            _observe_flow_control(transport.connection, self._on_flow_control)
+        await super()._on_connected()
+
+
+def _observe_flow_control(
+    connection: aiormq.abc.AbstractConnection, listener: _FlowControlListener
+) -> None:
+    unblocked_event = getattr(connection, _UNBLOCKED_EVENT, None)
+    if isinstance(unblocked_event, asyncio.Event):
+        # aiormq leaves `ready()` waiting forever on a connection that closed
+        # while blocked, and aio-pika's channel restore, started as the old
+        # connection closes, waits there holding the channel's restore lock:
+        # the reconnect would never finish. A closed connection blocks nothing.
+        connection.closing.add_done_callback(lambda _closed: unblocked_event.set())
+    blocked = getattr(connection, _BLOCKED_HANDLER, None)
+    unblocked = getattr(connection, _UNBLOCKED_HANDLER, None)
+    if blocked is None or unblocked is None:
+        # A later aiormq renamed them: publishes on a blocked connection then
+        # fail only at their timeout, and health does not show the block.
+        log.warning("cannot observe the broker's flow control with this aiormq version")
+        return
+
+    async def on_blocked(frame: aiormq.spec.Connection.Blocked) -> None:
+        await blocked(frame)
+        listener(frame.reason or "no reason given")
+
+    async def on_unblocked(frame: aiormq.spec.Connection.Unblocked) -> None:
+        await unblocked(frame)
+        listener(None)
+
+    setattr(connection, _BLOCKED_HANDLER, on_blocked)
+    setattr(connection, _UNBLOCKED_HANDLER, on_unblocked)
 
 
 def _require(value: _T | None) -> _T:
