@@ -4,7 +4,9 @@ Semantics every implementation keeps:
 
 - `publish` returns only once the broker has taken responsibility for the
   message (a publisher confirm); it raises BrokerUnavailable otherwise, and
-  UnroutableError when no queue exists for the topic.
+  UnroutableError when no queue exists for the topic. A topic this broker
+  declared whose queue was deleted since is declared again (and consumed
+  again, when this broker consumes it) and the publish retried once.
 - A publish never outlives its caller: it returns or raises within its
   `timeout` (at most `publish_timeout_seconds`), however the broker fails,
   a half-open connection that answers nothing included. A publish that timed

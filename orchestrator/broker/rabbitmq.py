@@ -15,6 +15,12 @@ disk and raises when no queue took it. Each subscription has its own channel
 with the topic's concurrency as prefetch, and runs every delivery's handler in
 a task of its own.
 
+A topic's queue deleted while the broker runs comes back: the consumer's
+channel declares and binds it too, so aio-pika restores queue, binding and
+consumer when RabbitMQ cancels the consumer; and a publish that finds a topic
+it declared unroutable restores the topic (queue, binding, dead-letter queue,
+consumers on new channels) and publishes once more, within its timeout.
+
 Flow control: when RabbitMQ blocks the connection (`connection.blocked`, sent
 while a memory or disk alarm is in effect), the broker reports itself
 unhealthy and `publish` fails at once with BrokerUnavailable naming RabbitMQ's
@@ -100,10 +106,13 @@ class RabbitMQBroker(Broker):
         self._exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self._declared: set[str] = set()  # cache, cleared when a new connection starts
+        self._registered: set[str] = set()  # topics the topology channel restores
         self._known_topics: set[str] = set()
         self._declare_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
-        self._consumers: list[tuple[AbstractRobustChannel, AbstractRobustQueue, str]] = []
+        self._subscriptions: list[_Subscription] = []
+        self._repairs: dict[str, asyncio.Task[None]] = {}  # topic -> its queue being restored
+        self._repaired: dict[str, int] = {}  # topic -> restorations so far
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._link_up = False  # connected, channels open
@@ -123,6 +132,7 @@ class RabbitMQBroker(Broker):
                 return
             self._closing = False
             self._declared.clear()
+            self._registered.clear()
             connection = await self._connect()
             try:
                 await self._open_channels(connection)
@@ -146,6 +156,8 @@ class RabbitMQBroker(Broker):
         self._closing = True
         try:
             if connection is not None:
+                for repair in list(self._repairs.values()):
+                    repair.cancel()
                 await self._cancel_consumers()
                 await self._drain_handlers()
                 await self._close_connection(connection)
@@ -153,7 +165,7 @@ class RabbitMQBroker(Broker):
             self._connection = None
             self._publish_channel = self._topology_channel = None
             self._exchange = self._dlx = None
-            self._consumers.clear()
+            self._subscriptions.clear()
             self._link_up = False
             self._blocked_reason = None
             self._refresh_health()
@@ -164,26 +176,33 @@ class RabbitMQBroker(Broker):
         """Declare the topic's quorum queue and dead-letter queue; cached, so cheap to repeat."""
         if topic in self._declared:
             return
-        async with self._declare_lock:
-            if topic in self._declared:
-                return
-            channel = _require(self._topology_channel)
-            queue_name = self._settings.queue_name(topic)
-            try:
-                async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                    queue = await channel.declare_queue(
-                        queue_name, durable=True, arguments=self._queue_arguments()
-                    )
-                    await queue.bind(self._exchange_name, routing_key=queue_name)
-                    dlq = await channel.declare_queue(
-                        f"{queue_name}.dlq", durable=True, arguments={"x-queue-type": "quorum"}
-                    )
-                    # Same routing key: RabbitMQ dead-letters with the original one.
-                    await dlq.bind(self._dlx_name, routing_key=queue_name)
-            except _BROKER_ERRORS as exc:
-                raise BrokerUnavailable(f"cannot declare topic {topic!r}: {exc!r}") from exc
-            self._declared.add(topic)
-            self._known_topics.add(topic)
+        queue_name = self._settings.queue_name(topic)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds), self._declare_lock:
+                if topic in self._declared:
+                    return
+                channel = _require(self._topology_channel)
+                # The first declare on this channel registers the queues with it,
+                # to declare them again after a reconnect; a declare after a
+                # deletion must not register them twice.
+                robust = topic not in self._registered
+                queue = await channel.declare_queue(
+                    queue_name, durable=True, arguments=self._queue_arguments(), robust=robust
+                )
+                await queue.bind(self._exchange_name, routing_key=queue_name)
+                dlq = await channel.declare_queue(
+                    f"{queue_name}.dlq",
+                    durable=True,
+                    arguments={"x-queue-type": "quorum"},
+                    robust=robust,
+                )
+                # Same routing key: RabbitMQ dead-letters with the original one.
+                await dlq.bind(self._dlx_name, routing_key=queue_name)
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot declare topic {topic!r}: {exc!r}") from exc
+        self._declared.add(topic)
+        self._registered.add(topic)
+        self._known_topics.add(topic)
 
     @property
     def declared_topics(self) -> frozenset[str]:
@@ -225,14 +244,23 @@ class RabbitMQBroker(Broker):
                 f"({self._settings.max_message_bytes})"
             )
         limit = self._settings.publish_timeout_seconds
-        await self._publish(
-            _require(self._exchange),
-            self._settings.queue_name(topic),
-            body,
-            message_id,
-            dict(headers or {}),
-            timeout=limit if timeout is None else min(timeout, limit),
-        )
+        timeout = limit if timeout is None else min(timeout, limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        exchange, routing_key = _require(self._exchange), self._settings.queue_name(topic)
+        fields: dict[str, FieldValue] = dict(headers or {})
+        repaired = self._repaired.get(topic, 0)
+        try:
+            await self._publish(exchange, routing_key, body, message_id, fields, timeout=timeout)
+        except UnroutableError:
+            if topic not in self._known_topics:
+                raise  # never declared: no queue is what the caller must hear about
+            # Declared, yet unroutable: the queue was deleted behind our back.
+            # Restore the topic and publish once more, within the same deadline.
+            await self._await_restored(topic, repaired, deadline)
+            await self._publish(
+                exchange, routing_key, body, message_id, fields, timeout=deadline - loop.time()
+            )
 
     async def _publish(
         self,
@@ -287,6 +315,16 @@ class RabbitMQBroker(Broker):
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:
         """Consume `topic` on a channel of its own, `concurrency_of(topic)` deliveries at once."""
         await self.declare(topic)
+        subscription = _Subscription(topic, handler)
+        await self._consume(subscription)
+        self._subscriptions.append(subscription)
+        log.info(
+            "consuming",
+            extra={"topic": topic, "concurrency": self._settings.concurrency_of(topic)},
+        )
+
+    async def _consume(self, subscription: _Subscription) -> None:
+        topic, handler = subscription.topic, subscription.handler
         connection = _require(self._connection)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -297,13 +335,15 @@ class RabbitMQBroker(Broker):
             async with asyncio.timeout(self._settings.publish_timeout_seconds):
                 await channel.initialize()
                 await channel.set_qos(prefetch_count=self._settings.concurrency_of(topic))
-                # Declared on this channel too, so the robust connection restores
-                # the queue and its consumer together after a reconnect.
+                # Declared and bound on this channel too, so that aio-pika restores
+                # queue, binding and consumer together: after a reconnect, and
+                # when RabbitMQ cancels the consumer because the queue was deleted
+                # (unbound, a restored queue would receive nothing).
+                queue_name = self._settings.queue_name(topic)
                 queue = await channel.declare_queue(
-                    self._settings.queue_name(topic),
-                    durable=True,
-                    arguments=self._queue_arguments(),
+                    queue_name, durable=True, arguments=self._queue_arguments()
                 )
+                await queue.bind(self._exchange_name, routing_key=queue_name)
                 tag = await queue.consume(on_message)
         except _BROKER_ERRORS as exc:
             # A half-made robust channel would otherwise be restored forever.
@@ -311,11 +351,65 @@ class RabbitMQBroker(Broker):
                 async with asyncio.timeout(2):
                     await channel.close()
             raise BrokerUnavailable(f"cannot subscribe to topic {topic!r}: {exc!r}") from exc
-        self._consumers.append((channel, queue, tag))
-        log.info(
-            "consuming",
-            extra={"topic": topic, "concurrency": self._settings.concurrency_of(topic)},
-        )
+        subscription.consumer = (channel, queue, tag)
+
+    async def _await_restored(self, topic: str, repaired: int, deadline: float) -> None:
+        """Wait, until `deadline`, for the topic's queue to be restored; start that if needed.
+
+        `repaired` is how many restorations the caller had seen when it
+        published: if one finished since, the caller only needs to retry.
+        """
+        repair = self._repairs.get(topic)
+        if repair is None:
+            if self._repaired.get(topic, 0) != repaired:
+                return
+            log.warning("topic's queue is gone, declaring it again", extra={"topic": topic})
+            repair = asyncio.create_task(self._restore_topic(topic))
+            self._repairs[topic] = repair
+            repair.add_done_callback(self._repair_done)
+        try:
+            async with asyncio.timeout_at(deadline):
+                # Shielded: a publish giving up must not cut a restoration short.
+                await asyncio.shield(repair)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"topic {topic!r} not restored in time") from exc
+
+    async def _restore_topic(self, topic: str) -> None:
+        """Declare a topic whose queue was deleted again, and consume it on new channels.
+
+        RabbitMQ (3.10) gives a quorum queue declared again, while a channel
+        still consumes its deleted namesake, that channel's consumer back: a
+        consumer that is handed messages and never passes them on. So this
+        topic's consumer channels are closed first, and consume anew once the
+        queue, its binding and its dead-letter queue are back.
+        """
+        subscriptions = [s for s in self._subscriptions if s.topic == topic]
+        for subscription in subscriptions:
+            await self._close_consumer(subscription)
+        self._declared.discard(topic)
+        await self.declare(topic)
+        for subscription in subscriptions:
+            await self._consume(subscription)
+        self._repaired[topic] = self._repaired.get(topic, 0) + 1
+
+    def _repair_done(self, repair: asyncio.Task[None]) -> None:
+        topic = next((t for t, task in self._repairs.items() if task is repair), None)
+        if topic is not None:
+            del self._repairs[topic]
+        if not repair.cancelled() and (exc := repair.exception()) is not None:
+            # Its subscriptions without a consumer are retried by the next restoration.
+            log.error("restoring a topic failed", extra={"topic": topic, "error": repr(exc)})
+
+    async def _close_consumer(self, subscription: _Subscription) -> None:
+        if subscription.consumer is None:
+            return
+        channel, _queue, _tag = subscription.consumer
+        subscription.consumer = None
+        # Its deliveries in flight cannot be acknowledged any more; they
+        # belonged to the deleted queue.
+        with contextlib.suppress(*_BROKER_ERRORS):
+            async with asyncio.timeout(2):
+                await channel.close()
 
     def _dispatch(
         self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
@@ -590,7 +684,12 @@ class RabbitMQBroker(Broker):
     async def _cancel_consumers(self) -> None:
         # While disconnected a cancel would wait for the reconnect: bound them
         # all together; the deliveries go back with the connection anyway.
-        cancels = [queue.cancel(tag) for _channel, queue, tag in self._consumers]
+        cancels = [
+            queue.cancel(tag)
+            for subscription in self._subscriptions
+            if subscription.consumer is not None
+            for _channel, queue, tag in [subscription.consumer]
+        ]
         with contextlib.suppress(*_BROKER_ERRORS):
             async with asyncio.timeout(2):
                 await asyncio.gather(*cancels, return_exceptions=True)
@@ -682,6 +781,16 @@ class RabbitMQBroker(Broker):
 
 
 _FlowControlListener = Callable[[str | None], None]
+
+
+@dataclasses.dataclass(slots=True)
+class _Subscription:
+    """A topic consumed with a handler, and its consumer while it has one."""
+
+    topic: str
+    handler: MessageHandler
+    consumer: tuple[AbstractRobustChannel, AbstractRobustQueue, str] | None = None
+
 
 # aiormq handles RabbitMQ's Connection.Blocked and Connection.Unblocked frames
 # itself, in private (name-mangled) methods, and offers no callback for them.
