@@ -671,6 +671,30 @@ async def test_a_publish_to_a_declared_topic_whose_queue_was_deleted_declares_it
 
 
 @pytest.mark.timeout(60)
+async def test_restoring_a_deleted_queue_retries_a_failed_declare_within_the_publish_timeout(
+    rabbitmq_broker: RabbitMQBroker,
+    broker_settings: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+    await delete_queue(broker_settings, TOPIC)
+    declare = rabbitmq_broker.declare
+    failures = [BrokerUnavailable("declare failed")]
+
+    async def flaky_declare(topic: str) -> None:
+        if failures:
+            raise failures.pop()
+        await declare(topic)
+
+    monkeypatch.setattr(rabbitmq_broker, "declare", flaky_declare)
+
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="after-retry", timeout=5)
+
+    assert failures == []
+    assert await rabbitmq_broker.depth(TOPIC) == 1
+
+
+@pytest.mark.timeout(60)
 async def test_a_queue_deleted_while_consumed_comes_back_bound_to_the_exchange(
     rabbitmq_broker: RabbitMQBroker, broker_settings: BrokerSettings
 ) -> None:

@@ -386,10 +386,24 @@ class RabbitMQBroker(Broker):
         subscriptions = [s for s in self._subscriptions if s.topic == topic]
         for subscription in subscriptions:
             await self._close_consumer(subscription)
-        self._declared.discard(topic)
-        await self.declare(topic)
-        for subscription in subscriptions:
-            await self._consume(subscription)
+        attempt = 0
+        while True:
+            # Until it succeeds (or `close()` cancels it): nothing else would
+            # give the closed consumers back, publishes may route again.
+            try:
+                self._declared.discard(topic)
+                await self.declare(topic)
+                for subscription in subscriptions:
+                    if subscription.consumer is None:
+                        await self._consume(subscription)
+                break
+            except BrokerUnavailable as exc:
+                attempt += 1
+                log.warning(
+                    "restoring a topic failed, retrying",
+                    extra={"topic": topic, "attempt": attempt, "error": str(exc)},
+                )
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
         self._repaired[topic] = self._repaired.get(topic, 0) + 1
 
     def _repair_done(self, repair: asyncio.Task[None]) -> None:
@@ -397,7 +411,6 @@ class RabbitMQBroker(Broker):
         if topic is not None:
             del self._repairs[topic]
         if not repair.cancelled() and (exc := repair.exception()) is not None:
-            # Its subscriptions without a consumer are retried by the next restoration.
             log.error("restoring a topic failed", extra={"topic": topic, "error": repr(exc)})
 
     async def _close_consumer(self, subscription: _Subscription) -> None:
