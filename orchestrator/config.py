@@ -89,13 +89,15 @@ class BrokerSettings(StrictModel):
     topics: dict[str, TopicSettings] = Field(default_factory=dict)
     """Per-topic settings by topic name (without the prefix)."""
     publish_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
-    """A publish not confirmed by then fails with UNAVAILABLE; also bounds declares and acks."""
+    """A publish not confirmed by then fails with UNAVAILABLE (a caller may ask for less); also
+    bounds declares and acks."""
     delivery_limit: int = Field(default=5, ge=1, le=1000)
     """Deliveries of one message before it is dead-lettered."""
     redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
     """Backoff before a failed delivery is retried, times its delivery count."""
     heartbeat_seconds: int = Field(default=30, ge=1, le=600)
-    """AMQP heartbeat: a dead connection is noticed within about twice this."""
+    """AMQP heartbeat: a connection silent for three times (this + 1) seconds is given up and
+    reconnected (aiormq's rule)."""
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
     """Larger messages are refused before they reach the broker."""
     connect_timeout_seconds: float = Field(default=30.0, gt=0, le=600)

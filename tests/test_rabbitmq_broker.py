@@ -597,3 +597,162 @@ async def test_a_handler_failing_for_the_broker_is_retried_without_spending_the_
             assert await broker.dead_letters(TOPIC) == []
     finally:
         await delete_topology(settings, frozenset({TOPIC}))
+
+
+@pytest.mark.timeout(30)
+async def test_an_in_place_retry_after_broker_unavailable_is_marked_retried_and_redelivered(
+    rabbitmq_broker: RabbitMQBroker,
+) -> None:
+    received: list[Delivery] = []
+    handled = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) == 1:
+            raise BrokerUnavailable("outcome publish failed")
+        handled.set()
+
+    await rabbitmq_broker.declare(TOPIC)
+    await rabbitmq_broker.subscribe(TOPIC, handler)
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="retry-me")
+    async with asyncio.timeout(10):
+        await handled.wait()
+    first, retry = received
+    assert (first.delivery_count, first.retried, first.redelivered) == (1, False, False)
+    assert (retry.delivery_count, retry.retried, retry.redelivered) == (1, True, True)
+
+
+# -- a queue deleted behind the broker's back ----------------------------------
+
+
+async def delete_queue(settings: BrokerSettings, topic: str) -> None:
+    """Delete the topic's queue over a connection of its own, as an operator would."""
+    connection = await aio_pika.connect(settings.url.get_secret_value(), timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(settings.queue_name(topic))
+
+
+async def routed_to_the_queue(settings: BrokerSettings, topic: str) -> bool:
+    """True when the topic's queue exists and a mandatory publish to the exchange reaches it.
+
+    The probe message goes to the topic like any other, so a consumer sees it.
+    """
+    connection = await aio_pika.connect(settings.url.get_secret_value(), timeout=10)
+    async with connection:
+        channel = await connection.channel(on_return_raises=True)
+        try:
+            await channel.declare_queue(settings.queue_name(topic), passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        exchange = await channel.get_exchange(f"{settings.topic_prefix}orchestrator")
+        try:
+            await exchange.publish(
+                aio_pika.Message(b"{}", message_id="probe"),
+                routing_key=settings.queue_name(topic),
+                mandatory=True,
+            )
+        except aio_pika.exceptions.PublishError:
+            return False
+    return True
+
+
+@pytest.mark.timeout(60)
+async def test_a_publish_to_a_declared_topic_whose_queue_was_deleted_declares_it_again(
+    rabbitmq_broker: RabbitMQBroker, broker_settings: BrokerSettings
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+    await delete_queue(broker_settings, TOPIC)
+
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="after-delete", timeout=5)
+
+    assert await rabbitmq_broker.depth(TOPIC) == 1
+    assert await rabbitmq_broker.dead_letters(TOPIC) == []  # the DLQ is there too
+
+
+@pytest.mark.timeout(60)
+async def test_restoring_a_deleted_queue_retries_a_failed_declare_within_the_publish_timeout(
+    rabbitmq_broker: RabbitMQBroker,
+    broker_settings: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+    await delete_queue(broker_settings, TOPIC)
+    declare = rabbitmq_broker.declare
+    failures = [BrokerUnavailable("declare failed")]
+
+    async def flaky_declare(topic: str) -> None:
+        if failures:
+            raise failures.pop()
+        await declare(topic)
+
+    monkeypatch.setattr(rabbitmq_broker, "declare", flaky_declare)
+
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="after-retry", timeout=5)
+
+    assert failures == []
+    assert await rabbitmq_broker.depth(TOPIC) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_queue_deleted_while_consumed_comes_back_bound_to_the_exchange(
+    rabbitmq_broker: RabbitMQBroker, broker_settings: BrokerSettings
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+    received, handler = recorder()
+    await rabbitmq_broker.subscribe(TOPIC, handler)
+
+    await delete_queue(broker_settings, TOPIC)
+
+    # Restored by the consumer's channel alone: nothing is published here.
+    async with asyncio.timeout(15):
+        while not await routed_to_the_queue(broker_settings, TOPIC):  # noqa: ASYNC110 (no event)
+            await asyncio.sleep(0.2)
+    assert (await receive(received)).message_id == "probe"
+
+
+@pytest.mark.timeout(90)
+async def test_publishes_after_the_consumed_queue_is_deleted_mid_stream_are_all_consumed(
+    rabbitmq_broker: RabbitMQBroker, broker_settings: BrokerSettings
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+    received, handler = recorder()
+    await rabbitmq_broker.subscribe(TOPIC, handler)
+    started: dict[str, float] = {}
+    ten_published = asyncio.Event()
+
+    async def stream() -> None:
+        for i in range(60):
+            message_id = f"m{i}"
+            started[message_id] = time.monotonic()
+            while True:
+                try:
+                    await rabbitmq_broker.publish(TOPIC, b"{}", message_id=message_id, timeout=5)
+                    break
+                except BrokerUnavailable:
+                    # Retried, as a caller would: RabbitMQ 3.10 now and then
+                    # drops a connection publishing as the queue is deleted.
+                    await asyncio.sleep(0.1)
+            if i == 9:
+                ten_published.set()
+            await asyncio.sleep(0.01)
+
+    publisher = asyncio.create_task(stream())
+    try:
+        async with asyncio.timeout(10):
+            await ten_published.wait()
+        await delete_queue(broker_settings, TOPIC)
+        deleted = time.monotonic()
+        async with asyncio.timeout(30):
+            await publisher
+    finally:
+        publisher.cancel()
+
+    # Those published before or during the deletion may be gone with the queue.
+    after = {message_id for message_id, began in started.items() if began > deleted}
+    assert len(after) > 20
+    seen: set[str] = set()
+    async with asyncio.timeout(15):
+        while not after <= seen:
+            seen.add((await received.get()).message_id)
+    assert await routed_to_the_queue(broker_settings, TOPIC)

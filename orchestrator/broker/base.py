@@ -4,7 +4,16 @@ Semantics every implementation keeps:
 
 - `publish` returns only once the broker has taken responsibility for the
   message (a publisher confirm); it raises BrokerUnavailable otherwise, and
-  UnroutableError when no queue exists for the topic.
+  UnroutableError when no queue exists for the topic. A topic this broker
+  declared whose queue was deleted since is declared again (and consumed
+  again, when this broker consumes it) and the publish retried once.
+- A publish never outlives its caller: it returns or raises within its
+  `timeout` (at most `publish_timeout_seconds`), however the broker fails,
+  a half-open connection that answers nothing included. A publish that timed
+  out may still have reached the broker: a retry can make a duplicate.
+- While the broker refuses publishes for a time (RabbitMQ blocking the
+  connection on a memory or disk alarm), it is not `healthy`, and `publish`
+  fails at once with BrokerUnavailable naming the broker's reason.
 - A handler's delivery is acknowledged only after the handler returns, so
   whatever the handler published first is safe before the input is dropped.
 - A handler that raises DeadLetter sends the delivery to the dead-letter queue
@@ -13,6 +22,8 @@ Semantics every implementation keeps:
 - A handler that raises BrokerUnavailable (other than UnroutableError) failed
   because of the broker, not the message: it is retried once the broker
   recovers, without spending the delivery limit meant for poison messages.
+  That retry keeps its delivery count but is marked `retried`, so it counts as
+  `redelivered`: whatever the failed attempt did may have happened in part.
 """
 
 from __future__ import annotations
@@ -54,11 +65,15 @@ class Delivery:
     message_id: str
     headers: Mapping[str, str] = field(default_factory=dict)
     delivery_count: int = 1
+    """Deliveries of this message so far, this one included; in-place retries do not count."""
+    retried: bool = False
+    """True when this consumer handled this delivery before and failed because of the broker
+    (BrokerUnavailable): an in-place retry, which does not spend the delivery limit."""
 
     @property
     def redelivered(self) -> bool:
-        """True when an earlier attempt at this message did not finish."""
-        return self.delivery_count > 1
+        """True when an earlier attempt at this message did not finish, in place or not."""
+        return self.delivery_count > 1 or self.retried
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +131,14 @@ class Broker(abc.ABC):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Publish and wait for the confirm, at most `timeout` seconds (None: the broker's
-        publish timeout); raises BrokerUnavailable or UnroutableError."""
+        """Publish and wait for the confirm; raises BrokerUnavailable or UnroutableError.
+
+        `timeout` caps the wait: None means `publish_timeout_seconds`, any other
+        value the smaller of the two; none left (<= 0) publishes nothing and
+        raises BrokerUnavailable.
+        """
 
     @abc.abstractmethod
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:
@@ -127,11 +146,11 @@ class Broker(abc.ABC):
 
     @property
     def healthy(self) -> bool:
-        """True while the broker is reachable."""
+        """True while the broker is reachable and takes publishes."""
         return self._healthy
 
     def add_health_listener(self, listener: HealthListener) -> None:
-        """Call `listener(healthy)` on every change of reachability."""
+        """Call `listener(healthy)` on every change of `healthy`."""
         self._health_listeners.append(listener)
 
     def _set_healthy(self, healthy: bool) -> None:

@@ -35,6 +35,7 @@ class _Message:
     headers: Mapping[str, str]
     delivery_count: int = 0
     outages: int = 0
+    retried: bool = False  # the last attempt failed because of the broker
 
 
 class InMemoryBroker(Broker):
@@ -78,9 +79,15 @@ class InMemoryBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Enqueue the message; raises UnroutableError when the topic was never declared."""
+        """Enqueue the message at once; raises UnroutableError when the topic was never declared.
+
+        Only a `timeout` with no time left (<= 0) matters: it raises
+        BrokerUnavailable, as RabbitMQ's would.
+        """
+        if timeout is not None and timeout <= 0:
+            raise BrokerUnavailable(f"no time left to publish message {message_id}")
         queue = self._queues.get(topic)
         if queue is None:
             raise UnroutableError(f"no queue for topic {topic!r}")
@@ -126,6 +133,7 @@ class InMemoryBroker(Broker):
                 message_id=message.message_id,
                 headers=message.headers,
                 delivery_count=message.delivery_count,
+                retried=message.retried,
             )
             try:
                 await handler(delivery)
@@ -139,9 +147,11 @@ class InMemoryBroker(Broker):
                 if isinstance(exc, UnroutableError):
                     self._retry_or_dead_letter(topic, queue, message, exc)
                 else:
-                    # The broker failed, not the message: this attempt does not count.
+                    # The broker failed, not the message: this attempt does not count,
+                    # but the next one is a retry of it.
                     message.delivery_count -= 1
                     message.outages += 1
+                    message.retried = True
                     self._requeue_later(queue, message, min(0.05 * 2**message.outages, 2.0))
             except Exception as exc:
                 self._retry_or_dead_letter(topic, queue, message, exc)
@@ -160,6 +170,7 @@ class InMemoryBroker(Broker):
             "handler failed, redelivering",
             extra={"topic": topic, "message_id": message.message_id, "error": repr(exc)},
         )
+        message.retried = False  # a new delivery, counted as such
         delay = self._settings.redelivery_delay_seconds * message.delivery_count
         self._requeue_later(queue, message, delay)
 

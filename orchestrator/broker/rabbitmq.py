@@ -14,14 +14,28 @@ Publishing uses one channel with publisher confirms, `mandatory` and
 disk and raises when no queue took it. Each subscription has its own channel
 with the topic's concurrency as prefetch, and runs every delivery's handler in
 a task of its own.
+
+A topic's queue deleted while the broker runs comes back: the consumer's
+channel declares and binds it too, so aio-pika restores queue, binding and
+consumer when RabbitMQ cancels the consumer; and a publish that finds a topic
+it declared unroutable restores the topic (queue, binding, dead-letter queue,
+consumers on new channels) and publishes once more, within its timeout.
+
+Flow control: when RabbitMQ blocks the connection (`connection.blocked`, sent
+while a memory or disk alarm is in effect), the broker reports itself
+unhealthy and `publish` fails at once with BrokerUnavailable naming RabbitMQ's
+reason, those in flight included, until RabbitMQ unblocks it. While blocked,
+RabbitMQ reads nothing from the connection: declares, acks and nacks wait too
+(each within its own timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import aio_pika
@@ -45,6 +59,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 from pamqp.common import FieldValue
+from yarl import URL
 
 from orchestrator.broker.base import (
     REASON_HEADER,
@@ -91,12 +106,18 @@ class RabbitMQBroker(Broker):
         self._exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self._declared: set[str] = set()  # cache, cleared when a new connection starts
+        self._registered: set[str] = set()  # topics the topology channel restores
         self._known_topics: set[str] = set()
         self._declare_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
-        self._consumers: list[tuple[AbstractRobustChannel, AbstractRobustQueue, str]] = []
+        self._subscriptions: list[_Subscription] = []
+        self._repairs: dict[str, asyncio.Task[None]] = {}  # topic -> its queue being restored
+        self._repaired: dict[str, int] = {}  # topic -> restorations so far
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._link_up = False  # connected, channels open
+        self._blocked_reason: str | None = None  # RabbitMQ's, while it blocks the connection
+        self._publish_timers: set[asyncio.Timeout] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -111,6 +132,7 @@ class RabbitMQBroker(Broker):
                 return
             self._closing = False
             self._declared.clear()
+            self._registered.clear()
             connection = await self._connect()
             try:
                 await self._open_channels(connection)
@@ -121,7 +143,8 @@ class RabbitMQBroker(Broker):
             connection.close_callbacks.add(self._on_connection_lost)
             connection.reconnect_callbacks.add(self._on_reconnected)
             log.info("connected to broker", extra={"url": self._settings.safe_url})
-            self._set_healthy(True)
+            self._link_up = True
+            self._refresh_health()
 
     async def close(self) -> None:
         """Cancel consumers, let in-flight handlers finish briefly, then disconnect.
@@ -133,6 +156,8 @@ class RabbitMQBroker(Broker):
         self._closing = True
         try:
             if connection is not None:
+                for repair in list(self._repairs.values()):
+                    repair.cancel()
                 await self._cancel_consumers()
                 await self._drain_handlers()
                 await self._close_connection(connection)
@@ -140,8 +165,10 @@ class RabbitMQBroker(Broker):
             self._connection = None
             self._publish_channel = self._topology_channel = None
             self._exchange = self._dlx = None
-            self._consumers.clear()
-            self._set_healthy(False)
+            self._subscriptions.clear()
+            self._link_up = False
+            self._blocked_reason = None
+            self._refresh_health()
 
     # -- topology ----------------------------------------------------------
 
@@ -149,26 +176,33 @@ class RabbitMQBroker(Broker):
         """Declare the topic's quorum queue and dead-letter queue; cached, so cheap to repeat."""
         if topic in self._declared:
             return
-        async with self._declare_lock:
-            if topic in self._declared:
-                return
-            channel = _require(self._topology_channel)
-            queue_name = self._settings.queue_name(topic)
-            try:
-                async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                    queue = await channel.declare_queue(
-                        queue_name, durable=True, arguments=self._queue_arguments()
-                    )
-                    await queue.bind(self._exchange_name, routing_key=queue_name)
-                    dlq = await channel.declare_queue(
-                        f"{queue_name}.dlq", durable=True, arguments={"x-queue-type": "quorum"}
-                    )
-                    # Same routing key: RabbitMQ dead-letters with the original one.
-                    await dlq.bind(self._dlx_name, routing_key=queue_name)
-            except _BROKER_ERRORS as exc:
-                raise BrokerUnavailable(f"cannot declare topic {topic!r}: {exc!r}") from exc
-            self._declared.add(topic)
-            self._known_topics.add(topic)
+        queue_name = self._settings.queue_name(topic)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds), self._declare_lock:
+                if topic in self._declared:
+                    return
+                channel = _require(self._topology_channel)
+                # The first declare on this channel registers the queues with it,
+                # to declare them again after a reconnect; a declare after a
+                # deletion must not register them twice.
+                robust = topic not in self._registered
+                queue = await channel.declare_queue(
+                    queue_name, durable=True, arguments=self._queue_arguments(), robust=robust
+                )
+                await queue.bind(self._exchange_name, routing_key=queue_name)
+                dlq = await channel.declare_queue(
+                    f"{queue_name}.dlq",
+                    durable=True,
+                    arguments={"x-queue-type": "quorum"},
+                    robust=robust,
+                )
+                # Same routing key: RabbitMQ dead-letters with the original one.
+                await dlq.bind(self._dlx_name, routing_key=queue_name)
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot declare topic {topic!r}: {exc!r}") from exc
+        self._declared.add(topic)
+        self._registered.add(topic)
+        self._known_topics.add(topic)
 
     @property
     def declared_topics(self) -> frozenset[str]:
@@ -195,26 +229,38 @@ class RabbitMQBroker(Broker):
         *,
         message_id: str,
         headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (one timer: the broker passes it on)
+        timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Publish persistently and wait for the confirm.
+        """Publish persistently and wait for the confirm, for `timeout` at most.
 
         Raises ValueError for a body over `max_message_bytes`, UnroutableError
-        when the topic has no queue, BrokerUnavailable on a nack, a lost
-        connection or no confirm within `publish_timeout_seconds`.
+        when the topic has no queue, BrokerUnavailable on a nack, a lost or
+        silent connection, or no confirm within `timeout` (None:
+        `publish_timeout_seconds`; otherwise the smaller of the two).
         """
         if len(body) > self._settings.max_message_bytes:
             raise ValueError(
                 f"message of {len(body)} bytes exceeds max_message_bytes "
                 f"({self._settings.max_message_bytes})"
             )
-        await self._publish(
-            _require(self._exchange),
-            self._settings.queue_name(topic),
-            body,
-            message_id,
-            dict(headers or {}),
-        )
+        limit = self._settings.publish_timeout_seconds
+        timeout = limit if timeout is None else min(timeout, limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        exchange, routing_key = _require(self._exchange), self._settings.queue_name(topic)
+        fields: dict[str, FieldValue] = dict(headers or {})
+        repaired = self._repaired.get(topic, 0)
+        try:
+            await self._publish(exchange, routing_key, body, message_id, fields, timeout=timeout)
+        except UnroutableError:
+            if topic not in self._known_topics:
+                raise  # never declared: no queue is what the caller must hear about
+            # Declared, yet unroutable: the queue was deleted behind our back.
+            # Restore the topic and publish once more, within the same deadline.
+            await self._await_restored(topic, repaired, deadline)
+            await self._publish(
+                exchange, routing_key, body, message_id, fields, timeout=deadline - loop.time()
+            )
 
     async def _publish(
         self,
@@ -223,7 +269,13 @@ class RabbitMQBroker(Broker):
         body: bytes,
         message_id: str,
         headers: dict[str, FieldValue],
+        *,
+        timeout: float,  # noqa: ASYNC109 (the publish's one timer)
     ) -> None:
+        if timeout <= 0:
+            raise BrokerUnavailable(f"no time left to publish message {message_id}")
+        if self._blocked_reason is not None:
+            raise BrokerUnavailable(self._blocked_message(message_id))
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -232,10 +284,17 @@ class RabbitMQBroker(Broker):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
-            # A publish on a dropped robust connection waits for the reconnect:
-            # the timeout turns that into BrokerUnavailable.
-            async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            # The one timer of this publish. aio-pika's own `timeout=` would not
+            # do: it bounds the frames and the confirm, but not the wait for a
+            # robust channel that is reconnecting (`get_underlay_channel`), which
+            # is unbounded. Silence on a half-open connection ends here too, and
+            # a blocked connection ends it early (`_on_flow_control`).
+            async with asyncio.timeout(timeout) as timer:
+                self._publish_timers.add(timer)
+                try:
+                    await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                finally:
+                    self._publish_timers.discard(timer)
         except PublishError as exc:
             raise UnroutableError(
                 f"no queue for routing key {routing_key!r} on exchange {exchange.name!r}"
@@ -243,9 +302,10 @@ class RabbitMQBroker(Broker):
         except DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
         except TimeoutError as exc:
+            if self._blocked_reason is not None:
+                raise BrokerUnavailable(self._blocked_message(message_id)) from exc
             raise BrokerUnavailable(
-                f"no publisher confirm for message {message_id} within "
-                f"{self._settings.publish_timeout_seconds}s"
+                f"no publisher confirm for message {message_id} within {timeout}s"
             ) from exc
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"cannot publish message {message_id}: {exc!r}") from exc
@@ -255,6 +315,16 @@ class RabbitMQBroker(Broker):
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:
         """Consume `topic` on a channel of its own, `concurrency_of(topic)` deliveries at once."""
         await self.declare(topic)
+        subscription = _Subscription(topic, handler)
+        await self._consume(subscription)
+        self._subscriptions.append(subscription)
+        log.info(
+            "consuming",
+            extra={"topic": topic, "concurrency": self._settings.concurrency_of(topic)},
+        )
+
+    async def _consume(self, subscription: _Subscription) -> None:
+        topic, handler = subscription.topic, subscription.handler
         connection = _require(self._connection)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -265,13 +335,15 @@ class RabbitMQBroker(Broker):
             async with asyncio.timeout(self._settings.publish_timeout_seconds):
                 await channel.initialize()
                 await channel.set_qos(prefetch_count=self._settings.concurrency_of(topic))
-                # Declared on this channel too, so the robust connection restores
-                # the queue and its consumer together after a reconnect.
+                # Declared and bound on this channel too, so that aio-pika restores
+                # queue, binding and consumer together: after a reconnect, and
+                # when RabbitMQ cancels the consumer because the queue was deleted
+                # (unbound, a restored queue would receive nothing).
+                queue_name = self._settings.queue_name(topic)
                 queue = await channel.declare_queue(
-                    self._settings.queue_name(topic),
-                    durable=True,
-                    arguments=self._queue_arguments(),
+                    queue_name, durable=True, arguments=self._queue_arguments()
                 )
+                await queue.bind(self._exchange_name, routing_key=queue_name)
                 tag = await queue.consume(on_message)
         except _BROKER_ERRORS as exc:
             # A half-made robust channel would otherwise be restored forever.
@@ -279,11 +351,78 @@ class RabbitMQBroker(Broker):
                 async with asyncio.timeout(2):
                     await channel.close()
             raise BrokerUnavailable(f"cannot subscribe to topic {topic!r}: {exc!r}") from exc
-        self._consumers.append((channel, queue, tag))
-        log.info(
-            "consuming",
-            extra={"topic": topic, "concurrency": self._settings.concurrency_of(topic)},
-        )
+        subscription.consumer = (channel, queue, tag)
+
+    async def _await_restored(self, topic: str, repaired: int, deadline: float) -> None:
+        """Wait, until `deadline`, for the topic's queue to be restored; start that if needed.
+
+        `repaired` is how many restorations the caller had seen when it
+        published: if one finished since, the caller only needs to retry.
+        """
+        repair = self._repairs.get(topic)
+        if repair is None:
+            if self._repaired.get(topic, 0) != repaired:
+                return
+            log.warning("topic's queue is gone, declaring it again", extra={"topic": topic})
+            repair = asyncio.create_task(self._restore_topic(topic))
+            self._repairs[topic] = repair
+            repair.add_done_callback(self._repair_done)
+        try:
+            async with asyncio.timeout_at(deadline):
+                # Shielded: a publish giving up must not cut a restoration short.
+                await asyncio.shield(repair)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"topic {topic!r} not restored in time") from exc
+
+    async def _restore_topic(self, topic: str) -> None:
+        """Declare a topic whose queue was deleted again, and consume it on new channels.
+
+        RabbitMQ (3.10) gives a quorum queue declared again, while a channel
+        still consumes its deleted namesake, that channel's consumer back: a
+        consumer that is handed messages and never passes them on. So this
+        topic's consumer channels are closed first, and consume anew once the
+        queue, its binding and its dead-letter queue are back.
+        """
+        subscriptions = [s for s in self._subscriptions if s.topic == topic]
+        for subscription in subscriptions:
+            await self._close_consumer(subscription)
+        attempt = 0
+        while True:
+            # Until it succeeds (or `close()` cancels it): nothing else would
+            # give the closed consumers back, publishes may route again.
+            try:
+                self._declared.discard(topic)
+                await self.declare(topic)
+                for subscription in subscriptions:
+                    if subscription.consumer is None:
+                        await self._consume(subscription)
+                break
+            except BrokerUnavailable as exc:
+                attempt += 1
+                log.warning(
+                    "restoring a topic failed, retrying",
+                    extra={"topic": topic, "attempt": attempt, "error": str(exc)},
+                )
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
+        self._repaired[topic] = self._repaired.get(topic, 0) + 1
+
+    def _repair_done(self, repair: asyncio.Task[None]) -> None:
+        topic = next((t for t, task in self._repairs.items() if task is repair), None)
+        if topic is not None:
+            del self._repairs[topic]
+        if not repair.cancelled() and (exc := repair.exception()) is not None:
+            log.error("restoring a topic failed", extra={"topic": topic, "error": repr(exc)})
+
+    async def _close_consumer(self, subscription: _Subscription) -> None:
+        if subscription.consumer is None:
+            return
+        channel, _queue, _tag = subscription.consumer
+        subscription.consumer = None
+        # Its deliveries in flight cannot be acknowledged any more; they
+        # belonged to the deleted queue.
+        with contextlib.suppress(*_BROKER_ERRORS):
+            async with asyncio.timeout(2):
+                await channel.close()
 
     def _dispatch(
         self, topic: str, handler: MessageHandler, message: AbstractIncomingMessage
@@ -330,6 +469,8 @@ class RabbitMQBroker(Broker):
                 outage_retries += 1
                 if not await self._await_recovery(message, outage_retries):
                     return
+                # Whatever the failed attempt did may have happened in part.
+                delivery = dataclasses.replace(delivery, retried=True)
                 continue
             except Exception as exc:
                 await self._retry_or_dead_letter(topic, message, delivery, exc)
@@ -396,6 +537,7 @@ class RabbitMQBroker(Broker):
                 message.body,
                 message_id,
                 headers,
+                timeout=self._settings.publish_timeout_seconds,
             )
         except BrokerUnavailable as exc:
             log.error(
@@ -497,11 +639,12 @@ class RabbitMQBroker(Broker):
         while True:
             attempt += 1
             remaining = deadline - loop.time()
-            connection = aio_pika.RobustConnection(
+            connection = _FlowControlledConnection(
                 make_url(
                     settings.url.get_secret_value(),
                     heartbeat=settings.heartbeat_seconds,
                 ),
+                on_flow_control=self._on_flow_control,
                 reconnect_interval=settings.reconnect_interval_seconds,
                 client_properties={"connection_name": "orchestrator"},
             )
@@ -554,7 +697,12 @@ class RabbitMQBroker(Broker):
     async def _cancel_consumers(self) -> None:
         # While disconnected a cancel would wait for the reconnect: bound them
         # all together; the deliveries go back with the connection anyway.
-        cancels = [queue.cancel(tag) for _channel, queue, tag in self._consumers]
+        cancels = [
+            queue.cancel(tag)
+            for subscription in self._subscriptions
+            if subscription.consumer is not None
+            for _channel, queue, tag in [subscription.consumer]
+        ]
         with contextlib.suppress(*_BROKER_ERRORS):
             async with asyncio.timeout(2):
                 await asyncio.gather(*cancels, return_exceptions=True)
@@ -607,11 +755,114 @@ class RabbitMQBroker(Broker):
             "broker connection lost, reconnecting",
             extra={"url": self._settings.safe_url, "error": repr(exc)},
         )
-        self._set_healthy(False)
+        self._link_up = False
+        self._refresh_health()
 
     def _on_reconnected(self, _sender: object) -> None:
         log.info("broker connection restored", extra={"url": self._settings.safe_url})
-        self._set_healthy(True)
+        self._link_up = True
+        self._refresh_health()
+
+    def _on_flow_control(self, reason: str | None) -> None:
+        """RabbitMQ blocked the connection for `reason`, or (None) unblocked it."""
+        if reason == self._blocked_reason:
+            return
+        self._blocked_reason = reason
+        if reason is not None:
+            log.warning(
+                "broker blocked publishing",
+                extra={"url": self._settings.safe_url, "reason": reason},
+            )
+            # The publishes in flight wait for confirms RabbitMQ will not send
+            # while blocked: expire their timers now rather than at their end.
+            now = asyncio.get_running_loop().time()
+            for timer in self._publish_timers:
+                if not timer.expired():
+                    timer.reschedule(now)
+        elif self._link_up:
+            log.info("broker unblocked publishing", extra={"url": self._settings.safe_url})
+        self._refresh_health()
+
+    def _refresh_health(self) -> None:
+        self._set_healthy(self._link_up and self._blocked_reason is None)
+
+    def _blocked_message(self, message_id: str) -> str:
+        return (
+            f"cannot publish message {message_id}: broker {self._settings.safe_url} "
+            f"blocked publishing ({self._blocked_reason})"
+        )
+
+
+_FlowControlListener = Callable[[str | None], None]
+
+
+@dataclasses.dataclass(slots=True)
+class _Subscription:
+    """A topic consumed with a handler, and its consumer while it has one."""
+
+    topic: str
+    handler: MessageHandler
+    consumer: tuple[AbstractRobustChannel, AbstractRobustQueue, str] | None = None
+
+
+# aiormq handles RabbitMQ's Connection.Blocked and Connection.Unblocked frames
+# itself, in private (name-mangled) methods, and offers no callback for them.
+# Its frame reader calls them through the instance, so wrapping them on each
+# connection observes the frames without changing what aiormq does with them.
+_BLOCKED_HANDLER = "_Connection__handle_connection_blocked"
+_UNBLOCKED_HANDLER = "_Connection__handle_connection_unblocked"
+# The event aiormq clears on Blocked and sets on Unblocked; `ready()` waits for it.
+_UNBLOCKED_EVENT = "_Connection__connection_unblocked"
+
+
+class _FlowControlledConnection(aio_pika.RobustConnection):
+    """A robust connection that tells `on_flow_control` when RabbitMQ blocks or unblocks it.
+
+    Every underlying aiormq connection, the first and each one after a
+    reconnect, is observed from its start: `_on_connected` runs before any
+    channel is opened or restored on it. A new connection starts unblocked.
+    """
+
+    def __init__(self, url: URL, *, on_flow_control: _FlowControlListener, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._on_flow_control = on_flow_control
+
+    async def _on_connected(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            self._on_flow_control(None)
+            _observe_flow_control(transport.connection, self._on_flow_control)
+        await super()._on_connected()
+
+
+def _observe_flow_control(
+    connection: aiormq.abc.AbstractConnection, listener: _FlowControlListener
+) -> None:
+    unblocked_event = getattr(connection, _UNBLOCKED_EVENT, None)
+    if isinstance(unblocked_event, asyncio.Event):
+        # aiormq leaves `ready()` waiting forever on a connection that closed
+        # while blocked, and aio-pika's channel restore, started as the old
+        # connection closes, waits there holding the channel's restore lock:
+        # the reconnect would never finish. A closed connection blocks nothing.
+        connection.closing.add_done_callback(lambda _closed: unblocked_event.set())
+    blocked = getattr(connection, _BLOCKED_HANDLER, None)
+    unblocked = getattr(connection, _UNBLOCKED_HANDLER, None)
+    if blocked is None or unblocked is None:
+        # A later aiormq renamed them: publishes on a blocked connection then
+        # fail only at their timeout, and health does not show the block.
+        log.warning("cannot observe the broker's flow control with this aiormq version")
+        return
+
+    async def on_blocked(frame: aiormq.spec.Connection.Blocked) -> None:
+        await blocked(frame)
+        listener(frame.reason or "no reason given")
+
+    async def on_unblocked(frame: aiormq.spec.Connection.Unblocked) -> None:
+        await unblocked(frame)
+        listener(None)
+
+    setattr(connection, _BLOCKED_HANDLER, on_blocked)
+    setattr(connection, _UNBLOCKED_HANDLER, on_unblocked)
 
 
 def _require(value: _T | None) -> _T:

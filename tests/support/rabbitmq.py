@@ -169,14 +169,25 @@ class RabbitMQNode:
 
     def add_user(self, user: str, password: str) -> str:
         """Create a user with full rights on `/`; returns its AMQP URL."""
-        for args in (
-            ("add_user", user, password),
-            ("set_permissions", "-p", "/", user, ".*", ".*", ".*"),
-        ):
-            result = self._ctl(*args, timeout=60)
-            if result.returncode != 0:
-                raise RuntimeError(f"rabbitmqctl {args[0]} failed: {result.stderr.strip()}")
+        self._ctl_checked("add_user", user, password)
+        self._ctl_checked("set_permissions", "-p", "/", user, ".*", ".*", ".*")
         return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    def set_memory_alarm(self) -> None:
+        """Raise the node's memory alarm, as when it runs low on memory.
+
+        It lowers the memory high watermark below what the node uses, the
+        path a real alarm takes. RabbitMQ then blocks each connection that
+        publishes (`connection.blocked`, reason "low on memory").
+        """
+        self._ctl_checked("set_vm_memory_high_watermark", "0.000001")
+
+    def clear_memory_alarm(self) -> None:
+        """Clear the memory alarm: RabbitMQ's default watermark (0.4) again, connections unblocked.
+
+        0.4 is the node's own watermark unless its config sets another.
+        """
+        self._ctl_checked("set_vm_memory_high_watermark", "0.4")
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the node's logs, for failure messages."""
@@ -202,6 +213,14 @@ class RabbitMQNode:
         """`restart()` in a thread."""
         await asyncio.to_thread(self.restart)
 
+    async def aset_memory_alarm(self) -> None:
+        """`set_memory_alarm()` in a thread."""
+        await asyncio.to_thread(self.set_memory_alarm)
+
+    async def aclear_memory_alarm(self) -> None:
+        """`clear_memory_alarm()` in a thread."""
+        await asyncio.to_thread(self.clear_memory_alarm)
+
     def __enter__(self) -> RabbitMQNode:
         self.start()
         return self
@@ -226,6 +245,11 @@ class RabbitMQNode:
             )
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(exc.cmd, 1, "", f"timed out after {timeout}s")
+
+    def _ctl_checked(self, *args: str) -> None:
+        result = self._ctl(*args, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {args[0]} failed: {result.stderr.strip()}")
 
     def _pid(self) -> int | None:
         try:
