@@ -107,7 +107,9 @@ class CancelOrderRequest(_message.Message):
     """The x-idempotency-key of the create to undo: the record that create made
     (if any) is cancelled, and the key is tombstoned, so a create with that key
     that arrives later is ABORTED. Takes precedence over the id and RequestID.
-    NOT_FOUND when the key made no order (it is tombstoned all the same).
+    When the key made no order there is nothing to undo: the answer is an
+    empty Order (OrderID 0), and the key is tombstoned all the same, so an undo
+    may safely overtake its create.
     """
     def __init__(
         self,

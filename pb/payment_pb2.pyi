@@ -110,7 +110,9 @@ class RefundPaymentRequest(_message.Message):
     """The x-idempotency-key of the create to undo: the record that create made
     (if any) is refunded, and the key is tombstoned, so a create with that key
     that arrives later is ABORTED. Takes precedence over the id and RequestID.
-    NOT_FOUND when the key made no payment (it is tombstoned all the same).
+    When the key made no payment there is nothing to undo: the answer is an
+    empty Payment (PaymentID 0), and the key is tombstoned all the same, so an
+    undo may safely overtake its create.
     """
     def __init__(
         self,

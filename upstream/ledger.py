@@ -226,6 +226,10 @@ class Ledger:
         """The most recent order of ``request_id``, if any."""
         return self._latest_of(_ORDERS, request_id)
 
+    def orders_of(self, request_id: str) -> list[OrderRecord]:
+        """Every order of ``request_id``, oldest first."""
+        return self._all_of(_ORDERS, request_id)
+
     def count_orders(self, request_id: str) -> int:
         """How many orders ``request_id`` has."""
         return self._count(_ORDERS, request_id)
@@ -266,6 +270,10 @@ class Ledger:
     def latest_payment_of(self, request_id: str) -> PaymentRecord | None:
         """The most recent payment of ``request_id``, if any."""
         return self._latest_of(_PAYMENTS, request_id)
+
+    def payments_of(self, request_id: str) -> list[PaymentRecord]:
+        """Every payment of ``request_id``, oldest first."""
+        return self._all_of(_PAYMENTS, request_id)
 
     def count_payments(self, request_id: str) -> int:
         """How many payments ``request_id`` has."""
@@ -376,6 +384,12 @@ class Ledger:
             f"{table.select} WHERE request_id = ? ORDER BY id DESC LIMIT 1", (request_id,)
         ).fetchone()
         return None if row is None else table.record(*row)
+
+    def _all_of(self, table: _Table[R], request_id: str) -> list[R]:
+        rows = self._db.execute(
+            f"{table.select} WHERE request_id = ? ORDER BY id", (request_id,)
+        ).fetchall()
+        return [table.record(*row) for row in rows]
 
     def _count(self, table: _Table[R], request_id: str) -> int:
         (count,) = self._db.execute(

@@ -128,28 +128,6 @@ async def find_one(
     return record
 
 
-async def undo_by_key(
-    context: grpc.aio.ServicerContext[Any, Any],
-    noun: str,
-    key: str,
-    request_id: str,
-    *,
-    undo: Callable[[str], T | None],
-) -> T:
-    """Apply ``undo`` to the idempotency key ``key``: the record that key's create made.
-
-    Aborts NOT_FOUND when the key made no record; ``undo`` has tombstoned the
-    key all the same, so that create is refused if it arrives later.
-    """
-    record = undo(key)
-    if record is None:
-        await context.abort(
-            grpc.StatusCode.NOT_FOUND,
-            for_request(f"no {noun} made by idempotency key {key!r}", request_id),
-        )
-    return record
-
-
 def _to_proto(record: OrderRecord) -> order_pb2.Order:
     return order_pb2.Order(
         OrderID=record.id,
@@ -221,20 +199,15 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         """Cancel the order of IdempotencyKey, or else by OrderID, or else every order of RequestID.
 
         By IdempotencyKey it cancels only the order that key's create made and
-        tombstones the key; by RequestID it cancels them all (returning the
-        latest) and tombstones the request id. Either tombstone is left even when
-        NOT_FOUND, so a create arriving later is refused.
+        tombstones the key (a key that made nothing gets an empty Order: nothing
+        to undo); by RequestID it cancels them all (returning the latest) and
+        tombstones the request id, NOT_FOUND when there is none. Either tombstone
+        is left whatever was found, so a create arriving later is refused.
         """
         await self._faults.before_call(context, request.RequestID)
         if request.IdempotencyKey:
-            record = await undo_by_key(
-                context,
-                "order",
-                request.IdempotencyKey,
-                request.RequestID,
-                undo=self._ledger.cancel_order_by_key,
-            )
-            return _to_proto(record)
+            record = self._ledger.cancel_order_by_key(request.IdempotencyKey)
+            return order_pb2.Order() if record is None else _to_proto(record)
         record = await find_one(
             context,
             "order",

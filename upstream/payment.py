@@ -12,7 +12,6 @@ from upstream.order import (
     find_one,
     for_request,
     idempotency_key,
-    undo_by_key,
 )
 
 
@@ -91,20 +90,15 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         """Refund the payment of IdempotencyKey, or else by PaymentID, or else all of RequestID.
 
         By IdempotencyKey it refunds only the payment that key's create made and
-        tombstones the key; by RequestID it refunds them all (returning the
-        latest) and tombstones the request id. Either tombstone is left even when
-        NOT_FOUND, so a payment arriving later is refused.
+        tombstones the key (a key that made nothing gets an empty Payment: nothing
+        to undo); by RequestID it refunds them all (returning the latest) and
+        tombstones the request id, NOT_FOUND when there is none. Either tombstone
+        is left whatever was found, so a payment arriving later is refused.
         """
         await self._faults.before_call(context, request.RequestID)
         if request.IdempotencyKey:
-            record = await undo_by_key(
-                context,
-                "payment",
-                request.IdempotencyKey,
-                request.RequestID,
-                undo=self._ledger.refund_payment_by_key,
-            )
-            return _to_proto(record)
+            record = self._ledger.refund_payment_by_key(request.IdempotencyKey)
+            return payment_pb2.Payment() if record is None else _to_proto(record)
         record = await find_one(
             context,
             "payment",
