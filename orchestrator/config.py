@@ -338,6 +338,9 @@ def _allows_none(annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if _allows_none(annotation):
+        (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
+        return f"{_type_name(inner)} (optional)"
     if get_origin(annotation) is Literal:
         return " \\| ".join(f"`{value}`" for value in get_args(annotation))
     if annotation is SecretStr:
