@@ -1,628 +1,929 @@
-"""SqlSagaStore on SQLite and PostgreSQL: one behaviour per test, each on both backends.
+"""The saga store's journal: what each change does, and refuses, on every store.
 
-The databases come from tests/support/databases.py: a SQLite file per test, and a
-PostgreSQL database per module on `$ORCH_TEST_POSTGRES_URL`'s server (default
-postgres@127.0.0.1:5432), skipped when unreachable unless `$CI` is set.
+Each test runs on the three stores (`backend`): `InMemorySagaStore`, and
+`SqlSagaStore` on a SQLite file and on PostgreSQL (a database per module on
+`$ORCH_TEST_POSTGRES_URL`'s server, default postgres@127.0.0.1:5432, skipped
+when unreachable unless `$CI` is set; see tests/support/databases.py). Tests
+judge the store by what it returns, and, where two replicas matter, by what a
+second store on the same database reads back. Every change goes through
+`apply`, which checks the journal's invariant on the record after it.
+
+The SQL store's writers, batching, paging and migrations are in
+tests/test_store_sql.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from dataclasses import dataclass
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
-from sqlalchemy import text, update
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.engine import make_url
 
 from orchestrator.store import (
+    CLAIM_BATCH,
+    Change,
+    CompensationEnded,
+    CompensationState,
     InMemorySagaStore,
+    NewSaga,
     SagaRecord,
     SagaState,
     SagaStore,
     SqlSagaStore,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
     StepState,
-    store_from_url,
 )
-from orchestrator.store.sql import _store as sql_store
-from orchestrator.store.sql._store import _Op, replicas, sagas
+from orchestrator.store.memory import transition
 
-if TYPE_CHECKING:
-    from tests.support.databases import StoreOpener
+pytestmark = pytest.mark.timeout(60)
+
+FACADE = "booking"
+COMPENSATING = SagaState.COMPENSATING
+COMPENSATED = SagaState.COMPENSATED
+COMPENSATION_FAILED = SagaState.COMPENSATION_FAILED
 
 
-pytestmark = pytest.mark.timeout(30)
+# --- the stores -----------------------------------------------------------------------------------
 
 
-async def begin(
-    store: SagaStore,
+@dataclasses.dataclass
+class Backend:
+    """A started store, and a way to open more on the same database (other replicas)."""
+
+    name: str
+    url: str
+    store: SagaStore
+    opened: list[SagaStore]
+
+    async def another(self) -> SagaStore:
+        """Another started store on the same database; in memory, the same store."""
+        if isinstance(self.store, InMemorySagaStore):
+            return self.store
+        store = SqlSagaStore(self.url)
+        self.opened.append(store)
+        await store.start()
+        return store
+
+
+async def _drop_store_tables(url: str) -> None:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS saga_steps, sagas, replicas, alembic_version")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each store in turn, started on an empty database; every store opened is closed after."""
+    if request.param == "memory":
+        url, store = "memory://", InMemorySagaStore()
+    elif request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
+        store = SqlSagaStore(url)
+    else:
+        url = request.getfixturevalue("postgres_url")
+        await _drop_store_tables(url)
+        store = SqlSagaStore(url)
+    backend = Backend(request.param, url, store, [store])
+    await store.start()
+    yield backend
+    for opened in backend.opened:
+        await opened.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> SagaStore:
+    """The backend's first store."""
+    return backend.store
+
+
+# --- sagas, changes and the invariant -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["facade", "request_id"])
+def test_a_saga_key_longer_than_128_characters_is_refused_whatever_the_store(name: str) -> None:
+    fields = {"facade": "F", "request_id": "r", name: "x" * 129}
+
+    with pytest.raises(ValueError, match=f"a saga's {name} is 1 to 128 characters"):
+        NewSaga(
+            facade=fields["facade"],
+            request_id=fields["request_id"],
+            kind="sync",
+            payload="{}",
+            payload_hash="h",
+            owner="me",
+            first_step="a",
+            deadline_at=None,
+        )
+
+
+def later(seconds: float = 300) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def new_saga(
     request_id: str,
     *,
-    facade: str = "booking",
+    facade: str = FACADE,
     kind: str = "sync",
     owner: str = "replica-a",
     payload: str = '{"hotel": "h1"}',
-) -> bool:
-    result = await store.begin(
-        request_id=request_id,
+    deadline_at: datetime | None = None,
+) -> NewSaga:
+    return NewSaga(
         facade=facade,
+        request_id=request_id,
         kind=kind,
         payload=payload,
         payload_hash=f"hash-{payload}",
         owner=owner,
+        first_step="step-0",
+        deadline_at=later() if deadline_at is None else deadline_at,
     )
-    return result.created
 
 
-async def run_saga(store: SagaStore, request_id: str, *, steps: int = 2) -> None:
-    """A synthetic saga: begin, each step started and finished, then COMPLETED."""
-    await begin(store, request_id)
-    for index in range(steps):
-        await store.step_started(request_id, index, f"step-{index}")
-        await store.step_finished(
-            request_id, index, state=StepState.DONE, data=f'{{"{request_id}": {index}}}'
+def data(index: int) -> str:
+    return f'{{"after": {index}}}'
+
+
+def check_journal(saga: SagaRecord) -> None:
+    """The journal's invariant (see `orchestrator.store.changes`): a RUNNING saga has exactly
+    one current step, its last, after steps all DONE; a saga in any other state has none."""
+    indexes = [step.index for step in saga.steps]
+    assert indexes == list(range(len(indexes))), f"step log with gaps: {indexes}"
+    current = [step.index for step in saga.steps if step.current]
+    if saga.state == SagaState.RUNNING:
+        assert current == [indexes[-1]], f"RUNNING saga with current steps {current}"
+        assert all(step.state == StepState.DONE for step in saga.steps[:-1])
+        assert saga.current_step is not None and saga.current_step.index == indexes[-1]
+    else:
+        assert current == [], f"{saga.state} saga with current steps {current}"
+        assert saga.current_step is None
+
+
+def shape(saga: SagaRecord) -> tuple[Any, ...]:
+    """Everything of a record but the moments the store's clock chose."""
+    steps = tuple(
+        (
+            step.index,
+            step.name,
+            step.state,
+            step.attempts,
+            step.finished_at is None,
+            step.error,
+            step.data,
+            step.compensation,
+            step.compensated_at is None,
+            step.compensation_error,
         )
-    await store.set_state(request_id, SagaState.COMPLETED)
+        for step in saga.steps
+    )
+    return (
+        saga.facade,
+        saga.request_id,
+        saga.kind,
+        saga.state,
+        saga.payload,
+        saga.data,
+        saga.owner,
+        saga.deadline_at,
+        saga.error_code,
+        saga.error_reason,
+        steps,
+    )
 
 
-async def get(store: SagaStore, request_id: str) -> SagaRecord:
-    record = await store.get(request_id)
-    assert record is not None, request_id
-    return record
+async def get(store: SagaStore, request_id: str, *, facade: str = FACADE) -> SagaRecord:
+    saga = await store.get(facade, request_id)
+    assert saga is not None, (facade, request_id)
+    return saga
 
 
-async def test_begin_creates_once_then_returns_the_existing_record(store: SqlSagaStore) -> None:
-    assert await begin(store, "r1", payload='{"n": 1}')
-    await store.step_started("r1", 0, "reserve")
+async def apply(store: SagaStore, request_id: str, change: Change, *, facade: str = FACADE) -> bool:
+    """`store.apply`, then the invariant checked on what the store holds after it."""
+    applied = await store.apply(facade, request_id, change)
+    saga = await store.get(facade, request_id)
+    if saga is not None:
+        check_journal(saga)
+    return applied
+
+
+async def at_step(
+    store: SagaStore, request_id: str, index: int, *, facade: str = FACADE, **saga: Any
+) -> SagaRecord:
+    """A saga RUNNING at step `index`, the steps before it DONE."""
+    assert await store.begin(new_saga(request_id, facade=facade, **saga)) is None
+    for done in range(index):
+        ended = StepEnded(done, data(done), f"step-{done + 1}")
+        assert await apply(store, request_id, ended, facade=facade)
+    return await get(store, request_id, facade=facade)
+
+
+async def compensating(store: SagaStore, request_id: str, **saga: Any) -> SagaRecord:
+    """A saga COMPENSATING after its step 1 failed, both of its steps to undo."""
+    await at_step(store, request_id, 1, **saga)
+    failed = StepFailed(1, "FAILED_PRECONDITION", "declined", undo=(0, 1), deadline_at=later())
+    assert await apply(store, request_id, failed)
+    return await get(store, request_id)
+
+
+async def finished(store: SagaStore, request_id: str, state: SagaState) -> SagaRecord:
+    """A saga of two steps that ended in `state`."""
+    if state == SagaState.COMPLETED:
+        await at_step(store, request_id, 1)
+        assert await apply(store, request_id, StepEnded(1, data(1), complete=True))
+    else:
+        await compensating(store, request_id)
+        if state == COMPENSATED:
+            ended = CompensationEnded(COMPENSATED, done=(0, 1))
+        else:
+            ended = CompensationEnded(COMPENSATION_FAILED, done=(1,), failed=0, error="stuck")
+        assert await apply(store, request_id, ended)
+    saga = await get(store, request_id)
+    assert saga.state == state
+    return saga
+
+
+def every_change(index: int) -> list[Change]:
+    """One change of each kind (and each way out) naming step `index`."""
+    return [
+        StepRestarted(index),
+        StepPending(index, "broker down"),
+        StepEnded(index, '{"late": true}', next_step="late"),
+        StepEnded(index, '{"late": true}', complete=True),
+        StepFailed(index, "ABORTED", "late", undo=(index,), deadline_at=later()),
+        StepFailed(index, "ABORTED", "late", then=COMPENSATED),
+        CompensationEnded(COMPENSATED, done=(index,)),
+        CompensationEnded(COMPENSATION_FAILED, failed=index, error="late"),
+    ]
+
+
+# --- begin ----------------------------------------------------------------------------------------
+
+
+async def test_begin_records_a_running_saga_at_its_first_step(store: SagaStore) -> None:
+    deadline = later(60)
+    assert await store.begin(new_saga("r1", kind="async", deadline_at=deadline)) is None
+
+    saga = await get(store, "r1")
+    check_journal(saga)
+    assert (saga.facade, saga.request_id, saga.kind, saga.state) == (
+        FACADE,
+        "r1",
+        "async",
+        SagaState.RUNNING,
+    )
+    assert (saga.payload, saga.payload_hash, saga.owner, saga.data) == (
+        '{"hotel": "h1"}',
+        'hash-{"hotel": "h1"}',
+        "replica-a",
+        "",
+    )
+    assert (saga.deadline_at, saga.error_code, saga.error_reason) == (deadline, "", "")
+    (step,) = saga.steps
+    assert (step.index, step.name, step.state, step.attempts) == (0, "step-0", StepState.RUNNING, 1)
+    assert (step.finished_at, step.data, step.compensation) == (None, None, CompensationState.NONE)
+    assert saga.created_at.tzinfo == UTC
+    assert saga.created_at <= saga.updated_at
+
+
+async def test_begin_again_returns_the_existing_record_and_changes_nothing(
+    store: SagaStore,
+) -> None:
+    await at_step(store, "r1", 1)
+    before = await get(store, "r1")
 
     again = await store.begin(
-        request_id="r1",
-        facade="other",
-        kind="async",
-        payload='{"n": 2}',
-        payload_hash="other",
-        owner="replica-b",
+        new_saga("r1", kind="async", owner="replica-b", payload='{"hotel": "other"}')
     )
 
-    assert not again.created
-    existing = again.existing
-    assert existing is not None
-    assert (existing.request_id, existing.facade, existing.kind, existing.owner) == (
-        "r1",
-        "booking",
-        "sync",
-        "replica-a",
-    )
-    assert (existing.payload, existing.state, existing.data) == ('{"n": 1}', SagaState.RUNNING, "")
-    assert [step.name for step in existing.steps] == ["reserve"]
-    assert existing.created_at.tzinfo == UTC
-    assert existing.updated_at >= existing.created_at
+    assert again == before
+    assert await get(store, "r1") == before
 
 
-async def test_concurrent_begins_from_two_stores_create_each_saga_once(
-    open_store: StoreOpener,
+async def test_concurrent_begins_from_two_store_instances_create_each_saga_once(
+    backend: Backend,
 ) -> None:
-    first, second = await open_store(), await open_store()
+    stores = [backend.store, await backend.another()]
     ids = [f"race-{i}" for i in range(20)]
 
     results = await asyncio.gather(
-        *(begin(store, request_id) for request_id in ids for store in (first, second))
+        *(store.begin(new_saga(request_id)) for request_id in ids for store in stores)
     )
 
-    per_id = [results[i : i + 2] for i in range(0, len(results), 2)]
-    assert all(sorted(pair) == [False, True] for pair in per_id), per_id
+    for request_id, pair in zip(ids, zip(results[::2], results[1::2], strict=True), strict=True):
+        created = [result for result in pair if result is None]
+        existing = [result for result in pair if result is not None]
+        assert len(created) == 1 and len(existing) == 1, (request_id, pair)
+        # The loser got the winner's saga, as both stores read it now.
+        assert existing[0] == await get(stores[0], request_id) == await get(stores[1], request_id)
 
 
-async def test_step_log_counts_attempts_across_restarts_of_a_step(store: SqlSagaStore) -> None:
-    await begin(store, "r1")
-    await store.step_started("r1", 0, "pay")
-    await store.step_finished("r1", 0, state=StepState.FAILED, data="{}", error="timeout")
-    await store.step_started("r1", 0, "pay")
-
-    (step,) = (await get(store, "r1")).steps
-
-    assert (step.index, step.name, step.state, step.attempts) == (0, "pay", StepState.RUNNING, 2)
-    assert (step.finished_at, step.error) == (None, "")
+# --- each change applies only where the saga stands -----------------------------------------------
 
 
-async def test_step_finished_stores_the_step_state_and_the_saga_data(store: SqlSagaStore) -> None:
-    await begin(store, "r1")
-    await store.step_started("r1", 0, "reserve")
-    before = await get(store, "r1")
+async def test_step_ended_starts_the_next_step_with_the_steps_data(store: SagaStore) -> None:
+    await at_step(store, "r1", 0)
 
-    await store.step_finished("r1", 0, state=StepState.DONE, data='{"order": 7}')
+    assert await apply(store, "r1", StepEnded(0, data(0), next_step="step-1"))
 
     saga = await get(store, "r1")
-    (step,) = saga.steps
-    assert (step.state, step.error, saga.data) == (StepState.DONE, "", '{"order": 7}')
-    assert step.finished_at is not None and step.finished_at >= step.started_at
-    assert saga.updated_at > before.updated_at
-    assert saga.completed_steps == ["reserve"]
-
-
-async def test_set_state_moves_the_state_and_records_the_error(store: SqlSagaStore) -> None:
-    await begin(store, "r1")
-    await store.step_started("r1", 0, "reserve")
-    await store.step_finished("r1", 0, state=StepState.DONE, data='{"order": 7}')
-
-    await store.set_state(
-        "r1", SagaState.COMPENSATING, error_code="PAYMENT_DECLINED", error_reason="card refused"
+    assert saga.state == SagaState.RUNNING
+    first, second = saga.steps
+    assert (first.state, first.data) == (StepState.DONE, data(0))
+    assert first.finished_at is not None and first.finished_at >= first.started_at
+    assert (second.index, second.name, second.state, second.attempts) == (
+        1,
+        "step-1",
+        StepState.RUNNING,
+        1,
     )
-    compensating = await get(store, "r1")
-    # No data given keeps the data; no error given keeps the error that caused compensation.
-    await store.set_state("r1", SagaState.COMPENSATED, data='{"order": null}')
-    compensated = await get(store, "r1")
-
-    assert (compensating.state, compensating.data) == (SagaState.COMPENSATING, '{"order": 7}')
-    assert (compensated.state, compensated.data) == (SagaState.COMPENSATED, '{"order": null}')
-    for saga in (compensating, compensated):
-        assert (saga.error_code, saga.error_reason) == ("PAYMENT_DECLINED", "card refused")
-    assert compensated.finished
+    assert saga.data == data(0)
 
 
-async def test_get_returns_the_steps_in_index_order(store: SqlSagaStore) -> None:
-    await begin(store, "r1")
-    for index in (2, 0, 1):
-        await store.step_started("r1", index, f"step-{index}")
+async def test_step_ended_with_complete_completes_the_saga(store: SagaStore) -> None:
+    await at_step(store, "r1", 1)
+
+    assert await apply(store, "r1", StepEnded(1, data(1), complete=True))
 
     saga = await get(store, "r1")
+    assert (saga.state, saga.data, saga.deadline_at) == (SagaState.COMPLETED, data(1), None)
+    assert saga.completed_steps == ["step-0", "step-1"]
+    assert saga.finished
 
-    assert [(step.index, step.name) for step in saga.steps] == [
-        (0, "step-0"),
-        (1, "step-1"),
-        (2, "step-2"),
+
+@pytest.mark.parametrize("index", [0, 2, -1])
+async def test_step_ended_of_a_step_that_is_not_current_is_refused(
+    store: SagaStore, index: int
+) -> None:
+    before = await at_step(store, "r1", 1)
+
+    assert not await apply(store, "r1", StepEnded(index, data(index), next_step="other"))
+    assert not await apply(store, "r1", StepEnded(index, data(index), complete=True))
+
+    assert await get(store, "r1") == before
+
+
+async def test_a_second_step_ended_of_the_same_step_is_refused(store: SagaStore) -> None:
+    await at_step(store, "r1", 0)
+    assert await apply(store, "r1", StepEnded(0, data(0), next_step="step-1"))
+    after_first = await get(store, "r1")
+
+    assert not await apply(store, "r1", StepEnded(0, '{"again": 1}', next_step="step-1"))
+    assert not await apply(store, "r1", StepEnded(0, '{"again": 1}', complete=True))
+
+    assert await get(store, "r1") == after_first
+
+
+async def test_step_restarted_counts_the_attempts_of_the_current_step(store: SagaStore) -> None:
+    await at_step(store, "r1", 1)
+
+    assert await apply(store, "r1", StepRestarted(1))
+    assert await apply(store, "r1", StepRestarted(1))
+    assert not await apply(store, "r1", StepRestarted(0))  # done: not current
+    assert not await apply(store, "r1", StepRestarted(2))  # never started
+
+    saga = await get(store, "r1")
+    assert [(step.state, step.attempts) for step in saga.steps] == [
+        (StepState.DONE, 1),
+        (StepState.RUNNING, 3),
     ]
-    assert await store.get("missing") is None
+    assert (saga.steps[1].finished_at, saga.steps[1].error) == (None, "")
 
 
-async def test_writes_to_an_unknown_saga_raise_key_error(store: SqlSagaStore) -> None:
-    with pytest.raises(KeyError):
-        await store.step_started("missing", 0, "reserve")
-    with pytest.raises(KeyError):
-        await store.step_finished("missing", 0, state=StepState.DONE, data="{}")
-    with pytest.raises(KeyError):
-        await store.set_state("missing", SagaState.COMPLETED)
-    assert await store.get("missing") is None
+async def test_step_pending_then_step_restarted_runs_the_step_again(store: SagaStore) -> None:
+    await at_step(store, "r1", 0)
 
+    assert await apply(store, "r1", StepPending(0, "broker down"))
+    pending = await get(store, "r1")
+    assert await apply(store, "r1", StepRestarted(0))
 
-async def test_list_filters_by_facade_and_state_newest_first(store: SqlSagaStore) -> None:
-    for request_id, facade in [("b1", "booking"), ("p1", "payment"), ("b2", "booking")]:
-        await begin(store, request_id, facade=facade)
-    await begin(store, "b3", facade="booking")
-    await store.set_state("b2", SagaState.COMPLETED)
-
-    def ids(page: Any) -> list[str]:
-        return [saga.request_id for saga in page.sagas]
-
-    assert ids(await store.list_sagas()) == ["b3", "b2", "p1", "b1"]
-    assert ids(await store.list_sagas(facade="booking")) == ["b3", "b2", "b1"]
-    assert ids(await store.list_sagas(state=SagaState.COMPLETED)) == ["b2"]
-    assert ids(await store.list_sagas(facade="booking", state=SagaState.RUNNING)) == ["b3", "b1"]
-    assert ids(await store.list_sagas(facade="payment", state=SagaState.COMPLETED)) == []
-
-
-async def test_list_pages_without_gaps_or_repeats(store: SqlSagaStore) -> None:
-    # Begun concurrently: created_at may tie, and the keyset must still hold.
-    await asyncio.gather(*(run_saga(store, f"r{i:02d}") for i in range(8)))
-    await begin(store, "other", facade="payment")
-
-    pages, token = [], ""
-    for _ in range(4):
-        page = await store.list_sagas(facade="booking", page_size=3, page_token=token)
-        pages.append([saga.request_id for saga in page.sagas])
-        token = page.next_page_token
-        if not token:
-            break
-
-    listed = [request_id for page in pages for request_id in page]
-    everything = (await store.list_sagas(facade="booking", page_size=100)).sagas
-    assert [len(page) for page in pages] == [3, 3, 2]
-    assert listed == [saga.request_id for saga in everything]
-    assert sorted(listed) == [f"r{i:02d}" for i in range(8)]
-    assert [(s.created_at, s.request_id) for s in everything] == sorted(
-        ((s.created_at, s.request_id) for s in everything), reverse=True
+    assert pending.state == SagaState.RUNNING
+    assert pending.current_step is not None
+    assert (pending.current_step.state, pending.current_step.error) == (
+        StepState.PENDING,
+        "broker down",
     )
-    assert all(len(saga.steps) == 2 for saga in everything)
+    (step,) = (await get(store, "r1")).steps
+    assert (step.state, step.attempts, step.error) == (StepState.RUNNING, 2, "")
 
 
-async def test_list_pages_through_sagas_created_in_the_same_microsecond(
-    store: SqlSagaStore, store_url: str
+async def test_a_pending_step_neither_ends_nor_goes_pending_again(store: SagaStore) -> None:
+    await at_step(store, "r1", 0)
+    assert await apply(store, "r1", StepPending(0, "broker down"))
+    pending = await get(store, "r1")
+
+    assert not await apply(store, "r1", StepPending(0, "still down"))
+    assert not await apply(store, "r1", StepEnded(0, data(0), next_step="step-1"))
+    assert not await apply(store, "r1", StepEnded(0, data(0), complete=True))
+
+    assert await get(store, "r1") == pending
+
+
+@pytest.mark.parametrize("from_state", [StepState.RUNNING, StepState.PENDING])
+async def test_step_failed_rolls_back_a_running_or_pending_step(
+    store: SagaStore, from_state: StepState
 ) -> None:
-    for i in range(7):
-        await begin(store, f"t{i}")
-    engine = create_async_engine(store_url)
-    async with engine.begin() as conn:
-        await conn.execute(update(sagas).values(created_at=datetime(2030, 1, 1, tzinfo=UTC)))
-    await engine.dispose()
+    await at_step(store, "r1", 1)
+    if from_state == StepState.PENDING:
+        assert await apply(store, "r1", StepPending(1, "broker down"))
+    deadline = later(120)
 
-    listed, stamps, token = [], set(), ""
-    for _ in range(4):
-        page = await store.list_sagas(page_size=3, page_token=token)
-        listed += [saga.request_id for saga in page.sagas]
-        stamps |= {saga.created_at for saga in page.sagas}
-        if not (token := page.next_page_token):
-            break
+    failed = StepFailed(1, "UNAVAILABLE", "payment down", undo=(0,), deadline_at=deadline)
+    assert await apply(store, "r1", failed)
 
-    # The request id breaks the tie: still newest first, no gap, no repeat.
-    assert stamps == {datetime(2030, 1, 1, tzinfo=UTC)}
-    assert listed == [f"t{i}" for i in reversed(range(7))]
-
-
-async def test_list_clamps_the_page_size_and_refuses_a_bad_token(store: SqlSagaStore) -> None:
-    for i in range(3):
-        await begin(store, f"r{i}")
-
-    smallest = await store.list_sagas(page_size=0)
-    assert [saga.request_id for saga in smallest.sagas] == ["r2"]
-    assert smallest.next_page_token
-    assert len((await store.list_sagas(page_size=10_000)).sagas) == 3
-    with pytest.raises(ValueError, match="page token"):
-        await store.list_sagas(page_token="not a token")
+    saga = await get(store, "r1")
+    assert (saga.state, saga.error_code, saga.error_reason, saga.deadline_at) == (
+        COMPENSATING,
+        "UNAVAILABLE",
+        "payment down",
+        deadline,
+    )
+    step = saga.steps[1]
+    assert (step.state, step.error) == (StepState.FAILED, "payment down")
+    assert step.finished_at is not None
+    assert saga.failed_step == step
+    assert saga.data == data(0)  # no data given: the last finished step's
 
 
-async def test_claim_orphans_takes_sagas_of_stale_replicas_not_fresh_ones(
-    store: SqlSagaStore, store_url: str
+async def test_step_failed_of_a_step_that_is_not_current_is_refused(store: SagaStore) -> None:
+    before = await at_step(store, "r1", 1)
+
+    for index in (0, 2):
+        failed = StepFailed(index, "ABORTED", "stale", undo=(0,), deadline_at=later())
+        assert not await apply(store, "r1", failed)
+
+    assert await get(store, "r1") == before
+
+
+@pytest.mark.parametrize(
+    ("undo", "then"),
+    [((0, 2, 3), COMPENSATING), ((3,), COMPENSATING), ((), COMPENSATED)],
+    ids=["some-steps", "the-failed-step", "nothing"],
+)
+async def test_step_failed_marks_exactly_the_undo_steps_and_moves_to_then(
+    store: SagaStore, undo: tuple[int, ...], then: SagaState
 ) -> None:
-    await store.heartbeat("stale")
-    await store.heartbeat("fresh")
-    # Ten minutes without a heartbeat, without waiting ten minutes.
-    engine = create_async_engine(store_url)
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(replicas)
-            .where(replicas.c.owner == "stale")
-            .values(heartbeat_at=datetime.now(UTC) - timedelta(minutes=10))
-        )
-    await engine.dispose()
-    await begin(store, "of-stale", owner="stale")
-    await begin(store, "of-fresh", owner="fresh")
+    await at_step(store, "r1", 3)
+    deadline = later(120) if then == COMPENSATING else None
 
-    claimed = await store.claim_orphans("me", stale_after=60, kind="sync")
+    change = StepFailed(3, "ABORTED", "stopped", undo=undo, deadline_at=deadline, then=then)
+    assert await apply(store, "r1", change)
 
-    assert [saga.request_id for saga in claimed] == ["of-stale"]
-    assert claimed[0].owner == "me"
-    assert (await get(store, "of-stale")).owner == "me"
-    assert (await get(store, "of-fresh")).owner == "fresh"
+    saga = await get(store, "r1")
+    assert (saga.state, saga.deadline_at) == (then, deadline)
+    assert [step.compensation for step in saga.steps] == [
+        CompensationState.PENDING if step.index in undo else CompensationState.NONE
+        for step in saga.steps
+    ]
+    assert [step.state for step in saga.steps] == [StepState.DONE] * 3 + [StepState.FAILED]
 
 
-async def test_claim_orphans_takes_sagas_of_owners_that_never_beat(store: SqlSagaStore) -> None:
-    await begin(store, "r1", owner="ghost")
-    await store.step_started("r1", 0, "reserve")
+async def test_step_failed_with_data_makes_it_the_sagas_data(store: SagaStore) -> None:
+    await at_step(store, "r1", 1)
 
-    claimed = await store.claim_orphans("me", stale_after=60, kind="sync")
+    failed = StepFailed(1, "ABORTED", "stopped", undo=(0, 1), deadline_at=later(), data='{"x": 1}')
+    assert await apply(store, "r1", failed)
 
-    assert [(saga.request_id, saga.owner) for saga in claimed] == [("r1", "me")]
-    assert [step.name for step in claimed[0].steps] == ["reserve"]
-    assert await store.claim_orphans("me", stale_after=60, kind="sync") == []
+    saga = await get(store, "r1")
+    assert (saga.data, saga.steps[1].data) == ('{"x": 1}', '{"x": 1}')
 
 
-async def test_claim_orphans_leaves_finished_other_kind_and_own_sagas(
-    store: SqlSagaStore,
+async def test_compensation_ended_is_refused_unless_the_saga_is_compensating(
+    store: SagaStore,
 ) -> None:
-    await begin(store, "done", owner="ghost")
-    await store.set_state("done", SagaState.COMPLETED)
-    await begin(store, "compensated", owner="ghost")
-    await store.set_state("compensated", SagaState.COMPENSATED)
-    await begin(store, "async-one", owner="ghost", kind="async")
-    await begin(store, "mine", owner="me")
+    before = await at_step(store, "r1", 1)
 
-    assert await store.claim_orphans("me", stale_after=0, kind="sync") == []
-    assert (await get(store, "done")).owner == "ghost"
+    assert not await apply(store, "r1", CompensationEnded(COMPENSATED, done=(0,)))
+    ended = CompensationEnded(COMPENSATION_FAILED, failed=0, error="x")
+    assert not await apply(store, "r1", ended)
+
+    assert await get(store, "r1") == before
 
 
-async def test_two_replicas_claiming_at_once_split_the_orphans(open_store: StoreOpener) -> None:
-    first, second = await open_store(), await open_store()
-    orphans = {f"orphan-{i:03d}" for i in range(150)}  # more than one claim's batch
-    for request_id in sorted(orphans):
-        await begin(first, request_id, owner="dead")
+async def test_compensation_ended_records_the_steps_undone(store: SagaStore) -> None:
+    await compensating(store, "r1")
+
+    assert await apply(store, "r1", CompensationEnded(COMPENSATED, done=(0, 1)))
+
+    saga = await get(store, "r1")
+    assert (saga.state, saga.deadline_at) == (COMPENSATED, None)
+    assert (saga.error_code, saga.error_reason) == ("FAILED_PRECONDITION", "declined")
+    for step in saga.steps:
+        assert (step.compensation, step.compensation_error) == (CompensationState.DONE, "")
+        assert step.compensated_at is not None
+
+
+async def test_compensation_ended_failed_records_the_step_and_its_error(store: SagaStore) -> None:
+    await compensating(store, "r1")
+
+    ended = CompensationEnded(COMPENSATION_FAILED, done=(1,), failed=0, error="cancel failed")
+    assert await apply(store, "r1", ended)
+
+    saga = await get(store, "r1")
+    assert (saga.state, saga.deadline_at) == (COMPENSATION_FAILED, None)
+    assert (saga.error_code, saga.error_reason) == ("FAILED_PRECONDITION", "cancel failed")
+    first, second = saga.steps
+    assert (first.compensation, first.compensation_error) == (
+        CompensationState.FAILED,
+        "cancel failed",
+    )
+    assert (second.compensation, second.compensation_error) == (CompensationState.DONE, "")
+    assert first.compensated_at is not None and second.compensated_at is not None
+
+
+@pytest.mark.parametrize("state", [SagaState.COMPLETED, COMPENSATED, COMPENSATION_FAILED])
+async def test_a_finished_saga_refuses_every_change_and_stays_as_it_was(
+    backend: Backend, state: SagaState
+) -> None:
+    store = backend.store
+    before = await finished(store, "r1", state)
+
+    for index in range(len(before.steps) + 1):
+        for change in every_change(index):
+            assert not await apply(store, "r1", change), change
+
+    assert await get(store, "r1") == before
+    assert await get(await backend.another(), "r1") == before
+
+
+@pytest.mark.parametrize("change", every_change(0), ids=lambda change: type(change).__name__)
+async def test_a_change_to_an_unknown_saga_is_refused(store: SagaStore, change: Change) -> None:
+    await at_step(store, "r1", 0, facade="other")
+
+    assert await store.apply(FACADE, "r1", change) is False
+    assert await store.apply("other", "missing", change) is False
+
+    assert await store.get(FACADE, "r1") is None
+    assert await store.get("other", "missing") is None
+
+
+async def test_one_request_id_under_two_facades_is_two_independent_sagas(
+    store: SagaStore,
+) -> None:
+    assert await store.begin(new_saga("shared", facade="sync-booking")) is None
+    assert await store.begin(new_saga("shared", facade="async-booking", kind="async")) is None
+    untouched = await get(store, "shared", facade="async-booking")
+
+    assert await apply(store, "shared", StepEnded(0, data(0), complete=True), facade="sync-booking")
+    failed = StepFailed(0, "ABORTED", "no", then=COMPENSATED)
+    assert not await apply(store, "shared", failed, facade="sync-booking")
+
+    assert (await get(store, "shared", facade="sync-booking")).state == SagaState.COMPLETED
+    assert await get(store, "shared", facade="async-booking") == untouched
+    assert await apply(store, "shared", failed, facade="async-booking")
+    assert (await get(store, "shared", facade="async-booking")).state == COMPENSATED
+    assert (await get(store, "shared", facade="sync-booking")).data == data(0)
+
+
+# --- concurrent changes ---------------------------------------------------------------------------
+
+RACES: dict[str, Callable[[int], Change]] = {
+    "step-ended": lambda n: StepEnded(0, f'{{"by": {n}}}', next_step="step-1"),
+    "step-completed": lambda n: StepEnded(0, f'{{"by": {n}}}', complete=True),
+    "step-failed": lambda n: StepFailed(0, "ABORTED", f"by {n}", undo=(0,), deadline_at=later()),
+    "step-ended-or-failed": lambda n: (
+        StepEnded(0, f'{{"by": {n}}}', next_step="step-1")
+        if n % 2
+        else StepFailed(0, "ABORTED", f"by {n}", then=COMPENSATED)
+    ),
+    "step-pending": lambda n: StepPending(0, f"by {n}"),
+    "compensation-ended": lambda n: (
+        CompensationEnded(COMPENSATED, done=(0,))
+        if n % 2
+        else CompensationEnded(COMPENSATION_FAILED, failed=0, error=f"by {n}")
+    ),
+}
+
+
+@pytest.mark.parametrize("race", list(RACES))
+async def test_concurrent_duplicate_changes_from_two_store_instances_apply_exactly_once(
+    backend: Backend, race: str
+) -> None:
+    stores = [backend.store, await backend.another()]
+    await at_step(stores[0], "r1", 0)
+    if race == "compensation-ended":
+        failed = StepFailed(0, "ABORTED", "x", undo=(0,), deadline_at=later())
+        assert await apply(stores[0], "r1", failed)
+    start = await get(stores[0], "r1")
+    changes = [RACES[race](n) for n in range(50)]
+
+    applied = await asyncio.gather(
+        *(stores[n % 2].apply(FACADE, "r1", change) for n, change in enumerate(changes))
+    )
+
+    assert applied.count(True) == 1, applied
+    winner = changes[applied.index(True)]
+    saga = await get(stores[0], "r1")
+    check_journal(saga)
+    assert await get(stores[1], "r1") == saga
+    expected = transition(start, winner, datetime.now(UTC))
+    assert expected is not None
+    assert shape(saga) == shape(expected)  # the winner's change, applied once
+
+
+# --- claiming stalled sagas -----------------------------------------------------------------------
+
+
+async def silence(store: SagaStore, *silent: str, alive: str = "alive") -> float:
+    """Heartbeats of `silent` replicas, then, a moment later, of `alive`: the `stale_after`
+    to claim with, which finds the first stale and the second fresh."""
+    for owner in silent:
+        await store.heartbeat(owner)
+    await asyncio.sleep(0.3)
+    await store.heartbeat(alive)
+    return 0.15
+
+
+def claimed(stalled: list[Any]) -> dict[str, bool]:
+    return {each.saga.request_id: each.expired for each in stalled}
+
+
+async def test_claim_takes_running_and_compensating_sagas_past_their_deadline(
+    store: SagaStore,
+) -> None:
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    for kind in ("sync", "async"):
+        await at_step(store, f"running-{kind}", 1, kind=kind, owner="alive", deadline_at=past)
+        await compensating(store, f"compensating-{kind}", kind=kind, owner="alive")
+        failed = StepFailed(0, "ABORTED", "x", undo=(0,), deadline_at=past)
+        await at_step(store, f"late-compensating-{kind}", 0, kind=kind, owner="alive")
+        assert await apply(store, f"late-compensating-{kind}", failed)
+    await store.heartbeat("alive")
+
+    stalled = await store.claim_stalled("me", stale_after=60, hold_for=30)
+
+    assert claimed(stalled) == {
+        "running-sync": True,
+        "running-async": True,
+        "late-compensating-sync": True,
+        "late-compensating-async": True,
+    }
+    assert {each.saga.state for each in stalled} == {SagaState.RUNNING, COMPENSATING}
+
+
+async def test_claim_takes_running_sync_sagas_of_silent_or_never_seen_replicas(
+    store: SagaStore,
+) -> None:
+    await at_step(store, "of-silent", 1, owner="silent")
+    await at_step(store, "of-ghost", 0, owner="ghost")  # never beat
+    await at_step(store, "of-alive", 0, owner="alive")
+    stale_after = await silence(store, "silent")
+
+    stalled = await store.claim_stalled("me", stale_after=stale_after, hold_for=30)
+
+    assert claimed(stalled) == {"of-silent": False, "of-ghost": False}
+    assert [step.state for step in (await get(store, "of-silent")).steps] == [
+        StepState.DONE,
+        StepState.RUNNING,
+    ]
+
+
+async def test_claim_leaves_async_finished_and_fresh_sagas_alone(store: SagaStore) -> None:
+    await at_step(store, "async-of-silent", 1, kind="async", owner="silent")
+    await compensating(store, "compensating-of-silent", owner="silent")  # a sync one
+    for state in (SagaState.COMPLETED, COMPENSATED, COMPENSATION_FAILED):
+        saga = await finished(store, f"{state}-of-ghost", state)
+        assert saga.owner == "replica-a"  # never beat
+    await at_step(store, "sync-of-alive", 1, owner="alive")
+    await at_step(store, "mine", 0, owner="me")  # the claimer's own, though it never beat
+    stale_after = await silence(store, "silent")
+    everything = list((await store.list_sagas(page_size=100)).sagas)
+
+    assert await store.claim_stalled("me", stale_after=stale_after, hold_for=30) == []
+
+    assert list((await store.list_sagas(page_size=100)).sagas) == everything
+
+
+async def test_a_claimed_saga_is_the_claimers_until_hold_for_from_now(backend: Backend) -> None:
+    store = backend.store
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    await at_step(store, "expired", 1, owner="alive", deadline_at=past)
+    await at_step(store, "orphan", 1, owner="ghost")
+    await store.heartbeat("alive")
+
+    before = datetime.now(UTC)
+    stalled = await store.claim_stalled("me", stale_after=60, hold_for=30)
+    after = datetime.now(UTC)
+
+    assert claimed(stalled) == {"expired": True, "orphan": False}
+    other = await backend.another()
+    for each in stalled:
+        saga = each.saga
+        assert saga.owner == "me"
+        assert saga.deadline_at is not None
+        assert before + timedelta(seconds=30) <= saga.deadline_at <= after + timedelta(seconds=30)
+        assert await get(store, saga.request_id) == saga
+        assert await get(other, saga.request_id) == saga
+    # Held: nothing is stalled any more, for the claimer or another replica.
+    assert await store.claim_stalled("me", stale_after=60, hold_for=30) == []
+    await store.heartbeat("me")
+    assert await other.claim_stalled("you", stale_after=60, hold_for=30) == []
+
+
+async def test_two_replicas_claiming_at_once_split_the_stalled_sagas(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    first, second = backend.store, await backend.another()
     await first.heartbeat("a")
     await second.heartbeat("b")
 
-    async def claim_all(store: SqlSagaStore, me: str) -> list[str]:
+    async def claim_all(store: SagaStore, me: str) -> list[str]:
         taken: list[str] = []
-        while batch := await store.claim_orphans(me, stale_after=60, kind="sync"):
-            assert all(saga.owner == me for saga in batch)
-            taken += [saga.request_id for saga in batch]
+        while batch := await store.claim_stalled(me, stale_after=60, hold_for=300):
+            assert all(each.saga.owner == me for each in batch)
+            taken += [each.saga.request_id for each in batch]
         return taken
 
-    by_a, by_b = await asyncio.gather(claim_all(first, "a"), claim_all(second, "b"))
+    # A few rounds: each is a race, which a wrong store need not lose every time.
+    for race in range(3):
+        # Of a replica never seen, all of them; every other one past its deadline as well.
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        stalled = [f"stalled-{race}-{i:03d}" for i in range(150)]
+        await asyncio.gather(
+            *(
+                at_step(first, request_id, 0, owner="dead", deadline_at=past if i % 2 else None)
+                for i, request_id in enumerate(stalled)
+            )
+        )
 
-    assert not set(by_a) & set(by_b)
-    assert sorted(by_a + by_b) == sorted(orphans)
-    owners = {(await get(first, request_id)).owner for request_id in orphans}
-    assert owners <= {"a", "b"}
+        by_a, by_b = await asyncio.gather(claim_all(first, "a"), claim_all(second, "b"))
 
-
-async def test_data_survives_close_and_reopen(store_url: str) -> None:
-    store = SqlSagaStore(store_url)
-    await store.start()
-    await run_saga(store, "r1")
-    await store.heartbeat("replica-a")
-    await store.close()
-
-    reopened = SqlSagaStore(store_url)
-    await reopened.start()
-    try:
-        saga = await get(reopened, "r1")
-        assert (saga.state, saga.data) == (SagaState.COMPLETED, '{"r1": 1}')
-        assert [(step.name, step.state) for step in saga.steps] == [
-            ("step-0", StepState.DONE),
-            ("step-1", StepState.DONE),
-        ]
-        assert not await begin(reopened, "r1")
-        # replica-a's heartbeat survived too: its sagas are not orphans.
-        await begin(reopened, "r2", owner="replica-a")
-        assert await reopened.claim_orphans("me", stale_after=60, kind="sync") == []
-    finally:
-        await reopened.close()
+        assert not set(by_a) & set(by_b)
+        assert sorted(by_a + by_b) == stalled
+        for request_id in by_a:
+            assert (await get(second, request_id)).owner == "a"
+        for request_id in by_b:
+            assert (await get(first, request_id)).owner == "b"
 
 
-async def test_group_commit_makes_200_concurrent_sagas_durable(
-    open_store: StoreOpener, store_url: str
+async def test_a_claim_takes_at_most_claim_batch_sagas_and_the_next_the_rest(
+    backend: Backend, request: pytest.FixtureRequest
 ) -> None:
-    store = await open_store()
-    ids = [f"saga-{i:03d}" for i in range(200)]
+    store = backend.store
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    total = CLAIM_BATCH + 20
+    await asyncio.gather(
+        *(at_step(store, f"orphan-{i:03d}", 0, owner="ghost") for i in range(total // 2)),
+        *(
+            at_step(store, f"expired-{i:03d}", 0, owner="alive", deadline_at=past)
+            for i in range(total - total // 2)
+        ),
+    )
+    await store.heartbeat("alive")
 
-    await asyncio.gather(*(run_saga(store, request_id) for request_id in ids))
-    await store.close()
+    first = await store.claim_stalled("me", stale_after=60, hold_for=300)
+    second = await store.claim_stalled("me", stale_after=60, hold_for=300)
 
-    # Six writes a saga, far fewer transactions.
-    assert store.stats.ops == 6 * len(ids)
-    assert store.stats.transactions < len(ids)
-    assert store.stats.largest_batch > 1
-    reopened = await open_store()
-    page = await reopened.list_sagas(page_size=500)
-    assert sorted(saga.request_id for saga in page.sagas) == ids
-    for saga in page.sagas:
-        assert (saga.state, saga.data) == (SagaState.COMPLETED, f'{{"{saga.request_id}": 1}}')
-        assert [(step.index, step.state, step.attempts) for step in saga.steps] == [
-            (0, StepState.DONE, 1),
-            (1, StepState.DONE, 1),
-        ]
+    assert (len(first), len(second)) == (CLAIM_BATCH, total - CLAIM_BATCH)
 
 
-async def test_a_bad_write_fails_alone_and_spares_its_batch(store: SqlSagaStore) -> None:
-    good = [f"good-{i:02d}" for i in range(30)]
-    bad = store.begin(
-        request_id="bad",
-        facade="booking",
-        kind="sync",
-        payload=cast(str, None),  # NOT NULL: fails in the database, mid-batch
-        payload_hash="h",
-        owner="replica-a",
+# --- what every change keeps ----------------------------------------------------------------------
+
+
+def random_change(rng: random.Random, saga: SagaRecord, n: int) -> Change:
+    """A change the engine could send (or a stale or duplicate one), aimed near the
+    saga's last step."""
+    last = len(saga.steps) - 1
+    index = rng.choice([last, last, last, last - 1, last + 1])
+    steps = range(last + 2)
+    kind = rng.randrange(8)
+    if kind == 0:
+        return StepRestarted(index)
+    if kind == 1:
+        return StepPending(index, f"pending {n}")
+    if kind in (2, 3):
+        if last < 4 and kind == 2:
+            return StepEnded(index, f'{{"n": {n}}}', next_step=f"step-{index + 1}")
+        return StepEnded(index, f'{{"n": {n}}}', complete=True)
+    if kind == 4:
+        undo = tuple(sorted(rng.sample(steps, rng.randrange(len(steps) + 1))))
+        return StepFailed(
+            index,
+            "ABORTED",
+            f"failed {n}",
+            undo=undo,
+            deadline_at=later(),
+            data=rng.choice([None, f'{{"failed": {n}}}']),
+        )
+    if kind == 5:
+        return StepFailed(index, "UNAVAILABLE", f"failed {n}", then=COMPENSATED)
+    done = tuple(sorted(rng.sample(steps, rng.randrange(len(steps) + 1))))
+    if kind == 6:
+        return CompensationEnded(COMPENSATED, done=done)
+    failed = rng.choice([i for i in steps if i not in done] or [last + 1])
+    return CompensationEnded(
+        COMPENSATION_FAILED, done=done, failed=failed, error=rng.choice(["", f"undo {n}"])
     )
 
-    results = await asyncio.gather(
-        *(begin(store, request_id) for request_id in good[:15]),
-        bad,
-        *(begin(store, request_id) for request_id in good[15:]),
-        return_exceptions=True,
-    )
 
-    assert isinstance(results[15], IntegrityError)
-    assert results[:15] + results[16:] == [True] * 30
-    assert store.stats.failed_batches >= 1
-    assert await store.get("bad") is None
-    assert len((await store.list_sagas(page_size=100)).sagas) == 30
-
-
-async def test_a_write_cancelled_by_its_caller_spares_the_others(store: SqlSagaStore) -> None:
-    tasks = [asyncio.create_task(run_saga(store, f"r{i}")) for i in range(10)]
-    await asyncio.sleep(0)
-    tasks[3].cancel()
-
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-
-    assert isinstance(results[3], asyncio.CancelledError)
-    assert results[:3] + results[4:] == [None] * 9
-    for i in (*range(3), *range(4, 10)):
-        assert (await get(store, f"r{i}")).state == SagaState.COMPLETED
-    await run_saga(store, "after")  # the writer goes on
-
-
-async def test_replicas_starting_at_once_create_the_schema_once(open_store: StoreOpener) -> None:
-    stores = await asyncio.gather(*(open_store() for _ in range(4)))
-
-    assert await begin(stores[0], "r1")
-    assert await stores[3].get("r1") is not None
-
-
-async def test_a_closed_store_refuses_writes(store: SqlSagaStore) -> None:
-    await store.close()
-
-    with pytest.raises(RuntimeError, match="not running"):
-        await begin(store, "r1")
-
-
-def test_in_memory_sqlite_is_refused() -> None:
-    for url in ("sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:", "sqlite:///:memory:"):
-        with pytest.raises(ValueError, match="in-memory"):
-            SqlSagaStore(url)
-    with pytest.raises(ValueError, match="unsupported"):
-        SqlSagaStore("mysql+aiomysql://user@host/db")
-
-
-def test_store_from_url_picks_the_store(tmp_path: Any) -> None:
-    assert isinstance(store_from_url("memory://"), InMemorySagaStore)
-    sqlite = store_from_url(f"sqlite:///{tmp_path / 'x.db'}")
-    assert isinstance(sqlite, SqlSagaStore)
-    assert sqlite.url.startswith("sqlite+aiosqlite:///")
-    postgres = store_from_url("postgresql://postgres:secret@127.0.0.1:5432/db")
-    assert isinstance(postgres, SqlSagaStore)
-    assert postgres.url == "postgresql+asyncpg://postgres:***@127.0.0.1:5432/db"
-
-
-async def test_a_store_created_by_an_earlier_version_gets_the_columns_it_lacks(
-    store_url: str, open_store: StoreOpener
+async def test_every_store_follows_the_reference_semantics_and_keeps_the_invariant(
+    store: SagaStore,
 ) -> None:
-    # As an earlier version left it: the step log without the data its steps end with.
-    first = await open_store()
-    await first.close()
-    engine = create_async_engine(store_url)
-    async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE saga_steps DROP COLUMN data"))
-        await conn.execute(text("ALTER TABLE sagas DROP COLUMN data_at"))
-    await engine.dispose()
+    # Random runs of changes, stale and duplicate ones among them, on 40 sagas at once:
+    # each change must be applied exactly when `orchestrator.store.memory.transition` says,
+    # with the record it says, and leave the journal's invariant standing.
+    ids = [f"walk-{i:02d}" for i in range(40)]
+    await asyncio.gather(*(store.begin(new_saga(request_id)) for request_id in ids))
 
-    store = await open_store()
-    await begin(store, "old-1")
-    await store.step_started("old-1", 0, "step-0")
-    await store.step_finished("old-1", 0, state=StepState.DONE, data='{"after": 0}')
+    walks = {request_id: random.Random(f"journal-{request_id}") for request_id in ids}
 
-    assert (await get(store, "old-1")).data == '{"after": 0}'
+    async def one_change(request_id: str, n: int) -> str:
+        before = await get(store, request_id)
+        change = random_change(walks[request_id], before, n)
+        applied = await apply(store, request_id, change)
+        expected = transition(before, change, datetime.now(UTC))
+        after = await get(store, request_id)
+        assert applied == (expected is not None), (before, change)
+        assert shape(after) == shape(expected or before), (before, change)
+        if not applied:
+            assert after == before
+        return f"{type(change).__name__}:{applied}"
+
+    outcomes: list[str] = []
+    for n in range(8):
+        outcomes += await asyncio.gather(*(one_change(request_id, n) for request_id in ids))
+
+    # The walk went everywhere: every kind of change, both applied and refused.
+    kinds = {"StepRestarted", "StepPending", "StepEnded", "StepFailed", "CompensationEnded"}
+    assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("True")} == kinds
+    assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("False")} == kinds
+    states = {(await get(store, request_id)).state for request_id in ids}
+    assert states == set(SagaState)
 
 
-async def test_the_saga_data_is_its_last_finished_steps_until_a_final_write(
-    store: SqlSagaStore,
-) -> None:
-    await begin(store, "d1")
-    await store.step_started("d1", 0, "step-0")
-    await store.step_finished("d1", 0, state=StepState.DONE, data='{"n": 0}', next_step="step-1")
+async def test_the_sagas_data_is_its_last_finished_steps(store: SagaStore) -> None:
+    await at_step(store, "d1", 0)
+    assert (await get(store, "d1")).data == ""
+    assert await apply(store, "d1", StepEnded(0, '{"n": 0}', next_step="step-1"))
     after_first = await get(store, "d1")
-    await store.step_finished(
-        "d1", 1, state=StepState.DONE, data='{"n": 1}', saga_state=SagaState.COMPLETED
-    )
-    await store.set_state("d1", SagaState.COMPLETED)  # data None keeps it
+    assert await apply(store, "d1", StepRestarted(1))
+    restarted = await get(store, "d1")
+    assert await apply(store, "d1", StepEnded(1, '{"n": 1}', complete=True))
 
-    assert after_first.data == '{"n": 0}'
+    assert (after_first.data, restarted.data) == ('{"n": 0}', '{"n": 0}')
     final = await get(store, "d1")
     assert (final.data, final.state) == ('{"n": 1}', SagaState.COMPLETED)
-    assert final.updated_at >= max(s.finished_at for s in final.steps if s.finished_at)
 
 
-async def test_a_steps_end_moves_the_sagas_updated_at(store: SqlSagaStore) -> None:
-    await begin(store, "u1")
-    await store.step_started("u1", 0, "step-0")
-    before = (await get(store, "u1")).updated_at
+UPDATES: dict[str, tuple[int, Callable[[], Change]]] = {
+    # A change, and the step the saga is at (or COMPENSATING after, -1) before it.
+    "step-ended": (0, lambda: StepEnded(0, data(0), next_step="step-1")),
+    "step-completed": (0, lambda: StepEnded(0, data(0), complete=True)),
+    "step-restarted": (0, lambda: StepRestarted(0)),
+    "step-pending": (0, lambda: StepPending(0, "broker down")),
+    "step-failed": (0, lambda: StepFailed(0, "ABORTED", "x", undo=(0,), deadline_at=later())),
+    "compensation-ended": (-1, lambda: CompensationEnded(COMPENSATED, done=(0, 1))),
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+async def test_an_applied_change_moves_updated_at(
+    backend: Backend, update: str, request: pytest.FixtureRequest
+) -> None:
+    store = backend.store
+    at, change = UPDATES[update]
+    before = await (compensating(store, "u1") if at < 0 else at_step(store, "u1", at))
     await asyncio.sleep(0.002)
-    await store.step_finished("u1", 0, state=StepState.DONE, data="{}")
 
-    assert (await get(store, "u1")).updated_at > before
+    assert await apply(store, "u1", change())
+
+    assert (await get(store, "u1")).updated_at > before.updated_at
+    assert (await get(await backend.another(), "u1")).updated_at > before.updated_at
 
 
-async def test_a_plain_step_end_of_a_step_never_started_is_a_key_error(
-    store: SqlSagaStore,
+@pytest.mark.parametrize(
+    "ending", ["completed", "failed-with-nothing-to-undo", "compensated", "compensation-failed"]
+)
+async def test_a_finished_saga_has_no_deadline(
+    backend: Backend, ending: str, request: pytest.FixtureRequest
 ) -> None:
-    await begin(store, "k1")
+    store = backend.store
+    if ending == "failed-with-nothing-to-undo":
+        await at_step(store, "f1", 0)
+        # A deadline given all the same: a finished saga has none, whatever the change said.
+        change = StepFailed(0, "ABORTED", "x", deadline_at=later(), then=COMPENSATED)
+        assert await apply(store, "f1", change)
+    else:
+        state = {
+            "completed": SagaState.COMPLETED,
+            "compensated": COMPENSATED,
+            "compensation-failed": COMPENSATION_FAILED,
+        }[ending]
+        await finished(store, "f1", state)
 
-    with pytest.raises(KeyError):
-        await store.step_finished("k1", 3, state=StepState.DONE, data="{}")
-
-
-@dataclass(eq=False, slots=True)
-class UnknownWrite(_Op):
-    """A queued write of no kind the writer knows."""
-
-    @property
-    def key(self) -> str:
-        return "unknown"
-
-
-async def test_the_sqlite_writer_outlives_a_batch_it_cannot_apply(tmp_path: Path) -> None:
-    # A write of a kind the writer does not know: a bug, as the writer sees it.
-    odd = UnknownWrite(datetime.now(UTC), asyncio.get_running_loop().create_future())
-
-    async with SqlSagaStore(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}") as store:
-        with pytest.raises(TypeError):
-            await store._submit(odd)
-        await run_saga(store, "after")
-
-        assert (await get(store, "after")).state == SagaState.COMPLETED
-
-
-# --- the SQLite writer: locks, pacing, checkpoints ------------------------------------------------
-
-
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
-
-
-def hold_write_lock(path: Path) -> sqlite3.Connection:
-    """Another connection (another process, as the writer sees it) taking the write lock."""
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    return other
-
-
-async def test_a_sqlite_write_waits_out_another_connections_write_lock(tmp_path: Path) -> None:
-    async with SqlSagaStore(sqlite_url(tmp_path)) as store:
-        other = hold_write_lock(tmp_path / "sagas.db")
-        write = asyncio.create_task(begin(store, "w1"))
-        await asyncio.sleep(0.3)
-        assert not write.done()  # neither failed nor blocking the loop: this test runs
-
-        other.execute("COMMIT")
-        other.close()
-
-        assert await asyncio.wait_for(write, 2)
-        assert (await get(store, "w1")).state == SagaState.RUNNING
-
-
-async def test_a_sqlite_write_fails_when_the_lock_is_held_past_the_lock_timeout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sql_store, "LOCK_TIMEOUT_SECONDS", 0.3)
-    async with SqlSagaStore(sqlite_url(tmp_path)) as store:
-        other = hold_write_lock(tmp_path / "sagas.db")
-        with pytest.raises(OperationalError, match="locked"):
-            await asyncio.wait_for(begin(store, "w1"), 5)
-        other.execute("ROLLBACK")
-        other.close()
-
-        # The writer goes on once the lock is free.
-        assert await asyncio.wait_for(begin(store, "w2"), 2)
-        assert await store.get("w1") is None
-
-
-async def test_a_lone_sqlite_write_commits_at_once_and_close_flushes_paced_ones(
-    tmp_path: Path,
-) -> None:
-    store = SqlSagaStore(sqlite_url(tmp_path), commit_interval=60)
-    await store.start()
-    try:
-        # The first write after a quiet spell is not paced...
-        assert await asyncio.wait_for(begin(store, "p1"), 2)
-        # ...the next, right behind it, waits for the interval...
-        paced = asyncio.create_task(begin(store, "p2"))
-        await asyncio.sleep(0.2)
-        assert not paced.done()
-    finally:
-        # ...unless the store closes: then it is written at once.
-        await asyncio.wait_for(store.close(), 5)
-    assert await paced
-
-    async with SqlSagaStore(sqlite_url(tmp_path)) as reopened:
-        assert (await get(reopened, "p2")).state == SagaState.RUNNING
-
-
-async def test_writes_queued_together_share_a_paced_sqlite_transaction(tmp_path: Path) -> None:
-    async with SqlSagaStore(sqlite_url(tmp_path), commit_interval=0.05) as store:
-        await begin(store, "first")  # starts the interval
-        await asyncio.gather(*(begin(store, f"b{n}") for n in range(50)))
-
-        assert store.stats.transactions <= 3
-
-
-async def test_the_sqlite_wal_stays_bounded_under_continuous_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sql_store, "CHECKPOINT_SECONDS", 0.05)
-    wal = tmp_path / "sagas.db-wal"
-    async with SqlSagaStore(sqlite_url(tmp_path), commit_interval=0.001) as store:
-
-        async def sagas(worker: int) -> None:
-            for n in range(150):
-                await run_saga(store, f"s{worker}-{n}")
-
-        await asyncio.gather(*(sagas(worker) for worker in range(8)))
-        written = store.stats.ops
-        largest = wal.stat().st_size
-
-    # 1200 sagas, about 2 MB of WAL frames each 100 writes: without checkpoints the
-    # file holds them all (tens of MB); with them it is started over again and again.
-    assert written == 1200 * 6
-    assert largest < 8 * 1024 * 1024, f"WAL grew to {largest} bytes"
+    saga = await get(store, "f1")
+    assert saga.finished
+    assert saga.deadline_at is None

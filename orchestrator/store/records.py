@@ -13,6 +13,7 @@ from datetime import datetime
 
 __all__ = [
     "FINAL_STATES",
+    "MAX_KEY_LENGTH",
     "CompensationState",
     "NewSaga",
     "SagaPage",
@@ -22,6 +23,10 @@ __all__ = [
     "StepRecord",
     "StepState",
 ]
+
+
+MAX_KEY_LENGTH = 128
+"""The longest facade name and request id a saga may have, in every store."""
 
 
 class SagaState(enum.StrEnum):
@@ -153,6 +158,11 @@ class NewSaga:
     owner: str
     first_step: str
     deadline_at: datetime | None
+
+    def __post_init__(self) -> None:
+        for name, value in (("facade", self.facade), ("request_id", self.request_id)):
+            if not 0 < len(value) <= MAX_KEY_LENGTH:
+                raise ValueError(f"a saga's {name} is 1 to {MAX_KEY_LENGTH} characters: {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ same transaction, so that row is what concurrent writers queue on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import TextClause, text
@@ -29,6 +30,7 @@ from orchestrator.store.changes import (
     StepPending,
     StepRestarted,
 )
+from orchestrator.store.records import SagaState
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BeginOp,
@@ -39,6 +41,7 @@ from orchestrator.store.sql._ops import (
     rounds,
 )
 from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY
+from orchestrator.store.sql._sqlite import ended_reason
 
 __all__ = ["apply_batch"]
 
@@ -89,6 +92,11 @@ _STEP_PENDING: Final = text(
     + _unnest(**_KEYS, idx="int", reason="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
     " RETURNING s.facade, s.request_id"
+)
+_TOUCH: Final = text(
+    "UPDATE sagas s SET updated_at = c.at FROM "
+    + _unnest(**_KEYS, at="timestamptz")
+    + f" WHERE {_MATCH}"
 )
 _STEP_DONE: Final = text(
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
@@ -143,21 +151,25 @@ _HEARTBEAT: Final = text(
     + _unnest(owner="text", at="timestamptz")
     + " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
 )
-# Two claims, each over the rows the other replicas do not hold locked right now; the
-# outer condition is checked again on the row as it stands once locked.
-_ORPHANED: Final = (
-    f"({RUNNING_ONLY}) AND s.kind = 'sync' AND s.owner != :me AND NOT EXISTS"
-    " (SELECT 1 FROM replicas r WHERE r.owner = s.owner AND r.heartbeat_at >= :stale)"
+# Claims: the candidates are read first (each kind ordered and limited), then taken by one
+# compare-and-set on the owner and deadline each was read with. A concurrent claimer moves
+# both, so a row it took no longer matches, and each stalled saga goes to one claimer.
+_ORPHANS: Final = text(
+    "SELECT s.facade, s.request_id, s.owner, s.deadline_at FROM sagas s"
+    " LEFT OUTER JOIN replicas r ON r.owner = s.owner"
+    f" WHERE ({RUNNING_ONLY}) AND s.kind = 'sync' AND s.owner != :me"
+    " AND (r.owner IS NULL OR r.heartbeat_at < :stale) ORDER BY s.created_at LIMIT :limit"
 )
-_EXPIRED: Final = f"({OPEN_ONLY}) AND s.deadline_at < :now"
-_CLAIM: Final = (
-    "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now"
-    " WHERE (s.facade, s.request_id) IN (SELECT s.facade, s.request_id FROM sagas s"
-    " WHERE {condition} ORDER BY s.{order} LIMIT :limit FOR UPDATE SKIP LOCKED)"
-    " AND {condition} RETURNING s.facade, s.request_id"
+_EXPIRED: Final = text(
+    "SELECT facade, request_id, owner, deadline_at FROM sagas"
+    f" WHERE ({OPEN_ONLY}) AND deadline_at < :now ORDER BY deadline_at LIMIT :limit"
 )
-_CLAIM_ORPHANED: Final = text(_CLAIM.format(condition=_ORPHANED, order="created_at"))
-_CLAIM_EXPIRED: Final = text(_CLAIM.format(condition=_EXPIRED, order="deadline_at"))
+_CLAIM: Final = text(
+    "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
+    + _unnest(**_KEYS, owner="text", deadline="timestamptz")
+    + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
+    f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
+)
 
 
 async def apply_batch(conn: AsyncConnection, ops: Sequence[Op]) -> dict[Op, object]:
@@ -239,11 +251,14 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
         [base(op, idx=_index(op), at=op.at) for op in restarted],
     )
     pending = by_kind.get(StepPending, [])
-    applied |= await _rows(
+    waiting = await _rows(
         conn,
         _STEP_PENDING,
         [base(op, idx=_index(op), reason=_change(op, StepPending).reason) for op in pending],
     )
+    applied |= waiting
+    # A step's wait has no time of its own: the saga's row says when it began.
+    await _rows(conn, _TOUCH, [base(op, at=op.at) for op in pending if _key(op) in waiting])
 
     ended = by_kind.get(StepEnded, [])
     done = await _rows(
@@ -292,7 +307,7 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
                 state=str(_change(op, StepFailed).then),
                 code=_change(op, StepFailed).code,
                 reason=_change(op, StepFailed).reason,
-                deadline=_change(op, StepFailed).deadline_at,
+                deadline=_failed_deadline(_change(op, StepFailed)),
                 at=op.at,
             )
             for op in failing
@@ -309,7 +324,7 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
                 op,
                 state=str(_change(op, CompensationEnded).state),
                 at=op.at,
-                error=_change(op, CompensationEnded).error,
+                error=ended_reason(_change(op, CompensationEnded)),
             )
             for op in ending
         ],
@@ -339,19 +354,36 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
 
 
 async def _claim(conn: AsyncConnection, op: ClaimOp) -> list[tuple[_Key, bool]]:
-    values: dict[str, Any] = {
-        "me": op.owner,
-        "hold": op.hold_until,
-        "now": op.at,
-        "stale": op.stale_before,
-        "limit": CLAIM_BATCH,
-    }
-    claimed: dict[_Key, bool] = {}
-    for statement, expired in ((_CLAIM_EXPIRED, True), (_CLAIM_ORPHANED, False)):
-        result = await conn.execute(statement, values)
-        for facade, request_id in result:
-            claimed.setdefault((facade, request_id), expired)
-    return list(claimed.items())
+    found: dict[_Key, tuple[bool, str, datetime | None]] = {}
+    for statement, expired in ((_EXPIRED, True), (_ORPHANS, False)):
+        result = await conn.execute(
+            statement,
+            {"me": op.owner, "now": op.at, "stale": op.stale_before, "limit": CLAIM_BATCH},
+        )
+        for facade, request_id, owner, deadline in result:
+            found.setdefault((facade, request_id), (expired, owner, deadline))
+    candidates = sorted(found.items())[:CLAIM_BATCH]
+    if not candidates:
+        return []
+    result = await conn.execute(
+        _CLAIM,
+        {
+            "me": op.owner,
+            "hold": op.hold_until,
+            "now": op.at,
+            "f": [key[0] for key, _ in candidates],
+            "r": [key[1] for key, _ in candidates],
+            "owner": [owner for _, (_, owner, _) in candidates],
+            "deadline": [deadline for _, (_, _, deadline) in candidates],
+        },
+    )
+    taken = {(facade, request_id) for facade, request_id in result}
+    return [(key, expired) for key, (expired, _, _) in candidates if key in taken]
+
+
+def _failed_deadline(change: StepFailed) -> datetime | None:
+    """A failed saga's deadline: its compensation's, or none when it ends at once."""
+    return change.deadline_at if change.then == SagaState.COMPENSATING else None
 
 
 def _index(op: ApplyOp) -> int:

@@ -30,10 +30,11 @@ from orchestrator.store.base import CLAIM_BATCH
 from orchestrator.store.changes import (
     CompensationEnded,
     StepEnded,
+    StepFailed,
     StepPending,
     StepRestarted,
 )
-from orchestrator.store.records import SagaRecord
+from orchestrator.store.records import SagaRecord, SagaState
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BatchFailed,
@@ -78,6 +79,7 @@ _STEP_FAILED: Final = (
     "UPDATE saga_steps SET state = 'FAILED', finished_at = ?, error = ?, data = coalesce(?, data)"
     f" WHERE {_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
 )
+_TOUCH: Final = f"UPDATE sagas SET updated_at = ? WHERE {_KEY}"
 _COMPLETE: Final = (
     "UPDATE sagas SET state = 'COMPLETED', deadline_at = NULL, updated_at = ?"
     f" WHERE {_KEY} AND state = 'RUNNING'"
@@ -431,8 +433,7 @@ def _apply_change(conn: sqlite3.Connection, op: ApplyOp, at: str) -> bool:
     change = op.change
     if isinstance(change, CompensationEnded):
         moved = conn.execute(
-            _COMPENSATION_ENDED,
-            (str(change.state), at, change.error, *key),
+            _COMPENSATION_ENDED, (str(change.state), at, ended_reason(change), *key)
         ).rowcount
         if not moved:
             return False
@@ -443,7 +444,10 @@ def _apply_change(conn: sqlite3.Connection, op: ApplyOp, at: str) -> bool:
     if isinstance(change, StepRestarted):
         return conn.execute(_STEP_RESTARTED, (at, *key, change.index)).rowcount == 1
     if isinstance(change, StepPending):
-        return conn.execute(_STEP_PENDING, (change.reason, *key, change.index)).rowcount == 1
+        if not conn.execute(_STEP_PENDING, (change.reason, *key, change.index)).rowcount:
+            return False
+        conn.execute(_TOUCH, (at, *key))  # a step's wait has no time of its own
+        return True
     if isinstance(change, StepEnded):
         if not conn.execute(_STEP_DONE, (at, change.data, *key, change.index)).rowcount:
             return False
@@ -456,12 +460,24 @@ def _apply_change(conn: sqlite3.Connection, op: ApplyOp, at: str) -> bool:
     if not ended.rowcount:
         return False
     conn.executemany(_UNDO, [(*key, index) for index in change.undo])
-    deadline = None if change.deadline_at is None else sqlite_time(change.deadline_at)
+    deadline = _deadline(change)
     moved = conn.execute(
         _FAIL, (str(change.then), change.code, change.reason, deadline, at, *key)
     ).rowcount
     _follows(moved, op)
     return True
+
+
+def _deadline(change: StepFailed) -> str | None:
+    """A failed saga's deadline: its compensation's, or none when it ends at once."""
+    if change.then != SagaState.COMPENSATING or change.deadline_at is None:
+        return None
+    return sqlite_time(change.deadline_at)
+
+
+def ended_reason(change: CompensationEnded) -> str:
+    """The saga's new error reason ("" keeps its own): only a failed compensation has one."""
+    return change.error if change.state == SagaState.COMPENSATION_FAILED else ""
 
 
 def _follows(rowcount: int, op: ApplyOp) -> None:
