@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -331,6 +332,8 @@ class RabbitMQBroker(Broker):
             self._dispatch(topic, handler, message)
 
         channel = connection.channel()
+        if isinstance(channel, _ConsumerChannel):
+            channel.consumer_cancelled = functools.partial(self._consumer_cancelled, topic)
         try:
             async with asyncio.timeout(self._settings.publish_timeout_seconds):
                 await channel.initialize()
@@ -353,6 +356,19 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"cannot subscribe to topic {topic!r}: {exc!r}") from exc
         subscription.consumer = (channel, queue, tag)
 
+    def _consumer_cancelled(self, topic: str) -> None:
+        """RabbitMQ cancelled a consumer of `topic` (its queue was deleted): restore it."""
+        if self._closing or topic in self._repairs:
+            return
+        log.warning("topic's queue is gone, declaring it again", extra={"topic": topic})
+        self._start_restoring(topic)
+
+    def _start_restoring(self, topic: str) -> asyncio.Task[None]:
+        repair = asyncio.get_running_loop().create_task(self._restore_topic(topic))
+        self._repairs[topic] = repair
+        repair.add_done_callback(self._repair_done)
+        return repair
+
     async def _await_restored(self, topic: str, repaired: int, deadline: float) -> None:
         """Wait, until `deadline`, for the topic's queue to be restored; start that if needed.
 
@@ -364,9 +380,7 @@ class RabbitMQBroker(Broker):
             if self._repaired.get(topic, 0) != repaired:
                 return
             log.warning("topic's queue is gone, declaring it again", extra={"topic": topic})
-            repair = asyncio.create_task(self._restore_topic(topic))
-            self._repairs[topic] = repair
-            repair.add_done_callback(self._repair_done)
+            repair = self._start_restoring(topic)
         try:
             async with asyncio.timeout_at(deadline):
                 # Shielded: a publish giving up must not cut a restoration short.
@@ -815,13 +829,35 @@ _UNBLOCKED_HANDLER = "_Connection__handle_connection_unblocked"
 _UNBLOCKED_EVENT = "_Connection__connection_unblocked"
 
 
+class _ConsumerChannel(aio_pika.RobustChannel):
+    """A robust channel that leaves a consumer RabbitMQ cancelled to the broker.
+
+    RabbitMQ cancels a consumer whose queue was deleted. aio-pika's own answer
+    (its reconnect task restoring the channel's consumers) waits for the
+    connection to be ready, and waits forever if the connection dies meanwhile:
+    the task that would reconnect it is the one waiting (aio-pika 10.2). So a
+    cancelled consumer only calls `consumer_cancelled`, and the broker restores
+    the topic itself (`RabbitMQBroker._restore_topic`) on channels of its own.
+    Reconnects are left to aio-pika, which restores channels as before.
+    """
+
+    consumer_cancelled: Callable[[], None] | None = None
+
+    def _on_consumer_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if self.consumer_cancelled is not None:
+            self.consumer_cancelled()
+
+
 class _FlowControlledConnection(aio_pika.RobustConnection):
     """A robust connection that tells `on_flow_control` when RabbitMQ blocks or unblocks it.
 
     Every underlying aiormq connection, the first and each one after a
     reconnect, is observed from its start: `_on_connected` runs before any
     channel is opened or restored on it. A new connection starts unblocked.
+    Its channels are `_ConsumerChannel`s.
     """
+
+    CHANNEL_CLASS = _ConsumerChannel
 
     def __init__(self, url: URL, *, on_flow_control: _FlowControlListener, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)

@@ -221,7 +221,17 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         running = (request_id, step.index)
         if running in self._running:
             runtime.metrics.message_refused(step.topic, "duplicate")
-            return  # the same hop is running here now: this copy is a duplicate
+            return  # the same hop is being handled here now: this copy is a duplicate
+        # Taken before the journal is read: a copy delivered meanwhile is the duplicate.
+        self._running.add(running)
+        try:
+            await self._handle_hop(step, dto, delivery)
+        finally:
+            self._running.discard(running)
+
+    async def _handle_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
+        runtime = self.runtime
+        request_id = dto.request_id
         saga = await runtime.store.get(runtime.name, request_id)
         verdict, reason = _verdict(saga, step.index, delivery)
         if verdict is _Verdict.DEAD_LETTER:
@@ -237,14 +247,10 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             return
         if verdict is _Verdict.RESTART and not await runtime.step_restarted(request_id, step.index):
             return
-        self._running.add(running)
-        try:
-            # One span for the hop: its node, its journal write and its outcome's publish,
-            # so the next hop (or the rollback) carries this trace on.
-            with runtime.step_span(step, request_id, parent=delivery.headers):
-                await self._run_hop(step, dto)
-        finally:
-            self._running.discard(running)
+        # One span for the hop: its node, its journal write and its outcome's publish,
+        # so the next hop (or the rollback) carries this trace on.
+        with runtime.step_span(step, request_id, parent=delivery.headers):
+            await self._run_hop(step, dto)
 
     async def _run_hop(self, step: StepDefinition, dto: DtoT) -> None:
         runtime = self.runtime
