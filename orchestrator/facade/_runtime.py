@@ -284,6 +284,7 @@ class SagaRuntime:
         index: int,
         failure: Failure,
         *,
+        cause: BaseException | None = None,
         data: str | None = None,
         inline_fallback: bool,
         uncertain: bool = False,
@@ -295,6 +296,17 @@ class SagaRuntime:
         broker. With `inline_fallback` (a sync caller, recovery: nobody would
         redeliver) a broker that refuses it makes the compensation run here.
         """
+        log.log(
+            logging.ERROR if failure.bug else logging.INFO,
+            "step failed",
+            exc_info=cause if failure.bug else None,
+            extra={
+                **self._fields(request_id),
+                "step": self.definition.steps[index].name,
+                "code": failure.code.name,
+                "reason": failure.reason,
+            },
+        )
         undo = self.to_undo(index, failure, uncertain=uncertain)
         compensating = self.definition.undoing(undo)
         change = StepFailed(

@@ -32,7 +32,6 @@ from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_RETRY,
-    RollbackNode,
     StepDefinition,
 )
 from orchestrator.retry import RetryPolicy, caller_deadline
@@ -262,17 +261,11 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                 step, request_id, functools.partial(step.action, dto), traced=False
             )
         except Exception as exc:
-            failure = classify(exc)
-            log.log(
-                logging.ERROR if failure.bug else logging.INFO,
-                "node failed, rolling back",
-                exc_info=failure.bug,
-                extra={**self._fields(request_id, step), "code": failure.code.name},
-            )
             await runtime.fail(
                 request_id,
                 step.index,
-                failure,
+                classify(exc),
+                cause=exc,
                 data=dto.model_dump_json(),
                 inline_fallback=False,
             )
@@ -325,17 +318,9 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             self.runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"schema: {where}: {error['msg']}") from None
 
-    def consume_rollback(
-        self,
-        topic: str,
-        node: RollbackNode | None = None,
-        *,
-        retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
-    ) -> Self:
-        """See `FacadeBase.consume_rollback`; the topic must not be a step's."""
+    def _check_rollback_topic(self, topic: str) -> None:
         if topic in self.topics:
             raise ValueError(f"topic {topic!r} is already a step's topic in this facade")
-        return super().consume_rollback(topic, node, retry=retry)
 
     def _fields(self, request_id: str, step: StepDefinition) -> dict[str, Any]:
         return {

@@ -100,6 +100,7 @@ class FacadeBase(abc.ABC):
         self._check_open()
         if not topic:
             raise ValueError("the rollback topic must not be empty")
+        self._check_rollback_topic(topic)
         if self._rollback_consumed:
             raise ValueError(f"rollback is already consumed from {self._rollback_topic!r}")
         if node is not None:
@@ -109,6 +110,9 @@ class FacadeBase(abc.ABC):
         self._rollback_node = node
         self._rollback_retry = retry
         return self
+
+    def _check_rollback_topic(self, topic: str) -> None:  # noqa: B027 (kinds may add checks)
+        """Refuse a rollback topic this kind of facade cannot use (a step's topic, say)."""
 
     def _check_open(self) -> None:
         if self._runtime is not None:

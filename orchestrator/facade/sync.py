@@ -33,8 +33,6 @@ from orchestrator.store import SagaRecord, SagaState
 
 __all__ = ["SyncCompensation", "SyncFacade", "SyncNode"]
 
-log = logging.getLogger("orchestrator.facade.sync")
-
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 
@@ -44,6 +42,8 @@ SyncCompensation = SyncNode[RequestT, ResponseT]
 """`async def undo(request_id, ctx)`: undoes its step, given the Context as the saga left it."""
 
 _NODE_PARAMS = ("request_id", "ctx")
+
+log = logging.getLogger("orchestrator.facade.sync")
 
 
 def _json(message: Message) -> str:
@@ -157,19 +157,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                     raise
                 except Exception as exc:
                     failure = classify(exc)
-                    log.log(
-                        logging.ERROR if failure.bug else logging.INFO,
-                        "step failed",
-                        exc_info=failure.bug,
-                        extra={
-                            "request_id": ctx.request_id,
-                            "facade": runtime.name,
-                            "step": step.name,
-                            "code": failure.code.name,
-                            "reason": failure.reason,
-                        },
-                    )
-                    await self._fail(ctx, step, failure)
+                    await self._fail(ctx, step, failure, cause=exc)
                     raise SagaFailed(
                         request_id=ctx.request_id,
                         facade=runtime.name,
@@ -193,7 +181,11 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         return self.runtime.failure_of(saga)
 
     async def _fail(
-        self, ctx: Context[RequestT, ResponseT], step: StepDefinition, failure: Failure
+        self,
+        ctx: Context[RequestT, ResponseT],
+        step: StepDefinition,
+        failure: Failure,
+        cause: BaseException | None = None,
     ) -> None:
         runtime = self.runtime
         try:
@@ -201,6 +193,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 ctx.request_id,
                 step.index,
                 failure,
+                cause=cause,
                 data=_json(ctx.response),
                 inline_fallback=True,
             )
