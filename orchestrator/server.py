@@ -83,7 +83,7 @@ class OrchestratorServer:
         self.orchestrator.on_saga_change(self.status.notify)
         self._services.append(status_service)
         for service in self._services:
-            service.add_to_server(service.servicer, self._server)
+            service.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [
