@@ -198,12 +198,13 @@ def framework_config(
     payment_port: int,
     *,
     broker: Mapping[str, Any] = MEMORY_BROKER,
-    store: str = "none",
+    store: str = "memory",
 ) -> None:
     """Write app.yaml's keys for a run against separate upstreams, logging warnings only.
 
-    `store` is `none` (no saga store: the framework alone), `sqlite` (a fresh
-    SQLite file beside the config, as in the embedded default), or a store URL.
+    `store` is `memory` (the journal in process memory: nothing written to disk;
+    `none` is another name for it), `sqlite` (a fresh SQLite file beside the
+    config, as in the embedded default), or a store URL.
     """
     config = {
         "grpc": {"host": HOST, "port": port, "shutdown_grace_seconds": 2},
@@ -219,7 +220,7 @@ def framework_config(
     }
     if store == "sqlite":
         config["store"] = {"url": f"sqlite+aiosqlite:///{path.parent / 'sagas.db'}"}
-    elif store != "none":
+    elif store not in ("none", "memory"):
         config["store"] = {"url": store}
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
@@ -228,8 +229,9 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
     """`--store`: the framework's saga store for the run."""
     parser.add_argument(
         "--store",
-        default="none",
-        help="saga store of the framework: none (default), sqlite (a fresh file), or a URL",
+        default="memory",
+        help="saga store of the framework: memory (default: the journal in process memory), "
+        "sqlite (a fresh file, as users run it), or a URL",
     )
 
 

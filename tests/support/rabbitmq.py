@@ -181,6 +181,7 @@ class RabbitMQNode:
         publishes (`connection.blocked`, reason "low on memory").
         """
         self._ctl_checked("set_vm_memory_high_watermark", "0.000001")
+        self._await_memory_alarm(raised=True)
 
     def clear_memory_alarm(self) -> None:
         """Clear the memory alarm: RabbitMQ's default watermark (0.4) again, connections unblocked.
@@ -188,6 +189,20 @@ class RabbitMQNode:
         0.4 is the node's own watermark unless its config sets another.
         """
         self._ctl_checked("set_vm_memory_high_watermark", "0.4")
+        self._await_memory_alarm(raised=False)
+
+    def _await_memory_alarm(self, *, raised: bool, timeout: float = 15.0) -> None:
+        """Return once the node's alarms show the memory alarm `raised` (or cleared): the
+        watermark takes effect at the node's next memory check, not with the command."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alarms = self._ctl("eval", "rabbit_alarm:get_alarms().", timeout=30).stdout
+            if ("memory" in alarms) == raised:
+                return
+            if time.monotonic() >= deadline:
+                state = "raised" if raised else "cleared"
+                raise RuntimeError(f"the memory alarm was not {state} in {timeout}s: {alarms}")
+            time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the node's logs, for failure messages."""
