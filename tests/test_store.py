@@ -33,6 +33,7 @@ from orchestrator.store import (
     CompensationState,
     InMemorySagaStore,
     NewSaga,
+    Position,
     SagaRecord,
     SagaState,
     SagaStore,
@@ -927,3 +928,15 @@ async def test_a_finished_saga_has_no_deadline(
     saga = await get(store, "f1")
     assert saga.finished
     assert saga.deadline_at is None
+
+
+async def test_a_sagas_position_is_what_its_record_says_at_every_stage(store: SagaStore) -> None:
+    await at_step(store, "p1", 1)
+    await compensating(store, "p2")
+    await finished(store, "p3", SagaState.COMPLETED)
+    await finished(store, "p4", SagaState.COMPENSATION_FAILED)
+
+    for request_id in ("p1", "p2", "p3", "p4"):
+        record = await get(store, request_id)
+        assert await store.position(FACADE, request_id) == Position.of(record), request_id
+    assert await store.position(FACADE, "nobody") is None

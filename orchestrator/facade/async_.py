@@ -35,7 +35,7 @@ from orchestrator.facade.definition import (
     StepDefinition,
 )
 from orchestrator.retry import RetryPolicy, caller_deadline
-from orchestrator.store import SagaRecord, SagaState, StepState
+from orchestrator.store import Position, SagaRecord, SagaState, StepState
 
 __all__ = ["AsyncCompensation", "AsyncFacade", "AsyncNode"]
 
@@ -231,7 +231,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     async def _handle_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
         runtime = self.runtime
         request_id = dto.request_id
-        saga = await runtime.store.get(runtime.name, request_id)
+        saga = await runtime.store.position(runtime.name, request_id)
         verdict, reason = _verdict(saga, step.index, delivery)
         if verdict is _Verdict.DEAD_LETTER:
             runtime.metrics.message_refused(step.topic, "dead_lettered")
@@ -242,7 +242,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             return
         assert saga is not None
         if verdict is _Verdict.REPUBLISH:
-            await self._republish(saga, step)
+            await self._republish(request_id, saga, step)
             return
         if verdict is _Verdict.RESTART and not await runtime.step_restarted(request_id, step.index):
             return
@@ -281,18 +281,18 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         if step.index + 1 < len(steps):
             await self._publish_hop(steps[step.index + 1], request_id, body)
 
-    async def _republish(self, saga: SagaRecord, step: StepDefinition) -> None:
+    async def _republish(self, request_id: str, saga: Position, step: StepDefinition) -> None:
         """Publish again the outcome of hop `step`, which the journal shows just finished."""
         runtime = self.runtime
         log.info(
             "redelivered hop already done: its outcome goes out again",
-            extra=self._fields(saga.request_id, step),
+            extra=self._fields(request_id, step),
         )
         if saga.state == SagaState.COMPENSATING:
-            await runtime.roll_back(saga.request_id, inline_fallback=False)
+            await runtime.roll_back(request_id, inline_fallback=False)
             return
-        steps = runtime.definition.steps
-        await self._publish_hop(steps[step.index + 1], saga.request_id, saga.data)
+        following = runtime.definition.steps[step.index + 1]
+        await self._publish_hop(following, request_id, saga.step_data[step.index] or "")
 
     async def _publish_hop(self, step: StepDefinition, request_id: str, body: str) -> None:
         await self.runtime.broker.publish(
@@ -306,17 +306,21 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         """The delivery's DTO; a message that can never be handled is dead-lettered, and
         nothing else happens: no message acts on its own."""
         try:
+            return self._dto.model_validate_json(delivery.body)
+        except pydantic.ValidationError:
+            pass  # explained below; the usual message costs one parse
+        self.runtime.metrics.message_refused(step.topic, "dead_lettered")
+        try:
             raw: Any = json.loads(delivery.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self.runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"malformed JSON: {exc}") from None
         try:
-            return self._dto.model_validate(raw)
+            self._dto.model_validate(raw)
         except pydantic.ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
-            self.runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"schema: {where}: {error['msg']}") from None
+        raise DeadLetter("schema: not a valid JSON message of the facade's DTO")
 
     def _check_rollback_topic(self, topic: str) -> None:
         if topic in self.topics:
@@ -352,29 +356,30 @@ def _time_left() -> float | None:
     return max(left - min(PUBLISH_MARGIN_SECONDS, left / 4), 0.001)
 
 
-def _verdict(saga: SagaRecord | None, index: int, delivery: Delivery) -> tuple[_Verdict, str]:
+def _verdict(saga: Position | None, index: int, delivery: Delivery) -> tuple[_Verdict, str]:
     """What the journal lets hop message `delivery` do at step `index`, and why not."""
     if saga is None:
         return _Verdict.DEAD_LETTER, "no such saga"
     if saga.finished:
         return _Verdict.DROP, f"the saga is {saga.state}"
-    step = saga.step(index)
-    if step is None:
+    if index >= len(saga.step_states):
         return _Verdict.DEAD_LETTER, "not the saga's current step (it never started)"
-    expected = (saga.steps[index - 1].data if index else saga.payload) or ""
+    state = saga.step_states[index]
+    current = state in (StepState.RUNNING, StepState.PENDING)
+    expected = (saga.step_data[index - 1] if index else saga.payload) or ""
     if delivery.body != expected.encode():
-        if step.current:
+        if current:
             return _Verdict.DEAD_LETTER, "the message does not match the saga's record"
-        return _Verdict.DROP, f"step {index} is {step.state}"
-    if step.current:
-        if step.state == StepState.PENDING or delivery.redelivered:
+        return _Verdict.DROP, f"step {index} is {state}"
+    if current:
+        if state == StepState.PENDING or delivery.redelivered:
             return _Verdict.RESTART, ""
         return _Verdict.RUN, ""
     just_finished = (
-        step.state == StepState.DONE
+        state == StepState.DONE
         and saga.state == SagaState.RUNNING
-        and saga.steps[-1].index == index + 1
-    ) or (step.state == StepState.FAILED and saga.state == SagaState.COMPENSATING)
+        and len(saga.step_states) == index + 2
+    ) or (state == StepState.FAILED and saga.state == SagaState.COMPENSATING)
     if just_finished and delivery.redelivered:
         return _Verdict.REPUBLISH, ""
-    return _Verdict.DROP, f"step {index} is {step.state}"
+    return _Verdict.DROP, f"step {index} is {state}"

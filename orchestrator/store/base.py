@@ -14,7 +14,14 @@ from __future__ import annotations
 import abc
 
 from orchestrator.store.changes import Change
-from orchestrator.store.records import NewSaga, SagaPage, SagaRecord, SagaState, Stalled
+from orchestrator.store.records import (
+    NewSaga,
+    Position,
+    SagaPage,
+    SagaRecord,
+    SagaState,
+    Stalled,
+)
 
 __all__ = ["CLAIM_BATCH", "MAX_PAGE_SIZE", "SagaStore"]
 
@@ -54,6 +61,12 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga with its step log, or None."""
+
+    async def position(self, facade: str, request_id: str) -> Position | None:
+        """Where the saga stands, or None: the engine's check of each message, so a store
+        may answer it with a lighter read than `get` (this one reads the whole record)."""
+        saga = await self.get(facade, request_id)
+        return None if saga is None else Position.of(saga)
 
     @abc.abstractmethod
     async def list_sagas(

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "CompensationState",
     "NewSaga",
+    "Position",
     "SagaPage",
     "SagaRecord",
     "SagaState",
@@ -144,6 +145,49 @@ class SagaRecord:
     def step(self, index: int) -> StepRecord | None:
         """Step `index` of the log, or None when it never started."""
         return next((step for step in self.steps if step.index == index), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a saga stands, and no more: what the engine checks a message against.
+
+    A lighter read than the whole `SagaRecord`, for the hot path: the saga's
+    state and payload, and each step's state and data, by index.
+    """
+
+    state: SagaState
+    payload: str
+    step_states: tuple[StepState, ...]
+    step_data: tuple[str | None, ...]
+
+    @property
+    def finished(self) -> bool:
+        """True once the saga is in a state it never leaves."""
+        return self.state in FINAL_STATES
+
+    @property
+    def current(self) -> int | None:
+        """The index of the step a RUNNING saga is at; None in any other state."""
+        if self.state != SagaState.RUNNING:
+            return None
+        return next(
+            (
+                i
+                for i, s in enumerate(self.step_states)
+                if s in (StepState.RUNNING, StepState.PENDING)
+            ),
+            None,
+        )
+
+    @classmethod
+    def of(cls, saga: SagaRecord) -> Position:
+        """The position of a whole record."""
+        return cls(
+            saga.state,
+            saga.payload,
+            tuple(step.state for step in saga.steps),
+            tuple(step.data for step in saga.steps),
+        )
 
 
 @dataclass(frozen=True, slots=True)

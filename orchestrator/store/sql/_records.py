@@ -17,6 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.store.records import (
     CompensationState,
+    Position,
     SagaRecord,
     SagaState,
     StepRecord,
@@ -24,7 +25,15 @@ from orchestrator.store.records import (
 )
 from orchestrator.store.sql._schema import saga_steps, sagas
 
-__all__ = ["SQLITE_GET", "decode_token", "encode_token", "records", "records_query"]
+__all__ = [
+    "POSITION",
+    "SQLITE_GET",
+    "decode_token",
+    "encode_token",
+    "position",
+    "records",
+    "records_query",
+]
 
 _SAGA_COLUMNS: Final = (
     "facade",
@@ -66,6 +75,26 @@ SQLITE_GET: Final = (
     " WHERE s.facade = ? AND s.request_id = ? ORDER BY st.idx"
 )
 """A saga and its steps on SQLite's own driver (read on the event loop: a point lookup)."""
+
+
+POSITION: Final = (
+    "SELECT s.state, s.payload, st.state, st.data FROM sagas s"
+    " JOIN saga_steps st ON st.facade = s.facade AND st.request_id = s.request_id"
+    " WHERE s.facade = {} AND s.request_id = {} ORDER BY st.idx"
+)
+"""Where a saga stands (see `Position`), with the backend's placeholders put in."""
+
+
+def position(rows: Sequence[Sequence[Any]]) -> Position | None:
+    """The position the rows of `POSITION` describe (none: no saga)."""
+    if not rows:
+        return None
+    return Position(
+        SagaState(rows[0][0]),
+        rows[0][1],
+        tuple(StepState(row[2]) for row in rows),
+        tuple(row[3] for row in rows),
+    )
 
 
 def records_query(*criteria: ColumnElement[bool], limit: int | None = None) -> Select[Any]:

@@ -34,7 +34,7 @@ from orchestrator.store.changes import (
     StepPending,
     StepRestarted,
 )
-from orchestrator.store.records import SagaRecord, SagaState
+from orchestrator.store.records import Position, SagaRecord, SagaState
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BatchFailed,
@@ -44,7 +44,7 @@ from orchestrator.store.sql._ops import (
     JournalBroken,
     Op,
 )
-from orchestrator.store.sql._records import SQLITE_GET, records
+from orchestrator.store.sql._records import POSITION, SQLITE_GET, position, records
 from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY, sqlite_time
 
 __all__ = ["SqliteWriter", "Written"]
@@ -52,6 +52,7 @@ __all__ = ["SqliteWriter", "Written"]
 log = logging.getLogger("orchestrator.store.sql")
 
 _KEY: Final = "facade = ? AND request_id = ?"
+_POSITION: Final = POSITION.format("?", "?")
 _BEGIN: Final = (
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
     " error_code, error_reason, created_at, updated_at, deadline_at)"
@@ -219,6 +220,17 @@ class SqliteWriter:
             raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
         found = records(rows)
         return found[0] if found else None
+
+    def position(self, facade: str, request_id: str) -> Position | None:
+        """Where the saga stands, read on the loop from the committed state (between batches)."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the SQLite store is closed")
+        try:
+            rows = conn.execute(_POSITION, (facade, request_id)).fetchall()
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
+        return position(rows)
 
     def submit(self, op: Op) -> None:
         """Queue `op`; its future is resolved once committed."""
