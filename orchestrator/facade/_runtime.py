@@ -33,25 +33,23 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from orchestrator import tracing
-from orchestrator.broker.base import Broker, DeadLetter, Delivery
+from orchestrator.broker.base import Broker
 from orchestrator.context import StepScope, enter_step, leave_step
 from orchestrator.dto import Rollback
 from orchestrator.errors import (
     AlreadyExists,
     BrokerUnavailable,
     Failure,
-    InvalidArgument,
     SagaFailed,
     classify,
 )
+from orchestrator.facade._compensation import Compensation
 from orchestrator.facade.definition import SagaDefinition, StepDefinition
 from orchestrator.metrics import FacadeMetrics
 from orchestrator.request_id import check_request_id
 from orchestrator.retry import call_with_retry
 from orchestrator.store import (
     Change,
-    CompensationEnded,
-    CompensationState,
     NewSaga,
     SagaRecord,
     SagaState,
@@ -133,6 +131,8 @@ class SagaRuntime:
         self.owner = owner
         self.policy = policy
         self._on_change = on_change
+        self.compensation = Compensation(self)
+        """Its sagas' rollback: the rollback topic's consumer, compensations, rollback node."""
         # Callers of this replica waiting on a saga, by request id; local writes wake them.
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
@@ -301,7 +301,7 @@ class SagaRuntime:
             "step failed",
             exc_info=cause if failure.bug else None,
             extra={
-                **self._fields(request_id),
+                **self.fields(request_id),
                 "step": self.definition.steps[index].name,
                 "code": failure.code.name,
                 "reason": failure.reason,
@@ -327,14 +327,14 @@ class SagaRuntime:
         self.metrics.failed(failure.code.name)
         if not compensating:
             self.metrics.compensated.inc()
-            log.info("nothing to undo: compensated", extra=self._fields(request_id))
+            log.info("nothing to undo: compensated", extra=self.fields(request_id))
             return True
         await self.roll_back(request_id, inline_fallback=inline_fallback)
         return True
 
     async def roll_back(self, request_id: str, *, inline_fallback: bool) -> None:
         """Hand the saga's rollback to the broker: a message naming the saga, on the
-        facade's rollback topic, consumed by `on_rollback` on any replica."""
+        facade's rollback topic, consumed by `compensation.on_rollback` on any replica."""
         body = json.dumps({"facade": self.name, "request_id": request_id}).encode()
         try:
             await self.broker.publish(
@@ -348,169 +348,11 @@ class SagaRuntime:
                 raise
             # Nobody would deliver it again: run it here rather than leave it half-done.
             log.warning(
-                "broker refused the rollback, running it inline", extra=self._fields(request_id)
+                "broker refused the rollback, running it inline", extra=self.fields(request_id)
             )
             saga = await self.store.get(self.name, request_id)
             if saga is not None and saga.state == SagaState.COMPENSATING:
-                await self.compensate(saga)
-
-    async def on_rollback(self, delivery: Delivery) -> None:
-        """Consume a rollback message: compensate the saga it names, as its journal says.
-
-        Only a COMPENSATING saga is compensated; a finished one makes the
-        message a duplicate (dropped), and a saga that is unknown or still
-        RUNNING makes it one to dead-letter: it does not act on its own.
-        """
-        request_id = _rollback_target(delivery.body, self.name)
-        saga = await self.store.get(self.name, request_id)
-        if saga is None:
-            self.metrics.message_refused(delivery.topic, "unknown_saga")
-            raise DeadLetter(f"rollback for a saga that does not exist: {self.name}/{request_id}")
-        if saga.state != SagaState.COMPENSATING:
-            if saga.finished:
-                self.metrics.message_refused(delivery.topic, "finished")
-                log.info(
-                    "rollback of a finished saga dropped as a duplicate",
-                    extra={**self._fields(request_id), "state": str(saga.state)},
-                )
-                return
-            self.metrics.message_refused(delivery.topic, "not_compensating")
-            raise DeadLetter(f"rollback for a saga that is {saga.state}, not compensating")
-        log.info(
-            "rolling back",
-            extra={
-                **self._fields(request_id),
-                "topic": delivery.topic,
-                "attempt": delivery.delivery_count,
-            },
-        )
-        with tracing.span(
-            f"rollback {self.name}", {"saga.request_id": request_id}, parent=delivery.headers
-        ):
-            failure = await self.compensate(saga)
-        if failure is not None:
-            raise DeadLetter(f"COMPENSATION_FAILED: {failure}")
-
-    async def compensate(self, saga: SagaRecord) -> str | None:
-        """Undo what the journal says may have taken effect, in reverse order, then run the
-        rollback node; record how it ended. Returns why it failed, if it did.
-
-        Each compensation and the rollback node run under their retry policies;
-        one still failing after them makes the saga COMPENSATION_FAILED.
-        """
-        request_id = saga.request_id
-        pending = tuple(
-            step.index
-            for step in saga.steps
-            if step.compensation in (CompensationState.PENDING, CompensationState.FAILED)
-        )
-        done, failed, reason = await self._undo(self.rollback_of(saga), pending)
-        if reason is not None:
-            change = CompensationEnded(
-                SagaState.COMPENSATION_FAILED, done=done, failed=failed, error=reason
-            )
-            if await self.apply(request_id, change):
-                self.metrics.compensation_failed.inc()
-                log.error(
-                    "compensation failed for good",
-                    extra={**self._fields(request_id), "reason": reason},
-                )
-            return reason
-        if await self.apply(request_id, CompensationEnded(SagaState.COMPENSATED, done=done)):
-            self.metrics.compensated.inc()
-            log.info("rolled back", extra=self._fields(request_id))
-        return None
-
-    async def compensate_unrecorded(self, rollback: Rollback, indexes: tuple[int, ...]) -> None:
-        """Undo the steps `indexes` and run the rollback node without the journal (it could
-        not record the failure): the saga's deadline makes recovery finish its record."""
-        _, _, reason = await self._undo(rollback, indexes)
-        if reason is not None:
-            raise RuntimeError(reason)
-
-    async def _undo(
-        self, rollback: Rollback, indexes: tuple[int, ...]
-    ) -> tuple[tuple[int, ...], int | None, str | None]:
-        """Compensate `indexes` in reverse order, then the rollback node: what was undone,
-        and the step (or None for the node) and reason of a failure for good."""
-        done: list[int] = []
-        for index in reversed(indexes):
-            step = self.definition.steps[index]
-            if step.compensation is not None:
-                try:
-                    await self._undo_step(step, rollback)
-                except Exception as exc:
-                    return (
-                        tuple(done),
-                        index,
-                        f"compensation of {step.name} failed: {classify(exc).reason}",
-                    )
-            done.append(index)
-        node = self.definition.rollback_node
-        if node is not None:
-            try:
-                await self._run_rollback_node(node, rollback)
-            except Exception as exc:
-                return tuple(done), None, f"rollback node failed: {classify(exc).reason}"
-        return tuple(done), None, None
-
-    async def _undo_step(self, step: StepDefinition, rollback: Rollback) -> None:
-        token = enter_step(StepScope(self.name, rollback.request_id, step.name, "compensation"))
-        try:
-            await call_with_retry(
-                functools.partial(self.facade.compensate, step, rollback),
-                policy=step.compensate_retry,
-                attempt_timeout=step.timeout,
-                deadline=None,
-                on_retry=functools.partial(self._undo_retrying, rollback, step.name),
-            )
-        finally:
-            leave_step(token)
-
-    async def _run_rollback_node(
-        self, node: Callable[[Rollback], Awaitable[None]], rollback: Rollback
-    ) -> None:
-        token = enter_step(StepScope(self.name, rollback.request_id, "rollback", "rollback"))
-        try:
-            await call_with_retry(
-                functools.partial(node, rollback),
-                policy=self.definition.rollback_retry,
-                attempt_timeout=None,
-                deadline=None,
-                on_retry=functools.partial(self._undo_retrying, rollback, "rollback"),
-            )
-        finally:
-            leave_step(token)
-
-    def _undo_retrying(
-        self, rollback: Rollback, step: str, exc: BaseException, attempt: int
-    ) -> None:
-        self.metrics.retried(f"compensate {step}")
-        log.warning(
-            "compensation failed, retrying",
-            extra={
-                **self._fields(rollback.request_id),
-                "step": step,
-                "attempt": attempt,
-                "reason": classify(exc).reason,
-            },
-        )
-
-    def rollback_of(self, saga: SagaRecord) -> Rollback:
-        """What a rollback node and the compensations receive, from the journal."""
-        failed = saga.failed_step
-        return Rollback(
-            request_id=saga.request_id,
-            facade=self.name,
-            kind="sync" if self.kind == "sync" else "async",
-            failed_step=failed.name if failed is not None else "",
-            code=saga.error_code,
-            reason=saga.error_reason,
-            data=self.facade.rollback_data(saga),
-            completed_steps=[
-                step.name for step in saga.steps if step.compensation != CompensationState.NONE
-            ],
-        )
+                await self.compensation.run(saga)
 
     # --- recovery ----------------------------------------------------------------------
 
@@ -522,10 +364,10 @@ class SagaRuntime:
         self.metrics.recovered(cause)
         log.warning(
             "recovering a stalled saga",
-            extra={**self._fields(request_id), "state": str(saga.state), "cause": cause},
+            extra={**self.fields(request_id), "state": str(saga.state), "cause": cause},
         )
         if saga.state == SagaState.COMPENSATING:
-            await self.compensate(saga)
+            await self.compensation.run(saga)
             return
         current = saga.current_step
         if saga.state != SagaState.RUNNING or current is None:
@@ -596,25 +438,6 @@ class SagaRuntime:
             failure=Failure(code, saga.error_reason or "the saga failed"),
         )
 
-    def _fields(self, request_id: str) -> dict[str, Any]:
+    def fields(self, request_id: str) -> dict[str, Any]:
+        """The log fields that name a saga of this facade."""
         return {"request_id": request_id, "facade": self.name}
-
-
-def _rollback_target(body: bytes, facade: str) -> str:
-    """The request id a rollback message names; DeadLetter when it names nothing of ours."""
-    try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeadLetter(f"not a rollback message: malformed JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise DeadLetter("not a rollback message: not a JSON object")
-    named, request_id = message.get("facade"), message.get("request_id")
-    if not isinstance(request_id, str) or not request_id:
-        raise DeadLetter("not a rollback message: no request_id")
-    if named != facade:
-        raise DeadLetter(f"rollback for facade {named!r} on {facade}'s rollback topic")
-    try:
-        check_request_id(request_id)
-    except InvalidArgument as exc:
-        raise DeadLetter(f"not a rollback message: {exc}") from None
-    return request_id

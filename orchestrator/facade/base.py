@@ -170,7 +170,7 @@ class FacadeBase(abc.ABC):
         topic = self._rollback_topic
         if topic and runtime.definition.undoes:
             await runtime.broker.declare(topic)
-            await runtime.broker.subscribe(topic, runtime.on_rollback)
+            await runtime.broker.subscribe(topic, runtime.compensation.on_rollback)
 
     async def wait_for(self, request_id: str) -> SagaRecord:
         """The saga of `request_id` once it has reached a final state (COMPLETED,

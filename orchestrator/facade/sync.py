@@ -222,7 +222,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
             completed_steps=[runtime.definition.steps[index].name for index in undo],
         )
         try:
-            await runtime.compensate_unrecorded(rollback, undo)
+            await runtime.compensation.unrecorded(rollback, undo)
         except Exception:
             log.exception(
                 "compensating from memory failed; recovery will retry once the store is back",
