@@ -2,10 +2,10 @@
 
 A `SagaRuntime` runs the sagas of one registered facade. It is written once
 for both kinds: the idempotent begin, running a step under its retry policy
-and timeout, the journal's compare-and-set writes (a step's end, its failure,
-the compensation's end), which steps to undo, the rollback message and its
-consumer, the compensations in reverse order and the rollback node, and the
-recovery of a saga nobody else will finish. A facade adds only what its kind
+and timeout, the journal's compare-and-set writes (a step's end, its
+failure), which steps to undo, the rollback message, and the recovery of a
+saga nobody else will finish; its `Compensation` (`_compensation`) consumes
+the rollback message and undoes the saga. A facade adds only what its kind
 is: the sync facade runs every step in the caller's task on a protobuf
 Context; the async facade makes each step a hop through a broker topic.
 
