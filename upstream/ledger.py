@@ -230,6 +230,13 @@ class Ledger:
         """Every order of ``request_id``, oldest first."""
         return self._all_of(_ORDERS, request_id)
 
+    def request_ids(self) -> set[str]:
+        """Every request id with an order or a payment in this ledger."""
+        rows = self._db.execute(
+            "SELECT request_id FROM orders UNION SELECT request_id FROM payments"
+        )
+        return {row[0] for row in rows}
+
     def count_orders(self, request_id: str) -> int:
         """How many orders ``request_id`` has."""
         return self._count(_ORDERS, request_id)
