@@ -44,6 +44,7 @@ from orchestrator.errors import (
     classify,
 )
 from orchestrator.facade._compensation import Compensation
+from orchestrator.facade._positions import Positions
 from orchestrator.facade.definition import SagaDefinition, StepDefinition
 from orchestrator.metrics import FacadeMetrics
 from orchestrator.request_id import check_request_id
@@ -51,6 +52,7 @@ from orchestrator.retry import call_with_retry
 from orchestrator.store import (
     Change,
     NewSaga,
+    Position,
     SagaRecord,
     SagaState,
     SagaStore,
@@ -58,6 +60,7 @@ from orchestrator.store import (
     StepFailed,
     StepPending,
     StepRestarted,
+    StepState,
 )
 
 __all__ = ["UNCERTAIN_CODES", "FacadeKind", "SagaPolicy", "SagaRuntime"]
@@ -131,6 +134,8 @@ class SagaRuntime:
         self.owner = owner
         self.policy = policy
         self._on_change = on_change
+        self._positions = Positions()
+        self._clock = time.monotonic
         self.compensation = Compensation(self)
         """Its sagas' rollback: the rollback topic's consumer, compensations, rollback node."""
         # Callers of this replica waiting on a saga, by request id; local writes wake them.
@@ -166,6 +171,8 @@ class SagaRuntime:
         )
         if existing is None:
             self.metrics.started.inc()
+            started = Position(SagaState.RUNNING, payload, (StepState.RUNNING,), (None,))
+            self._positions.put(request_id, started, self._clock())
             self._changed(request_id)
             return None
         if existing.payload_hash != digest:
@@ -256,11 +263,25 @@ class SagaRuntime:
         """Record that step `index`'s message never reached the broker; False when refused."""
         return await self.apply(request_id, StepPending(index, reason))
 
+    async def position(self, request_id: str) -> Position | None:
+        """Where the saga stands: as this replica last wrote it if that is recent (see
+        `_positions`), else as the store says."""
+        now = self._clock()
+        known = self._positions.get(request_id, now)
+        if known is not None:
+            return known
+        position = await self.store.position(self.name, request_id)
+        if position is not None:
+            self._positions.put(request_id, position, now)
+        return position
+
     async def apply(self, request_id: str, change: Change) -> bool:
         """Apply a journal write; a refusal is counted and logged, never raised."""
         if await self.store.apply(self.name, request_id, change):
+            self._positions.applied(request_id, change, self._clock())
             self._changed(request_id)
             return True
+        self._positions.forget(request_id)
         kind = type(change).__name__
         self.metrics.refused(kind)
         log.info(

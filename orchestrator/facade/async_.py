@@ -231,7 +231,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     async def _handle_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
         runtime = self.runtime
         request_id = dto.request_id
-        saga = await runtime.store.position(runtime.name, request_id)
+        saga = await runtime.position(request_id)
         verdict, reason = _verdict(saga, step.index, delivery)
         if verdict is _Verdict.DEAD_LETTER:
             runtime.metrics.message_refused(step.topic, "dead_lettered")

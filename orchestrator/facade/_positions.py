@@ -1,0 +1,107 @@
+"""What this replica last wrote of its sagas' positions: the journal's checks without a read.
+
+Every hop message is checked against where its saga stands. Most arrive a few
+milliseconds after this replica wrote that position (the previous hop's end),
+so the position it wrote is the one the journal holds, and reading it back
+costs a round to the store for nothing. `Positions` keeps the positions this
+replica's own writes left, for `TTL` seconds, and the engine reads the store
+only for the others: a saga another replica moved, or one written longer ago.
+
+A finished saga never moves again, so its position stays true as long as it
+is kept. A RUNNING one could be moved by another replica (its recovery, an
+operator); for at most `TTL` a hop could then be checked against the older
+position, and its node run for a saga that moved on. The journal still
+decides what is recorded (the hop's end is refused, counted, and nothing
+follows it), and an idempotent upstream absorbs the call. A write this
+replica sees refused drops the saga's position at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Final
+
+from orchestrator.store import (
+    Change,
+    CompensationEnded,
+    Position,
+    SagaState,
+    StepEnded,
+    StepFailed,
+    StepPending,
+    StepRestarted,
+    StepState,
+)
+
+__all__ = ["CAPACITY", "TTL", "Positions", "advanced"]
+
+TTL: Final = 1.0
+"""Seconds a RUNNING or COMPENSATING saga's position written here is trusted without a read."""
+CAPACITY: Final = 8192
+"""Sagas whose positions are kept (the most recently written)."""
+
+
+class Positions:
+    """The positions this replica wrote, newest last, each with when it was written."""
+
+    def __init__(self, *, ttl: float = TTL, capacity: int = CAPACITY) -> None:
+        self._ttl = ttl
+        self._capacity = capacity
+        self._kept: OrderedDict[str, tuple[float, Position]] = OrderedDict()
+
+    def get(self, request_id: str, now: float) -> Position | None:
+        """The position kept for `request_id` if it can still be trusted at `now`."""
+        entry = self._kept.get(request_id)
+        if entry is None:
+            return None
+        written, position = entry
+        if position.finished or now - written <= self._ttl:
+            return position
+        del self._kept[request_id]
+        return None
+
+    def put(self, request_id: str, position: Position, now: float) -> None:
+        """Keep `position`, which a write of this replica (or a read) just saw."""
+        self._kept[request_id] = (now, position)
+        self._kept.move_to_end(request_id)
+        if len(self._kept) > self._capacity:
+            self._kept.popitem(last=False)
+
+    def applied(self, request_id: str, change: Change, now: float) -> None:
+        """The journal applied `change`: move the kept position along, if one is kept."""
+        entry = self._kept.get(request_id)
+        if entry is not None:
+            self.put(request_id, advanced(entry[1], change), now)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what is kept of `request_id` (a refused write showed it was out of date)."""
+        self._kept.pop(request_id, None)
+
+
+def advanced(position: Position, change: Change) -> Position:
+    """`position` after the journal applied `change` to it."""
+    states = list(position.step_states)
+    data = list(position.step_data)
+    state = position.state
+    if isinstance(change, CompensationEnded):
+        state = change.state
+    elif isinstance(change, StepRestarted):
+        states[change.index], data[change.index] = StepState.RUNNING, None
+    elif isinstance(change, StepPending):
+        states[change.index] = StepState.PENDING
+    elif isinstance(change, StepEnded):
+        states[change.index], data[change.index] = StepState.DONE, change.data
+        if change.complete:
+            state = SagaState.COMPLETED
+        else:
+            states.append(StepState.RUNNING)
+            data.append(None)
+    elif isinstance(change, StepFailed):
+        states[change.index] = StepState.FAILED
+        if change.data is not None:
+            data[change.index] = change.data
+        state = change.then
+    return dataclasses.replace(
+        position, state=state, step_states=tuple(states), step_data=tuple(data)
+    )
