@@ -130,6 +130,8 @@ async def call_with_retry(
         attempt_deadline = min(limits) if limits else None
         token = _step_deadline.set(attempt_deadline)
         try:
+            if attempt_deadline is None:  # no timer to arm: spare the context manager
+                return await call()
             async with asyncio.timeout_at(attempt_deadline):
                 return await call()
         except Exception as exc:

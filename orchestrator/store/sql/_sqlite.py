@@ -21,6 +21,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final
 
 import aiosqlite
@@ -369,7 +370,9 @@ class SqliteWriter:
             raise BatchFailed(error, isolate=False) from exc
         stage = "execute"
         try:
-            outcomes = {op: _apply_op(conn, op) for op in ops}
+            # One time for the transaction: when its writes become durable.
+            at = sqlite_time(datetime.now(UTC))
+            outcomes = {op: _apply_op(conn, op, at) for op in ops}
             stage = "commit"
             conn.execute("COMMIT")
             return outcomes
@@ -393,9 +396,8 @@ class SqliteWriter:
             raise
 
 
-def _apply_op(conn: sqlite3.Connection, op: Op) -> object:
-    """Apply one op inside the writer's transaction and return its outcome."""
-    at = sqlite_time(op.at)
+def _apply_op(conn: sqlite3.Connection, op: Op, at: str) -> object:
+    """Apply one op inside the writer's transaction, at time `at`; return its outcome."""
     if isinstance(op, ApplyOp):
         return _apply_change(conn, op, at)
     if isinstance(op, BeginOp):
