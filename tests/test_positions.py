@@ -63,11 +63,13 @@ def test_a_written_position_is_trusted_for_its_ttl_then_read_again() -> None:
     assert positions.get("r", now=10.5) is None  # gone once stale
 
 
-def test_a_finished_position_is_trusted_past_its_ttl() -> None:
+def test_a_finished_sagas_position_is_not_kept() -> None:
     positions = Positions(ttl=1.0)
-    positions.put("r", COMPLETED, now=10.0)
+    positions.put("r", RUNNING, now=10.0)
 
-    assert positions.get("r", now=500.0) == COMPLETED
+    positions.applied("r", StepEnded(0, "{}", complete=True), now=10.1)
+
+    assert positions.get("r", now=10.2) is None
 
 
 def test_a_refused_write_forgets_the_position() -> None:

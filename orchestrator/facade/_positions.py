@@ -7,13 +7,15 @@ costs a round to the store for nothing. `Positions` keeps the positions this
 replica's own writes left, for `TTL` seconds, and the engine reads the store
 only for the others: a saga another replica moved, or one written longer ago.
 
-A finished saga never moves again, so its position stays true as long as it
-is kept. A RUNNING one could be moved by another replica (its recovery, an
-operator); for at most `TTL` a hop could then be checked against the older
-position, and its node run for a saga that moved on. The journal still
-decides what is recorded (the hop's end is refused, counted, and nothing
-follows it), and an idempotent upstream absorbs the call. A write this
-replica sees refused drops the saga's position at once.
+Only sagas in flight are kept: a finished saga leaves at once (a message for
+it is rare, and is checked against the store), so what is kept stays small
+and short-lived, which also keeps it cheap for the garbage collector. A
+RUNNING saga could be moved by another replica (its recovery, an operator);
+for at most `TTL` a hop could then be checked against the older position,
+and its node run for a saga that moved on. The journal still decides what is
+recorded (the hop's end is refused, counted, and nothing follows it), and an
+idempotent upstream absorbs the call. A write this replica sees refused drops
+the saga's position at once.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from orchestrator.store import (
 __all__ = ["CAPACITY", "TTL", "Positions", "advanced"]
 
 TTL: Final = 1.0
-"""Seconds a RUNNING or COMPENSATING saga's position written here is trusted without a read."""
-CAPACITY: Final = 8192
-"""Sagas whose positions are kept (the most recently written)."""
+"""Seconds a saga's position written here is trusted without a read."""
+CAPACITY: Final = 2048
+"""Sagas in flight whose positions are kept (the most recently written)."""
 
 
 class Positions:
@@ -56,13 +58,17 @@ class Positions:
         if entry is None:
             return None
         written, position = entry
-        if position.finished or now - written <= self._ttl:
+        if now - written <= self._ttl:
             return position
         del self._kept[request_id]
         return None
 
     def put(self, request_id: str, position: Position, now: float) -> None:
-        """Keep `position`, which a write of this replica (or a read) just saw."""
+        """Keep `position`, which a write of this replica (or a read) just saw; a finished
+        saga's is not kept."""
+        if position.finished:
+            self._kept.pop(request_id, None)
+            return
         self._kept[request_id] = (now, position)
         self._kept.move_to_end(request_id)
         if len(self._kept) > self._capacity:
