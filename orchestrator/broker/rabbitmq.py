@@ -83,6 +83,7 @@ TOPIC_HEADER = "x-orchestrator-topic"
 
 _T = TypeVar("_T")
 _DELIVERY_COUNT_HEADER = "x-delivery-count"
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # What a failed ack/nack or publish can raise once the connection or channel is gone.
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, TimeoutError)
 
@@ -277,12 +278,13 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable(f"no time left to publish message {message_id}")
         if self._blocked_reason is not None:
             raise BrokerUnavailable(self._blocked_message(message_id))
-        message = aio_pika.Message(
-            body,
-            message_id=message_id,
-            headers=headers,
+        # The properties themselves, not an aio_pika.Message: building one costs more
+        # than the rest of the publish (a validating __setattr__ per field).
+        properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=_PERSISTENT,
+            headers=headers,
+            message_id=message_id,
         )
         try:
             # The one timer of this publish. aio-pika's own `timeout=` would not
@@ -293,7 +295,17 @@ class RabbitMQBroker(Broker):
             async with asyncio.timeout(timeout) as timer:
                 self._publish_timers.add(timer)
                 try:
-                    await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                    publishing = _require(self._publish_channel)
+                    if publishing.is_closed:
+                        raise ChannelInvalidStateError("the publishing channel is closed")
+                    channel = await publishing.get_underlay_channel()
+                    await channel.basic_publish(
+                        body,
+                        exchange=exchange.name,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=True,
+                    )
                 finally:
                     self._publish_timers.discard(timer)
         except PublishError as exc:
@@ -490,7 +502,7 @@ class RabbitMQBroker(Broker):
             except Exception as exc:
                 await self._retry_or_dead_letter(topic, message, delivery, exc)
                 return
-            await self._settle(message.ack(), "ack", topic, delivery.message_id)
+            await self._ack(message, topic)
             return
 
     async def _await_recovery(self, message: AbstractIncomingMessage, attempt: int) -> bool:
@@ -572,7 +584,30 @@ class RabbitMQBroker(Broker):
             extra={"topic": topic, "message_id": message_id, "reason": reason},
         )
         # Only now: the copy is confirmed, so the original may go.
-        await self._settle(message.ack(), "ack", topic, message_id)
+        await self._ack(message, topic)
+
+    async def _ack(self, message: AbstractIncomingMessage, topic: str) -> None:
+        """Acknowledge `message`. AMQP answers no ack, so while the connection's write
+        queue has room the ack is queued without waiting for the writer, and needs no
+        timer; a full queue (a stalled link) takes the timed way."""
+        tag = message.delivery_tag
+        try:
+            channel = message.channel  # raises once the channel is gone
+            queue = getattr(channel, "write_queue", None)
+            if channel.is_closed or tag is None or queue is None or queue.full():
+                await self._settle(message.ack(), "ack", topic, message.message_id or "")
+                return
+            await channel.basic_ack(tag, wait=False)
+        except _BROKER_ERRORS as exc:
+            log.warning(
+                "settling a delivery failed, the broker will redeliver it",
+                extra={
+                    "topic": topic,
+                    "message_id": message.message_id or "",
+                    "operation": "ack",
+                    "error": repr(exc),
+                },
+            )
 
     async def _settle(
         self, operation: Awaitable[None], kind: str, topic: str, message_id: str
