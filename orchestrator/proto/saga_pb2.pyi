@@ -37,7 +37,11 @@ class _SagaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaState.V
     COMPENSATED: _SagaState.ValueType  # 4
     """A step failed and everything done before it was undone. Final."""
     COMPENSATION_FAILED: _SagaState.ValueType  # 5
-    """A compensation kept failing; the rollback was dead-lettered. Final."""
+    """A compensation kept failing; the rollback was dead-lettered. Final, until
+    an operator retries it (SagaAdmin.RetrySaga).
+    """
+    RESOLVED: _SagaState.ValueType  # 6
+    """An operator settled it by hand (SagaAdmin.ResolveSaga). Final."""
 
 class SagaState(_SagaState, metaclass=_SagaStateEnumTypeWrapper):
     """SagaState is where a saga stands."""
@@ -53,7 +57,11 @@ COMPENSATING: SagaState.ValueType  # 3
 COMPENSATED: SagaState.ValueType  # 4
 """A step failed and everything done before it was undone. Final."""
 COMPENSATION_FAILED: SagaState.ValueType  # 5
-"""A compensation kept failing; the rollback was dead-lettered. Final."""
+"""A compensation kept failing; the rollback was dead-lettered. Final, until
+an operator retries it (SagaAdmin.RetrySaga).
+"""
+RESOLVED: SagaState.ValueType  # 6
+"""An operator settled it by hand (SagaAdmin.ResolveSaga). Final."""
 Global___SagaState: _TypeAlias = SagaState  # noqa: Y015
 
 class _StepState:
@@ -122,6 +130,34 @@ COMPENSATION_STATE_FAILED: CompensationState.ValueType  # 3
 """Its compensation kept failing: the saga is COMPENSATION_FAILED."""
 Global___CompensationState: _TypeAlias = CompensationState  # noqa: Y015
 
+class _DeadLetterState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeadLetterStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeadLetterState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEAD_LETTER_STATE_UNSPECIFIED: _DeadLetterState.ValueType  # 0
+    """Not a state: in a request it means "waiting"."""
+    DEAD_LETTER_WAITING: _DeadLetterState.ValueType  # 1
+    """It waits for an operator."""
+    DEAD_LETTER_REPLAYED: _DeadLetterState.ValueType  # 2
+    """It was put back on its topic."""
+    DEAD_LETTER_DISCARDED: _DeadLetterState.ValueType  # 3
+    """It was dropped."""
+
+class DeadLetterState(_DeadLetterState, metaclass=_DeadLetterStateEnumTypeWrapper):
+    """DeadLetterState is what became of a dead-lettered message."""
+
+DEAD_LETTER_STATE_UNSPECIFIED: DeadLetterState.ValueType  # 0
+"""Not a state: in a request it means "waiting"."""
+DEAD_LETTER_WAITING: DeadLetterState.ValueType  # 1
+"""It waits for an operator."""
+DEAD_LETTER_REPLAYED: DeadLetterState.ValueType  # 2
+"""It was put back on its topic."""
+DEAD_LETTER_DISCARDED: DeadLetterState.ValueType  # 3
+"""It was dropped."""
+Global___DeadLetterState: _TypeAlias = DeadLetterState  # noqa: Y015
+
 @_typing.final
 class Saga(_message.Message):
     """Saga is one saga with its step log."""
@@ -138,6 +174,7 @@ class Saga(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_AT_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the saga runs under (the x-request-id of its request)."""
     facade: _builtins.str
@@ -170,6 +207,10 @@ class Saga(_message.Message):
         (COMPENSATING), else recovery drives it to one; unset once finished.
         """
 
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperatorAction]:
+        """What operators did to it, oldest first."""
+
     def __init__(
         self,
         *,
@@ -183,14 +224,57 @@ class Saga(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         deadline_at: _timestamp_pb2.Timestamp | None = ...,
+        actions: _abc.Iterable[Global___OperatorAction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline_at", b"deadline_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline_at", b"deadline_at", "error_code", b"error_code", "error_reason", b"error_reason", "facade", b"facade", "kind", b"kind", "request_id", b"request_id", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "created_at", b"created_at", "deadline_at", b"deadline_at", "error_code", b"error_code", "error_reason", b"error_reason", "facade", b"facade", "kind", b"kind", "request_id", b"request_id", "state", b"state", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Saga: _TypeAlias = Saga  # noqa: Y015
+
+@_typing.final
+class OperatorAction(_message.Message):
+    """OperatorAction is one thing an operator did to a saga, as its record keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"retry", "compensate", "resolve", "replay" or "discard"."""
+    actor: _builtins.str
+    """Who did it: the caller's identity (a token's name or a client
+    certificate's subject), or "anonymous" where the admin API is open.
+    """
+    note: _builtins.str
+    """Why, as the operator said."""
+    dead_letter_id: _builtins.str
+    """The dead letter it acted on, for "replay" and "discard"; empty otherwise."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        dead_letter_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "dead_letter_id", b"dead_letter_id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatorAction: _TypeAlias = OperatorAction  # noqa: Y015
 
 @_typing.final
 class Step(_message.Message):
@@ -373,3 +457,285 @@ class WatchSagaRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchSagaRequest: _TypeAlias = WatchSagaRequest  # noqa: Y015
+
+@_typing.final
+class RetrySagaRequest(_message.Message):
+    """RetrySagaRequest names the saga to run again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACADE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    facade: _builtins.str
+    """The saga's facade; empty to find the request id among every facade."""
+    request_id: _builtins.str
+    """The saga's request id."""
+    note: _builtins.str
+    """Why (what was fixed); kept in the saga's record."""
+    def __init__(
+        self,
+        *,
+        facade: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "note", b"note", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrySagaRequest: _TypeAlias = RetrySagaRequest  # noqa: Y015
+
+@_typing.final
+class CompensateSagaRequest(_message.Message):
+    """CompensateSagaRequest names the saga to roll back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACADE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    facade: _builtins.str
+    """The saga's facade; empty to find the request id among every facade."""
+    request_id: _builtins.str
+    """The saga's request id."""
+    reason: _builtins.str
+    """Why: it becomes the saga's error reason and is kept in its record."""
+    def __init__(
+        self,
+        *,
+        facade: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompensateSagaRequest: _TypeAlias = CompensateSagaRequest  # noqa: Y015
+
+@_typing.final
+class ResolveSagaRequest(_message.Message):
+    """ResolveSagaRequest names the saga an operator settled by hand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACADE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    facade: _builtins.str
+    """The saga's facade; empty to find the request id among every facade."""
+    request_id: _builtins.str
+    """The saga's request id."""
+    note: _builtins.str
+    """What was done by hand: required, kept in the saga's record."""
+    def __init__(
+        self,
+        *,
+        facade: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "note", b"note", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSagaRequest: _TypeAlias = ResolveSagaRequest  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """DeadLetter is one message that left its topic for good, joined to its saga."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    FACADE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SAGA_STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_AT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SETTLED_AT_FIELD_NUMBER: _builtins.int
+    SETTLED_BY_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Its id in the orchestrator's dead-letter list."""
+    topic: _builtins.str
+    """The topic it came from."""
+    facade: _builtins.str
+    """The saga it belongs to, when it names one the store knows: its facade,
+    request id, the step the message was for, and the saga's state.
+    """
+    request_id: _builtins.str
+    step: _builtins.str
+    saga_state: Global___SagaState.ValueType
+    reason: _builtins.str
+    """Why it was dead-lettered (the handler's reason, or the broker's)."""
+    delivery_count: _builtins.int
+    """How many times it was delivered."""
+    body: _builtins.bytes
+    """The message's body (a JSON DTO, usually) and its message id."""
+    message_id: _builtins.str
+    state: Global___DeadLetterState.ValueType
+    """What became of it, when, by whom and why."""
+    settled_by: _builtins.str
+    note: _builtins.str
+    @_builtins.property
+    def dead_lettered_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was dead-lettered."""
+
+    @_builtins.property
+    def settled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        topic: _builtins.str = ...,
+        facade: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        step: _builtins.str = ...,
+        saga_state: Global___SagaState.ValueType = ...,
+        reason: _builtins.str = ...,
+        delivery_count: _builtins.int = ...,
+        dead_lettered_at: _timestamp_pb2.Timestamp | None = ...,
+        body: _builtins.bytes = ...,
+        message_id: _builtins.str = ...,
+        state: Global___DeadLetterState.ValueType = ...,
+        settled_at: _timestamp_pb2.Timestamp | None = ...,
+        settled_by: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_lettered_at", b"dead_lettered_at", "settled_at", b"settled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dead_lettered_at", b"dead_lettered_at", "delivery_count", b"delivery_count", "facade", b"facade", "id", b"id", "message_id", b"message_id", "note", b"note", "reason", b"reason", "request_id", b"request_id", "saga_state", b"saga_state", "settled_at", b"settled_at", "settled_by", b"settled_by", "state", b"state", "step", b"step", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    """ListDeadLettersRequest filters and pages the dead-letter list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    FACADE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """Only the messages of this topic; empty for every topic."""
+    facade: _builtins.str
+    """Only the messages of this facade's sagas; empty for every facade."""
+    page_size: _builtins.int
+    """At most this many: 0 means 50, more than 500 means 500."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first."""
+    state: Global___DeadLetterState.ValueType
+    """Which messages: waiting (the default), replayed or discarded."""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        facade: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: Global___DeadLetterState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    """ListDeadLettersResponse is one page of dead letters, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as page_token to get the next page; empty on the last page."""
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLetterRequest(_message.Message):
+    """ReplayDeadLetterRequest names the message to put back on its topic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The dead letter's id."""
+    note: _builtins.str
+    """Why; kept with the message and in its saga's record."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLetterRequest: _TypeAlias = ReplayDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class DiscardDeadLetterRequest(_message.Message):
+    """DiscardDeadLetterRequest names the message to drop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The dead letter's id."""
+    note: _builtins.str
+    """Why: required, kept with the message and in its saga's record."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscardDeadLetterRequest: _TypeAlias = DiscardDeadLetterRequest  # noqa: Y015

@@ -196,3 +196,316 @@ class SagaService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SagaAdminStub:
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RetrySaga = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/RetrySaga',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.RetrySagaRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+                _registered_method=True)
+        self.CompensateSaga = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/CompensateSaga',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.CompensateSagaRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+                _registered_method=True)
+        self.ResolveSaga = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/ResolveSaga',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.ResolveSagaRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/ListDeadLetters',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetter = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/ReplayDeadLetter',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.ReplayDeadLetterRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.DeadLetter.FromString,
+                _registered_method=True)
+        self.DiscardDeadLetter = channel.unary_unary(
+                '/orchestrator.v1.SagaAdmin/DiscardDeadLetter',
+                request_serializer=orchestrator_dot_proto_dot_saga__pb2.DiscardDeadLetterRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_saga__pb2.DeadLetter.FromString,
+                _registered_method=True)
+
+
+class SagaAdminServicer:
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    def RetrySaga(self, request, context):
+        """Runs a saga again from where it stopped: a COMPENSATION_FAILED one runs
+        its remaining compensations (and its rollback node); a RUNNING one whose
+        current step's message never reached the broker (or was lost) runs that
+        step again. FAILED_PRECONDITION, naming the state, for any other saga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompensateSaga(self, request, context):
+        """Rolls a RUNNING saga back now. Its in-flight hop is fenced: when it
+        arrives later it does nothing. FAILED_PRECONDITION for any other state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveSaga(self, request, context):
+        """Records that an operator settled the saga by hand: it ends RESOLVED with
+        the note. Allowed for RUNNING, COMPENSATING and COMPENSATION_FAILED sagas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """The dead-lettered messages waiting for a decision, newest first, each
+        joined to its saga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetter(self, request, context):
+        """Puts a dead-lettered message back on its topic (the journal decides
+        whether it still applies) and takes it off the list: exactly once, so a
+        second call is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardDeadLetter(self, request, context):
+        """Drops a dead-lettered message with a note: exactly once, like a replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SagaAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RetrySaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrySaga,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.RetrySagaRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.Saga.SerializeToString,
+            ),
+            'CompensateSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompensateSaga,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.CompensateSagaRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.Saga.SerializeToString,
+            ),
+            'ResolveSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveSaga,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.ResolveSagaRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.Saga.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ReplayDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetter,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.ReplayDeadLetterRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.DeadLetter.SerializeToString,
+            ),
+            'DiscardDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardDeadLetter,
+                    request_deserializer=orchestrator_dot_proto_dot_saga__pb2.DiscardDeadLetterRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_saga__pb2.DeadLetter.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'orchestrator.v1.SagaAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('orchestrator.v1.SagaAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SagaAdmin:
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    @staticmethod
+    def RetrySaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/RetrySaga',
+            orchestrator_dot_proto_dot_saga__pb2.RetrySagaRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompensateSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/CompensateSaga',
+            orchestrator_dot_proto_dot_saga__pb2.CompensateSagaRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/ResolveSaga',
+            orchestrator_dot_proto_dot_saga__pb2.ResolveSagaRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.Saga.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/ListDeadLetters',
+            orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/ReplayDeadLetter',
+            orchestrator_dot_proto_dot_saga__pb2.ReplayDeadLetterRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.DeadLetter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.SagaAdmin/DiscardDeadLetter',
+            orchestrator_dot_proto_dot_saga__pb2.DiscardDeadLetterRequest.SerializeToString,
+            orchestrator_dot_proto_dot_saga__pb2.DeadLetter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

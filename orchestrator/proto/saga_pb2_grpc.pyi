@@ -110,3 +110,145 @@ class SagaServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_SagaServiceServicer_to_server(servicer: SagaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SagaAdminStub:
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SagaAdminAsyncStub: ...
+    RetrySaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.RetrySagaRequest, _saga_pb2.Saga]
+    """Runs a saga again from where it stopped: a COMPENSATION_FAILED one runs
+    its remaining compensations (and its rollback node); a RUNNING one whose
+    current step's message never reached the broker (or was lost) runs that
+    step again. FAILED_PRECONDITION, naming the state, for any other saga.
+    """
+    CompensateSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.CompensateSagaRequest, _saga_pb2.Saga]
+    """Rolls a RUNNING saga back now. Its in-flight hop is fenced: when it
+    arrives later it does nothing. FAILED_PRECONDITION for any other state.
+    """
+    ResolveSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ResolveSagaRequest, _saga_pb2.Saga]
+    """Records that an operator settled the saga by hand: it ends RESOLVED with
+    the note. Allowed for RUNNING, COMPENSATING and COMPENSATION_FAILED sagas.
+    """
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ListDeadLettersRequest, _saga_pb2.ListDeadLettersResponse]
+    """The dead-lettered messages waiting for a decision, newest first, each
+    joined to its saga.
+    """
+    ReplayDeadLetter: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ReplayDeadLetterRequest, _saga_pb2.DeadLetter]
+    """Puts a dead-lettered message back on its topic (the journal decides
+    whether it still applies) and takes it off the list: exactly once, so a
+    second call is FAILED_PRECONDITION.
+    """
+    DiscardDeadLetter: _grpc.UnaryUnaryMultiCallable[_saga_pb2.DiscardDeadLetterRequest, _saga_pb2.DeadLetter]
+    """Drops a dead-lettered message with a note: exactly once, like a replay."""
+
+@_typing.type_check_only
+class SagaAdminAsyncStub(SagaAdminStub):
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    RetrySaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.RetrySagaRequest, _saga_pb2.Saga]  # type: ignore[assignment]
+    """Runs a saga again from where it stopped: a COMPENSATION_FAILED one runs
+    its remaining compensations (and its rollback node); a RUNNING one whose
+    current step's message never reached the broker (or was lost) runs that
+    step again. FAILED_PRECONDITION, naming the state, for any other saga.
+    """
+    CompensateSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.CompensateSagaRequest, _saga_pb2.Saga]  # type: ignore[assignment]
+    """Rolls a RUNNING saga back now. Its in-flight hop is fenced: when it
+    arrives later it does nothing. FAILED_PRECONDITION for any other state.
+    """
+    ResolveSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.ResolveSagaRequest, _saga_pb2.Saga]  # type: ignore[assignment]
+    """Records that an operator settled the saga by hand: it ends RESOLVED with
+    the note. Allowed for RUNNING, COMPENSATING and COMPENSATION_FAILED sagas.
+    """
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_saga_pb2.ListDeadLettersRequest, _saga_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """The dead-lettered messages waiting for a decision, newest first, each
+    joined to its saga.
+    """
+    ReplayDeadLetter: _aio.UnaryUnaryMultiCallable[_saga_pb2.ReplayDeadLetterRequest, _saga_pb2.DeadLetter]  # type: ignore[assignment]
+    """Puts a dead-lettered message back on its topic (the journal decides
+    whether it still applies) and takes it off the list: exactly once, so a
+    second call is FAILED_PRECONDITION.
+    """
+    DiscardDeadLetter: _aio.UnaryUnaryMultiCallable[_saga_pb2.DiscardDeadLetterRequest, _saga_pb2.DeadLetter]  # type: ignore[assignment]
+    """Drops a dead-lettered message with a note: exactly once, like a replay."""
+
+class SagaAdminServicer(metaclass=_abc_1.ABCMeta):
+    """SagaAdmin lets operators act on sagas and dead-lettered messages. Every
+    method needs a credential: the listing the read role, the actions the
+    operate role (UNAUTHENTICATED without one, PERMISSION_DENIED with too little).
+    Each action is written to the saga's record with the caller and the note.
+    """
+
+    @_abc_1.abstractmethod
+    def RetrySaga(
+        self,
+        request: _saga_pb2.RetrySagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.Saga, _abc.Awaitable[_saga_pb2.Saga]]:
+        """Runs a saga again from where it stopped: a COMPENSATION_FAILED one runs
+        its remaining compensations (and its rollback node); a RUNNING one whose
+        current step's message never reached the broker (or was lost) runs that
+        step again. FAILED_PRECONDITION, naming the state, for any other saga.
+        """
+
+    @_abc_1.abstractmethod
+    def CompensateSaga(
+        self,
+        request: _saga_pb2.CompensateSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.Saga, _abc.Awaitable[_saga_pb2.Saga]]:
+        """Rolls a RUNNING saga back now. Its in-flight hop is fenced: when it
+        arrives later it does nothing. FAILED_PRECONDITION for any other state.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveSaga(
+        self,
+        request: _saga_pb2.ResolveSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.Saga, _abc.Awaitable[_saga_pb2.Saga]]:
+        """Records that an operator settled the saga by hand: it ends RESOLVED with
+        the note. Allowed for RUNNING, COMPENSATING and COMPENSATION_FAILED sagas.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _saga_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.ListDeadLettersResponse, _abc.Awaitable[_saga_pb2.ListDeadLettersResponse]]:
+        """The dead-lettered messages waiting for a decision, newest first, each
+        joined to its saga.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetter(
+        self,
+        request: _saga_pb2.ReplayDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.DeadLetter, _abc.Awaitable[_saga_pb2.DeadLetter]]:
+        """Puts a dead-lettered message back on its topic (the journal decides
+        whether it still applies) and takes it off the list: exactly once, so a
+        second call is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def DiscardDeadLetter(
+        self,
+        request: _saga_pb2.DiscardDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.DeadLetter, _abc.Awaitable[_saga_pb2.DeadLetter]]:
+        """Drops a dead-lettered message with a note: exactly once, like a replay."""
+
+def add_SagaAdminServicer_to_server(servicer: SagaAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
