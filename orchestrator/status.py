@@ -74,6 +74,7 @@ _SAGA_STATES: dict[SagaState, saga_pb2.SagaState.ValueType] = {
     SagaState.COMPENSATING: saga_pb2.COMPENSATING,
     SagaState.COMPENSATED: saga_pb2.COMPENSATED,
     SagaState.COMPENSATION_FAILED: saga_pb2.COMPENSATION_FAILED,
+    SagaState.RESOLVED: saga_pb2.RESOLVED,
 }
 _SAGA_STATES_FROM_PROTO = {value: state for state, value in _SAGA_STATES.items()}
 _STEP_STATES: dict[StepState, saga_pb2.StepState.ValueType] = {

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 REPLICAS = 4
-HEAD = "0002"
+HEAD = "0003"
 GRACE = timedelta(seconds=300)
 OPEN = {"RUNNING", "COMPENSATING"}
 FINISHED = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
@@ -424,7 +424,8 @@ async def test_replicas_upgrading_one_database_at_once_upgrade_it_once(
     logs = "".join(err.decode() for _, err in outputs)
     assert [out.decode() for out, _ in outputs] == [f"reached {HEAD}\n"] * REPLICAS, logs
     ran = re.findall(r"Running upgrade (\w*) -> (\w+)", logs)
-    assert ran == ([("", "0001"), ("0001", "0002")] if origin == "fresh" else [("0001", "0002")])
+    upgrades = [("0001", "0002"), ("0002", "0003")]
+    assert ran == ([("", "0001"), *upgrades] if origin == "fresh" else upgrades)
     keys = set(await _rows(engine, "SELECT facade, request_id FROM sagas"))
     assert keys == (OLD_KEYS if origin == "old" else set())
 

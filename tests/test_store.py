@@ -22,9 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
-from sqlalchemy.engine import make_url
 
 from orchestrator.store import (
     CLAIM_BATCH,
@@ -45,6 +43,7 @@ from orchestrator.store import (
     StepState,
 )
 from orchestrator.store.memory import transition
+from tests.support.databases import drop_store_tables
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,15 +75,6 @@ class Backend:
         return store
 
 
-async def _drop_store_tables(url: str) -> None:
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn, timeout=5)
-    try:
-        await conn.execute("DROP TABLE IF EXISTS saga_steps, sagas, replicas, alembic_version")
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each store in turn, started on an empty database; every store opened is closed after."""
@@ -95,7 +85,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         store = SqlSagaStore(url)
     else:
         url = request.getfixturevalue("postgres_url")
-        await _drop_store_tables(url)
+        await drop_store_tables(url)
         store = SqlSagaStore(url)
     backend = Backend(request.param, url, store, [store])
     await store.start()

@@ -14,6 +14,14 @@ from __future__ import annotations
 import abc
 
 from orchestrator.store.changes import Change
+from orchestrator.store.operator import (
+    ActionRecord,
+    DeadLetterPage,
+    DeadLetterRecord,
+    DeadLetterState,
+    NewDeadLetter,
+    OperatorChange,
+)
 from orchestrator.store.records import (
     NewSaga,
     Position,
@@ -101,3 +109,60 @@ class SagaStore(abc.ABC):
         deadline `hold_for` seconds away, and is returned as claimed, with why it
         stalled.
         """
+
+    # --- operators -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def act(
+        self,
+        facade: str,
+        request_id: str,
+        change: Change | OperatorChange,
+        action: ActionRecord,
+    ) -> bool:
+        """An operator's move: apply `change` as `apply` does (an `OperatorChange` may also
+        move a COMPENSATION_FAILED saga) and record `action` on the saga, in one durable
+        write; whether it was applied. Refused, neither is written."""
+
+    @abc.abstractmethod
+    async def actions(self, facade: str, request_id: str) -> list[ActionRecord]:
+        """What operators did to the saga, oldest first."""
+
+    @abc.abstractmethod
+    async def add_dead_letter(self, letter: NewDeadLetter) -> bool:
+        """Keep a dead letter, WAITING; False (and nothing changes) when its id is kept
+        already."""
+
+    @abc.abstractmethod
+    async def get_dead_letter(self, letter_id: str) -> DeadLetterRecord | None:
+        """The dead letter, or None."""
+
+    @abc.abstractmethod
+    async def list_dead_letters(
+        self,
+        *,
+        topic: str = "",
+        facade: str = "",
+        state: DeadLetterState = DeadLetterState.WAITING,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> DeadLetterPage:
+        """Dead letters in `state`, newest first, filtered by topic and facade, a page at a
+        time; `page_size` is cut to 1..`MAX_PAGE_SIZE`; a token this store did not issue
+        raises ValueError."""
+
+    @abc.abstractmethod
+    async def settle_dead_letter(
+        self, letter_id: str, state: DeadLetterState, action: ActionRecord
+    ) -> bool:
+        """Move a WAITING dead letter to `state` (REPLAYED or DISCARDED), settled by
+        `action.actor` with `action.note`, and record `action` on its saga when the saga
+        exists, in one durable write; False (nothing written) when it is not WAITING or
+        not kept."""
+
+    @abc.abstractmethod
+    async def unsettle_dead_letter(self, letter_id: str) -> bool:
+        """Undo a replay whose publish failed: a REPLAYED dead letter is WAITING again
+        (settled_at, settled_by and note cleared) and the `replay` action naming it is
+        removed from its saga's record, in one durable write; False when it is not
+        REPLAYED."""

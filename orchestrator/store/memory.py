@@ -24,6 +24,17 @@ from orchestrator.store.changes import (
     StepPending,
     StepRestarted,
 )
+from orchestrator.store.operator import (
+    ActionRecord,
+    CompensationRetried,
+    DeadLetterPage,
+    DeadLetterRecord,
+    DeadLetterState,
+    NewDeadLetter,
+    OperatorChange,
+    Resolved,
+    Retried,
+)
 from orchestrator.store.records import (
     CompensationState,
     NewSaga,
@@ -35,7 +46,7 @@ from orchestrator.store.records import (
     StepState,
 )
 
-__all__ = ["InMemorySagaStore", "transition"]
+__all__ = ["InMemorySagaStore", "operator_transition", "transition"]
 
 _Key = tuple[str, str]
 
@@ -54,6 +65,8 @@ class InMemorySagaStore(SagaStore):
         self._finished: OrderedDict[_Key, None] = OrderedDict()
         self._max_finished = max_finished
         self._heartbeats: dict[str, datetime] = {}
+        self._actions: dict[_Key, list[ActionRecord]] = {}
+        self._letters: dict[str, DeadLetterRecord] = {}
         self._last = datetime.min.replace(tzinfo=UTC)
 
     def _now(self) -> datetime:
@@ -108,6 +121,7 @@ class InMemorySagaStore(SagaStore):
         while len(self._finished) > self._max_finished:
             oldest, _ = self._finished.popitem(last=False)
             self._sagas.pop(oldest, None)
+            self._actions.pop(oldest, None)
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, or None."""
@@ -167,6 +181,178 @@ class InMemorySagaStore(SagaStore):
                 self._sagas[key] = taken
                 claimed.append(Stalled(taken, expired=expired))
         return claimed
+
+    # --- operators ----------------------------------------------------------------------
+
+    async def act(
+        self,
+        facade: str,
+        request_id: str,
+        change: Change | OperatorChange,
+        action: ActionRecord,
+    ) -> bool:
+        """Apply an operator's move and record `action` with it; False (neither) if refused."""
+        key = (facade, request_id)
+        saga = self._sagas.get(key)
+        if saga is None:
+            return False
+        now = self._now()
+        if isinstance(change, Retried | CompensationRetried | Resolved):
+            moved = operator_transition(saga, change, now)
+        else:
+            moved = transition(saga, change, now)
+        if moved is None:
+            return False
+        self._sagas[key] = moved
+        self._actions.setdefault(key, []).append(action)
+        if moved.finished:
+            self._forget_old(key)
+        else:
+            self._finished.pop(key, None)
+        return True
+
+    async def actions(self, facade: str, request_id: str) -> list[ActionRecord]:
+        """What operators did to the saga, oldest first."""
+        return list(self._actions.get((facade, request_id), ()))
+
+    async def add_dead_letter(self, letter: NewDeadLetter) -> bool:
+        """Keep it WAITING; False when its id is kept already."""
+        if letter.id in self._letters:
+            return False
+        self._letters[letter.id] = DeadLetterRecord(
+            id=letter.id,
+            topic=letter.topic,
+            facade=letter.facade,
+            request_id=letter.request_id,
+            step=letter.step,
+            message_id=letter.message_id,
+            body=letter.body,
+            headers=dict(letter.headers),
+            reason=letter.reason,
+            delivery_count=letter.delivery_count,
+            dead_lettered_at=letter.dead_lettered_at,
+        )
+        return True
+
+    async def get_dead_letter(self, letter_id: str) -> DeadLetterRecord | None:
+        """The dead letter, or None."""
+        return self._letters.get(letter_id)
+
+    async def list_dead_letters(
+        self,
+        *,
+        topic: str = "",
+        facade: str = "",
+        state: DeadLetterState = DeadLetterState.WAITING,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> DeadLetterPage:
+        """Newest first, a page at a time; a bad token raises ValueError."""
+        page_size = max(1, min(page_size, MAX_PAGE_SIZE))
+        matching = sorted(
+            (
+                letter
+                for letter in self._letters.values()
+                if letter.state == state
+                and (not topic or letter.topic == topic)
+                and (not facade or letter.facade == facade)
+            ),
+            key=_letter_position,
+            reverse=True,
+        )
+        if page_token:
+            after = _decode_letter(page_token)
+            matching = [letter for letter in matching if _letter_position(letter) < after]
+        page = matching[:page_size]
+        token = _encode_letter(page[-1]) if len(matching) > page_size else ""
+        return DeadLetterPage(letters=tuple(page), next_page_token=token)
+
+    async def settle_dead_letter(
+        self, letter_id: str, state: DeadLetterState, action: ActionRecord
+    ) -> bool:
+        """WAITING to `state`, once; the action goes on the saga's record if it exists."""
+        if state == DeadLetterState.WAITING:
+            raise ValueError("a dead letter is settled as REPLAYED or DISCARDED")
+        letter = self._letters.get(letter_id)
+        if letter is None or letter.state != DeadLetterState.WAITING:
+            return False
+        self._letters[letter_id] = dataclasses.replace(
+            letter, state=state, settled_at=action.at, settled_by=action.actor, note=action.note
+        )
+        key = (letter.facade, letter.request_id)
+        if key in self._sagas:
+            self._actions.setdefault(key, []).append(action)
+        return True
+
+    async def unsettle_dead_letter(self, letter_id: str) -> bool:
+        """REPLAYED back to WAITING, its replay action removed from the saga's record."""
+        letter = self._letters.get(letter_id)
+        if letter is None or letter.state != DeadLetterState.REPLAYED:
+            return False
+        self._letters[letter_id] = dataclasses.replace(
+            letter, state=DeadLetterState.WAITING, settled_at=None, settled_by="", note=""
+        )
+        key = (letter.facade, letter.request_id)
+        if key in self._actions:
+            self._actions[key] = [
+                action
+                for action in self._actions[key]
+                if not (action.action == "replay" and action.dead_letter_id == letter_id)
+            ]
+        return True
+
+
+def operator_transition(
+    saga: SagaRecord, change: OperatorChange, now: datetime
+) -> SagaRecord | None:
+    """`saga` after an operator's `change` at `now`, or None when it is not where the
+    change expects it (the reference the SQL store's statements follow)."""
+    if isinstance(change, Retried):
+        current = saga.current_step
+        if current is None or current.index != change.index:
+            return None
+        step = dataclasses.replace(
+            current,
+            state=StepState.RUNNING,
+            attempts=current.attempts + 1,
+            started_at=now,
+            finished_at=None,
+            error="",
+            data=None,
+        )
+        return _with_steps(dataclasses.replace(saga, deadline_at=change.deadline_at), now, step)
+    if isinstance(change, CompensationRetried):
+        if saga.state != SagaState.COMPENSATION_FAILED:
+            return None
+        again = [
+            dataclasses.replace(
+                step,
+                compensation=CompensationState.PENDING,
+                compensated_at=None,
+                compensation_error="",
+            )
+            for step in saga.steps
+            if step.compensation == CompensationState.FAILED
+        ]
+        moved = dataclasses.replace(
+            saga, state=SagaState.COMPENSATING, deadline_at=change.deadline_at
+        )
+        return _with_steps(moved, now, *again)
+    if saga.state != change.expect:
+        return None
+    current = saga.current_step
+    ended = (
+        ()
+        if current is None
+        else (
+            dataclasses.replace(
+                current, state=StepState.FAILED, finished_at=now, error=change.reason
+            ),
+        )
+    )
+    return _with_steps(
+        dataclasses.replace(saga, state=SagaState.RESOLVED, deadline_at=None), now, *ended
+    )
 
 
 def transition(saga: SagaRecord, change: Change, now: datetime) -> SagaRecord | None:
@@ -278,3 +464,20 @@ def _decode(token: str) -> tuple[str, str, str]:
     except (ValueError, TypeError) as exc:
         raise ValueError("invalid page token") from exc
     return str(created_at), str(facade), str(request_id)
+
+
+def _letter_position(letter: DeadLetterRecord) -> tuple[str, str]:
+    return letter.dead_lettered_at.isoformat(), letter.id
+
+
+def _encode_letter(letter: DeadLetterRecord) -> str:
+    raw = json.dumps(list(_letter_position(letter))).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_letter(token: str) -> tuple[str, str]:
+    try:
+        at, letter_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("invalid page token") from exc
+    return str(at), str(letter_id)

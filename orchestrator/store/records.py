@@ -38,12 +38,21 @@ class SagaState(enum.StrEnum):
     COMPENSATING = "COMPENSATING"
     COMPENSATED = "COMPENSATED"
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    RESOLVED = "RESOLVED"
+    """An operator settled it by hand."""
 
 
 FINAL_STATES = frozenset(
-    {SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED}
+    {
+        SagaState.COMPLETED,
+        SagaState.COMPENSATED,
+        SagaState.COMPENSATION_FAILED,
+        SagaState.RESOLVED,
+    }
 )
-"""States a saga never leaves: the store refuses every write to a saga in one."""
+"""States a saga never leaves on its own: the store refuses every write of the engine to a
+saga in one. Only an operator moves a COMPENSATION_FAILED saga again (`CompensationRetried`,
+`Resolved`)."""
 
 
 class StepState(enum.StrEnum):

@@ -31,7 +31,7 @@ __all__ = ["POSTGRES_URL_ENV", "StoreOpener", "admin_url", "create_database", "d
 
 POSTGRES_URL_ENV = "ORCH_TEST_POSTGRES_URL"
 _DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-_TABLES = ("saga_steps", "sagas", "replicas", "alembic_version")
+_TABLES = ("saga_steps", "sagas", "replicas", "saga_actions", "dead_letters", "alembic_version")
 _T = TypeVar("_T")
 
 
@@ -110,7 +110,8 @@ def postgres_url() -> Iterator[str]:
     _in_thread(lambda: drop_database(admin, database))
 
 
-async def _drop_tables(url: str) -> None:
+async def drop_store_tables(url: str) -> None:
+    """Drop every table of the saga store (and its migration stamp) from a PostgreSQL URL."""
     conn = await asyncpg.connect(_dsn(make_url(url)), timeout=5)
     try:
         await conn.execute(f"DROP TABLE IF EXISTS {', '.join(_TABLES)}")
@@ -124,7 +125,7 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
     url: str = request.getfixturevalue("postgres_url")
-    await _drop_tables(url)
+    await drop_store_tables(url)
     return url
 
 

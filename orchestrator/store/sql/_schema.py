@@ -18,6 +18,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -30,9 +31,12 @@ from sqlalchemy.types import TypeEngine
 __all__ = [
     "OPEN_ONLY",
     "RUNNING_ONLY",
+    "WAITING_ONLY",
     "UtcDateTime",
+    "dead_letters",
     "metadata",
     "replicas",
+    "saga_actions",
     "saga_steps",
     "sagas",
     "sqlite_time",
@@ -46,6 +50,8 @@ RUNNING_ONLY: Final = "state = 'RUNNING'"
 let the planners use a partial index)."""
 OPEN_ONLY: Final = "state IN ('RUNNING', 'COMPENSATING')"
 """The deadline index's condition: sagas that have not reached an end."""
+WAITING_ONLY: Final = "state = 'WAITING'"
+"""The dead-letter list's index condition: messages waiting for an operator."""
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -158,4 +164,45 @@ replicas = Table(
     metadata,
     Column("owner", String(MAX_NAME), primary_key=True),
     Column("heartbeat_at", UtcDateTime, nullable=False),
+)
+
+saga_actions = Table(
+    "saga_actions",
+    metadata,
+    # What operators did to a saga, in order: `seq` counts from 1 per saga.
+    Column("facade", String(MAX_NAME), primary_key=True),
+    Column("request_id", String(MAX_REQUEST_ID), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("action", String(32), nullable=False),
+    Column("actor", String(MAX_NAME), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("dead_letter_id", String(64), nullable=False, server_default=""),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    # Messages that left their topic for good, kept until an operator replays or discards
+    # them. `facade`, `request_id` and `step` name the saga and step the message was for
+    # ('' when it names none).
+    Column("id", String(64), primary_key=True),
+    Column("topic", String(MAX_NAME), nullable=False),
+    Column("facade", String(MAX_NAME), nullable=False),
+    Column("request_id", String(MAX_REQUEST_ID), nullable=False),
+    Column("step", String(MAX_NAME), nullable=False),
+    Column("message_id", String(512), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    # The message's headers as a JSON object (trace context, reasons).
+    Column("headers", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("delivery_count", Integer, nullable=False),
+    Column("dead_lettered_at", UtcDateTime, nullable=False),
+    # WAITING, REPLAYED or DISCARDED; each moves once, from WAITING.
+    Column("state", String(16), nullable=False),
+    Column("settled_at", UtcDateTime, nullable=True),
+    Column("settled_by", String(MAX_NAME), nullable=False, server_default=""),
+    Column("note", Text, nullable=False, server_default=""),
+    Index("ix_dead_letters_listing", "state", "dead_lettered_at", "id"),
+    Index("ix_dead_letters_saga", "facade", "request_id"),
 )
