@@ -125,6 +125,7 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
         heartbeat_seconds=settings.store.heartbeat_seconds,
         lease_seconds=settings.store.lease_seconds,
         sagas=settings.sagas,
+        dead_letters=settings.dead_letters,
     )
     upstreams = Upstreams.connect(
         order_address=settings.upstreams.order.address,

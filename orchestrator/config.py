@@ -33,6 +33,7 @@ from orchestrator.errors import ConfigError
 __all__ = [
     "ENVIRONMENT_VARIABLES",
     "BrokerSettings",
+    "DeadLetterSettings",
     "FacadeSagaSettings",
     "GrpcSettings",
     "MetricsSettings",
@@ -210,6 +211,17 @@ class SagaSettings(StrictModel):
         )
 
 
+class DeadLetterSettings(StrictModel):
+    """The dead-letter list operators act on (`orchestrator.v1.SagaAdmin`)."""
+
+    collect: bool = True
+    """Take the messages of the facades' dead-letter queues into the saga store, joined to
+    their sagas, where operators list, replay and discard them. Off, they stay in the
+    broker's dead-letter queues."""
+    interval_seconds: float = Field(default=1.0, gt=0, le=3600)
+    """How often each replica looks for new dead letters."""
+
+
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
@@ -225,6 +237,8 @@ class Settings(StrictModel):
     """The saga store."""
     sagas: SagaSettings = Field(default_factory=SagaSettings)
     """Saga deadlines."""
+    dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    """The dead-letter list operators act on."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"

@@ -114,6 +114,19 @@ class Metrics:
             ["facade", "cause"],
             registry=r,
         )
+        self.operator_actions = Counter(
+            "orchestrator_operator_actions",
+            "Operator actions (retry, compensate, resolve, replay, discard), by outcome: "
+            "done, refused (not in a state it applies to), not_found, failed.",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.dead_letters_kept = Counter(
+            "orchestrator_dead_letters_kept",
+            "Dead-lettered messages taken from the broker into the dead-letter list.",
+            ["topic"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "orchestrator_broker_connected",
             "1 while the broker is reachable, else 0.",

@@ -9,8 +9,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator._dead_letters import DeadLetterCollector, Route
 from orchestrator.broker.base import Broker
-from orchestrator.config import SagaSettings
+from orchestrator.config import DeadLetterSettings, SagaSettings
 from orchestrator.facade._runtime import SagaPolicy, SagaRuntime
 from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
@@ -48,12 +49,14 @@ class Orchestrator:
         heartbeat_seconds: float = 2.0,
         lease_seconds: float = 10.0,
         sagas: SagaSettings | None = None,
+        dead_letters: DeadLetterSettings | None = None,
     ) -> None:
         """Every saga is recorded in `store` (default: an `InMemorySagaStore`, which keeps
         them as long as the process lives). This replica (`replica_id`, default a new
         UUID) heartbeats every `heartbeat_seconds` and takes over the stalled sagas:
         those past their deadline (`sagas`) and the sync ones of replicas silent for
-        `lease_seconds`, driving each to an end."""
+        `lease_seconds`, driving each to an end. It also takes the facades' dead letters
+        into the store for operators (`dead_letters`, on by default)."""
         self.broker = broker
         self.metrics = metrics or Metrics()
         self.store = store if store is not None else InMemorySagaStore()
@@ -61,6 +64,9 @@ class Orchestrator:
         self._heartbeat_seconds = heartbeat_seconds
         self._lease_seconds = lease_seconds
         self._sagas = sagas or SagaSettings()
+        self._dead_letter_settings = dead_letters or DeadLetterSettings()
+        self.dead_letters: DeadLetterCollector | None = None
+        """The dead-letter collector, once started (None when collection is off)."""
         broker.attach_metrics(self.metrics)
         self._sync: dict[str, SyncFacade[Any, Any]] = {}
         self._async: dict[str, AsyncFacade[Any]] = {}
@@ -111,6 +117,15 @@ class Orchestrator:
             await facade.start()
         self._started = True
         self._recovery = asyncio.create_task(self._keep_recovering())
+        if self._dead_letter_settings.collect:
+            self.dead_letters = DeadLetterCollector(
+                self.broker,
+                self.store,
+                self._routes(),
+                self.metrics,
+                interval=self._dead_letter_settings.interval_seconds,
+            )
+            self.dead_letters.start()
         log.info(
             "orchestrator started",
             extra={"facades": sorted(self.facades), "replica": self.replica_id},
@@ -127,6 +142,9 @@ class Orchestrator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
             self._recovery = None
+        if self.dead_letters is not None:
+            await self.dead_letters.close()
+            self.dead_letters = None
         await self.broker.close()
         await self.store.close()
         self._started = False
@@ -183,6 +201,18 @@ class Orchestrator:
         own = (self._sagas.deadlines_of(name)[1] for name in self.facades)
         return max((self._sagas.compensation_seconds, *own))
 
+    def _routes(self) -> dict[str, Route]:
+        """Each consumed topic's facade and step, to join dead letters to their sagas."""
+        routes: dict[str, Route] = {}
+        for name, facade in self.facades.items():
+            definition = facade.definition
+            for step in definition.steps:
+                if step.topic:
+                    routes[step.topic] = Route(name, step.name)
+            if definition.rollback_topic:
+                routes[definition.rollback_topic] = Route(name, "rollback")
+        return routes
+
     def on_saga_change(self, listener: Callable[[str, str], None]) -> Callable[[], None]:
         """Call `listener(facade, request_id)` after each store write of this replica's sagas.
 
@@ -193,7 +223,9 @@ class Orchestrator:
         self._saga_listeners.append(listener)
         return lambda: self._saga_listeners.remove(listener)
 
-    def _saga_changed(self, facade: str, request_id: str) -> None:
+    def saga_changed(self, facade: str, request_id: str) -> None:
+        """Tell the `on_saga_change` listeners that the saga changed (the engine's writes do
+        it themselves; the admin service does for a dead letter's saga)."""
         for listener in self._saga_listeners:
             listener(facade, request_id)
 
@@ -220,7 +252,7 @@ class Orchestrator:
             metrics=self.metrics.for_facade(name, facade.kind),
             owner=self.replica_id,
             policy=SagaPolicy(*self._sagas.deadlines_of(name)),
-            on_change=self._saga_changed,
+            on_change=self.saga_changed,
         )
         facade.attach(runtime)
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.admin import admin_grpc_service
 from orchestrator.config import GrpcSettings, MetricsSettings
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
@@ -73,7 +74,8 @@ class OrchestratorServer:
     async def start(self) -> int:
         """Start the orchestrator, then serve; returns the bound port.
 
-        `orchestrator.v1.SagaService` (GetSaga, ListSagas, WatchSaga) is served
+        `orchestrator.v1.SagaService` (GetSaga, ListSagas, WatchSaga) and
+        `orchestrator.v1.SagaAdmin` (operator actions and dead letters) are served
         beside the application's services.
         """
         status_service, self.status = saga_grpc_service(
@@ -82,6 +84,7 @@ class OrchestratorServer:
         # Watchers wake on this replica's writes at once; polling covers the others'.
         self.orchestrator.on_saga_change(self.status.notify)
         self._services.append(status_service)
+        self._services.append(admin_grpc_service(self.orchestrator))
         for service in self._services:
             service.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

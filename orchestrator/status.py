@@ -35,6 +35,7 @@ from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
 from orchestrator.service import GrpcService
 from orchestrator.store import (
+    ActionRecord,
     CompensationState,
     SagaRecord,
     SagaState,
@@ -49,6 +50,8 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "SAGA_SERVICE_NAME",
     "SagaStatusService",
+    "action_to_proto",
+    "resolve_facade",
     "saga_grpc_service",
     "saga_state_from_proto",
     "saga_state_to_proto",
@@ -146,9 +149,22 @@ def _step_to_proto(step: StepRecord) -> saga_pb2.Step:
     )
 
 
-def saga_to_proto(record: SagaRecord) -> saga_pb2.Saga:
-    """The Saga message of a stored saga, steps by index. Payload, data and owner stay private."""
+def action_to_proto(action: ActionRecord) -> saga_pb2.OperatorAction:
+    """The OperatorAction message of an action on a saga's record."""
+    return saga_pb2.OperatorAction(
+        action=action.action,
+        actor=action.actor,
+        note=action.note,
+        at=_timestamp(action.at),
+        dead_letter_id=action.dead_letter_id,
+    )
+
+
+def saga_to_proto(record: SagaRecord, actions: Sequence[ActionRecord] = ()) -> saga_pb2.Saga:
+    """The Saga message of a stored saga, steps by index, with the operators' `actions`.
+    Payload, data and owner stay private."""
     return saga_pb2.Saga(
+        actions=[action_to_proto(action) for action in actions],
         request_id=record.request_id,
         facade=record.facade,
         kind=record.kind,
@@ -177,6 +193,29 @@ async def _checked_request_id(request_id: str, context: ServicerContext) -> str:
 def _not_found(request_id: str, facade: str = "") -> str:
     where = f" in facade {facade!r}" if facade else ""
     return f"no saga with request_id {request_id!r}{where}"
+
+
+async def resolve_facade(
+    store: SagaStore,
+    facades: Sequence[str],
+    facade: str,
+    request_id: str,
+    context: ServicerContext,
+) -> str:
+    """The facade of the saga named by `request_id` (and `facade`, when given); aborts with
+    NOT_FOUND, or FAILED_PRECONDITION when several of `facades` hold the id."""
+    if facade:
+        return facade
+    holders = [f for f in facades if await store.get(f, request_id) is not None]
+    if not holders:
+        await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
+    if len(holders) > 1:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"request_id {request_id!r} is held by sagas of several facades "
+            f"({', '.join(sorted(holders))}): name one in facade",
+        )
+    return holders[0]
 
 
 class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
@@ -217,20 +256,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
             waker.set()
 
     async def _resolve(self, facade: str, request_id: str, context: ServicerContext) -> str:
-        """The facade of the saga named by `request_id` (and `facade`, when given); aborts
-        with NOT_FOUND, or FAILED_PRECONDITION when several facades hold the id."""
-        if facade:
-            return facade
-        holders = [f for f in self._facades if await self._store.get(f, request_id) is not None]
-        if not holders:
-            await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id))
-        if len(holders) > 1:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"request_id {request_id!r} is held by sagas of several facades "
-                f"({', '.join(sorted(holders))}): name one in facade",
-            )
-        return holders[0]
+        return await resolve_facade(self._store, self._facades, facade, request_id, context)
 
     async def GetSaga(
         self, request: saga_pb2.GetSagaRequest, context: ServicerContext
@@ -241,7 +267,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         record = await self._store.get(facade, request_id)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id, facade))
-        return saga_to_proto(record)
+        return saga_to_proto(record, await self._store.actions(facade, request_id))
 
     async def ListSagas(
         self, request: saga_pb2.ListSagasRequest, context: ServicerContext
@@ -299,7 +325,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 if record is None:
                     # Unknown at the start, or deleted while watched.
                     await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request_id, facade))
-                saga = saga_to_proto(record)
+                saga = saga_to_proto(record, await self._store.actions(facade, request_id))
                 if saga != sent:
                     yield saga
                     sent = saga

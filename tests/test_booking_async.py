@@ -25,16 +25,16 @@ from orchestrator import BrokerSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.server import LIVENESS_SERVICE
 from pb import booking_pb2, booking_pb2_grpc
-from tests.support.app_fixtures import Upstreams, app_settings, eventually
-from tests.support.broker_fixtures import delete_topology, make_settings
+from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams, app_settings, eventually
+from tests.support.broker_fixtures import make_settings
 from tests.support.processes import free_port, start_main, wait_for_serving
 from tests.support.rabbitmq import RabbitMQNode
-from tests.support.sagas import Load, Outcome
-from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
+from tests.support.sagas import Load, Outcome, kept_dead_letters
+from topic import CANCEL_ASYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
-TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
+TOPICS = BOOKING_TOPICS
 
 
 async def queues_drained(settings: BrokerSettings) -> dict[str, int]:
@@ -51,14 +51,6 @@ async def queues_drained(settings: BrokerSettings) -> dict[str, int]:
         return left
     finally:
         await inspector.close()
-
-
-@pytest.fixture
-async def rabbit_settings(rabbitmq_url: str) -> AsyncIterator[BrokerSettings]:
-    """Broker settings with a topic prefix of this test's own; the queues go afterwards."""
-    settings = make_settings(rabbitmq_url)
-    yield settings
-    await delete_topology(settings, frozenset(TOPICS))
 
 
 @pytest.fixture
@@ -127,6 +119,7 @@ async def test_invalid_requests_are_refused_before_anything_is_queued(
 
 
 async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_sagas_finish(
+    async_app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
     rabbit_settings: BrokerSettings,
@@ -148,16 +141,11 @@ async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_saga
             await publisher.publish(CREATE_ORDER, body, message_id=f"poison-{name}")
         await submitting
         await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
-
-        async with asyncio.timeout(20):
-            dead = []
-            while len(dead) < 3:
-                dead += await publisher.dead_letters(CREATE_ORDER)
-                await asyncio.sleep(0.1)
+        dead = await kept_dead_letters(async_app.orchestrator, [CREATE_ORDER], 3)
     finally:
         await publisher.close()
 
-    reasons = {letter.message_id: letter.reason for letter in dead}
+    reasons = {message_id: letter.reason for message_id, letter in dead.items()}
     assert reasons["poison-malformed"].startswith("malformed JSON")
     assert reasons["poison-schema"].startswith("schema: product_id")
     assert reasons["poison-index"].startswith("no such saga")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,50 +28,14 @@ from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.store import SagaRecord, SagaState, StepState
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings
-from tests.support.broker_fixtures import delete_topology, make_settings
-from tests.support.sagas import Load, Outcome, outcome_of
-from tests.test_booking_async import TOPICS, queues_drained
+from tests.support.sagas import Load, Outcome, kept_dead_letters, outcome_of
+from tests.test_booking_async import queues_drained
 from topic import CANCEL_ASYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
 ASYNC_BOOKING = "AsyncBooking"
 SLIP = {"topics": [CREATE_ORDER, CREATE_PAYMENT], "rollback_topic": CANCEL_ASYNC_BOOKING}
-LEDGER_WRITES = {
-    "order": ("create_order", "cancel_order_by_key", "cancel_orders_of", "cancel_order"),
-    "payment": (
-        "create_payment",
-        "refund_payment_by_key",
-        "refund_payments_of",
-        "refund_payment",
-    ),
-}
-
-
-@pytest.fixture
-def calls(upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every write the upstream ledgers take, counted by method (replays included)."""
-    counted: Counter[str] = Counter()
-    for service, methods in LEDGER_WRITES.items():
-        ledger = getattr(upstreams, service).ledger
-        for name in methods:
-            monkeypatch.setattr(ledger, name, _counting(counted, name, getattr(ledger, name)))
-    return counted
-
-
-def _counting(counted: Counter[str], name: str, write: Callable[..., Any]) -> Callable[..., Any]:
-    def count(*args: Any, **kwargs: Any) -> Any:
-        counted[name] += 1
-        return write(*args, **kwargs)
-
-    return count
-
-
-@pytest.fixture
-async def rabbit_settings(rabbitmq_url: str) -> AsyncIterator[BrokerSettings]:
-    settings = make_settings(rabbitmq_url)
-    yield settings
-    await delete_topology(settings, frozenset(TOPICS))
 
 
 def journal_settings(
@@ -148,15 +112,11 @@ async def refused_at_least(app: BookingApp, count: float) -> None:
             await asyncio.sleep(0.05)
 
 
-async def dead_letters(forger: RabbitMQBroker, topics: Iterable[str], count: int) -> dict[str, str]:
-    """The dead-lettered messages of `topics` (at least `count`), by message id: their reasons."""
-    found: dict[str, str] = {}
-    async with asyncio.timeout(30):
-        while len(found) < count:
-            for topic in topics:
-                found.update({d.message_id: d.reason for d in await forger.dead_letters(topic)})
-            await asyncio.sleep(0.05)
-    return found
+async def dead_letters(app: BookingApp, topics: Iterable[str], count: int) -> dict[str, str]:
+    """The dead letters the orchestrator kept from `topics` (at least `count`), by message
+    id: their reasons."""
+    kept = await kept_dead_letters(app.orchestrator, topics, count)
+    return {message_id: letter.reason for message_id, letter in kept.items()}
 
 
 def hop(request_id: str, index: int, **fields: Any) -> bytes:
@@ -175,7 +135,7 @@ async def test_hop_messages_for_sagas_that_do_not_exist_call_nothing_and_record_
     rollback = json.dumps({"facade": ASYNC_BOOKING, "request_id": "ghost-4"}).encode()
     await forger.publish(CANCEL_ASYNC_BOOKING, rollback, message_id="ghost-4")
 
-    reasons = await dead_letters(forger, (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING), 4)
+    reasons = await dead_letters(app, (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING), 4)
 
     assert reasons["ghost-1"].startswith("no such saga")
     assert reasons["ghost-2"].startswith("no such saga")
@@ -214,7 +174,7 @@ async def test_hop_messages_for_finished_sagas_call_nothing_and_change_nothing(
 
     assert calls == calls_before
     assert await journal(app, ["done-1", "undone-1"]) == before
-    assert await dead_letters(forger, (CREATE_PAYMENT,), 1) == {
+    assert await dead_letters(app, (CREATE_PAYMENT,), 1) == {
         "wrong-schema": "schema: product_id: Input should be greater than 0"
     }
     assert await queues_drained(rabbit_settings) == {}
@@ -343,5 +303,5 @@ async def test_a_rollback_node_failing_for_good_ends_compensation_failed_within_
     )
     failed = app.orchestrator.metrics.sagas_compensation_failed.labels(ASYNC_BOOKING, "async")
     assert failed._value.get() == 1
-    [reason] = (await dead_letters(forger, (CANCEL_ASYNC_BOOKING,), 1)).values()
+    [reason] = (await dead_letters(app, (CANCEL_ASYNC_BOOKING,), 1)).values()
     assert reason.startswith("COMPENSATION_FAILED: rollback node failed")

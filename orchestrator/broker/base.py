@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from orchestrator.errors import BrokerUnavailable
 from orchestrator.metrics import Metrics
@@ -39,6 +40,7 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "DeadLetter",
+    "DeadLetterKeeper",
     "DeadLetteredMessage",
     "Delivery",
     "MessageHandler",
@@ -46,6 +48,14 @@ __all__ = [
 ]
 
 REASON_HEADER = "x-orchestrator-reason"
+"""Header of a dead-lettered message: why its handler gave up on it."""
+DEAD_LETTER_ID_HEADER = "x-orchestrator-dead-letter-id"
+"""Header of a dead-lettered message: an id made when it was dead-lettered, so that keeping
+it twice (a crash between keeping and acknowledging) keeps it once."""
+DEAD_LETTERED_AT_HEADER = "x-orchestrator-dead-lettered-at"
+"""Header of a dead-lettered message: when, as ISO 8601 UTC."""
+DELIVERIES_HEADER = "x-orchestrator-deliveries"
+"""Header of a dead-lettered message: how many times it had been delivered."""
 
 
 class DeadLetter(Exception):
@@ -84,6 +94,18 @@ class DeadLetteredMessage:
     body: bytes
     message_id: str
     reason: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Its headers (trace context, the dead-letter headers above)."""
+    delivery_count: int = 0
+    """How many times it was delivered before it was dead-lettered (0: unknown)."""
+    dead_lettered_at: datetime | None = None
+    """When it was dead-lettered (None: unknown)."""
+    id: str = ""
+    """Stable for this dead-lettering of the message (see `DEAD_LETTER_ID_HEADER`)."""
+
+
+DeadLetterKeeper = Callable[[DeadLetteredMessage], Awaitable[None]]
+"""Takes a dead letter over (`Broker.take_dead_letters`); raising leaves it in the broker."""
 
 
 MessageHandler = Callable[[Delivery], Awaitable[None]]
@@ -143,6 +165,15 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:
         """Consume `topic` with `handler`, as many at once as the topic's concurrency allows."""
+
+    @abc.abstractmethod
+    async def take_dead_letters(self, topic: str, keep: DeadLetterKeeper, *, limit: int) -> int:
+        """Hand up to `limit` messages waiting in `topic`'s dead-letter queue to `keep`, one at
+        a time, each removed from the broker only once `keep` returned; how many were taken.
+
+        A `keep` that raises stops the round and leaves that message where it
+        was. Raises BrokerUnavailable when the broker cannot be reached.
+        """
 
     @property
     def healthy(self) -> bool:

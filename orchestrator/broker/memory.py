@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from orchestrator.broker.base import (
+    DEAD_LETTER_ID_HEADER,
+    DEAD_LETTERED_AT_HEADER,
+    DELIVERIES_HEADER,
+    REASON_HEADER,
     Broker,
     BrokerUnavailable,
     DeadLetter,
     DeadLetteredMessage,
+    DeadLetterKeeper,
     Delivery,
     MessageHandler,
     UnroutableError,
@@ -51,7 +58,8 @@ class InMemoryBroker(Broker):
         self._idle = asyncio.Event()
         self._idle.set()
         self.dead_letters: list[DeadLetteredMessage] = []
-        """Every message dead-lettered so far, in order."""
+        """Every message dead-lettered so far, in order (taken or not)."""
+        self._untaken: dict[str, list[DeadLetteredMessage]] = {}
 
     async def start(self) -> None:
         """Nothing to connect to: the broker is healthy at once."""
@@ -190,7 +198,35 @@ class InMemoryBroker(Broker):
             "message dead-lettered",
             extra={"topic": topic, "message_id": message.message_id, "reason": reason},
         )
-        self.dead_letters.append(
-            DeadLetteredMessage(topic, message.body, message.message_id, reason)
+        now = datetime.now(UTC)
+        letter_id = uuid.uuid4().hex
+        headers = {
+            **message.headers,
+            REASON_HEADER: reason,
+            DEAD_LETTER_ID_HEADER: letter_id,
+            DEAD_LETTERED_AT_HEADER: now.isoformat(),
+            DELIVERIES_HEADER: str(message.delivery_count),
+        }
+        letter = DeadLetteredMessage(
+            topic,
+            message.body,
+            message.message_id,
+            reason,
+            headers=headers,
+            delivery_count=message.delivery_count,
+            dead_lettered_at=now,
+            id=letter_id,
         )
+        self.dead_letters.append(letter)
+        self._untaken.setdefault(topic, []).append(letter)
         self._finish()
+
+    async def take_dead_letters(self, topic: str, keep: DeadLetterKeeper, *, limit: int) -> int:
+        """Hand the topic's untaken dead letters to `keep`, oldest first."""
+        waiting = self._untaken.get(topic, [])
+        taken = 0
+        while waiting and taken < limit:
+            await keep(waiting[0])
+            waiting.pop(0)
+            taken += 1
+        return taken

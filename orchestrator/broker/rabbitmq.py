@@ -36,7 +36,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 import aio_pika
@@ -62,12 +64,17 @@ from aio_pika.exceptions import (
 from pamqp.common import FieldValue
 from yarl import URL
 
+from orchestrator.broker._amqp_dead_letters import dead_lettered, text
 from orchestrator.broker.base import (
+    DEAD_LETTER_ID_HEADER,
+    DEAD_LETTERED_AT_HEADER,
+    DELIVERIES_HEADER,
     REASON_HEADER,
     Broker,
     BrokerUnavailable,
     DeadLetter,
     DeadLetteredMessage,
+    DeadLetterKeeper,
     Delivery,
     MessageHandler,
     UnroutableError,
@@ -554,9 +561,15 @@ class RabbitMQBroker(Broker):
     async def _dead_letter(self, topic: str, message: AbstractIncomingMessage, reason: str) -> None:
         message_id = message.message_id or ""
         headers = dict(message.headers)
-        headers.pop(_DELIVERY_COUNT_HEADER, None)
+        earlier = headers.pop(_DELIVERY_COUNT_HEADER, None)
         headers[REASON_HEADER] = reason
         headers[TOPIC_HEADER] = topic
+        headers[DEAD_LETTER_ID_HEADER] = uuid.uuid4().hex
+        headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
+        deliveries = (
+            earlier + 1 if isinstance(earlier, int) and not isinstance(earlier, bool) else 1
+        )
+        headers[DELIVERIES_HEADER] = str(deliveries)
         try:
             await self._publish(
                 _require(self._dlx),
@@ -637,32 +650,39 @@ class RabbitMQBroker(Broker):
         RabbitMQ dead-lettered itself, its own (`x-first-death-reason`, such
         as `delivery_limit`). Raises BrokerUnavailable when disconnected.
         """
-        queue_name = f"{self._settings.queue_name(topic)}.dlq"
         drained: list[DeadLetteredMessage] = []
+
+        async def keep(letter: DeadLetteredMessage) -> None:
+            drained.append(letter)
+
+        while await self.take_dead_letters(topic, keep, limit=1000):
+            pass
+        return drained
+
+    async def take_dead_letters(self, topic: str, keep: DeadLetterKeeper, *, limit: int) -> int:
+        """Get the topic's dead letters one by one (`basic.get`), acknowledging each once
+        `keep` returned; a `keep` that raises sends its message back (and ends the round)."""
+        queue_name = f"{self._settings.queue_name(topic)}.dlq"
+        taken = 0
         async with self._raw_channel() as channel:
-            last_tag: int | None = None
-            while True:
+            while taken < limit:
                 try:
                     got = await channel.basic_get(queue_name, no_ack=False, timeout=5)
                 except ChannelNotFoundEntity:
-                    return []  # never declared: nothing was dead-lettered
+                    return taken  # never declared: nothing was dead-lettered
                 if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
                     break
-                last_tag = got.delivery.delivery_tag
-                properties = got.header.properties
-                drained.append(
-                    DeadLetteredMessage(
-                        topic=topic,
-                        body=got.body,
-                        message_id=properties.message_id or "",
-                        reason=_dead_letter_reason(properties.headers or {}),
-                    )
-                )
-            # One ack for everything, after the list is complete: if anything
-            # failed above, the channel closes and every message goes back.
-            if last_tag is not None:
-                await channel.basic_ack(last_tag, multiple=True)
-        return drained
+                tag = got.delivery.delivery_tag or 0
+                letter = dead_lettered(topic, got.body, got.header.properties)
+                try:
+                    await keep(letter)
+                except BaseException:
+                    with contextlib.suppress(*_BROKER_ERRORS):
+                        await channel.basic_nack(tag, requeue=True)
+                    raise
+                await channel.basic_ack(tag)
+                taken += 1
+        return taken
 
     async def depth(self, topic: str) -> int:
         """Messages ready in the topic's queue (0 when it does not exist).
@@ -958,7 +978,7 @@ def _delivery(topic: str, message: AbstractIncomingMessage) -> Delivery:
     if message.redelivered:
         count = max(count, 2)
     headers = {
-        key: _text(value) for key, value in message.headers.items() if key != _DELIVERY_COUNT_HEADER
+        key: text(value) for key, value in message.headers.items() if key != _DELIVERY_COUNT_HEADER
     }
     return Delivery(
         topic=topic,
@@ -967,22 +987,3 @@ def _delivery(topic: str, message: AbstractIncomingMessage) -> Delivery:
         headers=headers,
         delivery_count=count,
     )
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else str(value)
-
-
-def _dead_letter_reason(headers: Mapping[str, object]) -> str:
-    reason = headers.get(REASON_HEADER)
-    if reason is not None:
-        return _text(reason)
-    first = headers.get("x-first-death-reason")
-    if first is not None:
-        return _text(first)
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        return _text(deaths[0].get("reason", "unknown"))
-    return "unknown"

@@ -44,15 +44,21 @@ from orchestrator.errors import (
     classify,
 )
 from orchestrator.facade._compensation import Compensation
+from orchestrator.facade._operations import Operations
 from orchestrator.facade._positions import Positions
 from orchestrator.facade.definition import SagaDefinition, StepDefinition
 from orchestrator.metrics import FacadeMetrics
 from orchestrator.request_id import check_request_id
 from orchestrator.retry import call_with_retry
 from orchestrator.store import (
+    ActionRecord,
     Change,
+    CompensationRetried,
     NewSaga,
+    OperatorChange,
     Position,
+    Resolved,
+    Retried,
     SagaRecord,
     SagaState,
     SagaStore,
@@ -91,6 +97,11 @@ class FacadeKind(Protocol):
 
     async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
         """Call `step`'s compensation with the arguments its kind gives it."""
+
+    async def resume(self, saga: SagaRecord, index: int) -> None:
+        """Run step `index` of a RUNNING saga again, from the journal (an operator's retry);
+        a kind that cannot (a sync saga runs in its caller's call) raises FailedPrecondition
+        before any effect."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,8 @@ class SagaRuntime:
         self._clock = time.monotonic
         self.compensation = Compensation(self)
         """Its sagas' rollback: the rollback topic's consumer, compensations, rollback node."""
+        self.operations = Operations(self)
+        """What operators may do to its sagas: retry, compensate, resolve."""
         # Callers of this replica waiting on a saga, by request id; local writes wake them.
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
@@ -275,10 +288,24 @@ class SagaRuntime:
             self._positions.put(request_id, position, now)
         return position
 
-    async def apply(self, request_id: str, change: Change) -> bool:
-        """Apply a journal write; a refusal is counted and logged, never raised."""
-        if await self.store.apply(self.name, request_id, change):
-            self._positions.applied(request_id, change, self._clock())
+    async def apply(
+        self,
+        request_id: str,
+        change: Change | OperatorChange,
+        action: ActionRecord | None = None,
+    ) -> bool:
+        """Apply a journal write (with the operator's `action` that makes it, recorded in
+        the same write); a refusal is counted and logged, never raised."""
+        if action is not None:
+            applied = await self.store.act(self.name, request_id, change, action)
+        else:
+            assert not isinstance(change, Retried | CompensationRetried | Resolved)
+            applied = await self.store.apply(self.name, request_id, change)
+        if applied:
+            if isinstance(change, Retried | CompensationRetried | Resolved):
+                self._positions.forget(request_id)
+            else:
+                self._positions.applied(request_id, change, self._clock())
             self._changed(request_id)
             return True
         self._positions.forget(request_id)
@@ -309,6 +336,7 @@ class SagaRuntime:
         data: str | None = None,
         inline_fallback: bool,
         uncertain: bool = False,
+        action: ActionRecord | None = None,
     ) -> bool:
         """Step `index` failed: record it and roll the saga back; False when the journal
         refused (the saga was no longer at that step: someone else rolled it back).
@@ -343,7 +371,7 @@ class SagaRuntime:
             then=SagaState.COMPENSATING if compensating else SagaState.COMPENSATED,
             data=data,
         )
-        if not await self.apply(request_id, change):
+        if not await self.apply(request_id, change, action):
             return False
         self.metrics.failed(failure.code.name)
         if not compensating:

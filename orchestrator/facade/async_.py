@@ -341,6 +341,13 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         data: dict[str, Any] = json.loads(saga.data or saga.payload or "{}")
         return data
 
+    async def resume(self, saga: SagaRecord, index: int) -> None:
+        """Publish step `index`'s hop again, with the DTO the journal holds for it."""
+        step = self.runtime.definition.steps[index]
+        before = saga.step(index - 1) if index else None
+        body = (before.data if before is not None else None) or saga.payload
+        await self._publish_hop(step, saga.request_id, body)
+
     async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
         """Call the compensation with the DTO the saga left."""
         assert step.compensation is not None

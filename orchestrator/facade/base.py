@@ -187,3 +187,7 @@ class FacadeBase(abc.ABC):
     @abc.abstractmethod
     async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
         """Call `step`'s compensation with the arguments its kind gives it."""
+
+    @abc.abstractmethod
+    async def resume(self, saga: SagaRecord, index: int) -> None:
+        """Run step `index` of a RUNNING saga again, from the journal (an operator's retry)."""

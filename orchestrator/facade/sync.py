@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
-from orchestrator.errors import Failure, SagaFailed, classify
+from orchestrator.errors import FailedPrecondition, Failure, SagaFailed, classify
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import (
     DEFAULT_COMPENSATION_RETRY,
@@ -244,6 +244,13 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
             "request": MessageToDict(request, preserving_proto_field_name=True),
             "response": MessageToDict(response, preserving_proto_field_name=True),
         }
+
+    async def resume(self, saga: SagaRecord, index: int) -> None:
+        """Refused: a sync saga's steps run inside its caller's call, which is gone."""
+        raise FailedPrecondition(
+            f"sync saga {self.runtime.name}/{saga.request_id} runs inside its caller's call: "
+            "it cannot be run again from here"
+        )
 
     async def compensate(self, step: StepDefinition, rollback: Rollback) -> None:
         """Call the compensation with the request id and the Context the saga left."""

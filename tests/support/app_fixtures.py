@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -13,7 +15,22 @@ from main import AppSettings, BookingApp, EmbeddedSettings, UpstreamSettings, Up
 from main import running_app as run_booking_app
 from orchestrator import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
+from tests.support.broker_fixtures import delete_topology, make_settings
+from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
 from upstream.server import RunningUpstream, serve_upstream
+
+BOOKING_TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
+"""Every topic the booking service consumes."""
+LEDGER_WRITES = {
+    "order": ("create_order", "cancel_order_by_key", "cancel_orders_of", "cancel_order"),
+    "payment": (
+        "create_payment",
+        "refund_payment_by_key",
+        "refund_payments_of",
+        "refund_payment",
+    ),
+}
+"""Every write of the upstream ledgers, by service."""
 
 
 @dataclass
@@ -109,3 +126,31 @@ async def booking(
     """A client of the running booking service."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{booking_app.server.port}") as channel:
         yield booking_pb2_grpc.BookingServiceStub(channel)
+
+
+@pytest.fixture
+async def rabbit_settings(rabbitmq_url: str) -> AsyncIterator[BrokerSettings]:
+    """Broker settings with a topic prefix of this test's own; the booking service's queues
+    and exchanges go afterwards."""
+    settings = make_settings(rabbitmq_url)
+    yield settings
+    await delete_topology(settings, frozenset(BOOKING_TOPICS))
+
+
+@pytest.fixture
+def calls(upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every write the upstream ledgers take, counted by method (replays included)."""
+    counted: Counter[str] = Counter()
+    for service, methods in LEDGER_WRITES.items():
+        ledger = getattr(upstreams, service).ledger
+        for name in methods:
+            monkeypatch.setattr(ledger, name, _counting(counted, name, getattr(ledger, name)))
+    return counted
+
+
+def _counting(counted: Counter[str], name: str, write: Callable[..., Any]) -> Callable[..., Any]:
+    def count(*args: Any, **kwargs: Any) -> Any:
+        counted[name] += 1
+        return write(*args, **kwargs)
+
+    return count

@@ -1,14 +1,18 @@
-"""Driving many bookings and judging how each saga ended, from the upstream ledgers."""
+"""Driving many bookings and judging how each saga ended, from the upstream ledgers and the
+orchestrator's dead-letter list."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
+from orchestrator import Orchestrator
+from orchestrator.store import DeadLetterRecord
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.ledger import Ledger
 
@@ -138,3 +142,19 @@ class Load:
                 f"{len(stragglers)} of {self.size} bookings did not settle: {sample}; "
                 f"tally {self.tally(orders, payments)}"
             ) from None
+
+
+async def kept_dead_letters(
+    orchestrator: Orchestrator, topics: Iterable[str], count: int, *, within: float = 30
+) -> dict[str, DeadLetterRecord]:
+    """The dead letters the orchestrator kept from `topics` (once there are at least
+    `count`), by message id; fails after `within` seconds."""
+    found: dict[str, DeadLetterRecord] = {}
+    async with asyncio.timeout(within):
+        while len(found) < count:
+            for topic in topics:
+                page = await orchestrator.store.list_dead_letters(topic=topic, page_size=500)
+                found.update({letter.message_id: letter for letter in page.letters})
+            if len(found) < count:
+                await asyncio.sleep(0.05)
+    return found
