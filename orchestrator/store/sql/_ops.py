@@ -15,9 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.store.changes import Change
+from orchestrator.store.operator import ActionRecord, DeadLetterState, NewDeadLetter, OperatorChange
 from orchestrator.store.records import NewSaga
 
 __all__ = [
+    "ActOp",
+    "AddDeadLetterOp",
     "ApplyOp",
     "BatchFailed",
     "BeginOp",
@@ -25,6 +28,9 @@ __all__ = [
     "HeartbeatOp",
     "JournalBroken",
     "Op",
+    "OperatorOp",
+    "SettleDeadLetterOp",
+    "UnsettleDeadLetterOp",
     "rounds",
 ]
 
@@ -90,6 +96,67 @@ class ClaimOp(Op):
     @property
     def key(self) -> tuple[str, str, str]:
         return ("c", self.owner, "")
+
+
+@dataclass(eq=False, slots=True)
+class OperatorOp(Op):
+    """An operator's write: rare, so each is applied on its own, by plain statements, in
+    the writer's transaction (after the engine's writes of its round)."""
+
+
+@dataclass(eq=False, slots=True)
+class ActOp(OperatorOp):
+    """An operator's move of a saga with its action; its outcome is whether it was applied."""
+
+    facade: str
+    request_id: str
+    change: Change | OperatorChange
+    action: ActionRecord
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return ("s", self.facade, self.request_id)
+
+    def as_apply(self) -> ApplyOp:
+        """The engine's write of the same change (for an engine's `Change` only)."""
+        change = self.change
+        assert not isinstance(change, OperatorChange)
+        return ApplyOp(self.at, self.future, self.facade, self.request_id, change)
+
+
+@dataclass(eq=False, slots=True)
+class AddDeadLetterOp(OperatorOp):
+    """Keeping a dead letter; its outcome is whether it was new."""
+
+    letter: NewDeadLetter
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return ("d", self.letter.id, "")
+
+
+@dataclass(eq=False, slots=True)
+class SettleDeadLetterOp(OperatorOp):
+    """A WAITING dead letter replayed or discarded; its outcome is whether it was WAITING."""
+
+    letter_id: str
+    state: DeadLetterState
+    action: ActionRecord
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return ("d", self.letter_id, "")
+
+
+@dataclass(eq=False, slots=True)
+class UnsettleDeadLetterOp(OperatorOp):
+    """A REPLAYED dead letter WAITING again; its outcome is whether it was REPLAYED."""
+
+    letter_id: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return ("d", self.letter_id, "")
 
 
 class BatchFailed(Exception):

@@ -31,6 +31,7 @@ from orchestrator.store.changes import (
     StepRestarted,
 )
 from orchestrator.store.records import SagaState
+from orchestrator.store.sql._operator import run_postgres
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BeginOp,
@@ -38,6 +39,7 @@ from orchestrator.store.sql._ops import (
     HeartbeatOp,
     JournalBroken,
     Op,
+    OperatorOp,
     rounds,
 )
 from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY
@@ -348,9 +350,24 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
     await _rows(conn, _HEARTBEAT, [{"owner": op.owner, "at": op.at} for op in beats])
     outcomes.update(dict.fromkeys(beats))
 
-    for claim in ops:
-        if isinstance(claim, ClaimOp):
-            outcomes[claim] = await _claim(conn, claim)
+    await _one_by_one(conn, ops, outcomes)
+
+
+async def _one_by_one(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object]) -> None:
+    """The round's claims and operators' writes, each by statements of its own."""
+    for other in ops:
+        if isinstance(other, ClaimOp):
+            outcomes[other] = await _claim(conn, other)
+        elif isinstance(other, OperatorOp):
+            # Rare: one by one, after the engine's writes of the round (a saga's earlier
+            # writes are in earlier rounds).
+            outcomes[other] = await run_postgres(conn, other, lambda op: _engine(conn, op))
+
+
+async def _engine(conn: AsyncConnection, op: ApplyOp) -> bool:
+    """One of the engine's changes, as a batch of its own (an operator's move that is one)."""
+    outcomes = await apply_batch(conn, [op])
+    return outcomes[op] is True
 
 
 async def _claim(conn: AsyncConnection, op: ClaimOp) -> list[tuple[_Key, bool]]:

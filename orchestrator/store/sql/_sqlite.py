@@ -36,6 +36,7 @@ from orchestrator.store.changes import (
     StepRestarted,
 )
 from orchestrator.store.records import Position, SagaRecord, SagaState
+from orchestrator.store.sql._operator import run_sqlite
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BatchFailed,
@@ -44,6 +45,7 @@ from orchestrator.store.sql._ops import (
     HeartbeatOp,
     JournalBroken,
     Op,
+    OperatorOp,
 )
 from orchestrator.store.sql._records import POSITION, SQLITE_GET, position, records
 from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY, sqlite_time
@@ -438,6 +440,8 @@ def _apply_op(conn: sqlite3.Connection, op: Op, at: str) -> object:
         hold = sqlite_time(op.hold_until)
         conn.executemany(_CLAIM, [(op.owner, hold, at, *key) for key, _ in taken])
         return taken
+    if isinstance(op, OperatorOp):
+        return run_sqlite(conn, op, at, lambda change: _apply_change(conn, change, at))
     raise TypeError(f"unknown saga store write {op!r}")
 
 

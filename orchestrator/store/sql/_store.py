@@ -57,6 +57,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.store.base import MAX_PAGE_SIZE, SagaStore
 from orchestrator.store.changes import Change
+from orchestrator.store.operator import (
+    ActionRecord,
+    DeadLetterPage,
+    DeadLetterRecord,
+    DeadLetterState,
+    NewDeadLetter,
+    OperatorChange,
+)
 from orchestrator.store.records import (
     NewSaga,
     Position,
@@ -66,13 +74,25 @@ from orchestrator.store.records import (
     Stalled,
 )
 from orchestrator.store.sql._migrate import upgrade as upgrade_schema
+from orchestrator.store.sql._operator import (
+    action_records,
+    actions_query,
+    decode_letter_token,
+    encode_letter_token,
+    letter_records,
+    letters_query,
+)
 from orchestrator.store.sql._ops import (
+    ActOp,
+    AddDeadLetterOp,
     ApplyOp,
     BatchFailed,
     BeginOp,
     ClaimOp,
     HeartbeatOp,
     Op,
+    SettleDeadLetterOp,
+    UnsettleDeadLetterOp,
 )
 from orchestrator.store.sql._postgres import apply_batch
 from orchestrator.store.sql._records import (
@@ -83,7 +103,7 @@ from orchestrator.store.sql._records import (
     records,
     records_query,
 )
-from orchestrator.store.sql._schema import sagas
+from orchestrator.store.sql._schema import dead_letters, sagas
 from orchestrator.store.sql._sqlite import SqliteWriter, Written, brief
 
 __all__ = ["SqlSagaStore", "WriterStats"]
@@ -228,6 +248,8 @@ class SqlSagaStore(SagaStore):
         self._get_query = records_query(
             sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
         )
+        self._actions_query = actions_query()
+        self._letter_query = letters_query(dead_letters.c.id == bindparam("b_id"))
 
     @property
     def url(self) -> str:
@@ -361,6 +383,47 @@ class SqlSagaStore(SagaStore):
                 stalled.append(Stalled(saga, expired=expired))
         return stalled
 
+    # --- operators: their writes go through the writer too, one op each ---
+
+    async def act(
+        self,
+        facade: str,
+        request_id: str,
+        change: Change | OperatorChange,
+        action: ActionRecord,
+    ) -> bool:
+        """Apply an operator's move and record `action` on the saga, in one transaction;
+        whether it was applied (refused, neither is written)."""
+        applied: bool = await self._submit(
+            ActOp(_now(), self._future(), facade, request_id, change, action)
+        )
+        return applied
+
+    async def add_dead_letter(self, letter: NewDeadLetter) -> bool:
+        """Keep a dead letter, WAITING; False (nothing changes) when its id is kept already."""
+        added: bool = await self._submit(AddDeadLetterOp(_now(), self._future(), letter))
+        return added
+
+    async def settle_dead_letter(
+        self, letter_id: str, state: DeadLetterState, action: ActionRecord
+    ) -> bool:
+        """A WAITING dead letter to `state`, once, with `action` on its saga's record when the
+        saga exists, in one transaction; False (nothing written) when it is not WAITING."""
+        if state == DeadLetterState.WAITING:
+            raise ValueError("a dead letter is settled as REPLAYED or DISCARDED")
+        settled: bool = await self._submit(
+            SettleDeadLetterOp(_now(), self._future(), letter_id, state, action)
+        )
+        return settled
+
+    async def unsettle_dead_letter(self, letter_id: str) -> bool:
+        """A REPLAYED dead letter WAITING again, its `replay` action off its saga's record, in
+        one transaction; False when it is not REPLAYED."""
+        unsettled: bool = await self._submit(
+            UnsettleDeadLetterOp(_now(), self._future(), letter_id)
+        )
+        return unsettled
+
     # --- the PostgreSQL writer ---
 
     async def _write_loop(self) -> None:
@@ -487,6 +550,46 @@ class SqlSagaStore(SagaStore):
         page = found[:page_size]
         token = encode_token(page[-1]) if len(found) > page_size else ""
         return SagaPage(sagas=page, next_page_token=token)
+
+    async def actions(self, facade: str, request_id: str) -> list[ActionRecord]:
+        """What operators did to the saga, oldest first."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._actions_query, {"f": facade, "r": request_id})
+            return action_records(result)
+
+    async def get_dead_letter(self, letter_id: str) -> DeadLetterRecord | None:
+        """The dead letter, or None."""
+        async with self._engine.connect() as conn:
+            found = letter_records(await conn.execute(self._letter_query, {"b_id": letter_id}))
+        return found[0] if found else None
+
+    async def list_dead_letters(
+        self,
+        *,
+        topic: str = "",
+        facade: str = "",
+        state: DeadLetterState = DeadLetterState.WAITING,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> DeadLetterPage:
+        """Dead letters in `state`, newest first, filtered by topic and facade;
+        `page_size` is clamped to 1..500; a bad token: ValueError."""
+        page_size = max(1, min(page_size, MAX_PAGE_SIZE))
+        criteria: list[ColumnElement[bool]] = [dead_letters.c.state == str(state)]
+        if topic:
+            criteria.append(dead_letters.c.topic == topic)
+        if facade:
+            criteria.append(dead_letters.c.facade == facade)
+        if page_token:
+            after = decode_letter_token(page_token)
+            criteria.append(tuple_(dead_letters.c.dead_lettered_at, dead_letters.c.id) < after)
+        # One more than the page says whether there is a next one.
+        query = letters_query(*criteria, limit=page_size + 1)
+        async with self._engine.connect() as conn:
+            found = letter_records(await conn.execute(query))
+        page = found[:page_size]
+        token = encode_letter_token(page[-1]) if len(found) > page_size else ""
+        return DeadLetterPage(letters=tuple(page), next_page_token=token)
 
     async def __aenter__(self) -> SqlSagaStore:
         await self.start()
