@@ -16,6 +16,7 @@ with an empty request id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,12 +30,14 @@ from orchestrator.metrics import Metrics
 from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
 from orchestrator.store import NewDeadLetter, SagaStore
 
-__all__ = ["ROUND_LIMIT", "DeadLetterCollector", "Route"]
+__all__ = ["CLOSE_GRACE_SECONDS", "ROUND_LIMIT", "DeadLetterCollector", "Route"]
 
 log = logging.getLogger("orchestrator.dead_letters")
 
 ROUND_LIMIT = 100
 """Most dead letters taken from one topic in one round; the next round takes the rest."""
+CLOSE_GRACE_SECONDS = 10.0
+"""How long closing waits for a round under way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +68,27 @@ class DeadLetterCollector:
         self.metrics = metrics
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         """Collect in the background until `close`."""
         if self._task is None:
+            self._stopping = asyncio.Event()
             self._task = asyncio.create_task(self._keep_collecting(), name="dead-letters")
 
     async def close(self) -> None:
-        """Stop collecting (a message being kept goes back to its queue)."""
-        if self._task is not None:
+        """Stop collecting: a round under way finishes first (within `CLOSE_GRACE_SECONDS`;
+        cancelled past it, a message being kept goes back to its queue). Cancelling a
+        round mid-way would cut a broker operation in the middle."""
+        if self._task is None:
+            return
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_GRACE_SECONDS)
+        except TimeoutError:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._task = None
 
     async def collect_now(self) -> int:
         """Take every topic's waiting dead letters (up to `ROUND_LIMIT` each); how many."""
@@ -86,7 +98,7 @@ class DeadLetterCollector:
         return taken
 
     async def _keep_collecting(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.collect_now()
             except BrokerUnavailable as exc:
@@ -96,7 +108,8 @@ class DeadLetterCollector:
             except Exception:
                 # The next round retries: a message is removed only once it is kept.
                 log.exception("collecting dead letters failed")
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
 
     async def _keep(self, letter: DeadLetteredMessage) -> None:
         route = self.routes.get(letter.topic, Route("", ""))

@@ -97,20 +97,22 @@ async def compensation_failed(
     app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
-    monkeypatch: pytest.MonkeyPatch,
     request_id: str,
-) -> None:
+) -> pytest.MonkeyPatch:
     """A saga whose payment hop cannot run (its upstream fails past the retries) and whose
-    rollback node fails too: it ends COMPENSATION_FAILED, its rollback dead-lettered."""
-    monkeypatch.setattr(
+    rollback node fails too: it ends COMPENSATION_FAILED, its rollback dead-lettered.
+    Undo the returned patch to bring the upstreams back."""
+    outage = pytest.MonkeyPatch()
+    outage.setattr(
         upstreams.payment.ledger, "create_payment", failing(RuntimeError("payments are down"))
     )
-    monkeypatch.setattr(
+    outage.setattr(
         upstreams.order.ledger, "cancel_order_by_key", failing(RuntimeError("orders are down"))
     )
     await book(booking, request_id)
     [saga] = (await finished(app, [request_id])).values()
     assert saga.state == SagaState.COMPENSATION_FAILED
+    return outage
 
 
 # --- retry -----------------------------------------------------------------------------
@@ -118,11 +120,10 @@ async def compensation_failed(
 
 async def test_a_compensation_failed_saga_is_listed_with_its_dead_letter_and_retried_to_compensated(
     site: Site,
-    monkeypatch: pytest.MonkeyPatch,
     calls: Counter[str],
     rabbit_settings: BrokerSettings,
 ) -> None:
-    await compensation_failed(site.app, site.booking, site.upstreams, monkeypatch, "cf-1")
+    outage = await compensation_failed(site.app, site.booking, site.upstreams, "cf-1")
     [letter] = (await kept_dead_letters(site.app.orchestrator, [CANCEL_ASYNC_BOOKING], 1)).values()
     listed = await site.admin.ListDeadLetters(saga_pb2.ListDeadLettersRequest(facade=ASYNC_BOOKING))
     [shown] = listed.dead_letters
@@ -135,7 +136,7 @@ async def test_a_compensation_failed_saga_is_listed_with_its_dead_letter_and_ret
     assert shown.saga_state == saga_pb2.COMPENSATION_FAILED
     assert shown.reason.startswith("COMPENSATION_FAILED: rollback node failed")
 
-    monkeypatch.undo()  # the site.upstreams are back
+    outage.undo()  # the upstreams are back
     cancels_before = calls["cancel_order_by_key"]
     saga = await site.admin.RetrySaga(
         saga_pb2.RetrySagaRequest(request_id="cf-1", note="orders are back")
@@ -154,10 +155,9 @@ async def test_a_compensation_failed_saga_is_listed_with_its_dead_letter_and_ret
 
 async def test_a_retry_is_recorded_on_the_saga_with_its_actor_and_note(
     site: Site,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await compensation_failed(site.app, site.booking, site.upstreams, monkeypatch, "cf-2")
-    monkeypatch.undo()
+    outage = await compensation_failed(site.app, site.booking, site.upstreams, "cf-2")
+    outage.undo()
 
     await site.admin.RetrySaga(
         saga_pb2.RetrySagaRequest(request_id="cf-2", note="fixed the orders")
@@ -348,9 +348,8 @@ async def test_compensating_a_running_saga_fences_its_late_hop(
 
 async def test_resolving_a_compensation_failed_saga_ends_it_resolved_with_the_note(
     site: Site,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await compensation_failed(site.app, site.booking, site.upstreams, monkeypatch, "cf-3")
+    (await compensation_failed(site.app, site.booking, site.upstreams, "cf-3")).undo()
 
     saga = await site.admin.ResolveSaga(
         saga_pb2.ResolveSagaRequest(request_id="cf-3", note="cancelled order 7 by hand")
