@@ -1,9 +1,11 @@
 """A gRPC health probe: `python -m orchestrator.healthcheck [HOST:PORT] [--service NAME]`.
 
-Against a TLS server add `--ca-file` (and, for mutual TLS, `--cert-file` and
-`--key-file`; `--server-name` when the certificate names another host). It asks `grpc.health.v1.Health/Check` once, prints the answer and exits 0 when
+It asks `grpc.health.v1.Health/Check` once, prints the answer and exits 0 when
 it is SERVING, 1 otherwise (another status, an error, no answer in time). The
 container image's HEALTHCHECK runs it in place of grpc_health_probe.
+
+Against a TLS server add `--ca-file` (and, for mutual TLS, `--cert-file` and
+`--key-file`; `--server-name` when the certificate names another host).
 """
 
 from __future__ import annotations
