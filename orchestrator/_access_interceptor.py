@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,10 +24,14 @@ __all__ = ["AccessInterceptor"]
 
 log = logging.getLogger("orchestrator.access")
 
-_Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # generic in the stubs only
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class AccessInterceptor(_Interceptor):
     """Authenticates and authorizes calls to the orchestrator's own services."""
 
     def __init__(self, policy: AccessPolicy) -> None:

@@ -501,6 +501,8 @@ def _allows_none(annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
     if _allows_none(annotation):
         (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
         return f"{_type_name(inner)} (optional)"
