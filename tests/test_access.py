@@ -311,3 +311,49 @@ def test_settings_and_policy_reprs_never_show_a_token() -> None:
     assert READ_TOKEN not in repr(access) and OPERATE_TOKEN not in repr(access)
     policy = repr(AccessPolicy(access))
     assert READ_TOKEN not in policy and OPERATE_TOKEN not in policy
+
+
+def test_a_token_never_reaches_the_logs_or_the_callers(tmp_path: Path) -> None:
+    from tests.support.processes import free_port, start_main, wait_for_serving
+
+    secret = secrets.token_urlsafe(32)
+    port = free_port()
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        "log_level: DEBUG\n"
+        f"grpc: {{host: 127.0.0.1, port: {port}}}\n"
+        "embedded_upstreams: {order: {port: 0}, payment: {port: 0}}\n"
+        f"access:\n  tokens: [{{name: leak-test, role: read, token: {secret}}}]\n"
+    )
+    with start_main(config=config, cwd=tmp_path) as process:
+        target = f"127.0.0.1:{port}"
+        wait_for_serving(target, process)
+        details = []
+        with grpc.insecure_channel(target) as sync_channel:
+            service = saga_pb2_grpc.SagaServiceStub(sync_channel)
+            admin_stub = saga_pb2_grpc.SagaAdminStub(sync_channel)
+            service.ListSagas(saga_pb2.ListSagasRequest(), metadata=bearer(secret), timeout=BOUND)
+            calls = [
+                lambda: service.GetSaga(
+                    saga_pb2.GetSagaRequest(request_id="absent"), metadata=bearer(secret), timeout=5
+                ),
+                lambda: service.ListSagas(
+                    saga_pb2.ListSagasRequest(), metadata=bearer(secret[:-1]), timeout=5
+                ),
+                lambda: service.ListSagas(
+                    saga_pb2.ListSagasRequest(), metadata=bearer(secret + "x"), timeout=5
+                ),
+                lambda: admin_stub.RetrySaga(
+                    saga_pb2.RetrySagaRequest(), metadata=bearer(secret), timeout=5
+                ),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                details.append(f"{caught.value.code()} {caught.value.details()}")
+        process.stop()
+        output = process.output()
+    assert "call refused" in output  # the bad calls were logged
+    assert secret not in output
+    assert secret[:-1] not in output
+    assert all(secret[:-1] not in detail for detail in details), details
