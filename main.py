@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import facade.async_booking
 import facade.sync_booking
@@ -32,7 +32,9 @@ from orchestrator import (
     load_settings,
     run,
 )
+from orchestrator.config import PemFile
 from orchestrator.store import store_from_url
+from orchestrator.tls import channel_credentials
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 
@@ -46,6 +48,23 @@ class UpstreamSettings(StrictModel):
     """`host:port` of its gRPC server."""
 
 
+class UpstreamTlsSettings(StrictModel):
+    """TLS to the upstream services: whom to trust and, for mutual TLS, who we are."""
+
+    ca_file: PemFile | None = None
+    """CA bundle (PEM) the upstreams' certificates must chain to; without it, the system's."""
+    cert_file: PemFile | None = None
+    """Client certificate (PEM) to present, for upstreams that require mutual TLS."""
+    key_file: PemFile | None = None
+    """The client certificate's private key (PEM)."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> UpstreamTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class UpstreamsSettings(StrictModel):
     """The upstream services the booking nodes call."""
 
@@ -55,6 +74,8 @@ class UpstreamsSettings(StrictModel):
     """The Payment service."""
     timeout_seconds: float = Field(default=3.0, gt=0, le=300)
     """Deadline of each upstream call."""
+    tls: UpstreamTlsSettings | None = None
+    """Call the upstreams over TLS (plaintext without it)."""
 
 
 class EmbeddedUpstreamSettings(StrictModel):
@@ -127,10 +148,14 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
         sagas=settings.sagas,
         dead_letters=settings.dead_letters,
     )
+    tls = settings.upstreams.tls
     upstreams = Upstreams.connect(
         order_address=settings.upstreams.order.address,
         payment_address=settings.upstreams.payment.address,
         timeout_seconds=settings.upstreams.timeout_seconds,
+        credentials=None
+        if tls is None
+        else channel_credentials(tls.ca_file, tls.cert_file, tls.key_file),
     )
     facade.sync_booking.register(orchestrator, upstreams)
     facade.async_booking.register(orchestrator, upstreams)
@@ -140,7 +165,11 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
         BookingHandler(orchestrator),
     )
     server = OrchestratorServer(
-        orchestrator, settings.grpc, [booking_service], metrics=settings.metrics
+        orchestrator,
+        settings.grpc,
+        [booking_service],
+        metrics=settings.metrics,
+        access=settings.access,
     )
     return BookingApp(settings, orchestrator, server, upstreams, list(embedded))
 

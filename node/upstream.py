@@ -20,11 +20,19 @@ class Upstreams:
 
     @classmethod
     def connect(
-        cls, *, order_address: str, payment_address: str, timeout_seconds: float
+        cls,
+        *,
+        order_address: str,
+        payment_address: str,
+        timeout_seconds: float,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> Upstreams:
-        """Open the channels (they connect lazily and reconnect by themselves)."""
-        order_channel = grpc.aio.insecure_channel(order_address)
-        payment_channel = grpc.aio.insecure_channel(payment_address)
+        """Open the channels (they connect lazily and reconnect by themselves).
+
+        With `credentials` (`grpc.ssl_channel_credentials(...)`) they speak TLS.
+        """
+        order_channel = _channel(order_address, credentials)
+        payment_channel = _channel(payment_address, credentials)
         return cls(
             order=order_pb2_grpc.OrderServiceStub(order_channel),
             payment=payment_pb2_grpc.PaymentServiceStub(payment_channel),
@@ -36,3 +44,9 @@ class Upstreams:
         """Close the channels."""
         for channel in self._channels:
             await channel.close(None)
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, credentials)

@@ -5,7 +5,11 @@ the key. An application extends `Settings` with sections of its own and passes
 its class to `load_settings`.
 
 Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
-`ORCH_BROKER_URL` (`memory://` or `amqp://user:password@host:port/vhost`).
+`ORCH_BROKER_URL` (`memory://` or `amqp://user:password@host:port/vhost`), and
+the TLS and access variables of `ENVIRONMENT_VARIABLES`.
+
+Files the configuration names (certificates, keys, the tokens file) are read
+while it is validated: a missing or unreadable one stops startup naming its key.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -32,15 +38,21 @@ from orchestrator.errors import ConfigError
 
 __all__ = [
     "ENVIRONMENT_VARIABLES",
+    "AccessSettings",
     "BrokerSettings",
+    "BrokerTlsSettings",
+    "ClientCertificateSettings",
     "DeadLetterSettings",
     "FacadeSagaSettings",
     "GrpcSettings",
     "MetricsSettings",
+    "PemFile",
     "SagaSettings",
+    "ServerTlsSettings",
     "Settings",
     "StoreSettings",
     "StrictModel",
+    "TokenSettings",
     "TopicSettings",
     "TracingSettings",
     "config_reference",
@@ -56,6 +68,32 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+def _readable_pem(path: Path) -> Path:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in text:
+        raise ValueError(f"{path} holds no PEM data")
+    return path
+
+
+PemFile = Annotated[Path, AfterValidator(_readable_pem)]
+"""A path to a PEM file (certificate, key or CA bundle), checked readable when loaded."""
+
+
+class ServerTlsSettings(StrictModel):
+    """TLS for the gRPC server; with `client_ca_file`, mutual TLS."""
+
+    cert_file: PemFile
+    """The server's certificate chain (PEM). Env: `ORCH_GRPC_TLS_CERT`."""
+    key_file: PemFile
+    """The server certificate's private key (PEM). Env: `ORCH_GRPC_TLS_KEY`."""
+    client_ca_file: PemFile | None = None
+    """CA bundle (PEM) that client certificates must chain to; when set, every connection
+    must present one (mutual TLS). Env: `ORCH_GRPC_TLS_CLIENT_CA`."""
+
+
 class GrpcSettings(StrictModel):
     """The orchestrator's gRPC server."""
 
@@ -68,6 +106,8 @@ class GrpcSettings(StrictModel):
     drain_seconds: float = Field(default=0.0, ge=0, le=600)
     """After SIGTERM, health answers NOT_SERVING this long before new calls are refused,
     so load balancers that poll it stop routing here first."""
+    tls: ServerTlsSettings | None = None
+    """Serve TLS (and, with a client CA, mutual TLS) instead of plaintext."""
 
 
 class TopicSettings(StrictModel):
@@ -77,12 +117,30 @@ class TopicSettings(StrictModel):
     """Deliveries handled at once (the prefetch count on RabbitMQ)."""
 
 
+class BrokerTlsSettings(StrictModel):
+    """How an `amqps://` connection verifies RabbitMQ and, optionally, proves who it is."""
+
+    ca_file: PemFile | None = None
+    """CA bundle (PEM) the broker's certificate must chain to; without it, the system's CAs.
+    The host name of the URL is always verified. Env: `ORCH_BROKER_TLS_CA`."""
+    cert_file: PemFile | None = None
+    """Client certificate (PEM) for brokers that require one. Env: `ORCH_BROKER_TLS_CERT`."""
+    key_file: PemFile | None = None
+    """The client certificate's private key (PEM). Env: `ORCH_BROKER_TLS_KEY`."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> BrokerTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class BrokerSettings(StrictModel):
     """The message broker the facades publish to and consume from."""
 
     url: SecretStr = SecretStr("memory://")
-    """`memory://` (in process) or `amqp://user:password@host:5672/vhost`. Env: `ORCH_BROKER_URL`.
-    Logged only with its password masked."""
+    """`memory://` (in process), `amqp://user:password@host:5672/vhost`, or `amqps://...:5671/`
+    (TLS, see `tls`). Env: `ORCH_BROKER_URL`. Logged only with its password masked."""
     topic_prefix: str = ""
     """Prepended to every topic name, so several deployments can share a broker."""
     default_concurrency: int = Field(default=16, ge=1, le=10_000)
@@ -105,14 +163,24 @@ class BrokerSettings(StrictModel):
     """How long `start()` keeps retrying the first connection before giving up."""
     reconnect_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     """Pause between reconnection attempts after the broker connection is lost."""
+    tls: BrokerTlsSettings | None = None
+    """Certificates for an `amqps://` URL (without it: the system's CAs, no client certificate)."""
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in {"memory", "amqp", "amqps"}:
-            raise ValueError(f"unsupported broker scheme {scheme!r}: use memory:// or amqp://")
+            raise ValueError(
+                f"unsupported broker scheme {scheme!r}: use memory://, amqp:// or amqps://"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_amqps(self) -> BrokerSettings:
+        if self.tls is not None and self.scheme != "amqps":
+            raise ValueError("tls is set but the url is not amqps://")
+        return self
 
     @property
     def scheme(self) -> str:
@@ -222,6 +290,89 @@ class DeadLetterSettings(StrictModel):
     """How often each replica looks for new dead letters."""
 
 
+RoleName = Literal["read", "operate"]
+
+
+class TokenSettings(StrictModel):
+    """A bearer token (`authorization: Bearer <token>`) and whose it is."""
+
+    name: str = Field(min_length=1, max_length=200)
+    """Who holds it: what records and logs name as the caller (never the token)."""
+    role: RoleName
+    """`read`: SagaService and ListDeadLetters; `operate`: every SagaAdmin method too."""
+    token: SecretStr = Field(min_length=16)
+    """The secret itself, at least 16 characters; never logged."""
+
+
+class ClientCertificateSettings(StrictModel):
+    """A mutual-TLS client identity and its role."""
+
+    name: str = Field(min_length=1, max_length=200)
+    """The certificate's subject common name (CN) or one of its DNS/URI subject alternative
+    names; the caller is recorded by it."""
+    role: RoleName
+    """`read` or `operate`, as for tokens."""
+
+
+class AccessSettings(StrictModel):
+    """Who may call SagaService and SagaAdmin. With no credentials configured access is open
+    (a warning is logged at startup); application services are never affected."""
+
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    """Bearer tokens, each with a name and a role."""
+    tokens_file: Path | None = None
+    """A YAML file holding a list of tokens in the same form as `tokens` (`name`, `role`,
+    `token`), added to them; keeps secrets out of the config file. Env:
+    `ORCH_ACCESS_TOKENS_FILE`."""
+    client_certificates: list[ClientCertificateSettings] = Field(default_factory=list)
+    """Client certificate identities (needs `grpc.tls.client_ca_file`)."""
+    open_status: bool = False
+    """Let anyone read SagaService (as `anonymous`, role read) without credentials."""
+
+    _file_tokens: tuple[TokenSettings, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _read_tokens_file(self) -> AccessSettings:
+        if self.tokens_file is not None:
+            self._file_tokens = _load_tokens_file(self.tokens_file)
+        names = [token.name for token in self.all_tokens]
+        if len(names) != len(set(names)):
+            raise ValueError("two tokens share a name")
+        secrets = [token.token.get_secret_value() for token in self.all_tokens]
+        if len(secrets) != len(set(secrets)):
+            raise ValueError("two tokens share a secret")
+        return self
+
+    @property
+    def all_tokens(self) -> tuple[TokenSettings, ...]:
+        """`tokens` and those of `tokens_file`."""
+        return (*self.tokens, *self._file_tokens)
+
+    @property
+    def configured(self) -> bool:
+        """True when any credential is configured: access is then enforced."""
+        return bool(self.all_tokens or self.client_certificates)
+
+
+def _load_tokens_file(path: Path) -> tuple[TokenSettings, ...]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"tokens_file {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError:
+        # The parser's message may quote the file, secrets included.
+        raise ValueError(f"tokens_file {path}: not valid YAML") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"tokens_file {path}: must be a list of name/role/token entries")
+    tokens = []
+    for index, entry in enumerate(raw):
+        try:
+            tokens.append(TokenSettings.model_validate(entry))
+        except ValidationError as exc:
+            raise ValueError(f"tokens_file {path}: entry {index}: {_describe(exc)}") from None
+    return tuple(tokens)
+
+
 class Settings(StrictModel):
     """The framework's settings; applications subclass it to add sections."""
 
@@ -239,6 +390,8 @@ class Settings(StrictModel):
     """Saga deadlines."""
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     """The dead-letter list operators act on."""
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    """Who may call SagaService and SagaAdmin."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
@@ -292,6 +445,13 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
     "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
     "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
+    "ORCH_GRPC_TLS_CERT": "Sets `grpc.tls.cert_file`.",
+    "ORCH_GRPC_TLS_KEY": "Sets `grpc.tls.key_file`.",
+    "ORCH_GRPC_TLS_CLIENT_CA": "Sets `grpc.tls.client_ca_file` (mutual TLS).",
+    "ORCH_BROKER_TLS_CA": "Sets `broker.tls.ca_file`.",
+    "ORCH_BROKER_TLS_CERT": "Sets `broker.tls.cert_file`.",
+    "ORCH_BROKER_TLS_KEY": "Sets `broker.tls.key_file`.",
+    "ORCH_ACCESS_TOKENS_FILE": "Sets `access.tokens_file`.",
 }
 """The environment variables `load_settings` reads, with what each does."""
 
@@ -319,6 +479,9 @@ def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
             if get_origin(field.annotation) is dict:
                 rows.append(f"| `{key}` | mapping | `{{}}` | {description} |")
                 rows += _reference_rows(nested, f"{key}.<name>.")
+            elif get_origin(field.annotation) is list:
+                rows.append(f"| `{key}` | list | `[]` | {description} |")
+                rows += _reference_rows(nested, f"{key}[].")
             else:
                 optional = " (optional)" if _allows_none(field.annotation) else ""
                 rows.append(f"| `{key}` | section{optional} | | {description} |")
@@ -352,6 +515,8 @@ def _allows_none(annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
     if _allows_none(annotation):
         (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
         return f"{_type_name(inner)} (optional)"
@@ -359,7 +524,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(f"`{value}`" for value in get_args(annotation))
     if annotation is SecretStr:
         return "string (secret)"
-    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
@@ -383,6 +548,25 @@ def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault("store", {})["url"] = store_url
     if port := env.get("ORCH_METRICS_PORT"):
         raw.setdefault("metrics", {}).update(enabled=True, port=port)
+    for variable, (section, sub, key) in _FILE_VARIABLES.items():
+        if value := env.get(variable):
+            parent = raw.setdefault(section, {})
+            if sub:
+                if not isinstance(parent.get(sub), dict):
+                    parent[sub] = {}
+                parent = parent[sub]
+            parent[key] = value
+
+
+_FILE_VARIABLES: dict[str, tuple[str, str, str]] = {
+    "ORCH_GRPC_TLS_CERT": ("grpc", "tls", "cert_file"),
+    "ORCH_GRPC_TLS_KEY": ("grpc", "tls", "key_file"),
+    "ORCH_GRPC_TLS_CLIENT_CA": ("grpc", "tls", "client_ca_file"),
+    "ORCH_BROKER_TLS_CA": ("broker", "tls", "ca_file"),
+    "ORCH_BROKER_TLS_CERT": ("broker", "tls", "cert_file"),
+    "ORCH_BROKER_TLS_KEY": ("broker", "tls", "key_file"),
+    "ORCH_ACCESS_TOKENS_FILE": ("access", "", "tokens_file"),
+}
 
 
 def _describe(exc: ValidationError) -> str:

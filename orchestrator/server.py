@@ -1,4 +1,8 @@
-"""Serving an Orchestrator over gRPC: health, reflection, and a graceful shutdown on SIGTERM."""
+"""Serving an Orchestrator over gRPC: health, reflection, and a graceful shutdown on SIGTERM.
+
+With `grpc.tls` the port serves TLS (mutual TLS with a client CA); `access`
+decides who may call SagaService and SagaAdmin (see `orchestrator.access`).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator._access_interceptor import AccessInterceptor
+from orchestrator._access_policy import AccessPolicy
 from orchestrator.admin import admin_grpc_service
-from orchestrator.config import GrpcSettings, MetricsSettings
+from orchestrator.config import AccessSettings, GrpcSettings, MetricsSettings
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
 from orchestrator.service import GrpcService
 from orchestrator.status import SagaStatusService, saga_grpc_service
+from orchestrator.tls import server_credentials
 
 __all__ = ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
@@ -37,7 +44,8 @@ class OrchestratorServer:
 
     Health is SERVING only while the orchestrator's broker is reachable, and
     turns NOT_SERVING the moment shutdown begins, so load balancers drain it
-    before in-flight calls are cut.
+    before in-flight calls are cut. `access` guards SagaService and SagaAdmin;
+    without it (or with no credentials in it) they are open to every caller.
     """
 
     def __init__(
@@ -47,9 +55,11 @@ class OrchestratorServer:
         services: Sequence[GrpcService],
         *,
         metrics: MetricsSettings | None = None,
+        access: AccessSettings | None = None,
     ) -> None:
         self.orchestrator = orchestrator
         self.settings = settings
+        self._access = AccessPolicy(access or AccessSettings())
         self._metrics_server = (
             MetricsServer(orchestrator.metrics, metrics.host, metrics.port)
             if metrics is not None and metrics.enabled
@@ -57,7 +67,10 @@ class OrchestratorServer:
         )
         self._services = list(services)
         # Without this, a second server could bind the same port and silently share its traffic.
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)],
+            interceptors=[AccessInterceptor(self._access)],
+        )
         self._health = health_aio.HealthServicer()
         self._stopping = False
         self._health_task: asyncio.Task[None] | None = None
@@ -97,7 +110,15 @@ class OrchestratorServer:
             self._server,
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._server.add_insecure_port(address)
+        if self.settings.tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, server_credentials(self.settings.tls))
+        if not self._access.enforced:
+            log.warning(
+                "access control is off: no tokens or client certificates are configured, so "
+                "anyone who reaches this port may read and act on sagas (configure `access`)"
+            )
         await self.orchestrator.start()
         if self._metrics_server is not None:
             await self._metrics_server.start()
@@ -106,7 +127,16 @@ class OrchestratorServer:
         await self._server.start()
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(broker.healthy)
-        log.info("serving", extra={"address": f"{self.settings.host}:{self.port}"})
+        log.info(
+            "serving",
+            extra={
+                "address": f"{self.settings.host}:{self.port}",
+                "tls": "off"
+                if self.settings.tls is None
+                else ("mutual" if self.settings.tls.client_ca_file else "on"),
+                "access": repr(self._access),
+            },
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:

@@ -123,16 +123,35 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
     from orchestrator.config import ENVIRONMENT_VARIABLES
 
     path = write(tmp_path, "{}\n")
+    pem = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca", "bca", "bc", "bk")}
+    for file in pem.values():
+        file.write_text("-----BEGIN CERTIFICATE-----\n")
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("- {name: bot, role: read, token: abcdefghijklmnop}\n")
     environ = {
         "ORCH_CONFIG": str(path),
         "ORCH_GRPC_PORT": "4321",
-        "ORCH_BROKER_URL": "amqp://x@h/",
+        "ORCH_BROKER_URL": "amqps://x@h/",
         "ORCH_METRICS_PORT": "9999",
         "ORCH_STORE_URL": "sqlite+aiosqlite:///x.db",
+        "ORCH_GRPC_TLS_CERT": str(pem["cert"]),
+        "ORCH_GRPC_TLS_KEY": str(pem["key"]),
+        "ORCH_GRPC_TLS_CLIENT_CA": str(pem["ca"]),
+        "ORCH_BROKER_TLS_CA": str(pem["bca"]),
+        "ORCH_BROKER_TLS_CERT": str(pem["bc"]),
+        "ORCH_BROKER_TLS_KEY": str(pem["bk"]),
+        "ORCH_ACCESS_TOKENS_FILE": str(tokens),
     }
     assert set(environ) == set(ENVIRONMENT_VARIABLES)
     settings = load_settings(Settings, environ=environ)
     assert settings.grpc.port == 4321
-    assert settings.broker.scheme == "amqp"
+    assert settings.broker.scheme == "amqps"
+    assert settings.grpc.tls is not None
+    assert (settings.grpc.tls.cert_file, settings.grpc.tls.key_file) == (pem["cert"], pem["key"])
+    assert settings.grpc.tls.client_ca_file == pem["ca"]
+    assert settings.broker.tls is not None
+    assert settings.broker.tls.ca_file == pem["bca"]
+    assert (settings.broker.tls.cert_file, settings.broker.tls.key_file) == (pem["bc"], pem["bk"])
+    assert [token.name for token in settings.access.all_tokens] == ["bot"]
     assert settings.metrics.enabled and settings.metrics.port == 9999
     assert settings.store.url.get_secret_value() == "sqlite+aiosqlite:///x.db"

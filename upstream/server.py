@@ -85,14 +85,16 @@ async def serve_upstream(
     latency_ms: float = 0,
     fail_rate: float = 0,
     fail_after_apply_rate: float = 0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningUpstream:
     """Build and start a server for ``service``, with health checks and reflection.
 
     ``port=0`` binds a free port, reported as ``RunningUpstream.port``.
     ``db_path`` is the SQLite file of the ledger (``":memory:"`` keeps nothing
     across restarts). ``latency_ms``, ``fail_rate`` and ``fail_after_apply_rate``
-    go to the servicer, see :class:`~upstream.order.FaultInjector`. The caller
-    must ``await stop()``.
+    go to the servicer, see :class:`~upstream.order.FaultInjector`. With
+    ``credentials`` (``grpc.ssl_server_credentials(...)``) it serves TLS. The
+    caller must ``await stop()``.
     Raises ``ValueError`` for bad options, ``RuntimeError`` when the port is taken.
     """
     if service not in SERVICES:
@@ -124,7 +126,12 @@ async def serve_upstream(
         reflection.enable_server_reflection(
             (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        bound_port = server.add_insecure_port(_host_port(host, port))
+        address = _host_port(host, port)
+        bound_port = (
+            server.add_insecure_port(address)
+            if credentials is None
+            else server.add_secure_port(address, credentials)
+        )
         if bound_port == 0:  # older grpcio reports a failed bind this way instead of raising
             raise RuntimeError(f"cannot bind {_host_port(host, port)}")
         await server.start()

@@ -80,6 +80,7 @@ from orchestrator.broker.base import (
     UnroutableError,
 )
 from orchestrator.config import BrokerSettings
+from orchestrator.tls import broker_ssl_context, tls_failure
 
 __all__ = ["TOPIC_HEADER", "RabbitMQBroker"]
 
@@ -706,6 +707,8 @@ class RabbitMQBroker(Broker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.connect_timeout_seconds
         attempt = 0
+        # amqps: the broker's chain and host name are always verified, with our context.
+        tls = broker_ssl_context(settings.tls) if settings.scheme == "amqps" else None
         while True:
             attempt += 1
             remaining = deadline - loop.time()
@@ -717,6 +720,7 @@ class RabbitMQBroker(Broker):
                 on_flow_control=self._on_flow_control,
                 reconnect_interval=settings.reconnect_interval_seconds,
                 client_properties={"connection_name": "orchestrator"},
+                ssl_context=tls,
             )
             try:
                 async with asyncio.timeout(max(remaining, 0.1)):
@@ -730,6 +734,13 @@ class RabbitMQBroker(Broker):
                 ) from None
             except _BROKER_ERRORS as exc:
                 await self._close_connection(connection)
+                if (failure := tls_failure(exc)) is not None:
+                    # A certificate that does not verify will not verify on retry either.
+                    raise BrokerUnavailable(
+                        f"broker {settings.safe_url}: TLS handshake failed: "
+                        f"{failure.reason or type(failure).__name__}: "
+                        f"{getattr(failure, 'verify_message', '') or failure.strerror or ''}"
+                    ) from None
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise BrokerUnavailable(
