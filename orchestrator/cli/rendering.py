@@ -1,8 +1,10 @@
 """How the command-line tool shows sagas and dead letters: Rich tables, or JSON for scripts.
 
-On a terminal, tables have borders and states their colours; when stdout is
-not a terminal, or NO_COLOR is set, the same tables are plain columns without
-colour, one row a line, so that `grep` and `awk` work on them. `--output json`
+Tables are columns without borders. On a terminal, headers are underlined and
+states have their colours, and free-text columns (errors, notes) wrap to the
+terminal's width; when stdout is not a terminal, or NO_COLOR is set, they are
+plain text without any escape code, one row a line, so that `grep` and `awk`
+work on them. `--output json`
 prints the protobuf messages as `google.protobuf.json_format` writes them,
 with snake_case field names and every field present.
 """
@@ -12,13 +14,13 @@ from __future__ import annotations
 import enum
 import os
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
-from rich import box
-from rich.console import Console, RenderableType
+from rich.console import Console, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -39,6 +41,9 @@ SAGA_STATE_STYLES = {
 }
 STEP_STATE_STYLES = {"RUNNING": "yellow", "DONE": "green", "FAILED": "red", "PENDING": "dim"}
 COMPENSATION_STYLES = {"PENDING": "yellow", "DONE": "cyan", "FAILED": "bold red"}
+_FLEXIBLE = frozenset({"ERROR", "NOTE", "REASON", "LATEST STEP"})
+"""Columns of free text, which wrap; every other column keeps its width."""
+_NUMERIC = frozenset({"#", "ATTEMPTS", "TOOK", "DELIVERIES"})
 DEAD_LETTER_STYLES = {"WAITING": "bold yellow", "REPLAYED": "green", "DISCARDED": "dim"}
 
 
@@ -100,6 +105,11 @@ def _dead_letter_state(value: int) -> Text:
     return Text(short, style=DEAD_LETTER_STYLES.get(short, ""))
 
 
+def _width(cell: str | Text) -> int:
+    """How many terminal cells `cell` takes."""
+    return (Text(cell) if isinstance(cell, str) else cell).cell_len
+
+
 def _error(code: str, reason: str) -> str:
     return f"{code}: {reason}" if code and reason else code or reason
 
@@ -128,10 +138,28 @@ class Renderer:
         return Table(
             title=title,
             title_justify="left",
-            box=box.ROUNDED if self._fancy else None,
-            header_style="bold" if self._fancy else "",
-            pad_edge=self._fancy,
+            title_style="bold" if self._fancy else "",
+            box=None,
+            header_style="bold underline" if self._fancy else "",
+            pad_edge=False,
         )
+
+    def _rows(
+        self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]
+    ) -> Table:
+        """A table of `rows`. Only the columns named in `_FLEXIBLE` wrap when the terminal
+        is narrow; the others (ids, names, states, times) keep their full width."""
+        table = self._table(title)
+        for index, header in enumerate(columns):
+            if header in _FLEXIBLE:
+                table.add_column(header, overflow="fold")
+                continue
+            widest = max([len(header), *(_width(row[index]) for row in rows)])
+            justify: JustifyMethod = "right" if header in _NUMERIC else "left"
+            table.add_column(header, no_wrap=True, min_width=widest, justify=justify)
+        for row in rows:
+            table.add_row(*row)
+        return table
 
     def _print(self, renderable: RenderableType = "", **options: Any) -> None:
         """Print `renderable`; plain output loses the blanks Rich pads its lines with."""
@@ -158,20 +186,19 @@ class Renderer:
         if not page.sagas:
             self._print("No sagas match.")
             return
-        table = self._table()
-        for column in ("REQUEST ID", "FACADE", "KIND", "STATE", "LATEST STEP", "ERROR"):
-            table.add_column(column)
-        table.add_column("UPDATED (UTC)", no_wrap=True)
-        for saga in page.sagas:
-            table.add_row(
+        rows = [
+            (
                 saga.request_id,
                 saga.facade,
-                saga.kind,
                 _saga_state(saga.state),
-                _progress(saga),
-                saga.error_code,
                 _when(saga, "updated_at"),
+                saga.error_code,
+                _progress(saga),
             )
+            for saga in page.sagas
+        ]
+        columns = ("REQUEST ID", "FACADE", "STATE", "UPDATED (UTC)", "FAILED WITH", "LATEST STEP")
+        table = self._rows(None, columns, rows)
         self._print(table)
         if page.next_page_token:
             self._print(
@@ -205,42 +232,37 @@ class Renderer:
         if not saga.steps:
             self._print("No steps yet.")
             return
-        table = self._table("Steps")
-        table.add_column("#", justify="right")
-        table.add_column("STEP")
-        table.add_column("STATE")
-        table.add_column("ATTEMPTS", justify="right")
-        table.add_column("STARTED (UTC)", no_wrap=True)
-        table.add_column("TOOK", justify="right")
-        table.add_column("COMPENSATION")
-        table.add_column("ERROR")
+        rows = []
         for step in saga.steps:
             errors = [step.error]
             if step.compensation_error:
                 errors.append(f"compensation: {step.compensation_error}")
-            table.add_row(
-                str(step.index),
-                step.name,
-                _step_state(step.state),
-                str(step.attempts),
-                _when(step, "started_at"),
-                _took(step),
-                _compensation(step.compensation),
-                "; ".join(error for error in errors if error),
+            rows.append(
+                (
+                    str(step.index),
+                    step.name,
+                    _step_state(step.state),
+                    str(step.attempts),
+                    _when(step, "started_at"),
+                    _took(step),
+                    _compensation(step.compensation),
+                    "; ".join(error for error in errors if error),
+                )
             )
+        columns = ("#", "STEP", "STATE", "ATTEMPTS", "STARTED (UTC)", "TOOK", "UNDONE", "ERROR")
+        table = self._rows("Steps", columns, rows)
         self._print(table)
 
     def _actions(self, saga: saga_pb2.Saga) -> None:
         if not saga.actions:
             self._print("No operator actions.")
             return
-        table = self._table("Operator actions")
-        for column in ("AT (UTC)", "ACTION", "ACTOR", "NOTE", "DEAD LETTER"):
-            table.add_column(column)
-        for action in saga.actions:
-            table.add_row(
-                _when(action, "at"), action.action, action.actor, action.note, action.dead_letter_id
-            )
+        rows = [
+            (_when(action, "at"), action.action, action.actor, action.dead_letter_id, action.note)
+            for action in saga.actions
+        ]
+        columns = ("AT (UTC)", "ACTION", "ACTOR", "DEAD LETTER", "NOTE")
+        table = self._rows("Operator actions", columns, rows)
         self._print(table)
 
     def saga_change(self, saga: saga_pb2.Saga) -> None:
@@ -280,14 +302,8 @@ class Renderer:
         if not page.dead_letters:
             self._print("No dead letters match.")
             return
-        table = self._table()
-        columns = ("ID", "TOPIC", "FACADE", "REQUEST ID", "STEP", "SAGA", "DELIVERIES", "STATE")
-        for column in columns:
-            table.add_column(column)
-        table.add_column("DEAD-LETTERED (UTC)", no_wrap=True)
-        table.add_column("REASON")
-        for letter in page.dead_letters:
-            table.add_row(
+        rows = [
+            (
                 letter.id,
                 letter.topic,
                 letter.facade,
@@ -299,6 +315,21 @@ class Renderer:
                 _when(letter, "dead_lettered_at"),
                 letter.reason,
             )
+            for letter in page.dead_letters
+        ]
+        columns = (
+            "ID",
+            "TOPIC",
+            "FACADE",
+            "REQUEST ID",
+            "STEP",
+            "SAGA",
+            "DELIVERIES",
+            "STATE",
+            "DEAD-LETTERED (UTC)",
+            "REASON",
+        )
+        table = self._rows(None, columns, rows)
         self._print(table)
         if page.next_page_token:
             self._print(
