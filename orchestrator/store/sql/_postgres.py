@@ -7,6 +7,11 @@ executemany would be one server round of parse/bind/execute per row (about
 30 us each); one statement costs one execution, and one SQL text for asyncpg's
 prepared-statement cache whatever the batch size.
 
+A batch that changed sagas ends with one more statement, `pg_notify` of
+their keys (see `_listen`): announced when the transaction commits, never
+when it does not. A refused compare-and-set changes nothing and announces
+nothing; a heartbeat is no saga's change.
+
 Each compare-and-set first updates the row of the saga's current step (its
 condition is the step's state), RETURNING the sagas it matched; only those
 go on to their saga row. Every way out of RUNNING ends the current step in the
@@ -31,6 +36,7 @@ from orchestrator.store.changes import (
     StepRestarted,
 )
 from orchestrator.store.records import SagaState
+from orchestrator.store.sql._listen import CHANNEL, notification_payloads
 from orchestrator.store.sql._ops import (
     ApplyOp,
     BeginOp,
@@ -171,12 +177,25 @@ _CLAIM: Final = text(
     f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
 )
 
+_NOTIFY: Final = text(
+    f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
+)
 
-async def apply_batch(conn: AsyncConnection, ops: Sequence[Op]) -> dict[Op, object]:
-    """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed)."""
+
+async def apply_batch(
+    conn: AsyncConnection, ops: Sequence[Op], *, announce: bool = True
+) -> dict[Op, object]:
+    """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed).
+
+    With `announce`, the sagas the batch changed are NOTIFYed on `CHANNEL` in
+    the same transaction, all in one statement.
+    """
     outcomes: dict[Op, object] = {}
+    changed: set[_Key] = set()
     for round_ops in rounds(ops):
-        await _apply_round(conn, round_ops, outcomes)
+        await _apply_round(conn, round_ops, outcomes, changed)
+    if announce and changed:
+        await conn.execute(_NOTIFY, {"payloads": notification_payloads(sorted(changed))})
     return outcomes
 
 
@@ -197,8 +216,10 @@ def _key(op: ApplyOp | BeginOp) -> _Key:
     return op.facade, op.request_id
 
 
-async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object]) -> None:
-    """One statement per kind of write, rows sorted by key.
+async def _apply_round(
+    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+) -> None:
+    """One statement per kind of write, rows sorted by key; the sagas it changed go to `changed`.
 
     The sort gives concurrent writers one lock order, which keeps them from
     deadlocking on the rows they share.
@@ -221,6 +242,7 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
             for op in begins
         ],
     )
+    changed |= created
     starts = []
     for begin in begins:
         outcomes[begin] = _key(begin) in created
@@ -341,16 +363,26 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
     await _rows(conn, _UNDONE, undone)
 
     await _rows(conn, _STEP_START, starts)
+    changed |= applied
     for change_op in changes:
         outcomes[change_op] = _key(change_op) in applied
 
+    await _upkeep(conn, ops, outcomes, changed)
+
+
+async def _upkeep(
+    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+) -> None:
+    """A round's heartbeats and claims; the sagas claimed go to `changed`."""
     beats = sorted((op for op in ops if isinstance(op, HeartbeatOp)), key=lambda op: op.owner)
     await _rows(conn, _HEARTBEAT, [{"owner": op.owner, "at": op.at} for op in beats])
     outcomes.update(dict.fromkeys(beats))
 
     for claim in ops:
         if isinstance(claim, ClaimOp):
-            outcomes[claim] = await _claim(conn, claim)
+            claimed = await _claim(conn, claim)
+            outcomes[claim] = claimed
+            changed.update(key for key, _ in claimed)
 
 
 async def _claim(conn: AsyncConnection, op: ClaimOp) -> list[tuple[_Key, bool]]:
