@@ -79,7 +79,8 @@ class OrchestratorServer:
         status_service, self.status = saga_grpc_service(
             self.orchestrator.store, facades=sorted(self.orchestrator.facades)
         )
-        # Watchers wake on this replica's writes at once; polling covers the others'.
+        # Watchers wake on this replica's writes at once; the store's change feed (or polling)
+        # brings them the others'.
         self.orchestrator.on_saga_change(self.status.notify)
         self._services.append(status_service)
         for service in self._services:
