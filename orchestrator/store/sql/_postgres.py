@@ -80,12 +80,17 @@ _BEGIN: Final = text(
     )
     + " ON CONFLICT (facade, request_id) DO NOTHING RETURNING facade, request_id"
 )
-_STEP_START: Final = text(
+_STEP_START_SQL: Final = (
     "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
     " compensation, compensation_error)"
     " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
     + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
 )
+_STEP_START: Final = text(_STEP_START_SQL)
+_NOTIFY_SQL: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
+_STEP_START_AND_NOTIFY: Final = text(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
+"""A round's step starts and the batch's announcement in one round trip: a data-modifying
+WITH runs to completion whether or not the query reads it."""
 _STEP_RESTARTED: Final = text(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
@@ -177,9 +182,9 @@ _CLAIM: Final = text(
     f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
 )
 
-_NOTIFY: Final = text(
-    f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
-)
+_NOTIFY: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest($1::text[]) AS p"
+"""The announcement on its own, when the batch's last round started no step; sent on the
+asyncpg connection itself, which costs less CPU than a statement through SQLAlchemy."""
 
 
 async def apply_batch(
@@ -192,10 +197,18 @@ async def apply_batch(
     """
     outcomes: dict[Op, object] = {}
     changed: set[_Key] = set()
-    for round_ops in rounds(ops):
-        await _apply_round(conn, round_ops, outcomes, changed)
-    if announce and changed:
-        await conn.execute(_NOTIFY, {"payloads": notification_payloads(sorted(changed))})
+    grouped = rounds(ops)
+    announced = False
+    for number, round_ops in enumerate(grouped, 1):
+        announced = await _apply_round(
+            conn, round_ops, outcomes, changed, announce=announce and number == len(grouped)
+        )
+    if announce and changed and not announced:
+        # In the transaction SQLAlchemy began on this very connection.
+        driver = (await conn.get_raw_connection()).driver_connection
+        if driver is None:  # only after the connection was invalidated
+            raise RuntimeError("the PostgreSQL connection is gone")
+        await driver.execute(_NOTIFY, notification_payloads(sorted(changed)))
     return outcomes
 
 
@@ -217,9 +230,18 @@ def _key(op: ApplyOp | BeginOp) -> _Key:
 
 
 async def _apply_round(
-    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
-) -> None:
+    conn: AsyncConnection,
+    ops: list[Op],
+    outcomes: dict[Op, object],
+    changed: set[_Key],
+    *,
+    announce: bool,
+) -> bool:
     """One statement per kind of write, rows sorted by key; the sagas it changed go to `changed`.
+
+    With `announce` (the batch's last round), the batch's changes are NOTIFYed
+    with the round's step starts when it has any and nothing comes after them:
+    returns whether it did.
 
     The sort gives concurrent writers one lock order, which keeps them from
     deadlocking on the rows they share.
@@ -362,12 +384,26 @@ async def _apply_round(
             undone.append(base(op, idx=change.failed, state="FAILED", at=op.at, error=change.error))
     await _rows(conn, _UNDONE, undone)
 
-    await _rows(conn, _STEP_START, starts)
     changed |= applied
     for change_op in changes:
         outcomes[change_op] = _key(change_op) in applied
-
+    upkeep = any(isinstance(op, HeartbeatOp | ClaimOp) for op in ops)
+    announced = announce and bool(starts) and not upkeep
+    await _start_steps(conn, starts, changed if announced else None)
     await _upkeep(conn, ops, outcomes, changed)
+    return announced
+
+
+async def _start_steps(
+    conn: AsyncConnection, starts: list[dict[str, object]], announce: set[_Key] | None
+) -> None:
+    """Insert the `starts` steps; with `announce`, NOTIFY those sagas in the same statement."""
+    if announce is None:
+        await _rows(conn, _STEP_START, starts)
+        return
+    arrays: dict[str, object] = {name: [row[name] for row in starts] for name in starts[0]}
+    arrays["payloads"] = notification_payloads(sorted(announce))
+    await conn.execute(_STEP_START_AND_NOTIFY, arrays)
 
 
 async def _upkeep(
