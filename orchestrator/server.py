@@ -118,6 +118,8 @@ class OrchestratorServer:
             await asyncio.sleep(self.settings.drain_seconds)
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._server.stop(grace)
+        if self.status is not None:
+            self.status.close()
         await self.orchestrator.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
