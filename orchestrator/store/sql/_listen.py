@@ -165,7 +165,7 @@ class PgChangeFeed:
                     timeout=CONNECT_TIMEOUT_SECONDS,
                     server_settings={"application_name": APPLICATION_NAME},
                 )
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever it is, the feed retries: it must outlive it
                 failures += 1
                 if failures == 1:
                     log.warning(
@@ -180,6 +180,8 @@ class PgChangeFeed:
                 delay = self._reconnect_min
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("saga change feed lost (%s); reconnecting", type(exc).__name__)
+            except Exception:
+                log.exception("saga change feed failed; reconnecting")
             finally:
                 if self.live:
                     self.live = False
