@@ -32,8 +32,9 @@ RUN python -m compileall -q .
 
 USER 10001:10001
 
-# 10000: the orchestrator (gRPC); 50051, 50052: the order and payment upstreams.
-EXPOSE 10000 50051 50052
+# 10000: the orchestrator (gRPC); 9464: its Prometheus metrics (metrics.port);
+# 50051, 50052: the order and payment upstreams.
+EXPOSE 10000 9464 50051 50052
 
 # The orchestrator's port; the upstream services override it (compose `healthcheck:`).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

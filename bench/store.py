@@ -14,7 +14,11 @@ synchronous=NORMAL); ``--url`` runs on another database, PostgreSQL say. About
 16 s with the defaults.
 
     .venv/bin/python bench/store.py [--seconds 3] [--concurrency 64] [--pairs 2] [--url URL]
-        [--commit-interval SECONDS]
+        [--commit-interval SECONDS] [--no-announce]
+
+On PostgreSQL the store announces each transaction's changed sagas with NOTIFY
+and LISTENs for them (the change feed WatchSaga wakes on); ``--no-announce``
+runs both stores without it, to measure what it costs.
 
 With SQLite's pacing, 64 callers each waiting for its write cannot make more
 than 64 writes per interval: the batched runs' writes/s then tell the pacing,
@@ -120,12 +124,15 @@ async def run(
     *,
     max_batch: int,
     commit_interval: float | None,
+    announce: bool,
     concurrency: int,
     warmup: float,
     seconds: float,
 ) -> RunResult:
     """Sagas from `concurrency` callers for `warmup` + `seconds`; the last `seconds` count."""
-    store = SqlSagaStore(url, max_batch=max_batch, commit_interval=commit_interval)
+    store = SqlSagaStore(
+        url, max_batch=max_batch, commit_interval=commit_interval, announce_changes=announce
+    )
     # Request ids unique to the run: a shared database (--url) needs no cleaning.
     run_id = f"{label.replace(' ', '-')}-{time.time_ns()}"
     await store.start()
@@ -183,6 +190,7 @@ async def bench(args: argparse.Namespace) -> int:
                     args.url or f"sqlite+aiosqlite:///{file}",
                     max_batch=max_batch,
                     commit_interval=commit_interval,
+                    announce=args.announce,
                     concurrency=args.concurrency,
                     warmup=args.warmup,
                     seconds=args.seconds,
@@ -222,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="the batched store's commit pacing in seconds (default: the store's own)",
+    )
+    parser.add_argument(
+        "--no-announce",
+        dest="announce",
+        action="store_false",
+        help="PostgreSQL: no NOTIFY of changed sagas, no LISTEN (the change feed off)",
     )
     return _run(bench(parser.parse_args(argv)))
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from orchestrator import tracing
 from orchestrator.errors import SagaError, SagaFailed, classify
 from orchestrator.request_id import REQUEST_ID_HEADER, resolve_request_id
 from orchestrator.retry import caller_deadline
@@ -37,6 +38,8 @@ def endpoint(
     failure into a status that fits its cause, with the request id in the
     message: SagaFailed and SagaError keep their code, anything else is INTERNAL.
     The caller's gRPC deadline becomes the sync facades' budget (`caller_deadline`).
+    With tracing on, a W3C `traceparent` in the caller's metadata becomes the
+    parent of the saga's spans (`tracing.incoming`).
     """
 
     @functools.wraps(method)
@@ -57,7 +60,8 @@ def endpoint(
             # The facades split what is left of the caller's deadline among their steps.
             caller_deadline.set(asyncio.get_running_loop().time() + remaining)
         try:
-            return await method(self, request, context, request_id)
+            with tracing.incoming(metadata):
+                return await method(self, request, context, request_id)
         except SagaFailed as exc:
             await context.abort(exc.code, str(exc))
         except grpc.aio.AbortError:

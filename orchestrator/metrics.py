@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,9 +21,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["FacadeMetrics", "Metrics", "MetricsServer"]
+__all__ = ["METRICS_PATH", "FacadeMetrics", "Metrics", "MetricsServer"]
 
 log = logging.getLogger("orchestrator.metrics")
+
+METRICS_PATH: Final = "/metrics"
+"""The HTTP path Prometheus scrapes (`prometheus.io/path` in the shipped manifests)."""
 
 # Upstream calls take milliseconds; a stuck one is cut by its timeout.
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -217,7 +220,7 @@ class MetricsServer:
                     pass  # headers: nothing in them changes the answer
             method, _, rest = request_line.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
-            if method == "GET" and path == "/metrics":
+            if method == "GET" and path == METRICS_PATH:
                 body = self._metrics.exposition()
                 status, content_type = "200 OK", CONTENT_TYPE_LATEST
             else:

@@ -94,7 +94,8 @@ class OrchestratorServer:
         status_service, self.status = saga_grpc_service(
             self.orchestrator.store, facades=sorted(self.orchestrator.facades)
         )
-        # Watchers wake on this replica's writes at once; polling covers the others'.
+        # Watchers wake on this replica's writes at once; the store's change feed (or polling)
+        # brings them the others'.
         self.orchestrator.on_saga_change(self.status.notify)
         self._services.append(status_service)
         self._services.append(admin_grpc_service(self.orchestrator))
@@ -150,6 +151,8 @@ class OrchestratorServer:
             await asyncio.sleep(self.settings.drain_seconds)
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._server.stop(grace)
+        if self.status is not None:
+            self.status.close()
         await self.orchestrator.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()

@@ -12,9 +12,13 @@ id is looked up in every registered facade: found in one, that saga; in
 several, FAILED_PRECONDITION naming them (the same id sent to two endpoints is
 two sagas).
 
-Watchers poll the store, so they see changes made by any replica; a local
-write wakes them at once through `status.notify(facade, request_id)`, which
-`OrchestratorServer` subscribes to `Orchestrator.on_saga_change`.
+Watchers are woken at once by this replica's writes, through
+`status.notify(facade, request_id)`, which `OrchestratorServer` subscribes to
+`Orchestrator.on_saga_change`. Other replicas' writes reach them through the
+store's change feed where it has one (`SagaStore.subscribe_changes`: LISTEN /
+NOTIFY on PostgreSQL), and while that feed is live a watcher reads the store
+only every `safety_poll_interval` besides; without one (SQLite, in memory) or
+while it is down, watchers poll the store every `poll_interval`.
 
 Page tokens: the store's `list_sagas` raises ValueError for a `page_token` it
 did not issue (or cannot parse); the service answers INVALID_ARGUMENT.
@@ -47,6 +51,7 @@ from orchestrator.store import (
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_SAFETY_POLL_INTERVAL",
     "MAX_PAGE_SIZE",
     "SAGA_SERVICE_NAME",
     "SagaStatusService",
@@ -67,7 +72,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 """Larger page sizes are lowered to this, so one call cannot load the whole store."""
 DEFAULT_POLL_INTERVAL = 0.2
-"""Seconds between a watcher's reads of the store."""
+"""Seconds between a watcher's reads of a store that announces no changes."""
+DEFAULT_SAFETY_POLL_INTERVAL = 5.0
+"""Seconds between a watcher's reads while the store's change feed is live: only a safety net."""
 
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 
@@ -221,9 +228,11 @@ async def resolve_facade(
 class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
     """Serves `orchestrator.v1.SagaService` from a SagaStore.
 
-    `poll_interval` is how often a watcher reads the store: the longest a
-    change made by another replica takes to reach it. Local writes reach it
-    at once when the framework calls `notify`.
+    Local writes reach a watcher at once when the framework calls `notify`;
+    other replicas' through the store's change feed (it subscribes at once),
+    with a read every `safety_poll_interval` while that feed is live.
+    Without a live feed, `poll_interval` is how often a watcher reads the
+    store: the longest a change made by another replica takes to reach it.
     """
 
     def __init__(
@@ -231,15 +240,24 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         store: SagaStore,
         *,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        safety_poll_interval: float = DEFAULT_SAFETY_POLL_INTERVAL,
         facades: Sequence[str] = (),
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive; got {poll_interval}")
+        if safety_poll_interval <= 0:
+            raise ValueError(f"safety_poll_interval must be positive; got {safety_poll_interval}")
         self._store = store
         self._facades = tuple(facades)
         self.poll_interval = poll_interval
+        self.safety_poll_interval = safety_poll_interval
         # One event per running watch, by request id; notify() sets them.
         self._wakers: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._unsubscribe = store.subscribe_changes(self.notify, self.notify_all)
+
+    def close(self) -> None:
+        """Stop hearing of the store's changes (watchers fall back on polling)."""
+        self._unsubscribe()
 
     @property
     def active_watches(self) -> int:
@@ -254,6 +272,13 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
         """
         for waker in self._wakers.get((facade, request_id), ()):
             waker.set()
+
+    def notify_all(self) -> None:
+        """Wake every watcher now: changes may have gone unannounced (the store's change
+        feed dropped or came back). Same rules as `notify`."""
+        for wakers in self._wakers.values():
+            for waker in wakers:
+                waker.set()
 
     async def _resolve(self, facade: str, request_id: str, context: ServicerContext) -> str:
         return await resolve_facade(self._store, self._facades, facade, request_id, context)
@@ -331,8 +356,15 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                     sent = saga
                 if record.finished:
                     return
+                # Asked at each turn: the feed may have dropped or come back meanwhile
+                # (either way notify_all woke this watcher).
+                wait = (
+                    self.safety_poll_interval
+                    if self._store.announces_changes
+                    else self.poll_interval
+                )
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_interval):
+                    async with asyncio.timeout(wait):
                         await waker.wait()
         finally:
             wakers.discard(waker)
@@ -344,6 +376,7 @@ def saga_grpc_service(
     store: SagaStore,
     *,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
+    safety_poll_interval: float = DEFAULT_SAFETY_POLL_INTERVAL,
     facades: Sequence[str] = (),
 ) -> tuple[GrpcService, SagaStatusService]:
     """The status service over `store`, ready for OrchestratorServer, and its servicer.
@@ -351,7 +384,12 @@ def saga_grpc_service(
     `facades` are the registered facade names, where a request id alone is looked up.
     Keep the servicer to call `notify(facade, request_id)` after the framework's writes.
     """
-    servicer = SagaStatusService(store, poll_interval=poll_interval, facades=facades)
+    servicer = SagaStatusService(
+        store,
+        poll_interval=poll_interval,
+        safety_poll_interval=safety_poll_interval,
+        facades=facades,
+    )
     service = GrpcService(
         SAGA_SERVICE_NAME, saga_pb2_grpc.add_SagaServiceServicer_to_server, servicer
     )

@@ -4,7 +4,10 @@ Off unless `tracing.enabled` is set (and the `tracing` extra installed). Then
 a sync saga is a span with a child per step; an async saga's first publish,
 each hop and its rollback are spans of one trace, its context carried in the
 messages' `traceparent` header; upstream calls carry it in their metadata,
-so an instrumented upstream joins the same trace.
+so an instrumented upstream joins the same trace. A caller that sends a W3C
+`traceparent` in its gRPC metadata makes the saga a part of its own trace:
+`@endpoint` makes that context the current one (`incoming`), so the saga's
+root span is a child of the caller's span.
 
 While off, every function here returns at once: no import of OpenTelemetry,
 no span, no header.
@@ -13,16 +16,17 @@ no span, no header.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from orchestrator.config import TracingSettings
 from orchestrator.errors import ConfigError
 
-__all__ = ["configure_tracing", "inject", "span"]
+__all__ = ["configure_tracing", "incoming", "inject", "span"]
 
 _tracer: Any = None
 _propagate: Any = None
+_context: Any = None
 
 
 def configure_tracing(settings: TracingSettings, *, span_processor: Any = None) -> None:
@@ -32,12 +36,12 @@ def configure_tracing(settings: TracingSettings, *, span_processor: Any = None) 
     in-memory exporter). The SDK's batch processor exports from a thread of
     its own: that is how OpenTelemetry works, and only while tracing is on.
     """
-    global _tracer, _propagate  # noqa: PLW0603 (the process-wide tracer, like OpenTelemetry's own)
+    global _tracer, _propagate, _context  # noqa: PLW0603 (process-wide, like OpenTelemetry's own)
     if not settings.enabled:
-        _tracer = _propagate = None
+        _tracer = _propagate = _context = None
         return
     try:
-        from opentelemetry import propagate, trace
+        from opentelemetry import context, propagate, trace
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -59,6 +63,7 @@ def configure_tracing(settings: TracingSettings, *, span_processor: Any = None) 
     provider.add_span_processor(span_processor)
     _tracer = provider.get_tracer("orchestrator")
     _propagate = propagate
+    _context = context
 
 
 _NO_SPAN: Final = contextlib.nullcontext()
@@ -90,3 +95,30 @@ def inject(carrier: dict[str, str] | None = None) -> dict[str, str]:
     if _propagate is not None:
         _propagate.inject(carrier)
     return carrier
+
+
+def incoming(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> contextlib.AbstractContextManager[object]:
+    """Within the block, the trace context of incoming gRPC `metadata` is the current one.
+
+    A caller's W3C `traceparent` (and `tracestate`) so becomes the parent of
+    the spans started in the block: the saga's root span joins the caller's
+    trace. Without a `traceparent`, or while tracing is off, nothing changes
+    (and it costs a global lookup).
+    """
+    if _tracer is None or metadata is None:
+        return _NO_SPAN
+    carrier = {key.lower(): value for key, value in metadata if isinstance(value, str)}
+    if "traceparent" not in carrier:
+        return _NO_SPAN
+    return _attached(_propagate.extract(carrier))
+
+
+@contextlib.contextmanager
+def _attached(context: Any) -> Iterator[None]:
+    token = _context.attach(context)
+    try:
+        yield
+    finally:
+        _context.detach(token)

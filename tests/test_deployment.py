@@ -11,6 +11,7 @@ image's health probe, runs against real servers.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import posixpath
@@ -34,7 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import upstream.server
 from main import AppSettings
-from orchestrator import healthcheck, load_settings
+from orchestrator import MetricsSettings, healthcheck, load_settings
+from orchestrator.metrics import METRICS_PATH, Metrics, MetricsServer
 from tests.support.processes import ROOT, free_port, start_main, wait_for_serving
 
 COMPOSE_FILE = ROOT / "deployment/local/docker-compose.yaml"
@@ -189,7 +191,18 @@ def test_compose_orchestrator_publishes_the_configured_grpc_port(
     services: dict[str, Any], compose_settings: AppSettings
 ) -> None:
     port = compose_settings.grpc.port
-    assert published_ports(services["orchestrator"]) == {port: port}
+    assert published_ports(services["orchestrator"])[port] == port
+
+
+def test_compose_orchestrator_enables_metrics(compose_settings: AppSettings) -> None:
+    assert compose_settings.metrics.enabled
+
+
+def test_compose_orchestrator_publishes_the_metrics_port(
+    services: dict[str, Any], compose_settings: AppSettings
+) -> None:
+    port = compose_settings.metrics.port
+    assert published_ports(services["orchestrator"])[port] == port
 
 
 @pytest.mark.parametrize("name", UPSTREAMS)
@@ -456,9 +469,24 @@ def test_dockerfile_dependency_layer_lists_exactly_the_project_dependencies(
         assert listed == tomllib.load(file)["project"]["dependencies"]
 
 
-def test_dockerfile_exposes_the_grpc_ports(dockerfile: Dockerfile) -> None:
-    exposed = {int(port.split("/")[0]) for port in dockerfile.only("EXPOSE").args.split()}
-    assert exposed == {10000, *upstream.server.DEFAULT_PORTS.values()}
+def exposed_ports(dockerfile: Dockerfile) -> set[int]:
+    """The ports of the Dockerfile's EXPOSE."""
+    return {int(port.split("/")[0]) for port in dockerfile.only("EXPOSE").args.split()}
+
+
+def test_dockerfile_exposes_the_grpc_and_metrics_ports(dockerfile: Dockerfile) -> None:
+    metrics_port = MetricsSettings().port
+    assert exposed_ports(dockerfile) == {
+        10000,
+        metrics_port,
+        *upstream.server.DEFAULT_PORTS.values(),
+    }
+
+
+def test_dockerfile_exposes_the_metrics_port_of_the_shipped_configs(
+    dockerfile: Dockerfile, compose_settings: AppSettings
+) -> None:
+    assert compose_settings.metrics.port in exposed_ports(dockerfile)
 
 
 def test_dockerfile_sets_pythonunbuffered(dockerfile: Dockerfile) -> None:
@@ -872,11 +900,57 @@ def test_k8s_services_select_their_deployment_and_target_its_container_port(
             assert container_port(rendered, name, port["targetPort"]) == port["port"]
 
 
-def test_k8s_orchestrator_service_port_is_the_config_port(
+def test_k8s_orchestrator_service_ports_are_the_config_ports(
     rendered: Rendered, k8s_settings: AppSettings
 ) -> None:
     ports = rendered.get("Service", "orchestrator")["spec"]["ports"]
-    assert [p["port"] for p in ports] == [k8s_settings.grpc.port]
+    assert {p["name"]: p["port"] for p in ports} == {
+        "grpc": k8s_settings.grpc.port,
+        "metrics": k8s_settings.metrics.port,
+    }
+
+
+def test_k8s_configmap_enables_metrics(k8s_settings: AppSettings) -> None:
+    assert k8s_settings.metrics.enabled
+
+
+def test_k8s_orchestrator_container_names_the_metrics_port(
+    rendered: Rendered, k8s_settings: AppSettings
+) -> None:
+    assert container_port(rendered, "orchestrator", "metrics") == k8s_settings.metrics.port
+
+
+def pod_annotations(rendered: Rendered, deployment: str) -> dict[str, str]:
+    """The annotations of a Deployment's pod template."""
+    metadata = rendered.get("Deployment", deployment)["spec"]["template"]["metadata"]
+    annotations = metadata.get("annotations", {})
+    assert all(isinstance(value, str) for value in annotations.values()), annotations
+    return dict(annotations)
+
+
+def test_k8s_orchestrator_pods_ask_prometheus_to_scrape_the_metrics_port(
+    rendered: Rendered, k8s_settings: AppSettings
+) -> None:
+    annotations = pod_annotations(rendered, "orchestrator")
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(k8s_settings.metrics.port)
+    assert annotations["prometheus.io/path"] == METRICS_PATH
+
+
+async def test_k8s_prometheus_path_is_served_by_the_metrics_server(rendered: Rendered) -> None:
+    path = pod_annotations(rendered, "orchestrator")["prometheus.io/path"]
+    server = MetricsServer(Metrics(), "127.0.0.1", 0)
+    port = await server.start()
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: pod\r\n\r\n".encode())
+            answer = await reader.read()
+            writer.close()
+    finally:
+        await server.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"orchestrator_broker_connected" in answer
 
 
 def test_k8s_disruption_budget_selects_the_orchestrator(rendered: Rendered) -> None:

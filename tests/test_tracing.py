@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from dto import BookingMsgDTO
+from facade import ASYNC_BOOKING, SYNC_BOOKING
+from handler import BookingHandler
 from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
     Context,
     FailedPrecondition,
+    GrpcService,
+    GrpcSettings,
     InMemoryBroker,
     Orchestrator,
+    OrchestratorServer,
     Rollback,
     SagaFailed,
     SyncFacade,
@@ -24,7 +31,9 @@ from orchestrator import (
     configure_tracing,
     step_metadata,
 )
+from pb import booking_pb2_grpc
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
+from tests.support.app_fixtures import eventually
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
 
@@ -150,3 +159,98 @@ async def test_a_failed_step_is_still_recorded(spans: InMemorySpanExporter) -> N
 
     step = by_name(spans)["step decline"]
     assert not step.status.is_ok
+
+
+# A caller's span, as a W3C traceparent (the example of the Trace Context spec).
+CALLER_TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+CALLER_SPAN_ID = 0xB7AD6B7169203331
+CALLER_METADATA = (("traceparent", f"00-{CALLER_TRACE_ID:032x}-{CALLER_SPAN_ID:016x}-01"),)
+
+
+@pytest.fixture
+async def booking(
+    spans: InMemorySpanExporter,
+) -> AsyncIterator[booking_pb2_grpc.BookingServiceStub]:
+    """pb.BookingService (the example's handler) served on a free port, over trivial facades."""
+
+    async def create_order(request_id: str, ctx: Ctx) -> None:
+        ctx.response.OrderID = 1
+
+    async def order_hop(dto: BookingMsgDTO) -> BookingMsgDTO:
+        return dto
+
+    async def payment_hop(dto: BookingMsgDTO) -> BookingMsgDTO:
+        return dto
+
+    orchestrator = Orchestrator(InMemoryBroker())
+    sync_flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse).use(create_order)
+    orchestrator.register_sync_facade(SYNC_BOOKING, sync_flow)
+    async_flow = AsyncFacade(dto=BookingMsgDTO).use("order", order_hop).use("pay", payment_hop)
+    orchestrator.register_async_facade(ASYNC_BOOKING, async_flow)
+    service = GrpcService(
+        "pb.BookingService",
+        booking_pb2_grpc.add_BookingServiceServicer_to_server,
+        BookingHandler(orchestrator),
+    )
+    server = OrchestratorServer(orchestrator, GrpcSettings(host="127.0.0.1", port=0), [service])
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield booking_pb2_grpc.BookingServiceStub(channel)
+    finally:
+        await server.stop(0)
+
+
+async def test_a_callers_traceparent_is_the_parent_of_a_sync_saga(
+    booking: booking_pb2_grpc.BookingServiceStub, spans: InMemorySpanExporter
+) -> None:
+    await booking.HandleSyncBooking(
+        BookingRequest(ProductID=1),
+        metadata=(("x-request-id", "traced-sync"), *CALLER_METADATA),
+        timeout=10,
+    )
+
+    named = by_name(spans)
+    root, step = named[f"saga {SYNC_BOOKING}"], named["step create_order"]
+    assert root.parent is not None
+    assert (root.parent.trace_id, root.parent.span_id) == (CALLER_TRACE_ID, CALLER_SPAN_ID)
+    assert root.parent.is_remote
+    assert {root.context.trace_id, step.context.trace_id} == {CALLER_TRACE_ID}
+
+
+async def test_a_callers_traceparent_carries_across_the_async_hops(
+    booking: booking_pb2_grpc.BookingServiceStub, spans: InMemorySpanExporter
+) -> None:
+    await booking.HandleAsyncBooking(
+        BookingRequest(ProductID=1),
+        metadata=(("x-request-id", "traced-async"), *CALLER_METADATA),
+        timeout=10,
+    )
+
+    async def last_hop_ended() -> bool:
+        return "step payment_hop" in by_name(spans)
+
+    await eventually(last_hop_ended, within=5)
+
+    named = by_name(spans)
+    root = named[f"saga {ASYNC_BOOKING}"]
+    hops = [named["step order_hop"], named["step payment_hop"]]
+    assert root.parent is not None
+    assert (root.parent.trace_id, root.parent.span_id) == (CALLER_TRACE_ID, CALLER_SPAN_ID)
+    assert {span.context.trace_id for span in [root, *hops]} == {CALLER_TRACE_ID}
+    assert [hop.parent.span_id if hop.parent else None for hop in hops] == [
+        root.context.span_id,
+        hops[0].context.span_id,
+    ]
+
+
+async def test_without_a_traceparent_a_saga_starts_a_trace_of_its_own(
+    booking: booking_pb2_grpc.BookingServiceStub, spans: InMemorySpanExporter
+) -> None:
+    await booking.HandleSyncBooking(
+        BookingRequest(ProductID=1), metadata=(("x-request-id", "untraced"),), timeout=10
+    )
+
+    root = by_name(spans)[f"saga {SYNC_BOOKING}"]
+    assert root.parent is None
+    assert root.context.trace_id != CALLER_TRACE_ID

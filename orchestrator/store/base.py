@@ -12,6 +12,7 @@ saga on their own.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 from orchestrator.store.changes import Change
 from orchestrator.store.operator import (
@@ -31,12 +32,17 @@ from orchestrator.store.records import (
     Stalled,
 )
 
-__all__ = ["CLAIM_BATCH", "MAX_PAGE_SIZE", "SagaStore"]
+__all__ = ["CLAIM_BATCH", "MAX_PAGE_SIZE", "ChangeListener", "GapListener", "SagaStore"]
 
 MAX_PAGE_SIZE = 500
 """Larger pages are cut to this, so one call cannot load the whole store."""
 CLAIM_BATCH = 100
 """Most stalled sagas one `claim_stalled` call takes; the next call takes the rest."""
+
+ChangeListener = Callable[[str, str], None]
+"""`listener(facade, request_id)`: a committed write changed that saga."""
+GapListener = Callable[[], None]
+"""`listener()`: changes may have gone unannounced (the feed dropped or came back)."""
 
 
 class SagaStore(abc.ABC):
@@ -45,6 +51,26 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect, and create or upgrade the schema."""
+
+    @property
+    def announces_changes(self) -> bool:
+        """Whether every committed write, whichever replica made it, reaches the listeners of
+        `subscribe_changes` right now. False by default: a store without such a feed leaves
+        other replicas' writes to be found by reading (watchers poll)."""
+        return False
+
+    def subscribe_changes(
+        self, changed: ChangeListener, gap: GapListener | None = None
+    ) -> Callable[[], None]:
+        """Hear of committed writes, this replica's and others', where the store can tell.
+
+        `changed(facade, request_id)` is called on the event loop after a write
+        to that saga committed; `gap()` when announcements may have been missed
+        (the feed dropped, or came back): re-read whatever matters. Both must
+        be quick and must not raise. Returns a function that unsubscribes. This
+        default has no feed: nothing is ever called.
+        """
+        return _nothing
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -166,3 +192,7 @@ class SagaStore(abc.ABC):
         (settled_at, settled_by and note cleared) and the `replay` action naming it is
         removed from its saga's record, in one durable write; False when it is not
         REPLAYED."""
+
+
+def _nothing() -> None:
+    """Unsubscribing from a store without a change feed."""

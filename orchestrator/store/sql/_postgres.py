@@ -7,6 +7,11 @@ executemany would be one server round of parse/bind/execute per row (about
 30 us each); one statement costs one execution, and one SQL text for asyncpg's
 prepared-statement cache whatever the batch size.
 
+A batch that changed sagas ends with one more statement, `pg_notify` of
+their keys (see `_listen`): announced when the transaction commits, never
+when it does not. A refused compare-and-set changes nothing and announces
+nothing; a heartbeat is no saga's change.
+
 Each compare-and-set first updates the row of the saga's current step (its
 condition is the step's state), RETURNING the sagas it matched; only those
 go on to their saga row. Every way out of RUNNING ends the current step in the
@@ -31,8 +36,10 @@ from orchestrator.store.changes import (
     StepRestarted,
 )
 from orchestrator.store.records import SagaState
+from orchestrator.store.sql._listen import CHANNEL, notification_payloads
 from orchestrator.store.sql._operator import run_postgres
 from orchestrator.store.sql._ops import (
+    ActOp,
     ApplyOp,
     BeginOp,
     ClaimOp,
@@ -76,12 +83,17 @@ _BEGIN: Final = text(
     )
     + " ON CONFLICT (facade, request_id) DO NOTHING RETURNING facade, request_id"
 )
-_STEP_START: Final = text(
+_STEP_START_SQL: Final = (
     "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
     " compensation, compensation_error)"
     " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
     + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
 )
+_STEP_START: Final = text(_STEP_START_SQL)
+_NOTIFY_SQL: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
+_STEP_START_AND_NOTIFY: Final = text(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
+"""A round's step starts and the batch's announcement in one round trip: a data-modifying
+WITH runs to completion whether or not the query reads it."""
 _STEP_RESTARTED: Final = text(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
@@ -173,12 +185,33 @@ _CLAIM: Final = text(
     f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
 )
 
+_NOTIFY: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest($1::text[]) AS p"
+"""The announcement on its own, when the batch's last round started no step; sent on the
+asyncpg connection itself, which costs less CPU than a statement through SQLAlchemy."""
 
-async def apply_batch(conn: AsyncConnection, ops: Sequence[Op]) -> dict[Op, object]:
-    """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed)."""
+
+async def apply_batch(
+    conn: AsyncConnection, ops: Sequence[Op], *, announce: bool = True
+) -> dict[Op, object]:
+    """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed).
+
+    With `announce`, the sagas the batch changed are NOTIFYed on `CHANNEL` in
+    the same transaction, all in one statement.
+    """
     outcomes: dict[Op, object] = {}
-    for round_ops in rounds(ops):
-        await _apply_round(conn, round_ops, outcomes)
+    changed: set[_Key] = set()
+    grouped = rounds(ops)
+    announced = False
+    for number, round_ops in enumerate(grouped, 1):
+        announced = await _apply_round(
+            conn, round_ops, outcomes, changed, announce=announce and number == len(grouped)
+        )
+    if announce and changed and not announced:
+        # In the transaction SQLAlchemy began on this very connection.
+        driver = (await conn.get_raw_connection()).driver_connection
+        if driver is None:  # only after the connection was invalidated
+            raise RuntimeError("the PostgreSQL connection is gone")
+        await driver.execute(_NOTIFY, notification_payloads(sorted(changed)))
     return outcomes
 
 
@@ -199,8 +232,19 @@ def _key(op: ApplyOp | BeginOp) -> _Key:
     return op.facade, op.request_id
 
 
-async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object]) -> None:
-    """One statement per kind of write, rows sorted by key.
+async def _apply_round(
+    conn: AsyncConnection,
+    ops: list[Op],
+    outcomes: dict[Op, object],
+    changed: set[_Key],
+    *,
+    announce: bool,
+) -> bool:
+    """One statement per kind of write, rows sorted by key; the sagas it changed go to `changed`.
+
+    With `announce` (the batch's last round), the batch's changes are NOTIFYed
+    with the round's step starts when it has any and nothing comes after them:
+    returns whether it did.
 
     The sort gives concurrent writers one lock order, which keeps them from
     deadlocking on the rows they share.
@@ -223,6 +267,7 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
             for op in begins
         ],
     )
+    changed |= created
     starts = []
     for begin in begins:
         outcomes[begin] = _key(begin) in created
@@ -342,31 +387,61 @@ async def _apply_round(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, 
             undone.append(base(op, idx=change.failed, state="FAILED", at=op.at, error=change.error))
     await _rows(conn, _UNDONE, undone)
 
-    await _rows(conn, _STEP_START, starts)
+    changed |= applied
     for change_op in changes:
         outcomes[change_op] = _key(change_op) in applied
+    upkeep = any(isinstance(op, HeartbeatOp | ClaimOp | OperatorOp) for op in ops)
+    announced = announce and bool(starts) and not upkeep
+    await _start_steps(conn, starts, changed if announced else None)
+    await _upkeep(conn, ops, outcomes, changed)
+    return announced
 
+
+async def _start_steps(
+    conn: AsyncConnection, starts: list[dict[str, object]], announce: set[_Key] | None
+) -> None:
+    """Insert the `starts` steps; with `announce`, NOTIFY those sagas in the same statement."""
+    if announce is None:
+        await _rows(conn, _STEP_START, starts)
+        return
+    arrays: dict[str, object] = {name: [row[name] for row in starts] for name in starts[0]}
+    arrays["payloads"] = notification_payloads(sorted(announce))
+    await conn.execute(_STEP_START_AND_NOTIFY, arrays)
+
+
+async def _upkeep(
+    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+) -> None:
+    """A round's heartbeats and claims; the sagas claimed go to `changed`."""
     beats = sorted((op for op in ops if isinstance(op, HeartbeatOp)), key=lambda op: op.owner)
     await _rows(conn, _HEARTBEAT, [{"owner": op.owner, "at": op.at} for op in beats])
     outcomes.update(dict.fromkeys(beats))
 
-    await _one_by_one(conn, ops, outcomes)
+    await _one_by_one(conn, ops, outcomes, changed)
 
 
-async def _one_by_one(conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object]) -> None:
-    """The round's claims and operators' writes, each by statements of its own."""
+async def _one_by_one(
+    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+) -> None:
+    """The round's claims and operators' writes, each by statements of its own; the sagas
+    they moved go to `changed`."""
     for other in ops:
         if isinstance(other, ClaimOp):
-            outcomes[other] = await _claim(conn, other)
+            claimed = await _claim(conn, other)
+            outcomes[other] = claimed
+            changed.update(key for key, _ in claimed)
         elif isinstance(other, OperatorOp):
             # Rare: one by one, after the engine's writes of the round (a saga's earlier
             # writes are in earlier rounds).
             outcomes[other] = await run_postgres(conn, other, lambda op: _engine(conn, op))
+            if isinstance(other, ActOp) and outcomes[other] is True:
+                changed.add((other.facade, other.request_id))
 
 
 async def _engine(conn: AsyncConnection, op: ApplyOp) -> bool:
-    """One of the engine's changes, as a batch of its own (an operator's move that is one)."""
-    outcomes = await apply_batch(conn, [op])
+    """One of the engine's changes, as a batch of its own (an operator's move that is one);
+    announced with the batch it belongs to."""
+    outcomes = await apply_batch(conn, [op], announce=False)
     return outcomes[op] is True
 
 

@@ -15,7 +15,10 @@ regrouped.
   stalled sagas go through it too, so no other connection of the process ever
   holds the write lock. Point reads use that connection too.
 - On PostgreSQL it is a task, and a batch is a few set-based statements
-  (`_postgres`).
+  (`_postgres`). Each transaction that changed sagas also NOTIFYs their keys,
+  and each store LISTENs on a connection of its own (`_listen`): replicas
+  sharing the database hear of each other's writes as they commit
+  (`subscribe_changes`, `announces_changes`).
 
 When a batch's transaction fails, nothing of it was applied. If a statement
 failed, the batch is split in halves and each retried, down to the bad op
@@ -45,7 +48,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -55,7 +58,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from orchestrator.store.base import MAX_PAGE_SIZE, SagaStore
+from orchestrator.store.base import MAX_PAGE_SIZE, ChangeListener, GapListener, SagaStore
 from orchestrator.store.changes import Change
 from orchestrator.store.operator import (
     ActionRecord,
@@ -73,6 +76,7 @@ from orchestrator.store.records import (
     SagaState,
     Stalled,
 )
+from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._migrate import upgrade as upgrade_schema
 from orchestrator.store.sql._operator import (
     action_records,
@@ -210,11 +214,18 @@ class SqlSagaStore(SagaStore):
     """Sagas in SQLite or PostgreSQL, written through a group-commit writer."""
 
     def __init__(
-        self, url: str, *, max_batch: int = MAX_BATCH, commit_interval: float | None = None
+        self,
+        url: str,
+        *,
+        max_batch: int = MAX_BATCH,
+        commit_interval: float | None = None,
+        announce_changes: bool = True,
     ) -> None:
         """`max_batch` caps the writes per transaction (1 turns group commit off);
         `commit_interval` paces commits, at most one per so many seconds (None: the
-        backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL)."""
+        backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL).
+        `announce_changes` (PostgreSQL only): NOTIFY every saga write and LISTEN for
+        every replica's; off, this store neither announces nor hears."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if commit_interval is not None and commit_interval < 0:
@@ -250,6 +261,13 @@ class SqlSagaStore(SagaStore):
         )
         self._actions_query = actions_query()
         self._letter_query = letters_query(dead_letters.c.id == bindparam("b_id"))
+        self._announce = announce_changes and not self._sqlite
+        self.change_feed: PgChangeFeed | None = (
+            PgChangeFeed(self._url.set(drivername="postgresql").render_as_string(False))
+            if self._announce
+            else None
+        )
+        """The LISTENing side of the change feed, on PostgreSQL (None on SQLite)."""
 
     @property
     def url(self) -> str:
@@ -279,6 +297,23 @@ class SqlSagaStore(SagaStore):
             return
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
         self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
+        if self.change_feed is not None:
+            self.change_feed.start()
+
+    @property
+    def announces_changes(self) -> bool:
+        """True while this store LISTENs: every replica's committed writes reach the
+        subscribers at once (PostgreSQL only)."""
+        return self.change_feed is not None and self.change_feed.live
+
+    def subscribe_changes(
+        self, changed: ChangeListener, gap: GapListener | None = None
+    ) -> Callable[[], None]:
+        """On PostgreSQL, hear of every replica's committed saga writes (see
+        `SagaStore.subscribe_changes`); on SQLite, nothing is ever called."""
+        if self.change_feed is None:
+            return super().subscribe_changes(changed, gap)
+        return self.change_feed.subscribe(changed, gap)
 
     async def _begin_write(self, conn: AsyncConnection) -> None:
         """Begin a writing transaction on `conn`."""
@@ -301,7 +336,9 @@ class SqlSagaStore(SagaStore):
             await conn.commit()
 
     async def close(self) -> None:
-        """Apply every queued write, stop the writer and disconnect."""
+        """Apply every queued write, stop the writer and the listener, and disconnect."""
+        if self.change_feed is not None:
+            await self.change_feed.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             self._closing = True
@@ -494,7 +531,7 @@ class SqlSagaStore(SagaStore):
             async with self._engine.connect() as conn:
                 await self._begin_write(conn)
                 stage = "execute"
-                outcomes = await apply_batch(conn, ops)
+                outcomes = await apply_batch(conn, ops, announce=self._announce)
                 stage = "commit"
                 await conn.commit()
                 return outcomes
