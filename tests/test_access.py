@@ -1,9 +1,10 @@
 """Access control on SagaService and SagaAdmin: bearer tokens, roles, open status, open access.
 
 Each test serves a real OrchestratorServer on a free port and calls it through
-a real channel. SagaAdmin's servicer is not part of the server yet, so an
-authorized call to it answers UNIMPLEMENTED; a stand-in servicer shows the
-principal a method runs as.
+a real channel: an authorized call gets the method's real answer (the server
+has no facades, so a saga is NOT_FOUND and a malformed request
+INVALID_ARGUMENT); a stand-in SagaAdmin servicer, registered ahead of the real
+one, shows the principal a method runs as.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator import ConfigError, GrpcService, Settings, load_settings
+from orchestrator import (
+    AsyncFacade,
+    AsyncFacadeContext,
+    ConfigError,
+    InMemoryBroker,
+    Orchestrator,
+    Settings,
+    load_settings,
+)
 from orchestrator._access_policy import AccessPolicy
-from orchestrator.access import current_principal
 from orchestrator.config import AccessSettings, TokenSettings
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
+from orchestrator.store import InMemorySagaStore, NewSaga
 from tests.support.security import BOUND, bearer, served
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,6 +47,17 @@ ADMIN_CALLS: dict[str, Any] = {
     "ReplayDeadLetter": saga_pb2.ReplayDeadLetterRequest(),
     "DiscardDeadLetter": saga_pb2.DiscardDeadLetterRequest(),
 }
+
+
+REAL_ANSWERS = {
+    "RetrySaga": grpc.StatusCode.NOT_FOUND,
+    "CompensateSaga": grpc.StatusCode.NOT_FOUND,
+    "ResolveSaga": grpc.StatusCode.INVALID_ARGUMENT,  # no note
+    "ReplayDeadLetter": grpc.StatusCode.INVALID_ARGUMENT,  # no id
+    "DiscardDeadLetter": grpc.StatusCode.INVALID_ARGUMENT,
+    "ListDeadLetters": grpc.StatusCode.OK,
+}
+"""What each SagaAdmin method answers an authorized caller on a server with no sagas."""
 
 
 def tokens_access(**extra: Any) -> AccessSettings:
@@ -167,8 +187,7 @@ async def test_a_read_token_on_an_operate_method_is_permission_denied(
 
 async def test_a_read_token_passes_list_dead_letters(channel: grpc.aio.Channel) -> None:
     code = await status_code(admin(channel, "ListDeadLetters", bearer(READ_TOKEN)))
-    assert code not in AUTH_ERRORS
-    assert code == grpc.StatusCode.UNIMPLEMENTED  # no SagaAdmin servicer on this branch yet
+    assert code == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize("method", [*ADMIN_CALLS, "ListDeadLetters"])
@@ -176,39 +195,48 @@ async def test_an_operate_token_passes_every_admin_method(
     channel: grpc.aio.Channel, method: str
 ) -> None:
     code = await status_code(admin(channel, method, bearer(OPERATE_TOKEN)))
-    assert code not in AUTH_ERRORS
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert code == REAL_ANSWERS[method]
 
 
-class _WhoAmI(saga_pb2_grpc.SagaAdminServicer):
-    """Answers RetrySaga with the principal it ran as, in `request_id`."""
-
-    async def RetrySaga(self, request: Any, context: Any) -> saga_pb2.Saga:
-        principal = current_principal()
-        return saga_pb2.Saga(request_id=principal.name, facade=principal.role.name)
+class Greeting(AsyncFacadeContext):
+    """The DTO of a one-step facade, for sagas an operator acts on."""
 
 
-WHO_AM_I = GrpcService(
-    "orchestrator.v1.SagaAdmin", saga_pb2_grpc.add_SagaAdminServicer_to_server, _WhoAmI()
-)
+async def greet(dto: Greeting) -> Greeting:
+    return dto
 
 
-async def test_an_admin_method_runs_as_the_tokens_principal() -> None:
+async def with_a_running_saga(request_id: str) -> Orchestrator:
+    """An Orchestrator with a one-step async facade and a RUNNING saga of it."""
+    orchestrator = Orchestrator(InMemoryBroker(), store=InMemorySagaStore())
+    orchestrator.register_async_facade("Greeter", AsyncFacade(dto=Greeting).use("greet", greet))
+    await orchestrator.store.begin(
+        NewSaga("Greeter", request_id, "async", "{}", "digest", "test", "greet", None)
+    )
+    return orchestrator
+
+
+async def resolved_by(access: AccessSettings | None, metadata: Any) -> list[tuple[str, str]]:
+    """Resolve a RUNNING saga with `metadata`'s credentials: the actions its record shows."""
+    orchestrator = await with_a_running_saga("r-1")
     async with (
-        served(access=tokens_access(), services=[WHO_AM_I]) as port,
+        served(access=access, orchestrator=orchestrator) as port,
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
-        saga = await admin(channel, "RetrySaga", bearer(OPERATE_TOKEN))
-    assert (saga.request_id, saga.facade) == ("oncall", "OPERATE")
+        saga = await saga_pb2_grpc.SagaAdminStub(channel).ResolveSaga(
+            saga_pb2.ResolveSagaRequest(request_id="r-1", note="by hand"),
+            metadata=metadata,
+            timeout=BOUND,
+        )
+    return [(action.action, action.actor) for action in saga.actions]
 
 
-async def test_with_no_credentials_configured_a_method_runs_as_anonymous() -> None:
-    async with (
-        served(services=[WHO_AM_I]) as port,
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
-    ):
-        saga = await admin(channel, "RetrySaga")
-    assert (saga.request_id, saga.facade) == ("anonymous", "OPERATE")
+async def test_an_admin_action_is_recorded_as_the_tokens_principal() -> None:
+    assert await resolved_by(tokens_access(), bearer(OPERATE_TOKEN)) == [("resolve", "oncall")]
+
+
+async def test_with_no_credentials_configured_an_action_is_recorded_as_anonymous() -> None:
+    assert await resolved_by(None, None) == [("resolve", "anonymous")]
 
 
 async def test_with_no_credentials_configured_startup_warns_once(

@@ -102,9 +102,12 @@ async def served(
     access: AccessSettings | None = None,
     tls: ServerTlsSettings | None = None,
     services: Sequence[GrpcService] = (),
+    orchestrator: Orchestrator | None = None,
 ) -> AsyncIterator[int]:
-    """An OrchestratorServer (in-memory broker and store) on a free port; yields the port."""
-    orchestrator = Orchestrator(InMemoryBroker(), store=InMemorySagaStore())
+    """An OrchestratorServer (by default an Orchestrator with an in-memory broker and store,
+    and no facades) on a free port; yields the port."""
+    if orchestrator is None:
+        orchestrator = Orchestrator(InMemoryBroker(), store=InMemorySagaStore())
     server = OrchestratorServer(
         orchestrator,
         GrpcSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=0, tls=tls),
