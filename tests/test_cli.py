@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import secrets
+import select
 import socket
 import subprocess
 import sys
@@ -589,6 +591,45 @@ def test_dlq_list_shows_a_poison_message_with_its_topic_and_reason(
     assert row.split()[1:3] == ["create_order", ASYNC_FACADE]
     assert "WAITING" in row.split()
     assert POISON_REASON in row
+
+
+def run_in_terminal(*args: str, env: Mapping[str, str], columns: int) -> str:
+    """Run `python -m orchestrator ARGS` on a terminal `columns` wide (NO_COLOR); its output."""
+    main, child = pty.openpty()
+    argv = [sys.executable, "-m", "orchestrator", *args]
+    terminal = {**env, "COLUMNS": str(columns), "LINES": "50", "NO_COLOR": "1"}
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=child, stderr=child, cwd=ROOT, env=terminal
+    ) as process:
+        os.close(child)
+        output = b""
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.1)
+            try:
+                chunk = os.read(main, 65536) if ready else b""
+            except OSError:  # the child closed the terminal
+                break
+            if ready and not chunk:
+                break
+            output += chunk
+        else:
+            process.kill()
+            pytest.fail(f"{argv} did not finish within {CLI_TIMEOUT}s; output: {output!r}")
+        os.close(main)
+        assert process.wait(CLI_TIMEOUT) == 0, output
+    return output.decode().replace("\r\n", "\n")
+
+
+def test_dlq_list_on_a_narrow_terminal_cuts_nothing_off(service: Service, dead_letter: str) -> None:
+    # Its fixed columns alone are wider than 80: each dead letter becomes a record of lines.
+    output = run_in_terminal("dlq", "list", env=service.env, columns=80)
+
+    lines = output.splitlines()
+    assert max(len(line) for line in lines) <= 80, output
+    assert f"ID                   {dead_letter}" in lines, output
+    assert "STATE                WAITING" in lines, output
+    assert any(line.startswith(f"REASON               {POISON_REASON}") for line in lines)
 
 
 def test_dlq_list_json_holds_the_poison_message(service: Service, dead_letter: str) -> None:
