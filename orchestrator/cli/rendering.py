@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
-from rich.console import Console, JustifyMethod, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -44,6 +44,8 @@ COMPENSATION_STYLES = {"PENDING": "yellow", "DONE": "cyan", "FAILED": "bold red"
 _FLEXIBLE = frozenset({"ERROR", "NOTE", "REASON", "LATEST STEP"})
 """Columns of free text, which wrap; every other column keeps its width."""
 _NUMERIC = frozenset({"#", "ATTEMPTS", "TOOK", "DELIVERIES"})
+_MIN_FLEXIBLE = 16
+"""The narrowest a free-text column gets before the other columns give way too."""
 DEAD_LETTER_STYLES = {"WAITING": "bold yellow", "REPLAYED": "green", "DISCARDED": "dim"}
 
 
@@ -146,20 +148,47 @@ class Renderer:
 
     def _rows(
         self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]
-    ) -> Table:
+    ) -> RenderableType:
         """A table of `rows`. Only the columns named in `_FLEXIBLE` wrap when the terminal
-        is narrow; the others (ids, names, states, times) keep their full width."""
+        is narrow; the others (ids, names, states, times) keep their full width. When
+        those alone do not fit, each row is a record of its own instead (a line per
+        column), so that nothing is cut off at the terminal's edge."""
+        widths = {
+            header: max([len(header), *(_width(row[index]) for row in rows)])
+            for index, header in enumerate(columns)
+        }
+        fixed = [width for header, width in widths.items() if header not in _FLEXIBLE]
+        needed = sum(fixed) + 2 * (len(columns) - 1) + _MIN_FLEXIBLE * (len(columns) - len(fixed))
+        if needed > self.console.width:
+            return self._records(title, columns, rows)
         table = self._table(title)
-        for index, header in enumerate(columns):
+        for header in columns:
             if header in _FLEXIBLE:
                 table.add_column(header, overflow="fold")
                 continue
-            widest = max([len(header), *(_width(row[index]) for row in rows)])
             justify: JustifyMethod = "right" if header in _NUMERIC else "left"
-            table.add_column(header, no_wrap=True, min_width=widest, justify=justify)
+            table.add_column(header, no_wrap=True, min_width=widths[header], justify=justify)
         for row in rows:
             table.add_row(*row)
         return table
+
+    def _records(
+        self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]
+    ) -> RenderableType:
+        """`rows` one under another, each a column name and its value a line."""
+        parts: list[RenderableType] = []
+        if title:
+            parts.append(Text(title, style="bold" if self._fancy else ""))
+        for number, row in enumerate(rows):
+            if number:
+                parts.append(Text(""))
+            record = Table.grid(padding=(0, 2))
+            record.add_column(style="bold" if self._fancy else "", no_wrap=True)
+            record.add_column(overflow="fold")
+            for header, cell in zip(columns, row, strict=True):
+                record.add_row(header, cell)
+            parts.append(record)
+        return Group(*parts)
 
     def _print(self, renderable: RenderableType = "", **options: Any) -> None:
         """Print `renderable`; plain output loses the blanks Rich pads its lines with."""
