@@ -25,11 +25,16 @@ import pytest
 
 from orchestrator.store import (
     CLAIM_BATCH,
+    RESOLVABLE,
     Change,
     CompensationEnded,
+    CompensationRetried,
     CompensationState,
     NewSaga,
+    OperatorChange,
     Position,
+    Resolved,
+    Retried,
     SagaRecord,
     SagaState,
     SagaStore,
@@ -39,10 +44,12 @@ from orchestrator.store import (
     StepRestarted,
     StepState,
 )
-from orchestrator.store.memory import transition
+from orchestrator.store.memory import operator_transition, transition
 from tests.support.store_backends import (
     FACADE,
     Backend,
+    act,
+    action,
     apply,
     at_step,
     check_journal,
@@ -664,39 +671,78 @@ def random_change(rng: random.Random, saga: SagaRecord, n: int) -> Change:
     )
 
 
+def random_operator_change(rng: random.Random, saga: SagaRecord, n: int) -> OperatorChange:
+    """A move an operator could make, mostly one that fits what they see of the saga (a
+    stale one otherwise: they act on what they saw)."""
+    last = len(saga.steps) - 1
+    kind = rng.randrange(3)
+    if saga.state == COMPENSATION_FAILED and rng.randrange(2) == 0:
+        kind = 1
+    if kind == 0:
+        return Retried(rng.choice([last, last, last - 1, last + 1]), later(600 + n))
+    if kind == 1:
+        return CompensationRetried(later(900 + n))
+    seen = saga.state if saga.state in RESOLVABLE and rng.randrange(2) else None
+    return Resolved(seen or rng.choice(sorted(RESOLVABLE)), f"resolved {n}")
+
+
 async def test_every_store_follows_the_reference_semantics_and_keeps_the_invariant(
     store: SagaStore,
 ) -> None:
     # Random runs of changes, stale and duplicate ones among them, on 40 sagas at once:
-    # each change must be applied exactly when `orchestrator.store.memory.transition` says,
-    # with the record it says, and leave the journal's invariant standing.
+    # each change must be applied exactly when `orchestrator.store.memory.transition` says
+    # (an operator's, sent through `act`, when `operator_transition` does), with the record
+    # it says, and leave the journal's invariant standing. An `act` applied, and only then,
+    # adds its action to the saga's record; some of the engine's changes go through `act`.
     ids = [f"walk-{i:02d}" for i in range(40)]
     await asyncio.gather(*(store.begin(new_saga(request_id)) for request_id in ids))
 
     walks = {request_id: random.Random(f"journal-{request_id}") for request_id in ids}
+    # The operators' choices draw on streams of their own.
+    operators = {request_id: random.Random(f"operator-{request_id}") for request_id in ids}
+    reached: set[SagaState] = set()
 
     async def one_change(request_id: str, n: int) -> str:
+        rng, operator = walks[request_id], operators[request_id]
         before = await get(store, request_id)
-        change = random_change(walks[request_id], before, n)
-        applied = await apply(store, request_id, change)
-        expected = transition(before, change, datetime.now(UTC))
+        recorded = await store.actions(FACADE, request_id)
+        done = action(f"walk-{n}")
+        move: Change | OperatorChange
+        # Operators mostly act on sagas the engine gave up on.
+        if operator.randrange(4 if before.state != COMPENSATION_FAILED else 2) == 0:
+            move = random_operator_change(operator, before, n)
+            expected = operator_transition(before, move, datetime.now(UTC))
+            acted = True
+        else:
+            move = random_change(rng, before, n)
+            expected = transition(before, move, datetime.now(UTC))
+            acted = operator.randrange(5) == 0
+        if acted:
+            applied = await act(store, request_id, move, done)
+        else:
+            assert not isinstance(move, Retried | CompensationRetried | Resolved)
+            applied = await apply(store, request_id, move)
         after = await get(store, request_id)
-        assert applied == (expected is not None), (before, change)
-        assert shape(after) == shape(expected or before), (before, change)
+        assert applied == (expected is not None), (before, move)
+        assert shape(after) == shape(expected or before), (before, move)
         if not applied:
             assert after == before
-        return f"{type(change).__name__}:{applied}"
+        added = [done] if applied and acted else []
+        assert await store.actions(FACADE, request_id) == [*recorded, *added], (before, move)
+        reached.add(after.state)
+        return f"{type(move).__name__}:{applied}"
 
     outcomes: list[str] = []
-    for n in range(8):
+    for n in range(10):
         outcomes += await asyncio.gather(*(one_change(request_id, n) for request_id in ids))
 
-    # The walk went everywhere: every kind of change, both applied and refused.
+    # The walk went everywhere: every kind of change, both applied and refused, and every
+    # state (some only on the way: operators take sagas out of COMPENSATION_FAILED).
     kinds = {"StepRestarted", "StepPending", "StepEnded", "StepFailed", "CompensationEnded"}
+    kinds |= {"Retried", "CompensationRetried", "Resolved"}
     assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("True")} == kinds
     assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("False")} == kinds
-    states = {(await get(store, request_id)).state for request_id in ids}
-    assert states == set(SagaState)
+    assert reached == set(SagaState)
 
 
 async def test_the_sagas_data_is_its_last_finished_steps(store: SagaStore) -> None:

@@ -3,8 +3,9 @@
 `backend` is parametrized over the three stores: `InMemorySagaStore`, and
 `SqlSagaStore` on a SQLite file and on PostgreSQL (the module's database, see
 `tests.support.databases`), each started on an empty database. The helpers
-begin sagas and bring them to a stage through `apply`, which checks the
-journal's invariant (`check_journal`) after every change.
+begin sagas and bring them to a stage through `apply` (and operators' moves
+through `act`), which check the journal's invariant (`check_journal`) after
+every change.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 import pytest
 
 from orchestrator.store import (
+    ActionRecord,
     Change,
     CompensationEnded,
     InMemorySagaStore,
     NewSaga,
+    OperatorChange,
     SagaRecord,
     SagaState,
     SagaStore,
@@ -35,6 +38,8 @@ from tests.support.databases import drop_store_tables
 __all__ = [
     "FACADE",
     "Backend",
+    "act",
+    "action",
     "apply",
     "at_step",
     "check_journal",
@@ -215,3 +220,27 @@ async def finished(store: SagaStore, request_id: str, state: SagaState) -> SagaR
     saga = await get(store, request_id)
     assert saga.state == state
     return saga
+
+
+def action(
+    name: str = "resolve", *, actor: str = "ops@example.com", note: str = ""
+) -> ActionRecord:
+    """An operator's action, as `act` and `settle_dead_letter` record it."""
+    return ActionRecord(name, actor, note or f"{name} by hand", datetime.now(UTC))
+
+
+async def act(
+    store: SagaStore,
+    request_id: str,
+    change: Change | OperatorChange,
+    done: ActionRecord | None = None,
+    *,
+    facade: str = FACADE,
+) -> bool:
+    """`store.act` (with `done`, or a fresh action), then the invariant checked on what the
+    store holds after it."""
+    applied = await store.act(facade, request_id, change, done or action())
+    saga = await store.get(facade, request_id)
+    if saga is not None:
+        check_journal(saga)
+    return applied
