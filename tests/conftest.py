@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.broker_fixtures",
     "tests.support.app_fixtures",
     "tests.support.databases",
+    "tests.support.store_backends",
 ]

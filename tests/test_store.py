@@ -1,6 +1,7 @@
 """The saga store's journal: what each change does, and refuses, on every store.
 
-Each test runs on the three stores (`backend`): `InMemorySagaStore`, and
+Each test runs on the three stores (`backend`, from tests/support/store_backends.py,
+with the helpers that build sagas): `InMemorySagaStore`, and
 `SqlSagaStore` on a SQLite file and on PostgreSQL (a database per module on
 `$ORCH_TEST_POSTGRES_URL`'s server, default postgres@127.0.0.1:5432, skipped
 when unreachable unless `$CI` is set; see tests/support/databases.py). Tests
@@ -15,83 +16,60 @@ tests/test_store_sql.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.store import (
     CLAIM_BATCH,
+    RESOLVABLE,
     Change,
     CompensationEnded,
+    CompensationRetried,
     CompensationState,
-    InMemorySagaStore,
     NewSaga,
+    OperatorChange,
     Position,
+    Resolved,
+    Retried,
     SagaRecord,
     SagaState,
     SagaStore,
-    SqlSagaStore,
     StepEnded,
     StepFailed,
     StepPending,
     StepRestarted,
     StepState,
 )
-from orchestrator.store.memory import transition
-from tests.support.databases import drop_store_tables
+from orchestrator.store.memory import operator_transition, transition
+from tests.support.store_backends import (
+    FACADE,
+    Backend,
+    act,
+    action,
+    apply,
+    at_step,
+    check_journal,
+    compensating,
+    data,
+    finished,
+    get,
+    later,
+    new_saga,
+    shape,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-FACADE = "booking"
 COMPENSATING = SagaState.COMPENSATING
 COMPENSATED = SagaState.COMPENSATED
 COMPENSATION_FAILED = SagaState.COMPENSATION_FAILED
 
 
-# --- the stores -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Backend:
-    """A started store, and a way to open more on the same database (other replicas)."""
-
-    name: str
-    url: str
-    store: SagaStore
-    opened: list[SagaStore]
-
-    async def another(self) -> SagaStore:
-        """Another started store on the same database; in memory, the same store."""
-        if isinstance(self.store, InMemorySagaStore):
-            return self.store
-        store = SqlSagaStore(self.url)
-        self.opened.append(store)
-        await store.start()
-        return store
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each store in turn, started on an empty database; every store opened is closed after."""
-    if request.param == "memory":
-        url, store = "memory://", InMemorySagaStore()
-    elif request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
-        store = SqlSagaStore(url)
-    else:
-        url = request.getfixturevalue("postgres_url")
-        await drop_store_tables(url)
-        store = SqlSagaStore(url)
-    backend = Backend(request.param, url, store, [store])
-    await store.start()
-    yield backend
-    for opened in backend.opened:
-        await opened.close()
+# --- the stores ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -118,133 +96,6 @@ def test_a_saga_key_longer_than_128_characters_is_refused_whatever_the_store(nam
             first_step="a",
             deadline_at=None,
         )
-
-
-def later(seconds: float = 300) -> datetime:
-    return datetime.now(UTC) + timedelta(seconds=seconds)
-
-
-def new_saga(
-    request_id: str,
-    *,
-    facade: str = FACADE,
-    kind: str = "sync",
-    owner: str = "replica-a",
-    payload: str = '{"hotel": "h1"}',
-    deadline_at: datetime | None = None,
-) -> NewSaga:
-    return NewSaga(
-        facade=facade,
-        request_id=request_id,
-        kind=kind,
-        payload=payload,
-        payload_hash=f"hash-{payload}",
-        owner=owner,
-        first_step="step-0",
-        deadline_at=later() if deadline_at is None else deadline_at,
-    )
-
-
-def data(index: int) -> str:
-    return f'{{"after": {index}}}'
-
-
-def check_journal(saga: SagaRecord) -> None:
-    """The journal's invariant (see `orchestrator.store.changes`): a RUNNING saga has exactly
-    one current step, its last, after steps all DONE; a saga in any other state has none."""
-    indexes = [step.index for step in saga.steps]
-    assert indexes == list(range(len(indexes))), f"step log with gaps: {indexes}"
-    current = [step.index for step in saga.steps if step.current]
-    if saga.state == SagaState.RUNNING:
-        assert current == [indexes[-1]], f"RUNNING saga with current steps {current}"
-        assert all(step.state == StepState.DONE for step in saga.steps[:-1])
-        assert saga.current_step is not None and saga.current_step.index == indexes[-1]
-    else:
-        assert current == [], f"{saga.state} saga with current steps {current}"
-        assert saga.current_step is None
-
-
-def shape(saga: SagaRecord) -> tuple[Any, ...]:
-    """Everything of a record but the moments the store's clock chose."""
-    steps = tuple(
-        (
-            step.index,
-            step.name,
-            step.state,
-            step.attempts,
-            step.finished_at is None,
-            step.error,
-            step.data,
-            step.compensation,
-            step.compensated_at is None,
-            step.compensation_error,
-        )
-        for step in saga.steps
-    )
-    return (
-        saga.facade,
-        saga.request_id,
-        saga.kind,
-        saga.state,
-        saga.payload,
-        saga.data,
-        saga.owner,
-        saga.deadline_at,
-        saga.error_code,
-        saga.error_reason,
-        steps,
-    )
-
-
-async def get(store: SagaStore, request_id: str, *, facade: str = FACADE) -> SagaRecord:
-    saga = await store.get(facade, request_id)
-    assert saga is not None, (facade, request_id)
-    return saga
-
-
-async def apply(store: SagaStore, request_id: str, change: Change, *, facade: str = FACADE) -> bool:
-    """`store.apply`, then the invariant checked on what the store holds after it."""
-    applied = await store.apply(facade, request_id, change)
-    saga = await store.get(facade, request_id)
-    if saga is not None:
-        check_journal(saga)
-    return applied
-
-
-async def at_step(
-    store: SagaStore, request_id: str, index: int, *, facade: str = FACADE, **saga: Any
-) -> SagaRecord:
-    """A saga RUNNING at step `index`, the steps before it DONE."""
-    assert await store.begin(new_saga(request_id, facade=facade, **saga)) is None
-    for done in range(index):
-        ended = StepEnded(done, data(done), f"step-{done + 1}")
-        assert await apply(store, request_id, ended, facade=facade)
-    return await get(store, request_id, facade=facade)
-
-
-async def compensating(store: SagaStore, request_id: str, **saga: Any) -> SagaRecord:
-    """A saga COMPENSATING after its step 1 failed, both of its steps to undo."""
-    await at_step(store, request_id, 1, **saga)
-    failed = StepFailed(1, "FAILED_PRECONDITION", "declined", undo=(0, 1), deadline_at=later())
-    assert await apply(store, request_id, failed)
-    return await get(store, request_id)
-
-
-async def finished(store: SagaStore, request_id: str, state: SagaState) -> SagaRecord:
-    """A saga of two steps that ended in `state`."""
-    if state == SagaState.COMPLETED:
-        await at_step(store, request_id, 1)
-        assert await apply(store, request_id, StepEnded(1, data(1), complete=True))
-    else:
-        await compensating(store, request_id)
-        if state == COMPENSATED:
-            ended = CompensationEnded(COMPENSATED, done=(0, 1))
-        else:
-            ended = CompensationEnded(COMPENSATION_FAILED, done=(1,), failed=0, error="stuck")
-        assert await apply(store, request_id, ended)
-    saga = await get(store, request_id)
-    assert saga.state == state
-    return saga
 
 
 def every_change(index: int) -> list[Change]:
@@ -820,39 +671,78 @@ def random_change(rng: random.Random, saga: SagaRecord, n: int) -> Change:
     )
 
 
+def random_operator_change(rng: random.Random, saga: SagaRecord, n: int) -> OperatorChange:
+    """A move an operator could make, mostly one that fits what they see of the saga (a
+    stale one otherwise: they act on what they saw)."""
+    last = len(saga.steps) - 1
+    kind = rng.randrange(3)
+    if saga.state == COMPENSATION_FAILED and rng.randrange(2) == 0:
+        kind = 1
+    if kind == 0:
+        return Retried(rng.choice([last, last, last - 1, last + 1]), later(600 + n))
+    if kind == 1:
+        return CompensationRetried(later(900 + n))
+    seen = saga.state if saga.state in RESOLVABLE and rng.randrange(2) else None
+    return Resolved(seen or rng.choice(sorted(RESOLVABLE)), f"resolved {n}")
+
+
 async def test_every_store_follows_the_reference_semantics_and_keeps_the_invariant(
     store: SagaStore,
 ) -> None:
     # Random runs of changes, stale and duplicate ones among them, on 40 sagas at once:
-    # each change must be applied exactly when `orchestrator.store.memory.transition` says,
-    # with the record it says, and leave the journal's invariant standing.
+    # each change must be applied exactly when `orchestrator.store.memory.transition` says
+    # (an operator's, sent through `act`, when `operator_transition` does), with the record
+    # it says, and leave the journal's invariant standing. An `act` applied, and only then,
+    # adds its action to the saga's record; some of the engine's changes go through `act`.
     ids = [f"walk-{i:02d}" for i in range(40)]
     await asyncio.gather(*(store.begin(new_saga(request_id)) for request_id in ids))
 
     walks = {request_id: random.Random(f"journal-{request_id}") for request_id in ids}
+    # The operators' choices draw on streams of their own.
+    operators = {request_id: random.Random(f"operator-{request_id}") for request_id in ids}
+    reached: set[SagaState] = set()
 
     async def one_change(request_id: str, n: int) -> str:
+        rng, operator = walks[request_id], operators[request_id]
         before = await get(store, request_id)
-        change = random_change(walks[request_id], before, n)
-        applied = await apply(store, request_id, change)
-        expected = transition(before, change, datetime.now(UTC))
+        recorded = await store.actions(FACADE, request_id)
+        done = action(f"walk-{n}")
+        move: Change | OperatorChange
+        # Operators mostly act on sagas the engine gave up on.
+        if operator.randrange(4 if before.state != COMPENSATION_FAILED else 2) == 0:
+            move = random_operator_change(operator, before, n)
+            expected = operator_transition(before, move, datetime.now(UTC))
+            acted = True
+        else:
+            move = random_change(rng, before, n)
+            expected = transition(before, move, datetime.now(UTC))
+            acted = operator.randrange(5) == 0
+        if acted:
+            applied = await act(store, request_id, move, done)
+        else:
+            assert not isinstance(move, Retried | CompensationRetried | Resolved)
+            applied = await apply(store, request_id, move)
         after = await get(store, request_id)
-        assert applied == (expected is not None), (before, change)
-        assert shape(after) == shape(expected or before), (before, change)
+        assert applied == (expected is not None), (before, move)
+        assert shape(after) == shape(expected or before), (before, move)
         if not applied:
             assert after == before
-        return f"{type(change).__name__}:{applied}"
+        added = [done] if applied and acted else []
+        assert await store.actions(FACADE, request_id) == [*recorded, *added], (before, move)
+        reached.add(after.state)
+        return f"{type(move).__name__}:{applied}"
 
     outcomes: list[str] = []
-    for n in range(8):
+    for n in range(10):
         outcomes += await asyncio.gather(*(one_change(request_id, n) for request_id in ids))
 
-    # The walk went everywhere: every kind of change, both applied and refused.
+    # The walk went everywhere: every kind of change, both applied and refused, and every
+    # state (some only on the way: operators take sagas out of COMPENSATION_FAILED).
     kinds = {"StepRestarted", "StepPending", "StepEnded", "StepFailed", "CompensationEnded"}
+    kinds |= {"Retried", "CompensationRetried", "Resolved"}
     assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("True")} == kinds
     assert {outcome.split(":")[0] for outcome in outcomes if outcome.endswith("False")} == kinds
-    states = {(await get(store, request_id)).state for request_id in ids}
-    assert states == set(SagaState)
+    assert reached == set(SagaState)
 
 
 async def test_the_sagas_data_is_its_last_finished_steps(store: SagaStore) -> None:

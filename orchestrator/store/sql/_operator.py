@@ -95,7 +95,9 @@ _SAGA: Final = f"SELECT 1 FROM sagas WHERE {_KEY}"
 _ACTION: Final = (
     "INSERT INTO saga_actions (facade, request_id, seq, action, actor, note, at, dead_letter_id)"
     " VALUES (:f, :r, (SELECT coalesce(max(seq), 0) + 1 FROM saga_actions"
-    f" WHERE {_KEY}), :action, :actor, :note, :at, :letter)"
+    # The key again, by parameters of its own: PostgreSQL deduces one type per parameter,
+    # and a column's type in VALUES (varchar) is not the comparison's (text).
+    " WHERE facade = :sf AND request_id = :sr), :action, :actor, :note, :at, :letter)"
 )
 _UNRECORD: Final = (
     f"DELETE FROM saga_actions WHERE {_KEY} AND action = 'replay' AND dead_letter_id = :letter"
@@ -244,6 +246,8 @@ def _record(facade: str, request_id: str, action: ActionRecord) -> Generator[Sta
         _ACTION,
         {
             **key,
+            "sf": facade,
+            "sr": request_id,
             "action": action.action,
             "actor": action.actor,
             "note": action.note,

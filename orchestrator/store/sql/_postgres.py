@@ -16,6 +16,9 @@ Each compare-and-set first updates the row of the saga's current step (its
 condition is the step's state), RETURNING the sagas it matched; only those
 go on to their saga row. Every way out of RUNNING ends the current step in the
 same transaction, so that row is what concurrent writers queue on.
+
+Claims and operators' writes (`_operator`) follow a round's statements, one op
+at a time.
 """
 
 from __future__ import annotations

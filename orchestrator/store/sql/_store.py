@@ -20,6 +20,12 @@ regrouped.
   sharing the database hear of each other's writes as they commit
   (`subscribe_changes`, `announces_changes`).
 
+Operators' writes (`act`, keeping and settling dead letters) go through the
+same writer, so on SQLite too one connection writes: rare, they are ops of
+their own, each applied by plain statements in the batch's transaction
+(`_operator`), and the engine's writes around them batch as before. Their
+reads, like `list_sagas`, go through SQLAlchemy.
+
 When a batch's transaction fails, nothing of it was applied. If a statement
 failed, the batch is split in halves and each retried, down to the bad op
 alone, so one bad op (a too-long id, a deadlock victim) fails only its
