@@ -83,11 +83,10 @@ class DeadLetterCollector:
         if self._task is None:
             return
         self._stopping.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_GRACE_SECONDS)
-        except TimeoutError:
+        done, _ = await asyncio.wait({self._task}, timeout=CLOSE_GRACE_SECONDS)
+        if not done:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
     async def collect_now(self) -> int:
@@ -100,7 +99,14 @@ class DeadLetterCollector:
     async def _keep_collecting(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self.collect_now()
+                if self.broker.healthy:  # a round on a lost link would only wait
+                    await self.collect_now()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # aiormq cancels the operations of a connection it lost: the broker failed.
+                log.info("dead letters not collected: the broker connection was lost")
             except BrokerUnavailable as exc:
                 log.info(
                     "dead letters not collected: broker unavailable", extra={"error": str(exc)}

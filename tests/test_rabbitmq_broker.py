@@ -8,6 +8,7 @@ running whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -200,11 +202,63 @@ async def test_handler_raising_dead_letter_moves_message_to_dlq_with_reason(
     await rabbitmq_broker.publish(TOPIC, b'{"amount": -1}', message_id="neg")
 
     [dead] = await collect_dead_letters(rabbitmq_broker, TOPIC, 1)
-    assert dead == DeadLetteredMessage(TOPIC, b'{"amount": -1}', "neg", "amount must be positive")
+    assert (dead.topic, dead.body, dead.message_id, dead.reason) == (
+        TOPIC,
+        b'{"amount": -1}',
+        "neg",
+        "amount must be positive",
+    )
     # Reconnecting requeues anything left unacknowledged: the queue must stay empty.
     await rabbitmq_broker.close()
     await rabbitmq_broker.start()
     assert await rabbitmq_broker.depth(TOPIC) == 0
+
+
+async def test_a_dead_letter_carries_its_id_time_and_delivery_count(
+    rabbitmq_broker: RabbitMQBroker,
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+
+    async def reject(delivery: Delivery) -> None:
+        raise DeadLetter("no")
+
+    await rabbitmq_broker.subscribe(TOPIC, reject)
+    before = datetime.now(UTC)
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="m-1", headers={"traceparent": "t"})
+
+    [dead] = await collect_dead_letters(rabbitmq_broker, TOPIC, 1)
+    assert len(dead.id) == 32
+    assert dead.delivery_count == 1
+    assert dead.dead_lettered_at is not None
+    assert before <= dead.dead_lettered_at <= datetime.now(UTC)
+    assert dead.headers["traceparent"] == "t"
+    assert "x-delivery-count" not in dead.headers
+
+
+async def test_a_dead_letter_whose_keeper_fails_stays_in_the_broker(
+    rabbitmq_broker: RabbitMQBroker,
+) -> None:
+    await rabbitmq_broker.declare(TOPIC)
+
+    async def reject(delivery: Delivery) -> None:
+        raise DeadLetter("no")
+
+    await rabbitmq_broker.subscribe(TOPIC, reject)
+    await rabbitmq_broker.publish(TOPIC, b"{}", message_id="m-2")
+    offered: list[DeadLetteredMessage] = []
+
+    async def broken(letter: DeadLetteredMessage) -> None:
+        offered.append(letter)
+        raise RuntimeError("the store is down")
+
+    async with asyncio.timeout(10):
+        while not offered:
+            with contextlib.suppress(RuntimeError):
+                await rabbitmq_broker.take_dead_letters(TOPIC, broken, limit=10)
+            await asyncio.sleep(0.05)
+
+    [again] = await collect_dead_letters(rabbitmq_broker, TOPIC, 1)
+    assert (again.message_id, again.id) == ("m-2", offered[0].id)
 
 
 @pytest.mark.timeout(30)

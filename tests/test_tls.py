@@ -157,7 +157,7 @@ async def test_a_read_certificate_on_an_operate_method_is_permission_denied(pki:
 async def test_an_operate_certificate_passes_an_operate_method(pki: Pki) -> None:
     async with served(tls=tls(pki, mutual=True), access=certificate_access()) as port:
         code = await retry_saga(port, client_credentials(pki.ca, pki.operator))
-    assert code == grpc.StatusCode.UNIMPLEMENTED  # authorized; no SagaAdmin servicer yet
+    assert code == grpc.StatusCode.NOT_FOUND  # authorized: the saga is looked up, and absent
 
 
 async def test_a_certificate_no_rule_names_is_unauthenticated(pki: Pki) -> None:

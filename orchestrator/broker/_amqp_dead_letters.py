@@ -25,6 +25,9 @@ from orchestrator.broker.base import (
 
 __all__ = ["dead_letter_reason", "dead_lettered", "text"]
 
+_BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
+"""Headers RabbitMQ keeps for itself: its dead-letter history and a quorum queue's count."""
+
 
 def text(value: object) -> str:
     """A header value as text."""
@@ -38,7 +41,7 @@ def dead_lettered(
 ) -> DeadLetteredMessage:
     """A message got from a dead-letter queue, as the broker contract hands it over."""
     raw = properties.headers or {}
-    headers = {key: text(value) for key, value in raw.items() if key != "x-death"}
+    headers = {key: text(value) for key, value in raw.items() if key not in _BROKER_HEADERS}
     message_id = properties.message_id or ""
     at = _dead_lettered_at(raw)
     letter_id = headers.get(DEAD_LETTER_ID_HEADER)

@@ -665,6 +665,7 @@ class RabbitMQBroker(Broker):
         `keep` returned; a `keep` that raises sends its message back (and ends the round)."""
         queue_name = f"{self._settings.queue_name(topic)}.dlq"
         taken = 0
+        failure: Exception | None = None
         async with self._raw_channel() as channel:
             while taken < limit:
                 try:
@@ -677,12 +678,15 @@ class RabbitMQBroker(Broker):
                 letter = dead_lettered(topic, got.body, got.header.properties)
                 try:
                     await keep(letter)
-                except BaseException:
-                    with contextlib.suppress(*_BROKER_ERRORS):
-                        await channel.basic_nack(tag, requeue=True)
-                    raise
+                except Exception as exc:
+                    # The keeper's failure, not the broker's: raised as it is, below.
+                    failure = exc
+                    await channel.basic_nack(tag, requeue=True)
+                    break
                 await channel.basic_ack(tag)
                 taken += 1
+        if failure is not None:
+            raise failure
         return taken
 
     async def depth(self, topic: str) -> int:
