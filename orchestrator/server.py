@@ -67,9 +67,11 @@ class OrchestratorServer:
         )
         self._services = list(services)
         # Without this, a second server could bind the same port and silently share its traffic.
+        # Open access needs no interceptor (every call runs as ANONYMOUS without one), and
+        # none keeps the application's calls on grpc's direct path.
         self._server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0)],
-            interceptors=[AccessInterceptor(self._access)],
+            interceptors=[AccessInterceptor(self._access)] if self._access.enforced else [],
         )
         self._health = health_aio.HealthServicer()
         self._stopping = False
