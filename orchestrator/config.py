@@ -286,8 +286,10 @@ class DeadLetterSettings(StrictModel):
     """Take the messages of the facades' dead-letter queues into the saga store, joined to
     their sagas, where operators list, replay and discard them. Off, they stay in the
     broker's dead-letter queues."""
-    interval_seconds: float = Field(default=1.0, gt=0, le=3600)
-    """How often each replica looks for new dead letters."""
+    interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """How often each replica looks for new dead letters (each look costs a broker channel
+    and a `basic.get` per topic: dead letters are rare, and a few seconds' wait is nothing to
+    an operator)."""
 
 
 RoleName = Literal["read", "operate"]

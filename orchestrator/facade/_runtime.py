@@ -88,6 +88,10 @@ UNCERTAIN_CODES = frozenset(
 crash): its compensation runs too, and must tolerate undoing what never happened."""
 
 
+_OPERATOR_CHANGES = (Retried, CompensationRetried, Resolved)
+"""The moves only an operator makes: they go through `SagaStore.act`."""
+
+
 class FacadeKind(Protocol):
     """What the engine asks of a facade's kind: its saga data for a rollback, and how its
     compensations are called."""
@@ -299,10 +303,10 @@ class SagaRuntime:
         if action is not None:
             applied = await self.store.act(self.name, request_id, change, action)
         else:
-            assert not isinstance(change, Retried | CompensationRetried | Resolved)
+            assert not isinstance(change, _OPERATOR_CHANGES)
             applied = await self.store.apply(self.name, request_id, change)
         if applied:
-            if isinstance(change, Retried | CompensationRetried | Resolved):
+            if isinstance(change, _OPERATOR_CHANGES):
                 self._positions.forget(request_id)
             else:
                 self._positions.applied(request_id, change, self._clock())
