@@ -361,6 +361,39 @@ async def test_resolving_a_compensation_failed_saga_ends_it_resolved_with_the_no
     assert counted(site.app, "resolve", "done") == 1
 
 
+async def test_a_saga_resolved_while_its_rollback_retries_is_not_undone_any_further(
+    site: Site,
+) -> None:
+    attempts: list[float] = []
+
+    def cancel_failing(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(asyncio.get_running_loop().time())
+        raise RuntimeError("orders are down")
+
+    outage = pytest.MonkeyPatch()
+    outage.setattr(
+        site.upstreams.payment.ledger, "create_payment", failing(RuntimeError("payments down"))
+    )
+    outage.setattr(site.upstreams.order.ledger, "cancel_order_by_key", cancel_failing)
+    try:
+        await book(site.booking, "rs-1")
+        async with asyncio.timeout(10):
+            while not attempts:  # noqa: ASYNC110 (the rollback node's first attempt)
+                await asyncio.sleep(0.01)
+
+        await site.admin.ResolveSaga(
+            saga_pb2.ResolveSagaRequest(request_id="rs-1", note="cancelled by hand")
+        )
+        resolved_after = len(attempts)
+        # The rollback node's policy would try 5 times within about 3 s.
+        await asyncio.sleep(4)
+    finally:
+        outage.undo()
+
+    assert len(attempts) <= resolved_after + 1  # at most the attempt already under way
+    assert await state_of(site.app, "rs-1") == SagaState.RESOLVED
+
+
 @pytest.mark.parametrize(
     ("call", "code", "words"),
     [

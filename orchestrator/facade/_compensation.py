@@ -19,7 +19,7 @@ from orchestrator import tracing
 from orchestrator.broker.base import DeadLetter, Delivery
 from orchestrator.context import StepScope, enter_step, leave_step
 from orchestrator.dto import Rollback
-from orchestrator.errors import InvalidArgument, classify
+from orchestrator.errors import FailedPrecondition, InvalidArgument, classify
 from orchestrator.facade.definition import StepDefinition
 from orchestrator.request_id import check_request_id
 from orchestrator.retry import call_with_retry
@@ -93,7 +93,7 @@ class Compensation:
             for step in saga.steps
             if step.compensation in (CompensationState.PENDING, CompensationState.FAILED)
         )
-        done, failed, reason = await self._undo(self.rollback_of(saga), pending)
+        done, failed, reason = await self._undo(self.rollback_of(saga), pending, journal=True)
         if reason is not None:
             change = CompensationEnded(
                 SagaState.COMPENSATION_FAILED, done=done, failed=failed, error=reason
@@ -120,16 +120,20 @@ class Compensation:
             raise RuntimeError(reason)
 
     async def _undo(
-        self, rollback: Rollback, indexes: tuple[int, ...]
+        self, rollback: Rollback, indexes: tuple[int, ...], *, journal: bool = False
     ) -> tuple[tuple[int, ...], int | None, str | None]:
         """Compensate `indexes` in reverse order, then the rollback node: what was undone,
-        and the step (or None for the node) and reason of a failure for good."""
+        and the step (or None for the node) and reason of a failure for good.
+
+        With `journal`, each attempt first checks that the saga is still COMPENSATING:
+        one an operator settled meanwhile (resolved by hand) is not undone any further.
+        """
         done: list[int] = []
         for index in reversed(indexes):
             step = self.runtime.definition.steps[index]
             if step.compensation is not None:
                 try:
-                    await self._undo_step(step, rollback)
+                    await self._undo_step(step, rollback, journal=journal)
                 except Exception as exc:
                     return (
                         tuple(done),
@@ -140,18 +144,19 @@ class Compensation:
         node = self.runtime.definition.rollback_node
         if node is not None:
             try:
-                await self._run_rollback_node(node, rollback)
+                await self._run_rollback_node(node, rollback, journal=journal)
             except Exception as exc:
                 return tuple(done), None, f"rollback node failed: {classify(exc).reason}"
         return tuple(done), None, None
 
-    async def _undo_step(self, step: StepDefinition, rollback: Rollback) -> None:
+    async def _undo_step(self, step: StepDefinition, rollback: Rollback, *, journal: bool) -> None:
         token = enter_step(
             StepScope(self.runtime.name, rollback.request_id, step.name, "compensation")
         )
+        call = functools.partial(self.runtime.facade.compensate, step, rollback)
         try:
             await call_with_retry(
-                functools.partial(self.runtime.facade.compensate, step, rollback),
+                self._checked(rollback.request_id, call) if journal else call,
                 policy=step.compensate_retry,
                 attempt_timeout=step.timeout,
                 deadline=None,
@@ -161,14 +166,15 @@ class Compensation:
             leave_step(token)
 
     async def _run_rollback_node(
-        self, node: Callable[[Rollback], Awaitable[None]], rollback: Rollback
+        self, node: Callable[[Rollback], Awaitable[None]], rollback: Rollback, *, journal: bool
     ) -> None:
         token = enter_step(
             StepScope(self.runtime.name, rollback.request_id, "rollback", "rollback")
         )
+        call = functools.partial(node, rollback)
         try:
             await call_with_retry(
-                functools.partial(node, rollback),
+                self._checked(rollback.request_id, call) if journal else call,
                 policy=self.runtime.definition.rollback_retry,
                 attempt_timeout=None,
                 deadline=None,
@@ -176,6 +182,20 @@ class Compensation:
             )
         finally:
             leave_step(token)
+
+    def _checked(
+        self, request_id: str, call: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """`call`, run only while the journal shows the saga COMPENSATING."""
+
+        async def attempt() -> None:
+            position = await self.runtime.position(request_id)
+            if position is None or position.state != SagaState.COMPENSATING:
+                state = "gone" if position is None else str(position.state)
+                raise Settled(f"the saga is {state}: an operator settled it meanwhile")
+            await call()
+
+        return attempt
 
     def _undo_retrying(
         self, rollback: Rollback, step: str, exc: BaseException, attempt: int
@@ -206,6 +226,11 @@ class Compensation:
                 step.name for step in saga.steps if step.compensation != CompensationState.NONE
             ],
         )
+
+
+class Settled(FailedPrecondition):
+    """The saga left COMPENSATING while its compensation ran (an operator resolved it):
+    nothing more is undone. Never retried."""
 
 
 def _rollback_target(body: bytes, facade: str) -> str:
