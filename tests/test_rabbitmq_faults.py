@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 
 import pytest
-import pytest_asyncio
 
 from orchestrator.broker.base import BrokerUnavailable
 from orchestrator.broker.rabbitmq import RabbitMQBroker
-from tests.support.broker_fixtures import make_settings, skip_or_fail
+from tests.support.broker_fixtures import make_settings, memory_alarm
 from tests.support.rabbitmq import RabbitMQNode
 from tests.support.tcp_proxy import TcpProxy
 from tests.test_rabbitmq_broker import health_changes, next_change, receive, recorder, running
@@ -27,36 +24,6 @@ pytestmark = pytest.mark.broker
 TOPIC = "orders"
 SLACK = 1.0  # what a loaded 2-core machine may add to a timer
 EARLY = 0.05  # a timer may fire a hair before the caller's own clock says it is due
-
-
-@pytest.fixture(scope="module")
-def node() -> Iterator[RabbitMQNode]:
-    """One private node for the module, which every test leaves running and without alarm."""
-    if not RabbitMQNode.available():
-        skip_or_fail("private RabbitMQ node", ["no RabbitMQ install under /usr/lib/rabbitmq/bin"])
-    private = RabbitMQNode()
-    try:
-        private.start()
-        yield private
-    finally:
-        private.cleanup()
-
-
-@pytest_asyncio.fixture
-async def proxy(node: RabbitMQNode) -> AsyncIterator[TcpProxy]:
-    """A proxy in front of the node, stopped (every connection closed) after the test."""
-    async with TcpProxy("127.0.0.1", node.port) as running_proxy:
-        yield running_proxy
-
-
-@asynccontextmanager
-async def memory_alarm(node: RabbitMQNode) -> AsyncIterator[None]:
-    """The node's memory alarm, raised for the block and cleared after it, whatever happened."""
-    await node.aset_memory_alarm()
-    try:
-        yield
-    finally:
-        await node.aclear_memory_alarm()
 
 
 async def timed_publish(broker: RabbitMQBroker, message_id: str, **kwargs: float) -> float:
@@ -69,12 +36,12 @@ async def timed_publish(broker: RabbitMQBroker, message_id: str, **kwargs: float
 
 @pytest.mark.timeout(60)
 async def test_a_publish_on_a_silent_link_raises_within_its_own_shorter_timeout(
-    node: RabbitMQNode, proxy: TcpProxy
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy
 ) -> None:
-    settings = make_settings(proxy.url(node.url), publish_timeout_seconds=10)
+    settings = make_settings(rabbitmq_proxy.url(module_rabbitmq.url), publish_timeout_seconds=10)
     async with running(settings) as broker:
         await broker.declare(TOPIC)
-        proxy.blackhole()
+        rabbitmq_proxy.blackhole()
 
         elapsed = await timed_publish(broker, "short", timeout=0.5)
 
@@ -83,12 +50,12 @@ async def test_a_publish_on_a_silent_link_raises_within_its_own_shorter_timeout(
 
 @pytest.mark.timeout(60)
 async def test_a_publish_timeout_longer_than_publish_timeout_seconds_is_capped_by_it(
-    node: RabbitMQNode, proxy: TcpProxy
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy
 ) -> None:
-    settings = make_settings(proxy.url(node.url), publish_timeout_seconds=1)
+    settings = make_settings(rabbitmq_proxy.url(module_rabbitmq.url), publish_timeout_seconds=1)
     async with running(settings) as broker:
         await broker.declare(TOPIC)
-        proxy.blackhole()
+        rabbitmq_proxy.blackhole()
 
         elapsed = await timed_publish(broker, "capped", timeout=30)
 
@@ -97,9 +64,9 @@ async def test_a_publish_timeout_longer_than_publish_timeout_seconds_is_capped_b
 
 @pytest.mark.timeout(60)
 async def test_a_publish_with_no_time_left_raises_at_once(
-    node: RabbitMQNode, proxy: TcpProxy
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy
 ) -> None:
-    settings = make_settings(proxy.url(node.url))
+    settings = make_settings(rabbitmq_proxy.url(module_rabbitmq.url))
     async with running(settings) as broker:
         await broker.declare(TOPIC)
 
@@ -111,11 +78,13 @@ async def test_a_publish_with_no_time_left_raises_at_once(
 
 @pytest.mark.timeout(120)
 async def test_publishes_in_flight_on_a_half_open_link_fail_in_time_and_the_link_recovers(
-    node: RabbitMQNode, proxy: TcpProxy
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy
 ) -> None:
     timeout = 2.0
     settings = make_settings(
-        proxy.url(node.url), heartbeat_seconds=2, publish_timeout_seconds=timeout
+        rabbitmq_proxy.url(module_rabbitmq.url),
+        heartbeat_seconds=2,
+        publish_timeout_seconds=timeout,
     )
     async with running(settings) as broker:
         changes = health_changes(broker)
@@ -125,7 +94,7 @@ async def test_publishes_in_flight_on_a_half_open_link_fail_in_time_and_the_link
 
         publishes = [asyncio.create_task(timed_publish(broker, f"m{i}")) for i in range(20)]
         await asyncio.sleep(0)  # each is now queued for the socket, none confirmed
-        proxy.blackhole()
+        rabbitmq_proxy.blackhole()
         elapsed = await asyncio.gather(*publishes)
 
         assert all(timeout - EARLY <= seconds < timeout + SLACK for seconds in elapsed), elapsed
@@ -133,7 +102,7 @@ async def test_publishes_in_flight_on_a_half_open_link_fail_in_time_and_the_link
         await next_change(changes, False, within=15)
         assert not broker.healthy
 
-        proxy.restore()
+        rabbitmq_proxy.restore()
         await next_change(changes, True, within=30)
         assert broker.healthy
         await broker.publish(TOPIC, b"{}", message_id="after")
@@ -145,10 +114,10 @@ async def test_publishes_in_flight_on_a_half_open_link_fail_in_time_and_the_link
 
 @pytest.mark.timeout(60)
 async def test_a_publish_blocked_by_a_memory_alarm_fails_fast_naming_the_reason(
-    node: RabbitMQNode,
+    module_rabbitmq: RabbitMQNode,
 ) -> None:
-    settings = make_settings(node.url, publish_timeout_seconds=10)
-    async with running(settings) as broker, memory_alarm(node):
+    settings = make_settings(module_rabbitmq.url, publish_timeout_seconds=10)
+    async with running(settings) as broker, memory_alarm(module_rabbitmq):
         await broker.declare(TOPIC)
 
         # The first publish is what makes RabbitMQ block the connection:
@@ -165,13 +134,13 @@ async def test_a_publish_blocked_by_a_memory_alarm_fails_fast_naming_the_reason(
 
 @pytest.mark.timeout(60)
 async def test_health_is_false_while_the_connection_is_blocked_and_true_once_unblocked(
-    node: RabbitMQNode,
+    module_rabbitmq: RabbitMQNode,
 ) -> None:
-    settings = make_settings(node.url, publish_timeout_seconds=10)
+    settings = make_settings(module_rabbitmq.url, publish_timeout_seconds=10)
     async with running(settings) as broker:
         changes = health_changes(broker)
         await broker.declare(TOPIC)
-        async with memory_alarm(node):
+        async with memory_alarm(module_rabbitmq):
             with pytest.raises(BrokerUnavailable):
                 await broker.publish(TOPIC, b"{}", message_id="blocked")
             await next_change(changes, False, within=5)
@@ -183,15 +152,15 @@ async def test_health_is_false_while_the_connection_is_blocked_and_true_once_unb
 
 @pytest.mark.timeout(60)
 async def test_publishes_are_confirmed_and_consumed_again_once_the_alarm_clears(
-    node: RabbitMQNode,
+    module_rabbitmq: RabbitMQNode,
 ) -> None:
-    settings = make_settings(node.url, publish_timeout_seconds=10)
+    settings = make_settings(module_rabbitmq.url, publish_timeout_seconds=10)
     async with running(settings) as broker:
         changes = health_changes(broker)
         await broker.declare(TOPIC)
         received, handler = recorder()
         await broker.subscribe(TOPIC, handler)
-        async with memory_alarm(node):
+        async with memory_alarm(module_rabbitmq):
             with pytest.raises(BrokerUnavailable):
                 await broker.publish(TOPIC, b"{}", message_id="blocked")
         await next_change(changes, True, within=10)
@@ -208,18 +177,18 @@ async def test_publishes_are_confirmed_and_consumed_again_once_the_alarm_clears(
 
 @pytest.mark.timeout(90)
 async def test_the_connection_made_by_a_reconnect_is_watched_for_blocks_too(
-    node: RabbitMQNode, proxy: TcpProxy
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy
 ) -> None:
-    settings = make_settings(proxy.url(node.url), publish_timeout_seconds=10)
+    settings = make_settings(rabbitmq_proxy.url(module_rabbitmq.url), publish_timeout_seconds=10)
     async with running(settings) as broker:
         changes = health_changes(broker)
         await broker.declare(TOPIC)
-        async with memory_alarm(node):
+        async with memory_alarm(module_rabbitmq):
             with pytest.raises(BrokerUnavailable):
                 await broker.publish(TOPIC, b"{}", message_id="blocked")
             await next_change(changes, False, within=5)
 
-            proxy.reset()
+            rabbitmq_proxy.reset()
             # A new connection is not blocked until it publishes.
             await next_change(changes, True, within=30)
             elapsed = await timed_publish(broker, "blocked-again")

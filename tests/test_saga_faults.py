@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from orchestrator.store import SagaState
 from orchestrator.store.base import SagaStore
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings
-from tests.support.broker_fixtures import make_settings, skip_or_fail
+from tests.support.broker_fixtures import make_settings, memory_alarm
 from tests.support.rabbitmq import RabbitMQNode
 from tests.support.sagas import Load, Outcome
 from tests.support.tcp_proxy import TcpProxy
@@ -57,37 +57,7 @@ PUBLISH_TIMEOUT = 5.0
 TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
 
 
-# -- the module's node, a proxy per test -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def node() -> Iterator[RabbitMQNode]:
-    """One private node for the module; each test leaves it running and without alarm."""
-    if not RabbitMQNode.available():
-        skip_or_fail("private RabbitMQ node", ["no RabbitMQ install under /usr/lib/rabbitmq/bin"])
-    private = RabbitMQNode()
-    try:
-        private.start()
-        yield private
-    finally:
-        private.cleanup()
-
-
-@pytest.fixture
-async def proxy(node: RabbitMQNode) -> AsyncIterator[TcpProxy]:
-    """A proxy in front of the node, stopped (every connection closed) after the test."""
-    async with TcpProxy("127.0.0.1", node.port) as running_proxy:
-        yield running_proxy
-
-
-@asynccontextmanager
-async def memory_alarm(node: RabbitMQNode) -> AsyncIterator[None]:
-    """The node's memory alarm, raised on entry and cleared on exit whatever happened."""
-    await node.aset_memory_alarm()
-    try:
-        yield
-    finally:
-        await node.aclear_memory_alarm()
+# -- the module's module_rabbitmq, a proxy per test -------------------------------------------
 
 
 # -- the service under test ----------------------------------------------------------
@@ -124,14 +94,20 @@ class Service:
         return time.monotonic() - began
 
 
-def broker_settings(node: RabbitMQNode, proxy: TcpProxy, **overrides: object) -> BrokerSettings:
+def broker_settings(
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy, **overrides: object
+) -> BrokerSettings:
     """Settings of a topic prefix of the test's own, connecting through `proxy`."""
-    return make_settings(proxy.url(node.url), publish_timeout_seconds=PUBLISH_TIMEOUT, **overrides)
+    return make_settings(
+        rabbitmq_proxy.url(module_rabbitmq.url),
+        publish_timeout_seconds=PUBLISH_TIMEOUT,
+        **overrides,
+    )
 
 
-def direct(settings: BrokerSettings, node: RabbitMQNode) -> BrokerSettings:
+def direct(settings: BrokerSettings, module_rabbitmq: RabbitMQNode) -> BrokerSettings:
     """The same topics, reached without the proxy: to inspect the queues whatever it does."""
-    return settings.model_copy(update={"url": SecretStr(node.url)})
+    return settings.model_copy(update={"url": SecretStr(module_rabbitmq.url)})
 
 
 @asynccontextmanager
@@ -307,10 +283,10 @@ CALL_DEADLINE = 3.0
 
 @pytest.mark.timeout(120)
 async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_every_caller_in_time(
-    node: RabbitMQNode, proxy: TcpProxy, upstreams: Upstreams, tmp_path: Path
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy, upstreams: Upstreams, tmp_path: Path
 ) -> None:
     # A 2 s heartbeat: the silent link is given up after about (2 + 1) * 3 s.
-    settings = broker_settings(node, proxy, heartbeat_seconds=2)
+    settings = broker_settings(module_rabbitmq, rabbitmq_proxy, heartbeat_seconds=2)
     load = Load(size=HALF_OPEN_BOOKINGS, fault_every=4)
     async with booking_service(tmp_path, upstreams, settings) as service:
         assert await service.status() == SERVING
@@ -323,7 +299,7 @@ async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_ever
             if facade == ASYNC_BOOKING and request_id in ids and request_id not in begun:
                 begun.add(request_id)
                 if len(begun) == len(ids):
-                    proxy.blackhole()
+                    rabbitmq_proxy.blackhole()
 
         service.app.orchestrator.on_saga_change(on_change)
         async with asyncio.timeout(CALL_DEADLINE + 5):
@@ -333,7 +309,7 @@ async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_ever
                     for rid in load.request_ids
                 )
             )
-        assert proxy.mode == "blackhole", f"only {len(begun)} sagas began"
+        assert rabbitmq_proxy.mode == "blackhole", f"only {len(begun)} sagas began"
 
         codes = Counter(answer.code for answer in answers)
         late = [a for a in answers if a.code == grpc.StatusCode.DEADLINE_EXCEEDED]
@@ -347,7 +323,7 @@ async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_ever
 
         # The heartbeat finds the link dead; once it forwards again the broker reconnects.
         await service.health_becomes(NOT_SERVING, within=20)
-        proxy.restore()
+        rabbitmq_proxy.restore()
         await service.health_becomes(SERVING, within=30)
 
         # Each caller turned away retries with its request id and payload, once.
@@ -365,7 +341,7 @@ async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_ever
         ]
 
         await settle(service, upstreams, load, within=60)
-        await queues_empty_soon(direct(settings, node))
+        await queues_empty_soon(direct(settings, module_rabbitmq))
         assert await journal_request_ids(service.store) == set(load.request_ids)
 
     tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
@@ -374,7 +350,7 @@ async def test_a_connection_gone_half_open_with_publishes_in_flight_answers_ever
     assert ledger_request_ids(upstreams.order.ledger) <= set(load.request_ids)
     assert ledger_request_ids(upstreams.payment.ledger) <= set(load.request_ids)
     # Stopped: whatever was unacknowledged went back to its queue and would be counted.
-    assert await messages_left(direct(settings, node)) == []
+    assert await messages_left(direct(settings, module_rabbitmq)) == []
 
 
 # -- a memory alarm ------------------------------------------------------------------
@@ -440,9 +416,9 @@ PROBES = 5
 
 @pytest.mark.timeout(120)
 async def test_a_memory_alarm_turns_health_not_serving_fails_new_calls_fast_and_accepted_sagas_finish_after(  # noqa: E501
-    node: RabbitMQNode, proxy: TcpProxy, upstreams: Upstreams, tmp_path: Path
+    module_rabbitmq: RabbitMQNode, rabbitmq_proxy: TcpProxy, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    settings = broker_settings(node, proxy)
+    settings = broker_settings(module_rabbitmq, rabbitmq_proxy)
     probes = [f"probe-{uuid.uuid4().hex[:8]}-{i}" for i in range(PROBES)]
     async with booking_service(tmp_path, upstreams, settings) as service:
         assert await service.status() == SERVING
@@ -451,7 +427,7 @@ async def test_a_memory_alarm_turns_health_not_serving_fails_new_calls_fast_and_
         try:
             async with asyncio.timeout(20):
                 await paced.accepted_at_least(10)
-            async with memory_alarm(node):
+            async with memory_alarm(module_rabbitmq):
                 # RabbitMQ blocks the connection at its next publish: the load's first
                 # hops and the hops of the sagas in flight publish all the time.
                 await service.health_becomes(NOT_SERVING, within=5)
@@ -489,7 +465,7 @@ async def test_a_memory_alarm_turns_health_not_serving_fails_new_calls_fast_and_
         assert sum(paced.refusals.values()) > 0, "no booking was refused during the alarm"
         assert accepted_before_probes
         await settle(service, upstreams, load, within=60)
-        await queues_empty_soon(direct(settings, node))
+        await queues_empty_soon(direct(settings, module_rabbitmq))
         # The probes were refused before anything was recorded: no saga, and the journal
         # holds the load's sagas only.
         for request_id in probes:
@@ -502,4 +478,4 @@ async def test_a_memory_alarm_turns_health_not_serving_fails_new_calls_fast_and_
         assert orders.orders_of(request_id) == [] and payments.payments_of(request_id) == []
     assert ledger_request_ids(orders) <= set(load.request_ids)
     assert ledger_request_ids(payments) <= set(load.request_ids)
-    assert await messages_left(direct(settings, node)) == []
+    assert await messages_left(direct(settings, module_rabbitmq)) == []

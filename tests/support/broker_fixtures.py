@@ -17,6 +17,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import NoReturn
 
 import aio_pika
@@ -26,6 +27,7 @@ import pytest_asyncio
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings
 from tests.support.rabbitmq import RabbitMQNode
+from tests.support.tcp_proxy import TcpProxy
 
 _CONTAINER_IMAGE = os.environ.get("RABBITMQ_IMAGE", "rabbitmq:3.10")
 
@@ -106,6 +108,17 @@ def rabbitmq_url() -> Iterator[str]:
 @pytest.fixture
 def private_rabbitmq() -> Iterator[RabbitMQNode]:
     """A started RabbitMQ node of the test's own, which it may stop, kill or restart."""
+    yield from _started_node()
+
+
+@pytest.fixture(scope="module")
+def module_rabbitmq() -> Iterator[RabbitMQNode]:
+    """One private RabbitMQ node for the test module, which every test leaves running and
+    without alarm (break only your own connection to it: see `rabbitmq_proxy`)."""
+    yield from _started_node()
+
+
+def _started_node() -> Iterator[RabbitMQNode]:
     if not RabbitMQNode.available():
         skip_or_fail("private RabbitMQ node", ["no RabbitMQ install under /usr/lib/rabbitmq/bin"])
     node = RabbitMQNode()
@@ -114,6 +127,24 @@ def private_rabbitmq() -> Iterator[RabbitMQNode]:
         yield node
     finally:
         node.cleanup()
+
+
+@pytest_asyncio.fixture
+async def rabbitmq_proxy(module_rabbitmq: RabbitMQNode) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the module's node, stopped (every connection closed) after the
+    test: what a test breaks through it is its own connection."""
+    async with TcpProxy("127.0.0.1", module_rabbitmq.port) as running_proxy:
+        yield running_proxy
+
+
+@asynccontextmanager
+async def memory_alarm(node: RabbitMQNode) -> AsyncIterator[None]:
+    """The node's memory alarm, raised for the block and cleared after it, whatever happened."""
+    await node.aset_memory_alarm()
+    try:
+        yield
+    finally:
+        await node.aclear_memory_alarm()
 
 
 def make_settings(url: str, **overrides: object) -> BrokerSettings:
