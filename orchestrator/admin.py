@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Mapping
-from datetime import datetime
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from orchestrator.broker.base import (
     DEAD_LETTER_ID_HEADER,
@@ -37,7 +35,14 @@ from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.registry import Orchestrator
 from orchestrator.request_id import MAX_REQUEST_ID_LENGTH
 from orchestrator.service import GrpcService
-from orchestrator.status import resolve_facade, saga_state_to_proto, saga_to_proto
+from orchestrator.status import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    resolve_facade,
+    saga_state_to_proto,
+    saga_to_proto,
+    to_timestamp,
+)
 from orchestrator.store import (
     DeadLetterRecord,
     DeadLetterState,
@@ -189,7 +194,7 @@ class SagaAdminService(saga_pb2_grpc.SagaAdminServicer):
                 topic=request.topic,
                 facade=request.facade,
                 state=state,
-                page_size=min(request.page_size or 50, 500),
+                page_size=min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
                 page_token=request.page_token,
             )
         except ValueError as exc:
@@ -292,11 +297,11 @@ class SagaAdminService(saga_pb2_grpc.SagaAdminServicer):
             saga_state=saga_state,
             reason=letter.reason,
             delivery_count=letter.delivery_count,
-            dead_lettered_at=_timestamp(letter.dead_lettered_at),
+            dead_lettered_at=to_timestamp(letter.dead_lettered_at),
             body=letter.body,
             message_id=letter.message_id,
             state=_LETTER_STATES[letter.state],
-            settled_at=_timestamp(letter.settled_at) if letter.settled_at else None,
+            settled_at=to_timestamp(letter.settled_at) if letter.settled_at else None,
             settled_by=letter.settled_by,
             note=letter.note,
         )
@@ -333,12 +338,6 @@ async def _note(value: str, context: ServicerContext, *, required: bool, name: s
 async def _abort(context: ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def _replayed_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -63,6 +63,7 @@ __all__ = [
     "saga_to_proto",
     "step_state_from_proto",
     "step_state_to_proto",
+    "to_timestamp",
 ]
 
 SAGA_SERVICE_NAME = "orchestrator.v1.SagaService"
@@ -133,7 +134,7 @@ def step_state_from_proto(value: int) -> StepState:
         raise ValueError(f"not a step state: {value}") from None
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+def to_timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """`moment` as a Timestamp; a naive datetime is taken as UTC."""
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
@@ -146,12 +147,12 @@ def _step_to_proto(step: StepRecord) -> saga_pb2.Step:
         name=step.name,
         state=step_state_to_proto(step.state),
         attempts=step.attempts,
-        started_at=_timestamp(step.started_at),
+        started_at=to_timestamp(step.started_at),
         # Left unset while the step runs, so clients can tell "not yet" from a time.
-        finished_at=_timestamp(step.finished_at) if step.finished_at is not None else None,
+        finished_at=to_timestamp(step.finished_at) if step.finished_at is not None else None,
         error=step.error,
         compensation=_COMPENSATION_STATES[step.compensation],
-        compensated_at=_timestamp(step.compensated_at) if step.compensated_at else None,
+        compensated_at=to_timestamp(step.compensated_at) if step.compensated_at else None,
         compensation_error=step.compensation_error,
     )
 
@@ -162,7 +163,7 @@ def action_to_proto(action: ActionRecord) -> saga_pb2.OperatorAction:
         action=action.action,
         actor=action.actor,
         note=action.note,
-        at=_timestamp(action.at),
+        at=to_timestamp(action.at),
         dead_letter_id=action.dead_letter_id,
     )
 
@@ -179,9 +180,9 @@ def saga_to_proto(record: SagaRecord, actions: Sequence[ActionRecord] = ()) -> s
         steps=[_step_to_proto(step) for step in sorted(record.steps, key=lambda s: s.index)],
         error_code=record.error_code,
         error_reason=record.error_reason,
-        created_at=_timestamp(record.created_at),
-        updated_at=_timestamp(record.updated_at),
-        deadline_at=_timestamp(record.deadline_at) if record.deadline_at else None,
+        created_at=to_timestamp(record.created_at),
+        updated_at=to_timestamp(record.updated_at),
+        deadline_at=to_timestamp(record.deadline_at) if record.deadline_at else None,
     )
 
 
