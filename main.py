@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 import facade.async_booking
 import facade.sync_booking
+import facade.throttling_booking
 from handler import BookingHandler
 from node import Upstreams
 from orchestrator import (
@@ -159,6 +160,7 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
     )
     facade.sync_booking.register(orchestrator, upstreams)
     facade.async_booking.register(orchestrator, upstreams)
+    facade.throttling_booking.register(orchestrator, upstreams)
     booking_service = GrpcService(
         booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name,
         booking_pb2_grpc.add_BookingServiceServicer_to_server,
@@ -189,7 +191,14 @@ async def running_app(settings: AppSettings) -> AsyncIterator[BookingApp]:
 async def serve(settings: AppSettings) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
     settings, embedded = await start_embedded(settings)
-    app = build_app(settings, embedded)
+    try:
+        app = build_app(settings, embedded)
+    except ValueError as exc:
+        # A facade the configuration cannot apply to (`sagas.facades.<name>`), named.
+        print(f"configuration error: {exc}", file=sys.stderr)
+        for running in embedded:
+            await running.stop()
+        return 2
     log.info(
         "booking service starting",
         extra={

@@ -3,8 +3,9 @@
 Facades chain nodes. A sync facade runs its nodes in the caller's request,
 passing the protobuf request and response in a Context; an async facade
 publishes a JSON DTO from topic to topic through the broker and consumes it
-itself. A node that raises rolls the saga back through the facade's rollback
-topic.
+itself; a throttling facade does the same and answers its caller with the
+saga's outcome. A node that raises rolls the saga back through the facade's
+rollback topic.
 """
 
 from orchestrator.broker import (
@@ -58,6 +59,7 @@ from orchestrator.facade import (
     SyncCompensation,
     SyncFacade,
     SyncNode,
+    ThrottlingFacade,
 )
 from orchestrator.logs import configure_logging
 from orchestrator.metrics import Metrics
@@ -107,6 +109,7 @@ __all__ = [
     "SyncCompensation",
     "SyncFacade",
     "SyncNode",
+    "ThrottlingFacade",
     "TopicSettings",
     "TracingSettings",
     "Unavailable",

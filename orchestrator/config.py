@@ -43,6 +43,7 @@ __all__ = [
     "BrokerTlsSettings",
     "ClientCertificateSettings",
     "DeadLetterSettings",
+    "FacadeKindName",
     "FacadeSagaSettings",
     "GrpcSettings",
     "MetricsSettings",
@@ -115,6 +116,11 @@ class TopicSettings(StrictModel):
 
     concurrency: int = Field(ge=1, le=10_000)
     """Deliveries handled at once (the prefetch count on RabbitMQ)."""
+    max_length: int | None = Field(default=None, ge=1, le=100_000_000)
+    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, with the
+    `reject-publish` overflow): past it a publish is refused, and a call whose first hop it
+    is gets RESOURCE_EXHAUSTED with nothing started. Unset: no limit. RabbitMQ refuses to
+    declare an existing queue with another limit: see the README's admission control."""
 
 
 class BrokerTlsSettings(StrictModel):
@@ -197,6 +203,11 @@ class BrokerSettings(StrictModel):
         configured = self.topics.get(topic)
         return configured.concurrency if configured else self.default_concurrency
 
+    def max_length_of(self, topic: str) -> int | None:
+        """How many messages `topic`'s queue may hold waiting; None: no limit."""
+        configured = self.topics.get(topic)
+        return configured.max_length if configured else None
+
     def queue_name(self, topic: str) -> str:
         """The broker-side name of a topic."""
         return f"{self.topic_prefix}{topic}"
@@ -249,17 +260,30 @@ class StoreSettings(StrictModel):
         return redact_url(self.url.get_secret_value())
 
 
+FacadeKindName = Literal["sync", "async", "throttling", "inline"]
+"""How a facade's sagas run: in the caller's call (`sync`), hop by hop through the broker
+with the caller answered at once (`async`) or once the saga ended (`throttling`), or hop by
+hop in the caller's task without the broker (`inline`)."""
+
+
 class FacadeSagaSettings(StrictModel):
-    """One facade's saga deadlines, overriding the defaults of `sagas`."""
+    """One facade's settings, overriding the defaults of `sagas`."""
 
     deadline_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     """A saga of this facade still running this long after it began is rolled back."""
     compensation_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     """How long this facade's rollback may take before recovery runs it itself."""
+    run_as: FacadeKindName | None = None
+    """Run the facade as this kind instead of the one it was built as: an async facade as
+    `throttling` or `inline`, a throttling one as `inline`. Unset: as built."""
+    max_in_flight: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Calls of this facade in progress on this replica at most (0: no limit)."""
+    max_wait_seconds: float | None = Field(default=None, gt=0, le=86400)
+    """How long a throttling call of this facade waits for its saga's end at most."""
 
 
 class SagaSettings(StrictModel):
-    """How long sagas may take before recovery drives them to an end."""
+    """How long sagas may take, how many run at once, and how each facade runs."""
 
     deadline_seconds: float = Field(default=300.0, gt=0, le=30 * 86400)
     """A saga still running this long after it began (a lost or dead-lettered message, a
@@ -267,8 +291,17 @@ class SagaSettings(StrictModel):
     compensation_seconds: float = Field(default=120.0, gt=0, le=30 * 86400)
     """A saga still compensating this long (its rollback message lost or failing) has its
     compensation run by recovery; one that cannot succeed ends COMPENSATION_FAILED."""
+    max_in_flight: int = Field(default=0, ge=0, le=1_000_000)
+    """Calls of each sync, throttling or inline facade in progress on this replica at most;
+    past it a new call gets RESOURCE_EXHAUSTED at once (0: no limit)."""
+    max_wait_seconds: float = Field(default=180.0, gt=0, le=86400)
+    """How long a throttling call waits for its saga's end at most (the caller's deadline may
+    cut it shorter); then it gets DEADLINE_EXCEEDED and the saga goes on."""
+    retry_pushback_seconds: float = Field(default=1.0, ge=0, le=3600)
+    """How long a refused caller is asked to wait before trying again (the
+    `grpc-retry-pushback-ms` trailer of a RESOURCE_EXHAUSTED answer)."""
     facades: dict[str, FacadeSagaSettings] = Field(default_factory=dict)
-    """Per-facade deadlines by facade name; a facade named here must be registered."""
+    """Per-facade settings by facade name; a facade named here must be registered."""
 
     def deadlines_of(self, facade: str) -> tuple[float, float]:
         """`facade`'s (deadline_seconds, compensation_seconds)."""
@@ -277,6 +310,23 @@ class SagaSettings(StrictModel):
             own.deadline_seconds or self.deadline_seconds,
             own.compensation_seconds or self.compensation_seconds,
         )
+
+    def run_as_of(self, facade: str) -> FacadeKindName | None:
+        """The kind `facade` is configured to run as; None: as it was built."""
+        own = self.facades.get(facade)
+        return own.run_as if own is not None else None
+
+    def max_in_flight_of(self, facade: str) -> int:
+        """How many calls of `facade` may be in progress on this replica (0: no limit)."""
+        own = self.facades.get(facade)
+        if own is not None and own.max_in_flight is not None:
+            return own.max_in_flight
+        return self.max_in_flight
+
+    def max_wait_of(self, facade: str) -> float:
+        """How long a throttling call of `facade` waits for its saga's end at most."""
+        own = self.facades.get(facade)
+        return (own.max_wait_seconds if own is not None else None) or self.max_wait_seconds
 
 
 class DeadLetterSettings(StrictModel):
@@ -389,7 +439,7 @@ class Settings(StrictModel):
     store: StoreSettings = Field(default_factory=StoreSettings)
     """The saga store."""
     sagas: SagaSettings = Field(default_factory=SagaSettings)
-    """Saga deadlines."""
+    """Saga deadlines, admission control, and how each facade runs."""
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     """The dead-letter list operators act on."""
     access: AccessSettings = Field(default_factory=AccessSettings)

@@ -11,17 +11,21 @@ from typing import Any, TypeVar
 import grpc
 
 from orchestrator import tracing
-from orchestrator.errors import SagaError, SagaFailed, classify
+from orchestrator.errors import ResourceExhausted, SagaError, SagaFailed, classify
 from orchestrator.request_id import REQUEST_ID_HEADER, resolve_request_id
 from orchestrator.retry import caller_deadline
 
-__all__ = ["endpoint"]
+__all__ = ["RETRY_PUSHBACK_TRAILER", "endpoint"]
 
 log = logging.getLogger("orchestrator.endpoint")
 
 ServicerT = TypeVar("ServicerT")
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+
+RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+"""Trailer of a RESOURCE_EXHAUSTED answer: milliseconds to wait before retrying (gRPC's own
+retry policy honours it)."""
 
 EndpointMethod = Callable[
     [ServicerT, RequestT, grpc.aio.ServicerContext[Any, Any], str], Awaitable[ResponseT]
@@ -37,6 +41,8 @@ def endpoint(
     new UUID, which it returns as `x-request-id` response metadata), and turns every
     failure into a status that fits its cause, with the request id in the
     message: SagaFailed and SagaError keep their code, anything else is INTERNAL.
+    A call refused by admission (RESOURCE_EXHAUSTED) carries how long to wait
+    before retrying in the `grpc-retry-pushback-ms` trailer.
     The caller's gRPC deadline becomes the sync facades' budget (`caller_deadline`).
     With tracing on, a W3C `traceparent` in the caller's metadata becomes the
     parent of the saga's spans (`tracing.incoming`).
@@ -70,6 +76,13 @@ def endpoint(
             failure = classify(exc)
             if failure.bug:
                 log.exception("endpoint failed", extra={"request_id": request_id})
-            await context.abort(failure.code, f"{failure.reason} (request_id={request_id})")
+            trailers: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, ResourceExhausted):
+                trailers = ((RETRY_PUSHBACK_TRAILER, str(round(exc.retry_after * 1000))),)
+            await context.abort(
+                failure.code,
+                f"{failure.reason} (request_id={request_id})",
+                trailing_metadata=trailers,
+            )
 
     return wrapper

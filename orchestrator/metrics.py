@@ -135,6 +135,20 @@ class Metrics:
             "1 while the broker is reachable, else 0.",
             registry=r,
         )
+        self.calls_in_flight = Gauge(
+            "orchestrator_calls_in_flight",
+            "Calls of a facade admitted and not yet answered on this replica (sync runs, "
+            "throttling and inline callers waiting): what max_in_flight bounds.",
+            ["facade"],
+            registry=r,
+        )
+        self.calls_refused = Counter(
+            "orchestrator_calls_refused",
+            "Calls refused with RESOURCE_EXHAUSTED before anything started, by cause: "
+            "max_in_flight (this replica's limit) or queue_full (the first topic's length limit).",
+            ["facade", "cause"],
+            registry=r,
+        )
 
     def for_facade(self, facade: str, kind: str) -> FacadeMetrics:
         """The metrics of one facade, with its labels bound once."""
@@ -157,6 +171,7 @@ class FacadeMetrics:
         self.compensated = metrics.sagas_compensated.labels(facade, kind)
         self.compensation_failed = metrics.sagas_compensation_failed.labels(facade, kind)
         self.in_flight = metrics.sagas_in_flight.labels(facade, kind)
+        self.admitted = metrics.calls_in_flight.labels(facade)
         self._steps: dict[str, Any] = {}
 
     def failed(self, code: str) -> None:
@@ -174,6 +189,10 @@ class FacadeMetrics:
     def message_refused(self, topic: str, reason: str) -> None:
         """Count a message the journal did not let act."""
         self._metrics.messages_refused.labels(self._facade, topic, reason).inc()
+
+    def admission_refused(self, cause: str) -> None:
+        """Count a call refused before it started, for `cause`."""
+        self._metrics.calls_refused.labels(self._facade, cause).inc()
 
     def recovered(self, cause: str) -> None:
         """Count a stalled saga taken over by recovery."""

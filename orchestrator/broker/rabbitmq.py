@@ -77,6 +77,7 @@ from orchestrator.broker.base import (
     DeadLetterKeeper,
     Delivery,
     MessageHandler,
+    QueueFull,
     UnroutableError,
 )
 from orchestrator.config import BrokerSettings
@@ -197,7 +198,7 @@ class RabbitMQBroker(Broker):
                 # deletion must not register them twice.
                 robust = topic not in self._registered
                 queue = await channel.declare_queue(
-                    queue_name, durable=True, arguments=self._queue_arguments(), robust=robust
+                    queue_name, durable=True, arguments=self._queue_arguments(topic), robust=robust
                 )
                 await queue.bind(self._exchange_name, routing_key=queue_name)
                 dlq = await channel.declare_queue(
@@ -219,16 +220,21 @@ class RabbitMQBroker(Broker):
         """Every topic this broker has declared, e.g. to delete their queues after a test."""
         return frozenset(self._known_topics)
 
-    def _queue_arguments(self) -> dict[str, Any]:
-        return {
+    def _queue_arguments(self, topic: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
             "x-queue-type": "quorum",
             "x-delivery-limit": self._settings.delivery_limit,
             "x-dead-letter-exchange": self._dlx_name,
             # at-least-once dead-lettering silently degrades to at-most-once
-            # unless overflow is reject-publish.
+            # unless overflow is reject-publish; with a length limit, a publish
+            # to a full queue is nacked (QueueFull), never a message dropped.
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
+        max_length = self._settings.max_length_of(topic)
+        if max_length is not None:
+            arguments["x-max-length"] = max_length
+        return arguments
 
     # -- publishing --------------------------------------------------------
 
@@ -262,6 +268,13 @@ class RabbitMQBroker(Broker):
         repaired = self._repaired.get(topic, 0)
         try:
             await self._publish(exchange, routing_key, body, message_id, fields, timeout=timeout)
+        except _Nacked as exc:
+            # A quorum queue with reject-publish nacks a publish only when it is full.
+            if self._settings.max_length_of(topic) is not None:
+                raise QueueFull(
+                    f"topic {topic!r} is full (its max_length): message {message_id} refused"
+                ) from exc
+            raise
         except UnroutableError:
             if topic not in self._known_topics:
                 raise  # never declared: no queue is what the caller must hear about
@@ -321,7 +334,7 @@ class RabbitMQBroker(Broker):
                 f"no queue for routing key {routing_key!r} on exchange {exchange.name!r}"
             ) from exc
         except DeliveryError as exc:
-            raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
+            raise _Nacked(f"broker refused message {message_id}: {exc!r}") from exc
         except TimeoutError as exc:
             if self._blocked_reason is not None:
                 raise BrokerUnavailable(self._blocked_message(message_id)) from exc
@@ -364,7 +377,7 @@ class RabbitMQBroker(Broker):
                 # (unbound, a restored queue would receive nothing).
                 queue_name = self._settings.queue_name(topic)
                 queue = await channel.declare_queue(
-                    queue_name, durable=True, arguments=self._queue_arguments()
+                    queue_name, durable=True, arguments=self._queue_arguments(topic)
                 )
                 await queue.bind(self._exchange_name, routing_key=queue_name)
                 tag = await queue.consume(on_message)
@@ -876,6 +889,10 @@ class RabbitMQBroker(Broker):
             f"cannot publish message {message_id}: broker {self._settings.safe_url} "
             f"blocked publishing ({self._blocked_reason})"
         )
+
+
+class _Nacked(BrokerUnavailable):
+    """RabbitMQ nacked a publish (a full queue, when it has a length limit)."""
 
 
 _FlowControlListener = Callable[[str | None], None]

@@ -16,10 +16,26 @@ from main import running_app as run_booking_app
 from orchestrator import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from tests.support.broker_fixtures import delete_topology, make_settings
-from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
+from topic import (
+    CANCEL_ASYNC_BOOKING,
+    CANCEL_SYNC_BOOKING,
+    CANCEL_THROTTLING_BOOKING,
+    CREATE_ORDER,
+    CREATE_PAYMENT,
+    THROTTLING_CREATE_ORDER,
+    THROTTLING_CREATE_PAYMENT,
+)
 from upstream.server import RunningUpstream, serve_upstream
 
-BOOKING_TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
+BOOKING_TOPICS = (
+    CREATE_ORDER,
+    CREATE_PAYMENT,
+    CANCEL_ASYNC_BOOKING,
+    CANCEL_SYNC_BOOKING,
+    THROTTLING_CREATE_ORDER,
+    THROTTLING_CREATE_PAYMENT,
+    CANCEL_THROTTLING_BOOKING,
+)
 """Every topic the booking service consumes."""
 LEDGER_WRITES = {
     "order": ("create_order", "cancel_order_by_key", "cancel_orders_of", "cancel_order"),
