@@ -255,8 +255,10 @@ async def test_a_store_without_announcements_leaves_watchers_polling(postgres_ur
         await store.close()
 
 
-async def test_sqlite_stores_announce_nothing(tmp_path: Path) -> None:
-    sqlite = SqlSagaStore(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}")
+async def test_a_sqlite_store_without_announcements_leaves_watchers_polling(
+    tmp_path: Path,
+) -> None:
+    sqlite = SqlSagaStore(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}", announce_changes=False)
     await sqlite.start()
     try:
         assert sqlite.change_feed is None

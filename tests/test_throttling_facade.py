@@ -23,6 +23,7 @@ from orchestrator.registry import Orchestrator
 from orchestrator.retry import caller_deadline
 from orchestrator.store import SagaState, StepEnded
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
+from tests.support.databases import StoreOpener
 from tests.support.fake_store import FakeSagaStore
 
 BOUND = 5.0
@@ -378,3 +379,33 @@ def test_an_async_facade_cannot_be_given_a_max_in_flight(broker: InMemoryBroker)
 
     with pytest.raises(ValueError, match="max_length"):
         orchestrator.register_async_facade("Booking", async_flow(Saga()))
+
+
+async def test_a_caller_on_one_replica_wakes_at_once_when_another_replica_ends_its_saga(
+    broker: InMemoryBroker, open_store: StoreOpener
+) -> None:
+    here, there = await open_store(), await open_store()
+    orchestrator = Orchestrator(broker, store=here, heartbeat_seconds=60)
+    saga = Saga()
+    saga.payment_gate = asyncio.Event()
+    try:
+        flow = await started(orchestrator, saga)
+        waiting = asyncio.create_task(booked(flow, "r1"))
+        await saga.held_at_payment("r1")
+        await asyncio.sleep(0.1)  # the caller waits: its last read is behind it
+        loop = asyncio.get_running_loop()
+
+        # The other replica ends the saga: its store's write, not this replica's engine.
+        body = OrderDTO(request_id="r1", product_id=1, order_id=10, payment_id=77)
+        assert await there.apply(
+            "Booking", "r1", StepEnded(1, body.model_dump_json(), complete=True)
+        )
+        written = loop.time()
+        answer = await waiting
+
+        assert answer.payment_id == 77
+        # Heard through the store's change feed: a poll would take up to a second here.
+        assert loop.time() - written < 0.5
+    finally:
+        saga.payment_gate.set()
+        await orchestrator.close()

@@ -18,7 +18,8 @@ regrouped.
   (`_postgres`). Each transaction that changed sagas also NOTIFYs their keys,
   and each store LISTENs on a connection of its own (`_listen`): replicas
   sharing the database hear of each other's writes as they commit
-  (`subscribe_changes`, `announces_changes`).
+  (`subscribe_changes`, `announces_changes`). On SQLite the processes writing
+  the file tell each other with Unix datagrams instead (`_host_feed`).
 
 Operators' writes (`act`, keeping and settling dead letters) go through the
 same writer, so on SQLite too one connection writes: rare, they are ops of
@@ -54,7 +55,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -82,6 +83,7 @@ from orchestrator.store.records import (
     SagaState,
     Stalled,
 )
+from orchestrator.store.sql._host_feed import HostChangeFeed
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._migrate import upgrade as upgrade_schema
 from orchestrator.store.sql._operator import (
@@ -230,8 +232,9 @@ class SqlSagaStore(SagaStore):
         """`max_batch` caps the writes per transaction (1 turns group commit off);
         `commit_interval` paces commits, at most one per so many seconds (None: the
         backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL).
-        `announce_changes` (PostgreSQL only): NOTIFY every saga write and LISTEN for
-        every replica's; off, this store neither announces nor hears."""
+        `announce_changes`: announce every saga write and hear every replica's (NOTIFY
+        and LISTEN on PostgreSQL, datagrams on SQLite); off, this store neither
+        announces nor hears."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if commit_interval is not None and commit_interval < 0:
@@ -268,12 +271,15 @@ class SqlSagaStore(SagaStore):
         self._actions_query = actions_query()
         self._letter_query = letters_query(dead_letters.c.id == bindparam("b_id"))
         self._announce = announce_changes and not self._sqlite
-        self.change_feed: PgChangeFeed | None = (
-            PgChangeFeed(self._url.set(drivername="postgresql").render_as_string(False))
-            if self._announce
-            else None
-        )
-        """The LISTENing side of the change feed, on PostgreSQL (None on SQLite)."""
+        self.change_feed: PgChangeFeed | HostChangeFeed | None = None
+        """The change feed: LISTEN/NOTIFY on PostgreSQL, the processes on the file telling
+        each other on SQLite; None with `announce_changes` off."""
+        if announce_changes:
+            self.change_feed = (
+                HostChangeFeed(self._url.database or "")
+                if self._sqlite
+                else PgChangeFeed(self._url.set(drivername="postgresql").render_as_string(False))
+            )
 
     @property
     def url(self) -> str:
@@ -300,6 +306,8 @@ class SqlSagaStore(SagaStore):
             writer.on_written = self._written
             await writer.open()
             self._sqlite_writer = writer
+            if self.change_feed is not None:
+                self.change_feed.start()
             return
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
         self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
@@ -308,15 +316,15 @@ class SqlSagaStore(SagaStore):
 
     @property
     def announces_changes(self) -> bool:
-        """True while this store LISTENs: every replica's committed writes reach the
-        subscribers at once (PostgreSQL only)."""
+        """True while the change feed is live: every replica's committed writes reach the
+        subscribers at once (on SQLite: every process's on this host)."""
         return self.change_feed is not None and self.change_feed.live
 
     def subscribe_changes(
         self, changed: ChangeListener, gap: GapListener | None = None
     ) -> Callable[[], None]:
-        """On PostgreSQL, hear of every replica's committed saga writes (see
-        `SagaStore.subscribe_changes`); on SQLite, nothing is ever called."""
+        """Hear of every replica's committed saga writes (see `SagaStore.subscribe_changes`);
+        with `announce_changes` off, nothing is ever called."""
         if self.change_feed is None:
             return super().subscribe_changes(changed, gap)
         return self.change_feed.subscribe(changed, gap)
@@ -343,7 +351,7 @@ class SqlSagaStore(SagaStore):
 
     async def close(self) -> None:
         """Apply every queued write, stop the writer and the listener, and disconnect."""
-        if self.change_feed is not None:
+        if isinstance(self.change_feed, PgChangeFeed):
             await self.change_feed.close()
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -354,6 +362,8 @@ class SqlSagaStore(SagaStore):
         if sqlite_writer is not None:
             self._closing = True
             await sqlite_writer.close()
+        if isinstance(self.change_feed, HostChangeFeed):
+            self.change_feed.close()
         await self._engine.dispose()
 
     # --- writes, through the writer ---
@@ -376,6 +386,8 @@ class SqlSagaStore(SagaStore):
         self.stats.largest_batch = max(self.stats.largest_batch, len(written.outcomes))
         for op, outcome in written.outcomes:
             _resolve(op, outcome)
+        if isinstance(self.change_feed, HostChangeFeed):
+            self.change_feed.announce(_changed_sagas(written.outcomes))
 
     def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -640,6 +652,17 @@ class SqlSagaStore(SagaStore):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _changed_sagas(outcomes: Sequence[tuple[Op, object]]) -> Iterator[tuple[str, str]]:
+    """The sagas a SQLite batch changed: begun, moved, acted on, or claimed."""
+    for op, outcome in outcomes:
+        if isinstance(op, BeginOp) and outcome is True:
+            yield op.saga.facade, op.saga.request_id
+        elif isinstance(op, ApplyOp | ActOp) and outcome is True:
+            yield op.facade, op.request_id
+        elif isinstance(op, ClaimOp) and isinstance(outcome, list):
+            yield from (key for key, _expired in outcome)
 
 
 def _resolve(op: Op, outcome: object) -> None:
