@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aio_pika
 import grpc
 import uvloop
 import yaml
@@ -60,6 +59,7 @@ import topic as booking_topics  # noqa: E402
 from bench.baseline_async import topology as baseline_topology  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_DIR,
+    DEFAULT_RABBITMQ_URL,
     HOST,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
@@ -67,8 +67,14 @@ from bench.common import (  # noqa: E402
     Process,
     Target,
     add_store_option,
+    add_workers_option,
+    booking_stubs,
+    channel_count,
+    check_broker,
     child_environment,
+    delete_topology,
     framework_config,
+    framework_topology,
     free_ports,
     mean,
     noisy_note,
@@ -76,12 +82,13 @@ from bench.common import (  # noqa: E402
     start_process,
     stop_processes,
     terminate,
+    wait_listening,
     wait_serving,
 )
 from orchestrator.config import redact_url  # noqa: E402
-from pb import booking_pb2, booking_pb2_grpc  # noqa: E402
+from orchestrator.workers import worker_count  # noqa: E402
+from pb import booking_pb2  # noqa: E402
 
-DEFAULT_RABBITMQ_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 LOCAL_CONFIG: Final = ROOT / "deployment" / "local" / "app.yaml"
 """Its broker section (concurrency per topic, delivery limit...) is the one the framework runs."""
 CALL_TIMEOUT_SECONDS: Final = 10.0
@@ -199,20 +206,21 @@ async def load(
     *,
     run_id: str,
     concurrency: int,
+    channels: int,
     warmup: float,
     completion_timeout: float,
 ) -> None:
-    """Run `concurrency` submit-and-wait loops on one channel for `warmup` + the window."""
+    """Run `concurrency` submit-and-wait loops over `channels` channels (connections) for
+    `warmup` + the window."""
     request = booking_pb2.BookingRequest(ProductID=1)
     clock = time.monotonic  # CLOCK_MONOTONIC, the probe's clock
     unexpected_before = feed.unexpected
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = booking_pb2_grpc.BookingServiceStub(channel)
-        await channel.channel_ready()
+    async with booking_stubs(address, channels) as stubs:
         window_start = clock() + warmup
         window_end = window_start + result.seconds
 
         async def caller(worker: int) -> None:
+            stub = stubs[worker % len(stubs)]
             call = 0
             while (started := clock()) < window_end:
                 request_id = f"{run_id}-{worker}-{call}"
@@ -258,6 +266,9 @@ async def bench(
     await asyncio.gather(
         *(wait_serving(process, addresses[name]) for name, process in processes.items())
     )
+    for target in TARGETS:  # every worker (or copy) of each is bound
+        port = int(addresses[target].rsplit(":", 1)[1])
+        await wait_listening(processes[target], port, args.workers)
     probe_stdout = processes["payment"].popen.stdout
     if probe_stdout is None:
         raise RuntimeError("the payment probe has no stdout pipe")
@@ -281,6 +292,7 @@ async def bench(
                     feed,
                     run_id=f"{invocation}{target[0]}{pair}",
                     concurrency=args.concurrency,
+                    channels=channel_count(args.workers),
                     warmup=args.warmup,
                     completion_timeout=args.completion_timeout,
                 )
@@ -364,40 +376,6 @@ def summarize(results: Sequence[RunResult], leftovers: dict[str, int]) -> int:
     return status
 
 
-def framework_topology(prefix: str) -> tuple[list[str], list[str]]:
-    """The queues and exchanges the framework declares under `prefix` (broker/rabbitmq.py)."""
-    topics = sorted(
-        value
-        for name, value in vars(booking_topics).items()
-        if name.isupper() and isinstance(value, str)
-    )
-    queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
-    return queues, [f"{prefix}orchestrator", f"{prefix}orchestrator.dlx"]
-
-
-async def delete_topology(
-    url: str, queues: Sequence[str], exchanges: Sequence[str]
-) -> dict[str, int]:
-    """Delete the queues (missing ones are fine) and exchanges; return queues that held messages."""
-    leftovers: dict[str, int] = {}
-    connection = await aio_pika.connect(url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for queue in queues:
-            deleted = await channel.queue_delete(queue, timeout=10)
-            if deleted.message_count:
-                leftovers[queue] = deleted.message_count
-        for exchange in exchanges:
-            await channel.exchange_delete(exchange, timeout=10)
-    return leftovers
-
-
-async def check_broker(url: str) -> None:
-    """Connect once, so an unreachable RabbitMQ fails the bench before anything starts."""
-    connection = await aio_pika.connect(url, timeout=10)
-    await connection.close()
-
-
 def find_broker_pid(url: str) -> int | None:
     """The pid of the local process listening on `url`'s port, so its CPU can be counted."""
     parts = urlsplit(url)
@@ -444,6 +422,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleAsyncBooking sagas/s: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_workers_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight (callers)")
@@ -472,6 +451,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         or args.completion_timeout <= 0
     ):
         parser.error("--seconds, --concurrency, --pairs and --completion-timeout must be positive")
+    if args.workers < 0:
+        parser.error("--workers must not be negative")
+    if args.workers != 1 and args.profile is not None:
+        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
+    args.workers = worker_count(args.workers)
+    if args.workers > 1 and args.store in ("memory", "none"):
+        args.store = "sqlite"  # workers share one store: a journal in memory is each one's
     return args
 
 
@@ -497,7 +483,7 @@ def start_servers(
         broker=broker,
         store=args.store,
     )
-    framework_argv = [python, "main.py"]
+    framework_argv = [python, "main.py", "--workers", str(args.workers)]
     if args.profile is not None:
         framework_argv = [python, str(BENCH_DIR / "profile_orchestrator.py"), str(args.profile)]
     env = child_environment()
@@ -538,6 +524,7 @@ def start_servers(
         "--order-prefetch": str(concurrency_of(broker, booking_topics.CREATE_ORDER)),
         "--payment-prefetch": str(concurrency_of(broker, booking_topics.CREATE_PAYMENT)),
         "--delivery-limit": str(broker.get("delivery_limit", 5)),
+        "--processes": str(args.workers),
     }
     processes["baseline"] = start_process(
         "baseline",
@@ -603,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"concurrency={args.concurrency} seconds={args.seconds:g} warmup={args.warmup:g}"
             f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}"
+            f" workers={args.workers} channels={channel_count(args.workers)} store={args.store}"
             f" broker={'pid ' + str(broker_pid) if broker_pid else 'not local (cpu not counted)'}"
             f" prefixes={','.join(prefixes)}",
             flush=True,

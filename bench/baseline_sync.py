@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench.common import (  # noqa: E402
+    add_processes_options,
+    copies_argv,
+    start_copies,
+    stop_copies,
+)
 from pb import (  # noqa: E402
     booking_pb2,
     booking_pb2_grpc,
@@ -106,7 +112,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM."""
     order_channel = grpc.aio.insecure_channel(args.order)
     payment_channel = grpc.aio.insecure_channel(args.payment)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
     booking_pb2_grpc.add_BookingServiceServicer_to_server(
         BaselineBooking(
             order_pb2_grpc.OrderServiceStub(order_channel),
@@ -142,7 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--order", required=True, help="host:port of the OrderService")
     parser.add_argument("--payment", required=True, help="host:port of the PaymentService")
     parser.add_argument("--timeout-seconds", type=float, default=3.0)
-    return uvloop.run(serve(parser.parse_args(argv)))
+    add_processes_options(parser)
+    args = parser.parse_args(argv)
+    # More processes share the port (SO_REUSEPORT), as the framework's workers do.
+    copies = start_copies(args.processes - 1, copies_argv(sys.argv[1:] if argv is None else argv))
+    if copies:
+        args.reuse_port = True
+    try:
+        return uvloop.run(serve(args))
+    finally:
+        stop_copies(copies)
 
 
 if __name__ == "__main__":

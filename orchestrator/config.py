@@ -448,6 +448,32 @@ class Settings(StrictModel):
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object a line, for log collectors; `text` for people."""
+    workers: int = Field(default=1, ge=0, le=1024)
+    """Orchestrator processes sharing the gRPC port, each with its own event loop and broker
+    connection, under a supervisor that restarts one that dies; 0: one per core. More than one
+    needs a broker and a store they share (RabbitMQ; SQLite or PostgreSQL) and a fixed
+    `grpc.port`. Env: `ORCH_WORKERS`; `--workers N` on the command line."""
+
+    @model_validator(mode="after")
+    def _workers_share_what_they_need(self) -> Settings:
+        if self.workers == 1:
+            return self
+        what = "one per core" if self.workers == 0 else f"{self.workers}"
+        if self.broker.scheme == "memory":
+            raise ValueError(
+                f"workers: {what} cannot share broker.url memory:// (each process would have "
+                "a broker of its own): use amqp:// or amqps://"
+            )
+        if self.store.url.get_secret_value() in ("", "memory://"):
+            raise ValueError(
+                f"workers: {what} cannot share a store in memory (each process would have its "
+                "own): set store.url to sqlite+aiosqlite:///... or postgresql+asyncpg://..."
+            )
+        if self.grpc.port == 0:
+            raise ValueError(
+                f"workers: {what} need a fixed grpc.port to share (0 would give each its own)"
+            )
+        return self
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
@@ -497,6 +523,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
     "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
     "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
+    "ORCH_WORKERS": "Overrides `workers` (`--workers N` overrides both).",
     "ORCH_GRPC_TLS_CERT": "Sets `grpc.tls.cert_file`.",
     "ORCH_GRPC_TLS_KEY": "Sets `grpc.tls.key_file`.",
     "ORCH_GRPC_TLS_CLIENT_CA": "Sets `grpc.tls.client_ca_file` (mutual TLS).",
@@ -600,6 +627,8 @@ def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault("store", {})["url"] = store_url
     if port := env.get("ORCH_METRICS_PORT"):
         raw.setdefault("metrics", {}).update(enabled=True, port=port)
+    if workers := env.get("ORCH_WORKERS"):
+        raw["workers"] = workers
     for variable, (section, sub, key) in _FILE_VARIABLES.items():
         if value := env.get(variable):
             parent = raw.setdefault(section, {})
@@ -626,5 +655,5 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        problems.append(f"{key}: {message}")
+        problems.append(f"{key}: {message}" if key else message)
     return "; ".join(problems)

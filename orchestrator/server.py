@@ -27,6 +27,7 @@ from orchestrator.registry import Orchestrator
 from orchestrator.service import GrpcService
 from orchestrator.status import SagaStatusService, saga_grpc_service
 from orchestrator.tls import server_credentials
+from orchestrator.workers import current_worker
 
 __all__ = ["ADMISSION_SERVICE", "LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
@@ -65,17 +66,21 @@ class OrchestratorServer:
         self.orchestrator = orchestrator
         self.settings = settings
         self._access = AccessPolicy(access or AccessSettings())
+        worker = current_worker()
+        # A supervised worker shares the port with the others, and its supervisor serves
+        # every worker's metrics (see orchestrator.workers).
         self._metrics_server = (
             MetricsServer(orchestrator.metrics, metrics.host, metrics.port)
-            if metrics is not None and metrics.enabled
+            if metrics is not None and metrics.enabled and worker is None
             else None
         )
         self._services = list(services)
-        # Without this, a second server could bind the same port and silently share its traffic.
+        # Without this, a second server could bind the same port and silently share its
+        # traffic; workers of one supervisor share it on purpose.
         # Open access needs no interceptor (every call runs as ANONYMOUS without one), and
         # none keeps the application's calls on grpc's direct path.
         self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0 if worker is None else 1)],
             interceptors=[AccessInterceptor(self._access)] if self._access.enforced else [],
         )
         self._health = health_aio.HealthServicer()

@@ -9,7 +9,7 @@ reflection are not counted), and keeps the peak. Tests read it from
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -17,8 +17,11 @@ __all__ = ["CallGauge"]
 
 _COUNTED_PREFIX = "/pb."
 
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
-class CallGauge(grpc.aio.ServerInterceptor):
+
+class CallGauge(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Counts the service's calls in progress, and the most there ever were at once."""
 
     def __init__(self) -> None:
@@ -36,9 +39,9 @@ class CallGauge(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         """The method's handler, counted while it runs when it is one of the service's own."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
@@ -46,7 +49,7 @@ class CallGauge(grpc.aio.ServerInterceptor):
             return handler
         behaviour = handler.unary_unary
 
-        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def counted(request: Any, context: Any) -> Any:
             self.in_progress += 1
             self.peak = max(self.peak, self.in_progress)
             try:

@@ -313,13 +313,19 @@ class SagaRuntime:
     async def position(self, request_id: str) -> Position | None:
         """Where the saga stands: as this replica last wrote it if that is recent (see
         `_positions`), else as the store says."""
-        now = self._clock()
-        known = self._positions.get(request_id, now)
+        known = self._positions.get(request_id, self._clock())
         if known is not None:
             return known
+        return await self.stored_position(request_id)
+
+    async def stored_position(self, request_id: str) -> Position | None:
+        """Where the saga stands as the store says (another replica may have moved it past
+        what this replica last wrote of it)."""
         position = await self.store.position(self.name, request_id)
         if position is not None:
-            self._positions.put(request_id, position, now)
+            self._positions.put(request_id, position, self._clock())
+        else:
+            self._positions.forget(request_id)
         return position
 
     async def apply(

@@ -293,10 +293,16 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         runtime = self.runtime
         request_id = dto.request_id
         saga = await runtime.position(request_id)
+        verdict, reason = _verdict(saga, step.index, delivery)
+        if saga is not None and verdict in (_Verdict.DEAD_LETTER, _Verdict.DROP):
+            # What this replica last wrote may be behind the store: another replica may have
+            # moved the saga on to this very hop since. Only the store refuses a message.
+            saga = await runtime.stored_position(request_id)
+            verdict, reason = _verdict(saga, step.index, delivery)
         if saga is None and step.index == 0:
             # A first hop is published before its saga's begin: give the begin time to land.
             saga = await runtime.recorded(request_id, FIRST_HOP_GRACE_SECONDS)
-        verdict, reason = _verdict(saga, step.index, delivery)
+            verdict, reason = _verdict(saga, step.index, delivery)
         if verdict is _Verdict.DEAD_LETTER:
             runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"{reason} ({runtime.name}/{request_id}, step {step.name})")
