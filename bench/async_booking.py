@@ -26,7 +26,9 @@ sagas that never completed are flagged loudly and make the exit status 1. The
 queues and exchanges of both prefixes are deleted at the end, whatever happens.
 
     .venv/bin/python bench/async_booking.py [--seconds 8] [--concurrency 64]
-        [--upstream-latency-ms 0] [--profile FILE]
+        [--upstream-latency-ms 0] [--workers 1] [--profile FILE]
+
+``--workers N``: as for sync_booking.py (bench/README.md, Workers).
 """
 
 from __future__ import annotations

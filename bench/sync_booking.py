@@ -14,7 +14,11 @@ means over alternated runs cancels the drift of a shared machine. A run with
 failed calls says so loudly and the exit status is 1.
 
     .venv/bin/python bench/sync_booking.py [--seconds 10] [--concurrency 64]
-        [--upstream-latency-ms 0] [--profile FILE]
+        [--upstream-latency-ms 0] [--workers 1] [--profile FILE]
+
+``--workers N`` runs the framework as ``main.py --workers N`` and the baseline as
+N copies on its port, and spreads the load over several connections (see
+bench/README.md, Workers).
 
 ``--profile FILE`` runs the orchestrator under cProfile (bench/profile_orchestrator.py)
 and writes its stats to FILE (and a readable summary to FILE.txt); profiling
