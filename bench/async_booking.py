@@ -78,9 +78,11 @@ from bench.common import (  # noqa: E402
     framework_config,
     framework_topology,
     free_ports,
+    listening_sockets,
     mean,
     noisy_note,
     percentile,
+    resolve_workers,
     start_process,
     stop_processes,
     terminate,
@@ -88,7 +90,6 @@ from bench.common import (  # noqa: E402
     wait_serving,
 )
 from orchestrator.config import redact_url  # noqa: E402
-from orchestrator.workers import worker_count  # noqa: E402
 from pb import booking_pb2  # noqa: E402
 
 LOCAL_CONFIG: Final = ROOT / "deployment" / "local" / "app.yaml"
@@ -384,17 +385,7 @@ def find_broker_pid(url: str) -> int | None:
     if parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
         return None
     port = parts.port or 5672
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            # local_address is HEXIP:HEXPORT, st 0A is LISTEN, field 9 the socket's inode.
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(f"socket:[{fields[9]}]")
+    inodes = {f"socket:[{inode}]" for inode in listening_sockets(port)}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -453,13 +444,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         or args.completion_timeout <= 0
     ):
         parser.error("--seconds, --concurrency, --pairs and --completion-timeout must be positive")
-    if args.workers < 0:
-        parser.error("--workers must not be negative")
-    if args.workers != 1 and args.profile is not None:
-        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
-    args.workers = worker_count(args.workers)
-    if args.workers > 1 and args.store in ("memory", "none"):
-        args.store = "sqlite"  # workers share one store: a journal in memory is each one's
+    resolve_workers(parser, args)
     return args
 
 

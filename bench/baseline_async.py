@@ -44,12 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402
-    add_processes_options,
-    copies_argv,
-    start_copies,
-    stop_copies,
-)
+from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
     booking_pb2_grpc,
@@ -282,14 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     add_processes_options(parser)
     args = parser.parse_args(argv)
-    # More processes share the port (SO_REUSEPORT), as the framework's workers do.
-    copies = start_copies(args.processes - 1, copies_argv(sys.argv[1:] if argv is None else argv))
-    if copies:
-        args.reuse_port = True
-    try:
-        return uvloop.run(serve(args))
-    finally:
-        stop_copies(copies)
+    return as_processes(args, argv, lambda: uvloop.run(serve(args)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,6 +27,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import topic as booking_topics
+from orchestrator.workers import worker_count
 from pb import booking_pb2_grpc
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -227,6 +228,32 @@ def stop_copies(copies: Sequence[subprocess.Popen[bytes]]) -> None:
             copy.wait()
 
 
+def as_processes(
+    args: argparse.Namespace, argv: Sequence[str] | None, serve: Callable[[], int]
+) -> int:
+    """Run `serve()` here and in `args.processes - 1` copies of this script, all sharing the
+    port (SO_REUSEPORT), as the framework's workers do; stop the copies after."""
+    copies = start_copies(args.processes - 1, copies_argv(sys.argv[1:] if argv is None else argv))
+    if copies:
+        args.reuse_port = True
+    try:
+        return serve()
+    finally:
+        stop_copies(copies)
+
+
+def resolve_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check `--workers` against the other options and resolve it (0: one per core); workers
+    share one store, so a journal in memory becomes a SQLite file."""
+    if args.workers < 0:
+        parser.error("--workers must not be negative")
+    if args.workers != 1 and args.profile is not None:
+        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
+    args.workers = worker_count(args.workers)
+    if args.workers > 1 and args.store in ("memory", "none"):
+        args.store = "sqlite"
+
+
 def add_processes_options(parser: argparse.ArgumentParser) -> None:
     """A baseline's `--processes N` (copies of it sharing the port) and `--reuse-port`."""
     parser.add_argument("--processes", type=int, default=1, help="copies sharing the port")
@@ -413,25 +440,30 @@ async def wait_serving(process: Process, target: str) -> None:
             await asyncio.sleep(0.1)
 
 
-def listeners(port: int) -> int:
-    """Sockets listening on TCP `port` (IPv4 and IPv6), from /proc: one per process that
-    shares it with SO_REUSEPORT."""
-    found = 0
+def listening_sockets(port: int) -> list[str]:
+    """The inodes of the sockets listening on TCP `port` (IPv4 and IPv6), from /proc: one per
+    process that shares it with SO_REUSEPORT."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            lines = Path(table).read_text().splitlines()[1:]
+            rows = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            # local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT, st 0A is LISTEN, field 9 the socket's inode.
             if (
-                len(fields) > 3
+                len(fields) > 9
                 and fields[3] == "0A"
                 and int(fields[1].rsplit(":", 1)[1], 16) == port
             ):
-                found += 1
+                found.append(fields[9])
     return found
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on TCP `port`."""
+    return len(listening_sockets(port))
 
 
 async def wait_listening(process: Process, port: int, count: int) -> None:

@@ -71,6 +71,7 @@ from bench.common import (  # noqa: E402
     mean,
     noisy_note,
     percentile,
+    resolve_workers,
     start_process,
     stop_processes,
     terminate,
@@ -78,7 +79,6 @@ from bench.common import (  # noqa: E402
     wait_serving,
 )
 from orchestrator.config import redact_url  # noqa: E402
-from orchestrator.workers import worker_count  # noqa: E402
 from pb import booking_pb2  # noqa: E402
 
 CALL_TIMEOUT_SECONDS: Final = 10.0
@@ -271,13 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1 or args.pairs < 1:
         parser.error("--seconds and --concurrency and --pairs must be positive")
-    if args.workers < 0:
-        parser.error("--workers must not be negative")
-    if args.workers != 1 and args.profile is not None:
-        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
-    args.workers = worker_count(args.workers)
-    if args.workers > 1 and args.store in ("memory", "none"):
-        args.store = "sqlite"  # workers share one store: a journal in memory is each one's
+    resolve_workers(parser, args)
     return args
 
 

@@ -28,12 +28,11 @@ from orchestrator.config import BrokerSettings, SagaSettings
 from orchestrator.endpoint import RETRY_PUSHBACK_TRAILER
 from orchestrator.server import ADMISSION_SERVICE
 from orchestrator.store import SagaState
-from pb import booking_pb2, booking_pb2_grpc, order_pb2_grpc, payment_pb2_grpc
-from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams, app_settings
+from pb import booking_pb2, booking_pb2_grpc
+from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams, app_settings, running_upstreams
 from tests.support.broker_fixtures import delete_topology, make_settings
 from tests.support.processes import free_port, start_main, wait_for_serving
 from topic import CANCEL_THROTTLING_BOOKING, THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT
-from upstream.server import serve_upstream
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -107,27 +106,6 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def upstreams_taking(latency_ms: float) -> AsyncIterator[Upstreams]:
-    """Order and Payment services that take `latency_ms` a call, so that calls overlap."""
-    order = await serve_upstream("order", port=0, latency_ms=latency_ms)
-    payment = await serve_upstream("payment", port=0, latency_ms=latency_ms)
-    async with (
-        grpc.aio.insecure_channel(order.target) as order_channel,
-        grpc.aio.insecure_channel(payment.target) as payment_channel,
-    ):
-        try:
-            yield Upstreams(
-                order,
-                payment,
-                order_pb2_grpc.OrderServiceStub(order_channel),
-                payment_pb2_grpc.PaymentServiceStub(payment_channel),
-            )
-        finally:
-            await order.stop(None)
-            await payment.stop(None)
-
-
-@contextlib.asynccontextmanager
 async def serving(
     rabbitmq_url: str,
     *,
@@ -137,7 +115,7 @@ async def serving(
 ) -> AsyncIterator[Service]:
     """The booking service on this test's topics of the shared RabbitMQ, deleted after."""
     broker = make_settings(rabbitmq_url, topics=topics)
-    async with upstreams_taking(latency_ms) as upstreams:
+    async with running_upstreams(latency_ms=latency_ms) as upstreams:
         settings = app_settings(upstreams, broker).model_copy(
             update={
                 "sagas": SagaSettings.model_validate(
@@ -289,7 +267,7 @@ async def test_a_replica_killed_while_its_caller_waits_the_retry_on_another_gets
 ) -> None:
     broker = make_settings(rabbitmq_url)
     # The payment takes 3 s: the replica that accepted the call dies while it is under way.
-    async with upstreams_taking(0) as fast, upstreams_taking(3000) as slow:
+    async with running_upstreams() as fast, running_upstreams(latency_ms=3000) as slow:
         upstreams = Upstreams(fast.order, slow.payment, fast.order_stub, slow.payment_stub)
         (config_a, target_a), (config_b, target_b) = (
             replica_config(tmp_path / name, upstreams, broker, postgres_url) for name in "ab"

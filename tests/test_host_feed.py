@@ -9,32 +9,18 @@ import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from orchestrator.store import NewSaga, StepRestarted
+from orchestrator.store import StepRestarted
 from orchestrator.store.sql import SqlSagaStore
 from orchestrator.store.sql._host_feed import HostChangeFeed, feed_directory
 from tests.support.processes import ROOT
+from tests.support.store_backends import FACADE, new_saga
 
-FACADE = "booking"
 BOUND = 10.0
 """Seconds any single wait in these tests may take before it fails."""
-
-
-def new_saga(request_id: str) -> NewSaga:
-    return NewSaga(
-        facade=FACADE,
-        request_id=request_id,
-        kind="async",
-        payload="{}",
-        payload_hash="h",
-        owner="replica",
-        first_step="create_order",
-        deadline_at=datetime.now(UTC) + timedelta(minutes=5),
-    )
 
 
 @pytest.fixture
@@ -109,7 +95,7 @@ async def test_a_store_in_another_process_is_heard(database: str, tmp_path: Path
     script = textwrap.dedent(
         f"""
         import asyncio
-        from tests.test_host_feed import new_saga
+        from tests.support.store_backends import new_saga
         from orchestrator.store.sql import SqlSagaStore
 
         async def main():

@@ -29,7 +29,15 @@ from orchestrator.workers import WORKER_METADATA, worker_count
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams
 from tests.support.broker_fixtures import delete_topology, make_settings
-from tests.support.processes import ROOT, ServiceProcess, free_port, main_env, start_main
+from tests.support.processes import (
+    ROOT,
+    ServiceProcess,
+    alive,
+    children,
+    free_port,
+    main_env,
+    start_main,
+)
 from tests.support.processes import wait_for_serving as wait_serving
 from upstream.server import serve_upstream
 
@@ -290,13 +298,13 @@ async def test_sigterm_stops_every_worker_gracefully_and_the_supervisor_exits_0(
         await asyncio.to_thread(
             wait_serving, f"127.0.0.1:{port}", supervisor, timeout=STARTUP_SECONDS
         )
-        children = _children(supervisor.pid)
+        workers = children(supervisor.pid)
         status = await asyncio.to_thread(supervisor.stop, signal.SIGTERM, timeout=60)
         output = supervisor.output()
 
     assert status == 0, output
-    assert len(children) == 2
-    assert not any(_alive(pid) for pid in children)
+    assert len(workers) == 2
+    assert not any(alive(pid) for pid in workers)
     assert output.count("signal received, shutting down") == 2
 
 
@@ -314,24 +322,3 @@ async def test_a_configuration_the_workers_refuse_stops_the_supervisor_instead_o
     assert status == 2, output
     assert "sagas.facades.ThrottlingBooking.run_as" in output
     assert output.count("worker started") == 2, output
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

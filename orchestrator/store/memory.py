@@ -10,13 +10,13 @@ forgotten, oldest first, so a long-running process does not grow without end.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import json
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from orchestrator.store._subscribers import Subscribers
 from orchestrator.store.base import (
     CLAIM_BATCH,
     MAX_PAGE_SIZE,
@@ -77,7 +77,7 @@ class InMemorySagaStore(SagaStore):
         self._actions: dict[_Key, list[ActionRecord]] = {}
         self._letters: dict[str, DeadLetterRecord] = {}
         self._last = datetime.min.replace(tzinfo=UTC)
-        self._listeners: list[ChangeListener] = []
+        self._subscribers = Subscribers()
 
     @property
     def announces_changes(self) -> bool:
@@ -89,17 +89,10 @@ class InMemorySagaStore(SagaStore):
     ) -> Callable[[], None]:
         """Call `changed(facade, request_id)` after every write to a saga (there are no gaps:
         `gap` is never called); returns a function that unsubscribes."""
-        self._listeners.append(changed)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(changed)
-
-        return unsubscribe
+        return self._subscribers.subscribe(changed, gap)
 
     def _announce(self, key: _Key) -> None:
-        for listener in list(self._listeners):
-            listener(*key)
+        self._subscribers.changed(*key)
 
     def _now(self) -> datetime:
         self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))

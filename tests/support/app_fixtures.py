@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -91,11 +92,12 @@ async def eventually(
             await asyncio.sleep(interval)
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    """Order and Payment services on free ports with in-memory ledgers."""
-    order = await serve_upstream("order", port=0)
-    payment = await serve_upstream("payment", port=0)
+@contextlib.asynccontextmanager
+async def running_upstreams(*, latency_ms: float = 0) -> AsyncIterator[Upstreams]:
+    """Order and Payment services on free ports with in-memory ledgers, each call taking
+    `latency_ms`; stopped on exit."""
+    order = await serve_upstream("order", port=0, latency_ms=latency_ms)
+    payment = await serve_upstream("payment", port=0, latency_ms=latency_ms)
     order_channel = grpc.aio.insecure_channel(order.target)
     payment_channel = grpc.aio.insecure_channel(payment.target)
     try:
@@ -110,6 +112,13 @@ async def upstreams() -> AsyncIterator[Upstreams]:
         await payment_channel.close(None)
         await order.stop(None)
         await payment.stop(None)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """Order and Payment services on free ports with in-memory ledgers."""
+    async with running_upstreams() as running:
+        yield running
 
 
 def app_settings(upstreams: Upstreams, broker: BrokerSettings | None = None) -> AppSettings:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
+from orchestrator.store._subscribers import Subscribers
 from orchestrator.store.base import ChangeListener, GapListener
 from orchestrator.store.sql._listen import notification_payloads, parse_payload
 
@@ -64,8 +65,7 @@ class HostChangeFeed:
         self._directory: Path | None = None
         self._path: Path | None = None
         self._socket: socket.socket | None = None
-        self._changed: list[ChangeListener] = []
-        self._gap: list[GapListener] = []
+        self._subscribers = Subscribers()
         self._sequence = 0
         self._heard: dict[str, int] = {}  # each sender's last sequence number
         self.live = False
@@ -82,18 +82,7 @@ class HostChangeFeed:
         """Call `changed(facade, request_id)` for every saga written on the file (this
         process's writes included) and `gap()` when announcements may have been missed;
         returns a function that unsubscribes."""
-        self._changed.append(changed)
-        if gap is not None:
-            self._gap.append(gap)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._changed.remove(changed)
-            if gap is not None:
-                with contextlib.suppress(ValueError):
-                    self._gap.remove(gap)
-
-        return unsubscribe
+        return self._subscribers.subscribe(changed, gap)
 
     def start(self) -> None:
         """Bind this store's socket and hear the others' on the running event loop."""
@@ -146,8 +135,7 @@ class HostChangeFeed:
         if not keys:
             return
         for facade, request_id in keys:
-            for listener in self._changed:
-                listener(facade, request_id)
+            self._subscribers.changed(facade, request_id)
         sock, directory = self._socket, self._directory
         if sock is None or directory is None:
             return
@@ -207,9 +195,7 @@ class HostChangeFeed:
             self.lost += max(sequence - expected, 0)
             self._gapped()
         for facade, request_id in keys:
-            for listener in self._changed:
-                listener(facade, request_id)
+            self._subscribers.changed(facade, request_id)
 
     def _gapped(self) -> None:
-        for listener in self._gap:
-            listener()
+        self._subscribers.gapped()
