@@ -18,23 +18,16 @@ import facade.async_booking
 import facade.sync_booking
 from handler import BookingHandler
 from node import Upstreams
-from orchestrator import (
-    BrokerUnavailable,
-    ConfigError,
-    GrpcService,
-    Orchestrator,
-    OrchestratorServer,
-    Settings,
-    StrictModel,
-    broker_from_settings,
-    configure_logging,
-    configure_tracing,
-    load_settings,
-    run,
-)
-from orchestrator.config import PemFile
+from orchestrator import Orchestrator, run
+from orchestrator.broker import broker_from_settings
+from orchestrator.config import PemFile, Settings, StrictModel, load_settings
+from orchestrator.errors import BrokerUnavailable, ConfigError
+from orchestrator.logs import configure_logging
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
 from orchestrator.store import store_from_url
 from orchestrator.tls import channel_credentials
+from orchestrator.tracing import configure_tracing
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 

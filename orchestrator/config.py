@@ -42,6 +42,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerTlsSettings",
     "ClientCertificateSettings",
+    "ConfigError",
     "DeadLetterSettings",
     "FacadeSagaSettings",
     "GrpcSettings",

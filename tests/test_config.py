@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from main import AppSettings
-from orchestrator import BrokerSettings, ConfigError, Settings, load_settings, redact_url
+from orchestrator.config import BrokerSettings, Settings, load_settings, redact_url
+from orchestrator.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,7 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import upstream.server
 from main import AppSettings
-from orchestrator import MetricsSettings, healthcheck, load_settings
+from orchestrator import healthcheck
+from orchestrator.config import MetricsSettings, load_settings
 from orchestrator.metrics import METRICS_PATH, Metrics, MetricsServer
 from tests.support.processes import ROOT, free_port, start_main, wait_for_serving
 
