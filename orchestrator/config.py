@@ -215,7 +215,7 @@ class MetricsSettings(StrictModel):
 
 
 class TracingSettings(StrictModel):
-    """OpenTelemetry tracing (needs `pip install orchestrator[tracing]`)."""
+    """OpenTelemetry tracing (needs `pip install 'saga-orchestrator[tracing]'`)."""
 
     enabled: bool = False
     """Record spans and propagate trace context."""

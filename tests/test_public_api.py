@@ -179,4 +179,3 @@ def test_every_pinned_name_is_there_and_every_class_and_function_says_what_it_is
         value = getattr(module, name)
         if inspect.isclass(value) or inspect.isfunction(value):
             assert inspect.getdoc(value), f"{namespace}.{name} has no docstring"
-

@@ -11,6 +11,7 @@ replicas sharing the database hear of each other's writes as they commit.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from collections.abc import Sequence
 
@@ -37,6 +38,10 @@ class PostgresBackend(Backend):
     commit_interval = 0.0
 
     def __init__(self, url: URL) -> None:
+        if importlib.util.find_spec("asyncpg") is None:
+            raise ValueError(
+                "a PostgreSQL saga store needs asyncpg: pip install 'saga-orchestrator[postgres]'"
+            )
         super().__init__(url.set(drivername="postgresql+asyncpg"))
 
     def engine(self) -> AsyncEngine:
