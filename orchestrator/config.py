@@ -15,7 +15,7 @@ while it is validated: a missing or unreadable one stops startup naming its key.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +60,14 @@ __all__ = [
     "load_settings",
     "redact_url",
 ]
+
+
+BROKER_SCHEMES = frozenset({"memory", "amqp", "amqps"})
+"""The schemes of `broker.url`."""
+STORE_SCHEMES = frozenset(
+    {"memory", "sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
+)
+"""The schemes of `store.url` (a bare `sqlite` or `postgresql` gets the driver it names)."""
 
 
 class StrictModel(BaseModel):
@@ -170,11 +178,7 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"memory", "amqp", "amqps"}:
-            raise ValueError(
-                f"unsupported broker scheme {scheme!r}: use memory://, amqp:// or amqps://"
-            )
+        _checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
         return value
 
     @model_validator(mode="after")
@@ -237,6 +241,18 @@ class StoreSettings(StrictModel):
     """How often this replica records that it is alive, and looks for orphaned sagas."""
     lease_seconds: float = Field(default=10.0, gt=0, le=600)
     """A replica silent this long is dead: its running sync sagas are rolled back by another."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if url:
+            _checked_url(
+                url,
+                STORE_SCHEMES,
+                "memory://, sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
+            )
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> StoreSettings:
@@ -405,15 +421,34 @@ SettingsT = TypeVar("SettingsT", bound=Settings)
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`."""
+    """`url` with any password replaced by `***`; the rest as it was, malformed or not."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
+    user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _checked_url(url: str, schemes: Collection[str], example: str) -> None:
+    """ValueError naming `url` (password masked) unless it has one of `schemes` and a port,
+    if any, that is a number from 1 to 65535."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ValueError(
+            f"unsupported scheme {parts.scheme!r} in {redact_url(url)!r}: use {example}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    else:
+        if port is None or port > 0:
+            return
+    netloc = parts.netloc.rpartition("@")[2]
+    raise ValueError(
+        f"port {netloc.rpartition(':')[2]!r} of {redact_url(url)!r} is not a number from 1 to 65535"
+    )
 
 
 def load_settings(

@@ -51,7 +51,7 @@ def test_a_bad_value_is_named(tmp_path: Path) -> None:
 
 def test_an_unsupported_broker_scheme_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "broker:\n  url: kafka://localhost\n")
-    with pytest.raises(ConfigError, match="unsupported broker scheme 'kafka'"):
+    with pytest.raises(ConfigError, match="unsupported scheme 'kafka'"):
         load_settings(Settings, path, environ={})
 
 

@@ -61,8 +61,10 @@ from typing import Any, Final
 
 from sqlalchemy import bindparam, tuple_
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
+from orchestrator.errors import StoreUnavailable
 from orchestrator.store.base import MAX_PAGE_SIZE, ChangeListener, GapListener, SagaStore
 from orchestrator.store.changes import Change
 from orchestrator.store.operator import (
@@ -106,7 +108,7 @@ from orchestrator.store.sql._postgres_writer import PostgresBackend
 from orchestrator.store.sql._records import decode_token, encode_token, records, records_query
 from orchestrator.store.sql._schema import dead_letters, sagas
 from orchestrator.store.sql._sqlite import SqliteBackend
-from orchestrator.store.sql._writer import Backend, Writer, WriterStats
+from orchestrator.store.sql._writer import Backend, Writer, WriterStats, brief
 
 __all__ = ["SqlSagaStore"]
 
@@ -182,7 +184,12 @@ class SqlSagaStore(SagaStore):
         """Create or upgrade the schema (its migrations), and start the writer."""
         if self._writer is not None:
             return
-        revision = await upgrade_schema(self._engine)
+        try:
+            revision = await upgrade_schema(self._engine)
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            # No connection, no such database, a file that cannot be opened: the URL's
+            # fault or the database's, never a caller's.
+            raise StoreUnavailable(f"cannot open the saga store {self.url}: {brief(exc)}") from exc
         log.info("saga store schema at revision %s", revision, extra={"store": self.url})
         self._closing = False
         writer = self._backend.writer(
