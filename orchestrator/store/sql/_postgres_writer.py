@@ -26,7 +26,7 @@ from orchestrator.store.sql._ops import BatchFailed, Op
 from orchestrator.store.sql._postgres import apply_batch
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
-from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterStats, Written
+from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
 
 __all__ = ["PostgresBackend", "PostgresWriter"]
 
@@ -48,23 +48,9 @@ class PostgresBackend(Backend):
         """An asyncpg engine that hides statement parameters in its errors."""
         return create_async_engine(self.url, hide_parameters=True)
 
-    def writer(
-        self,
-        engine: AsyncEngine,
-        *,
-        max_batch: int,
-        commit_interval: float,
-        stats: WriterStats,
-        announce: bool,
-    ) -> PostgresWriter:
+    def writer(self, engine: AsyncEngine, options: WriterOptions) -> PostgresWriter:
         """The writer task on `engine`'s connections."""
-        return PostgresWriter(
-            engine,
-            max_batch=max_batch,
-            commit_interval=commit_interval,
-            stats=stats,
-            announce=announce,
-        )
+        return PostgresWriter(engine, options)
 
     def change_feed(self) -> PgChangeFeed:
         """LISTENing on a plain asyncpg connection of its own."""
@@ -74,18 +60,10 @@ class PostgresBackend(Backend):
 class PostgresWriter(Writer):
     """A task applying each batch in one transaction of set-based statements."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        *,
-        max_batch: int,
-        commit_interval: float,
-        stats: WriterStats,
-        announce: bool,
-    ) -> None:
-        super().__init__(max_batch=max_batch, commit_interval=commit_interval, stats=stats)
+    def __init__(self, engine: AsyncEngine, options: WriterOptions) -> None:
+        super().__init__(options)
         self._engine = engine
-        self._announce = announce
+        self._announce = options.announce
         self._queue: list[Op] = []
         self._wake = asyncio.Event()
         self._last_commit = 0.0

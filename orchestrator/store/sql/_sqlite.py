@@ -35,7 +35,7 @@ from orchestrator.store.sql._ops import BatchFailed, JournalBroken, Op
 from orchestrator.store.sql._records import POSITION, SQLITE_GET, position, records
 from orchestrator.store.sql._schema import sqlite_time
 from orchestrator.store.sql._sqlite_apply import apply_op
-from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterStats, Written, brief
+from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written, brief
 
 __all__ = [
     "CHECKPOINT_SECONDS",
@@ -96,21 +96,11 @@ class SqliteBackend(Backend):
         event.listen(engine.sync_engine, "connect", _on_connect)
         return engine
 
-    def writer(
-        self,
-        engine: AsyncEngine,
-        *,
-        max_batch: int,
-        commit_interval: float,
-        stats: WriterStats,
-        announce: bool,
-    ) -> SqliteWriter:
+    def writer(self, engine: AsyncEngine, options: WriterOptions) -> SqliteWriter:
         """The writer on a sqlite3 connection of its own (SQLite announces nothing)."""
         return SqliteWriter(
             self.url.database or "",
-            max_batch=max_batch,
-            commit_interval=commit_interval,
-            stats=stats,
+            options,
             checkpoint_interval=CHECKPOINT_SECONDS,
             lock_timeout=LOCK_TIMEOUT_SECONDS,
         )
@@ -180,14 +170,12 @@ class SqliteWriter(Writer):
     def __init__(
         self,
         path: str,
+        options: WriterOptions,
         *,
-        max_batch: int,
-        commit_interval: float,
-        stats: WriterStats,
         checkpoint_interval: float,
         lock_timeout: float,
     ) -> None:
-        super().__init__(max_batch=max_batch, commit_interval=commit_interval, stats=stats)
+        super().__init__(options)
         self._path = path
         self._checkpoint_interval = checkpoint_interval
         self._lock_timeout = lock_timeout
@@ -225,26 +213,21 @@ class SqliteWriter(Writer):
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, read on the loop from the committed state (between batches)."""
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError("the SQLite store is closed")
-        try:
-            rows = conn.execute(SQLITE_GET, (facade, request_id)).fetchall()
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
-        found = records(rows)
+        found = records(self._read(SQLITE_GET, facade, request_id))
         return found[0] if found else None
 
     async def position(self, facade: str, request_id: str) -> Position | None:
         """Where the saga stands, read on the loop from the committed state (between batches)."""
+        return position(self._read(_POSITION, facade, request_id))
+
+    def _read(self, query: str, facade: str, request_id: str) -> list[Any]:
         conn = self._conn
         if conn is None:
             raise RuntimeError("the SQLite store is closed")
         try:
-            rows = conn.execute(_POSITION, (facade, request_id)).fetchall()
+            return conn.execute(query, (facade, request_id)).fetchall()
         except sqlite3.Error as exc:
             raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
-        return position(rows)
 
     def submit(self, op: Op) -> None:
         """Queue `op`; its future is resolved once committed."""

@@ -108,7 +108,7 @@ from orchestrator.store.sql._postgres_writer import PostgresBackend
 from orchestrator.store.sql._records import decode_token, encode_token, records, records_query
 from orchestrator.store.sql._schema import dead_letters, sagas
 from orchestrator.store.sql._sqlite import SqliteBackend
-from orchestrator.store.sql._writer import Backend, Writer, WriterStats, brief
+from orchestrator.store.sql._writer import Backend, Writer, WriterOptions, WriterStats, brief
 
 __all__ = ["SqlSagaStore"]
 
@@ -194,10 +194,12 @@ class SqlSagaStore(SagaStore):
         self._closing = False
         writer = self._backend.writer(
             self._engine,
-            max_batch=self._max_batch,
-            commit_interval=self._commit_interval,
-            stats=self.stats,
-            announce=self.change_feed is not None,
+            WriterOptions(
+                max_batch=self._max_batch,
+                commit_interval=self._commit_interval,
+                stats=self.stats,
+                announce=self.change_feed is not None,
+            ),
         )
         await writer.open()
         self._writer = writer

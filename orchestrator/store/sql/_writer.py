@@ -31,7 +31,7 @@ from orchestrator.store.records import Position, SagaRecord
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
 
-__all__ = ["Backend", "Halves", "Writer", "WriterStats", "Written", "brief"]
+__all__ = ["Backend", "Halves", "Writer", "WriterOptions", "WriterStats", "Written", "brief"]
 
 log = logging.getLogger("orchestrator.store.sql")
 
@@ -51,6 +51,20 @@ class WriterStats:
         """Transactions that failed (their ops were failed or split and retried)."""
 
 
+@dataclass(frozen=True, slots=True)
+class WriterOptions:
+    """How a store's writer writes."""
+
+    max_batch: int
+    """Most ops applied in one transaction."""
+    commit_interval: float
+    """At most one commit per so many seconds (0: as soon as the previous one is done)."""
+    stats: WriterStats
+    """Where it counts what it did."""
+    announce: bool
+    """Announce every committed saga write to the other replicas, where the database can."""
+
+
 @dataclass(slots=True)
 class Written:
     """What a writer did with one batch, for `Writer.hand_over`."""
@@ -64,10 +78,10 @@ class Written:
 class Writer(abc.ABC):
     """Applies the store's ops in group-committed transactions; see the module docstring."""
 
-    def __init__(self, *, max_batch: int, commit_interval: float, stats: WriterStats) -> None:
-        self._max_batch = max_batch
-        self._commit_interval = commit_interval
-        self._stats = stats
+    def __init__(self, options: WriterOptions) -> None:
+        self._max_batch = options.max_batch
+        self._commit_interval = options.commit_interval
+        self._stats = options.stats
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -122,17 +136,8 @@ class Backend(abc.ABC):
         not quote its parameters (other requests' payloads) to every caller in it."""
 
     @abc.abstractmethod
-    def writer(
-        self,
-        engine: AsyncEngine,
-        *,
-        max_batch: int,
-        commit_interval: float,
-        stats: WriterStats,
-        announce: bool,
-    ) -> Writer:
-        """The writer; `announce`: announce every committed saga write to the other
-        replicas, where the database can."""
+    def writer(self, engine: AsyncEngine, options: WriterOptions) -> Writer:
+        """The writer, on a connection of its own or `engine`'s."""
 
     def change_feed(self) -> PgChangeFeed | None:
         """The listening side of the change feed, where the database has one."""
