@@ -15,10 +15,10 @@ while it is validated: a missing or unreadable one stops startup naming its key.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from orchestrator._urls import BROKER_SCHEMES, STORE_SCHEMES, checked_url, redact_url
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -60,14 +61,6 @@ __all__ = [
     "load_settings",
     "redact_url",
 ]
-
-
-BROKER_SCHEMES = frozenset({"memory", "amqp", "amqps"})
-"""The schemes of `broker.url`."""
-STORE_SCHEMES = frozenset(
-    {"memory", "sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
-)
-"""The schemes of `store.url` (a bare `sqlite` or `postgresql` gets the driver it names)."""
 
 
 class StrictModel(BaseModel):
@@ -178,7 +171,7 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        _checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
+        checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
         return value
 
     @model_validator(mode="after")
@@ -247,7 +240,7 @@ class StoreSettings(StrictModel):
     def _known_store(cls, value: SecretStr) -> SecretStr:
         url = value.get_secret_value().strip()
         if url:
-            _checked_url(
+            checked_url(
                 url,
                 STORE_SCHEMES,
                 "memory://, sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
@@ -418,37 +411,6 @@ class Settings(StrictModel):
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`; the rest as it was, malformed or not."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _checked_url(url: str, schemes: Collection[str], example: str) -> None:
-    """ValueError naming `url` (password masked) unless it has one of `schemes` and a port,
-    if any, that is a number from 1 to 65535."""
-    parts = urlsplit(url)
-    if parts.scheme not in schemes:
-        raise ValueError(
-            f"unsupported scheme {parts.scheme!r} in {redact_url(url)!r}: use {example}"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    else:
-        if port is None or port > 0:
-            return
-    netloc = parts.netloc.rpartition("@")[2]
-    raise ValueError(
-        f"port {netloc.rpartition(':')[2]!r} of {redact_url(url)!r} is not a number from 1 to 65535"
-    )
 
 
 def load_settings(

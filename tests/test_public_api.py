@@ -129,6 +129,8 @@ PUBLIC_API: dict[str, list[str] | None] = {
         "InvalidArgument",
         "SagaError",
         "SagaFailed",
+        "StartupError",
+        "StoreUnavailable",
         "Unavailable",
         "classify",
     ],
