@@ -23,24 +23,17 @@ import facade.sync_booking
 import facade.throttling_booking
 from handler import BookingHandler
 from node import Upstreams
-from orchestrator import (
-    BrokerUnavailable,
-    ConfigError,
-    GrpcService,
-    Orchestrator,
-    OrchestratorServer,
-    Settings,
-    StrictModel,
-    broker_from_settings,
-    configure_logging,
-    configure_tracing,
-    load_settings,
-    run,
-)
-from orchestrator.config import PemFile
+from orchestrator import Orchestrator, run
+from orchestrator.broker import broker_from_settings
+from orchestrator.config import PemFile, Settings, StrictModel, load_settings
+from orchestrator.errors import BrokerUnavailable, ConfigError, StartupError
+from orchestrator.logs import configure_logging
 from orchestrator.metrics import MetricsServer, WorkersMetrics
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
 from orchestrator.store import store_from_url
 from orchestrator.tls import channel_credentials
+from orchestrator.tracing import configure_tracing
 from orchestrator.workers import Supervisor, current_worker, metrics_directory, worker_count
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
@@ -152,7 +145,15 @@ async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[Runni
         embedded = getattr(settings.embedded_upstreams, name)
         if embedded is None:
             continue
-        running = await serve_upstream(name, port=embedded.port, db_path=embedded.db_path)
+        try:
+            running = await serve_upstream(name, port=embedded.port, db_path=embedded.db_path)
+        except RuntimeError:  # the port is taken
+            for earlier in started:
+                await earlier.stop()
+            raise StartupError(
+                f"embedded_upstreams.{name}.port: cannot listen on 127.0.0.1:{embedded.port}: "
+                "the port is in use"
+            ) from None
         started.append(running)
         addresses[name] = UpstreamSettings(address=running.target)
     upstreams = settings.upstreams.model_copy(update=addresses)
@@ -262,7 +263,13 @@ async def supervise(settings: AppSettings, count: int) -> int:
                 else None
             )
             if server is not None:
-                await server.start()
+                try:
+                    await server.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"metrics.port: cannot listen on {metrics.host}:{metrics.port}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
             try:
                 supervisor = Supervisor(
                     argv, count, env=env, stop_timeout=grace + 10, metrics_dir=directory
@@ -300,14 +307,19 @@ def main(argv: Sequence[str]) -> int:
         return 2
     configure_logging(settings.log_level, json_lines=settings.log_format == "json")
     count = worker_count(settings.workers)
-    if count > 1 and current_worker() is None:
-        return run(supervise(settings, count))
+    supervising = count > 1 and current_worker() is None
     try:
-        configure_tracing(settings.tracing)
+        if not supervising:
+            configure_tracing(settings.tracing)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    return run(serve(settings))
+    try:
+        return run(supervise(settings, count) if supervising else serve(settings))
+    except StartupError as exc:
+        # A port in use, a store out of reach: the setting and its value, on one line.
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

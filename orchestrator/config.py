@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -32,8 +32,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
+from orchestrator._config_reference import reference_table
+from orchestrator._urls import BROKER_SCHEMES, STORE_SCHEMES, checked_url, redact_url
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerTlsSettings",
     "ClientCertificateSettings",
+    "ConfigError",
     "DeadLetterSettings",
     "FacadeKindName",
     "FacadeSagaSettings",
@@ -175,11 +177,7 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"memory", "amqp", "amqps"}:
-            raise ValueError(
-                f"unsupported broker scheme {scheme!r}: use memory://, amqp:// or amqps://"
-            )
+        checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
         return value
 
     @model_validator(mode="after")
@@ -225,7 +223,7 @@ class MetricsSettings(StrictModel):
 
 
 class TracingSettings(StrictModel):
-    """OpenTelemetry tracing (needs `pip install orchestrator[tracing]`)."""
+    """OpenTelemetry tracing (needs `pip install 'saga-orchestrator[tracing]'`)."""
 
     enabled: bool = False
     """Record spans and propagate trace context."""
@@ -247,6 +245,18 @@ class StoreSettings(StrictModel):
     """How often this replica records that it is alive, and looks for orphaned sagas."""
     lease_seconds: float = Field(default=10.0, gt=0, le=600)
     """A replica silent this long is dead: its running sync sagas are rolled back by another."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if url:
+            checked_url(
+                url,
+                STORE_SCHEMES,
+                "memory://, sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
+            )
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> StoreSettings:
@@ -479,18 +489,6 @@ class Settings(StrictModel):
 SettingsT = TypeVar("SettingsT", bound=Settings)
 
 
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def load_settings(
     model: type[SettingsT],
     path: str | os.PathLike[str] | None = None,
@@ -541,81 +539,7 @@ def config_reference(model: type[BaseModel]) -> str:
     Built from the models themselves (types, defaults, bounds and attribute
     docstrings), so documentation generated with it cannot drift.
     """
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    rows += _reference_rows(model, "")
-    rows += ["", "| environment variable | effect |", "|---|---|"]
-    rows += [f"| `{name}` | {effect} |" for name, effect in ENVIRONMENT_VARIABLES.items()]
-    return "\n".join(rows) + "\n"
-
-
-def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
-    rows: list[str] = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        description = " ".join((field.description or "").split()).replace("|", "\\|")
-        nested = _nested_model(field.annotation)
-        if nested is not None:
-            if get_origin(field.annotation) is dict:
-                rows.append(f"| `{key}` | mapping | `{{}}` | {description} |")
-                rows += _reference_rows(nested, f"{key}.<name>.")
-            elif get_origin(field.annotation) is list:
-                rows.append(f"| `{key}` | list | `[]` | {description} |")
-                rows += _reference_rows(nested, f"{key}[].")
-            else:
-                optional = " (optional)" if _allows_none(field.annotation) else ""
-                rows.append(f"| `{key}` | section{optional} | | {description} |")
-                rows += _reference_rows(nested, f"{key}.")
-            continue
-        bounds = "".join(
-            f", {symbol} {getattr(meta, attr)}"
-            for meta in field.metadata
-            for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
-            if getattr(meta, attr, None) is not None
-        )
-        rows.append(
-            f"| `{key}` | {_type_name(field.annotation)}{bounds} | {_default_of(field)} "
-            f"| {description} |"
-        )
-    return rows
-
-
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in get_args(annotation):
-        found = _nested_model(argument)
-        if found is not None:
-            return found
-    return None
-
-
-def _allows_none(annotation: Any) -> bool:
-    return type(None) in get_args(annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Annotated:
-        return _type_name(get_args(annotation)[0])
-    if _allows_none(annotation):
-        (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
-        return f"{_type_name(inner)} (optional)"
-    if get_origin(annotation) is Literal:
-        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
-    if annotation is SecretStr:
-        return "string (secret)"
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _default_of(field: FieldInfo) -> str:
-    if field.is_required():
-        return "required"
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    if isinstance(value, bool):
-        value = str(value).lower()
-    return f"`{value}`" if value not in ("", None) else ('`""`' if value == "" else "")
+    return reference_table(model, ENVIRONMENT_VARIABLES)
 
 
 def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:

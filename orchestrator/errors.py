@@ -25,6 +25,8 @@ __all__ = [
     "ResourceExhausted",
     "SagaError",
     "SagaFailed",
+    "StartupError",
+    "StoreUnavailable",
     "Unavailable",
     "classify",
 ]
@@ -84,8 +86,17 @@ class DeadlineExceeded(SagaError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class StoreUnavailable(Unavailable):
+    """The saga store's database cannot be reached or opened."""
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message names the file and the key."""
+
+
+class StartupError(ConfigError):
+    """A setting's value cannot be used here (a port already in use, a store that cannot
+    be reached); the message names the setting and its value, passwords masked."""
 
 
 # Upstream statuses that describe the caller's request: pass them through.

@@ -27,15 +27,16 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
 from orchestrator.store._subscribers import Subscribers
 from orchestrator.store.base import ChangeListener, GapListener
 from orchestrator.store.sql._listen import notification_payloads, parse_payload
+from orchestrator.store.sql._ops import ActOp, ApplyOp, BeginOp, ClaimOp, Op
 
-__all__ = ["HostChangeFeed", "feed_directory"]
+__all__ = ["HostChangeFeed", "changed_sagas", "feed_directory"]
 
 log = logging.getLogger("orchestrator.store.sql")
 
@@ -112,7 +113,7 @@ class HostChangeFeed:
         self.live = True
         self._gapped()  # what was written before this socket was bound went unheard
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop hearing and remove this store's socket."""
         sock, self._socket = self._socket, None
         self.live = False
@@ -199,3 +200,14 @@ class HostChangeFeed:
 
     def _gapped(self) -> None:
         self._subscribers.gapped()
+
+
+def changed_sagas(outcomes: Iterable[tuple[Op, object]]) -> Iterator[tuple[str, str]]:
+    """The sagas a committed batch changed: begun, moved, acted on, or claimed."""
+    for op, outcome in outcomes:
+        if isinstance(op, BeginOp) and outcome is True:
+            yield op.saga.facade, op.saga.request_id
+        elif isinstance(op, ApplyOp | ActOp) and outcome is True:
+            yield op.facade, op.request_id
+        elif isinstance(op, ClaimOp) and isinstance(outcome, list):
+            yield from (key for key, _expired in outcome)
