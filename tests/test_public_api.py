@@ -163,6 +163,17 @@ PUBLIC_API: dict[str, list[str] | None] = {
         "OrchestratorServer",
         "run",
     ],
+    "orchestrator.workers": [
+        "CONFIG_ERROR_STATUS",
+        "METRICS_DIR_ENV",
+        "WORKER_ENV",
+        "WORKER_METADATA",
+        "Supervisor",
+        "Worker",
+        "current_worker",
+        "metrics_directory",
+        "worker_count",
+    ],
     # Reserved for the test kit (fixtures and helpers for users' own facades): its names
     # are pinned here, in place of None, when it is written.
     "orchestrator.testing": None,
