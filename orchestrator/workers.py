@@ -201,7 +201,7 @@ class Supervisor:
 
     async def _stop_worker(self, worker: _Running, exited: asyncio.Future[int]) -> bool:
         """SIGTERM the worker and wait `stop_timeout` for it, then SIGKILL it; whether it
-        exited 0."""
+        stopped cleanly (exited 0, or died of the SIGTERM before it could handle it)."""
         name = f"{worker.index}/{worker.process.pid}"
         if not exited.done():
             with contextlib.suppress(ProcessLookupError):
@@ -216,9 +216,12 @@ class Supervisor:
             status = await worker.process.wait()
         self._workers.pop(worker.index, None)
         self._forget_metrics(worker.process.pid)
-        if status != 0:
+        # A worker still starting (no handler for SIGTERM yet) dies of it: it had nothing
+        # to drain, so that is a clean stop too.
+        clean = status in (0, -signal.SIGTERM)
+        if not clean:
             log.warning("worker stopped", extra={"worker": name, "status": status})
-        return status == 0
+        return clean
 
     def _forget_metrics(self, pid: int) -> None:
         if self._metrics_dir is None:

@@ -298,6 +298,9 @@ async def test_sigterm_stops_every_worker_gracefully_and_the_supervisor_exits_0(
         await asyncio.to_thread(
             wait_serving, f"127.0.0.1:{port}", supervisor, timeout=STARTUP_SECONDS
         )
+        async with asyncio.timeout(STARTUP_SECONDS):  # both serve: both handle SIGTERM
+            while supervisor.output().count("orchestrator.server serving") < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
         workers = children(supervisor.pid)
         status = await asyncio.to_thread(supervisor.stop, signal.SIGTERM, timeout=60)
         output = supervisor.output()

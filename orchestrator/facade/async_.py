@@ -203,7 +203,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         with tracing.span(
             f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": runtime.kind}
         ):
-            existing = await runtime.position(request_id)
+            existing = await runtime.stored_position(request_id)
             if existing is not None:
                 runtime.check_same_request(request_id, existing.payload, body)
                 if existing.step_states != (StepState.PENDING,):
