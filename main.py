@@ -2,6 +2,8 @@
 
 The root `app.yaml` is the embedded default: an in-memory broker and both
 upstream services inside this process, so nothing else has to run.
+`python main.py --workers N` runs N orchestrator processes on the one port
+under a supervisor (see `orchestrator.workers`).
 """
 
 from __future__ import annotations
