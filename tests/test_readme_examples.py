@@ -12,7 +12,9 @@ were undone.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
 import sys
 import types
 import uuid
@@ -37,7 +39,8 @@ from tests.support.app_fixtures import Upstreams as RunningUpstreams
 from tests.support.broker_fixtures import delete_topology
 from upstream.ledger import CANCELLED, CREATED, PAID
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 MAX_LINES = 40
 _EXAMPLE = re.compile(
     r"<!-- example: (?P<name>[\w-]+)[^>]*-->\s*```python\n(?P<code>.*?)^```", re.S | re.M
@@ -168,3 +171,25 @@ async def test_the_async_trip_books_through_rabbitmq(
     assert statuses(upstreams, "trip-3") == ([CREATED, CREATED], [PAID])
     assert declined.state == SagaState.COMPENSATED
     assert statuses(upstreams, "trip-4") == ([CANCELLED, CANCELLED], [])
+
+
+def test_the_testing_example_passes_as_a_users_own_test_module(tmp_path: Path) -> None:
+    (tmp_path / "test_trip_facade.py").write_text(example("testing-a-facade"))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto"),
+            *("-o", "asyncio_default_fixture_loop_scope=function"),
+            "test_trip_facade.py",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
