@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make run` and `make test`.
+# The two commands a newcomer needs: `make run` and `make test` (`make docs`: the API reference).
 # Both create the virtualenv and install the project on first use.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck proto bench bench-async clean
+.PHONY: run test lint typecheck docs proto bench bench-async clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ typecheck: $(INSTALLED)
 test: $(INSTALLED) lint typecheck
 	$(PY) -m pytest
 
+# The API reference from the docstrings, into site/; a warning fails it (tests/test_docs.py too).
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(INSTALLED)
 	$(PY) bench/sync_booking.py
 
@@ -38,4 +42,4 @@ bench-async: $(INSTALLED)
 	$(PY) bench/async_booking.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

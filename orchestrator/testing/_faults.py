@@ -27,7 +27,7 @@ from orchestrator.facade.definition import SagaDefinition, StepDefinition
 __all__ = ["Fault", "FaultKind", "Faults", "SimulatedCrash"]
 
 FaultKind = Literal["fail", "lose_answer", "crash_after", "fail_compensation"]
-"""What an armed fault does; see the module docstring."""
+"""What an armed fault does: see the `Faults` method of each name."""
 
 
 class SimulatedCrash(BaseException):
