@@ -15,7 +15,8 @@ override `orchestrator_facades` and use `orchestrator_kit`.
 
 from orchestrator.testing._assertions import assert_saga, describe
 from orchestrator.testing._faults import Fault, FaultKind, Faults, SimulatedCrash
-from orchestrator.testing._kit import Registration, SagaKit, SagaRun
+from orchestrator.testing._kit import Registration, SagaKit
+from orchestrator.testing._run import SagaRun
 
 __all__ = [
     "Fault",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from orchestrator.store import CompensationState, SagaRecord, SagaState, StepState
-
-if TYPE_CHECKING:
-    from orchestrator.testing._kit import SagaRun
+from orchestrator.store.records import CompensationState, SagaRecord, SagaState, StepState
+from orchestrator.testing._run import SagaRun
 
 __all__ = ["assert_saga", "describe"]
 
@@ -35,7 +33,7 @@ def assert_saga(
     error names every difference and shows the whole record. Returns the
     record.
     """
-    record = saga if saga is None or isinstance(saga, SagaRecord) else saga.record
+    record = saga.record if isinstance(saga, SagaRun) else saga
     if record is None:
         raise AssertionError("there is no such saga")
     actual: dict[str, Any] = {

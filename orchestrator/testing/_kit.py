@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -31,11 +30,15 @@ from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.sync import SyncFacade
 from orchestrator.registry import Orchestrator, UnknownFacadeError
-from orchestrator.store import InMemorySagaStore, SagaRecord, SagaState, SagaStore, store_from_url
+from orchestrator.store import store_from_url
+from orchestrator.store.base import SagaStore
+from orchestrator.store.memory import InMemorySagaStore
+from orchestrator.store.records import SagaRecord
 from orchestrator.testing._assertions import describe
 from orchestrator.testing._faults import Faults, SimulatedCrash
+from orchestrator.testing._run import SagaRun
 
-__all__ = ["Registration", "SagaKit", "SagaRun"]
+__all__ = ["Registration", "SagaKit"]
 
 Registration = Callable[[Orchestrator], object]
 """`register(orchestrator)`: registers an application's facades (its return value is ignored)."""
@@ -48,25 +51,6 @@ DEAD_LETTER_INTERVAL_SECONDS = 0.05
 """How often dead letters are taken into the store (5 s in production)."""
 DEFAULT_BROKER = BrokerSettings(redelivery_delay_seconds=0.01)
 """The kit's broker: production's, with a failed delivery retried after 10 ms, not 50."""
-
-
-@dataclass(frozen=True, slots=True)
-class SagaRun:
-    """How one saga run by `SagaKit.run` ended, as its caller and its store saw it."""
-
-    record: SagaRecord
-    """The saga as the store holds it: at its end, or where a crash left it."""
-    response: Message | None = None
-    """A sync facade's response, when the saga completed."""
-    failure: SagaFailed | None = None
-    """What a sync facade's caller got when the saga failed (its status and reason)."""
-    crashed: bool = False
-    """True when the orchestrator crashed before the saga ended (see `SagaKit.recover`)."""
-
-    @property
-    def state(self) -> SagaState:
-        """The saga's state."""
-        return self.record.state
 
 
 class SagaKit:
@@ -223,7 +207,7 @@ class SagaKit:
             pass
         except TimeoutError:
             raise AssertionError(
-                f"{facade}/{request_id} was not accepted within {self.timeout}s"
+                f"{facade}/{request_id}: the facade's run() did not return within {self.timeout}s"
             ) from None
         record = await self._ended_or_crashed(flow, request_id)
         if record is None:
