@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make run` and `make test` (`make docs`: the API reference).
+# The two commands a newcomer needs: `make run` and `make test`.
 # Both create the virtualenv and install the project on first use.
 
 PYTHON ?= python3
