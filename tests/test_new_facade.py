@@ -160,6 +160,21 @@ async def test_an_order_whose_answer_is_lost_is_cancelled_by_the_rollback_node(
     assert stock.available == 5
 
 
+async def test_a_rollback_node_failing_twice_still_releases_the_stock_and_the_order(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    failing = orchestrator_kit.faults.fail_compensation("rollback", times=2)
+
+    run = await orchestrator_kit.run(
+        "GiftBooking", "gift-7", Request(ProductID=1, Count=3, FaultInject=True)
+    )
+
+    assert_saga(run, state="COMPENSATED", failed="create_payment")
+    assert failing.hits == 2
+    assert ledgers(upstreams, "gift-7") == ([CANCELLED], [])
+    assert stock.available == 5
+
+
 async def test_the_new_facade_is_served_over_grpc_by_its_handler(
     orchestrator_kit: SagaKit, upstreams: RunningUpstreams
 ) -> None:

@@ -167,8 +167,9 @@ class Faults:
         request_id: str | None = None,
     ) -> Fault:
         """Make `step`'s compensation raise `error` (an `Unavailable` by default) instead of
-        running. Compensations are retried whatever the error (`compensate_retry`): fewer
-        `times` than its attempts still compensates; more ends COMPENSATION_FAILED."""
+        running; `rollback` names the facade's rollback node. Both are retried whatever the
+        error (`compensate_retry`, `consume_rollback(retry=)`): fewer `times` than their
+        attempts still compensates; more ends COMPENSATION_FAILED."""
         return self._arm(Fault("fail_compensation", step, facade, request_id, times, error))
 
     def clear(self) -> None:
@@ -210,7 +211,12 @@ class Faults:
             )
             for step in definition.steps
         )
-        return dataclasses.replace(definition, steps=steps)
+        node = definition.rollback_node
+        return dataclasses.replace(
+            definition,
+            steps=steps,
+            rollback_node=None if node is None else self._undo(node),
+        )
 
     def _fire(self, kind: FaultKind, scope: StepScope) -> Fault | None:
         for fault in self._armed:
@@ -245,13 +251,16 @@ class Faults:
         return node
 
     def _compensation(self, step: StepDefinition) -> Callable[..., Awaitable[None]]:
-        compensation = step.compensation
-        assert compensation is not None
+        assert step.compensation is not None
+        return self._undo(step.compensation)
 
-        async def undo(*args: Any) -> None:
+    def _undo(self, undo: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """A compensation, or the rollback node (its step is named `rollback`), with faults."""
+
+        async def faulty(*args: Any) -> None:
             fault = self._fire("fail_compensation", current_step())
             if fault is not None:
                 raise fault.raised()
-            await compensation(*args)
+            await undo(*args)
 
-        return undo
+        return faulty

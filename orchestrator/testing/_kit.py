@@ -171,7 +171,12 @@ class SagaKit:
         facades = orchestrator.facades
         if not facades:
             raise ValueError("the registration functions registered no facade")
-        self.faults.registered({name: facade.steps for name, facade in facades.items()})
+        self.faults.registered(
+            {
+                name: [*facade.steps, *(["rollback"] if facade.definition.rollback_node else [])]
+                for name, facade in facades.items()
+            }
+        )
         for facade in facades.values():
             # Registered, not yet started: the engine runs the same definition, each node
             # and compensation going through the armed faults.
