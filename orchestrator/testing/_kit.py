@@ -56,9 +56,9 @@ DEFAULT_BROKER = BrokerSettings(redelivery_delay_seconds=0.01)
 class SagaKit:
     """An Orchestrator on an in-memory broker and a store, with fault injection, for tests.
 
-        async with SagaKit(register_trip) as kit:
-            run = await kit.run("Trip", "trip-1", TripDTO(request_id="trip-1"))
-            assert_saga(run, state="COMPLETED", done=["seat", "hotel", "pay"])
+        async with SagaKit(lambda orchestrator: register_trip(orchestrator, services)) as kit:
+            run = await kit.run("Trip", "trip-1", trip)
+            assert_saga(run, state="COMPLETED", done=["reserve_seat", "book_room", "charge_card"])
 
     `registrations` are called with each orchestrator the kit builds (at
     `start()` and again at `recover()`), before it starts. `store_url` is
