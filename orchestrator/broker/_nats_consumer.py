@@ -111,6 +111,7 @@ class NatsSubscription:
         self._pull: nats.js.JetStreamContext.PullSubscription | None = None
         self._last_check = 0.0
         self._refusals = 0  # pulls answered at once with no message, in a row
+        self._stopping = False
 
     def start(self) -> None:
         """Start pulling (and reporting progress of long handlers)."""
@@ -120,10 +121,10 @@ class NatsSubscription:
     async def stop(self, grace: float) -> None:
         """Stop pulling; let handlers finish for `grace` seconds, cancel the rest and give
         their messages back at once (`nak`)."""
-        for task in (self._puller, self._ticker):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._stop_pulling()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
@@ -144,12 +145,28 @@ class NatsSubscription:
                     await self._pull.unsubscribe()
             self._pull = None
 
+    async def _stop_pulling(self) -> None:
+        """Let a pull under way end by itself rather than cancel it: JetStream would keep
+        its request, deliver the next message (one given back below, say) to an inbox no
+        one reads, and roll that message's delivery count back when it finds out."""
+        puller, self._puller = self._puller, None
+        if puller is None:
+            return
+        self._stopping = True
+        self._slot_free.set()  # a puller waiting for a slot sees `_stopping` at once
+        done, _ = await asyncio.wait({puller}, timeout=self.IDLE_WAIT_SECONDS + 1)
+        if not done:
+            puller.cancel()
+        await asyncio.gather(puller, return_exceptions=True)
+
     # -- pulling -----------------------------------------------------------
 
     async def _pull_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             await self._slot_free.wait()
+            if self._stopping:
+                return
             try:
                 if self._pull is None:
                     self._pull = await self._host.bind(self.topic)
@@ -168,6 +185,11 @@ class NatsSubscription:
                 failures += 1
                 await self._after_failure(failures, repr(exc))
                 continue
+            if self._stopping:
+                for msg in msgs:  # pulled as the broker closes: never handled here
+                    with contextlib.suppress(*_FetchErrors):
+                        await msg.nak()
+                return
             for msg in msgs:
                 self._dispatch(msg)
 

@@ -208,7 +208,9 @@ class NatsDeadLetters:
             if isinstance(exc.__cause__, nats.js.errors.NotFoundError):
                 return 0  # never declared: nothing was dead-lettered
             raise
-        waiting = min(limit, info.num_pending or 0)
+        # Not yet delivered, or delivered and not acknowledged (given back by a keeper
+        # that failed, or being taken by another replica).
+        waiting = min(limit, (info.num_pending or 0) + (info.num_ack_pending or 0))
         if waiting == 0:
             return 0
         pull = await timed(
