@@ -187,9 +187,15 @@ class BrokerSettings(StrictModel):
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in {"memory", "amqp", "amqps", "nats"}:
             raise ValueError(
-                f"unsupported broker scheme {scheme!r}: use memory://, amqp://, amqps:// "
-                "or nats://"
+                f"unsupported broker scheme {scheme!r}: use memory://, amqp://, amqps:// or nats://"
             )
+        if scheme == "nats":
+            try:
+                import nats  # noqa: F401 (only whether it is installed)
+            except ImportError:
+                raise ValueError(
+                    "nats:// needs the NATS client: pip install 'orchestrator[nats]'"
+                ) from None
         return value
 
     @model_validator(mode="after")

@@ -42,7 +42,7 @@ class NatsServer:
     With `auth`, clients must log in: `url` carries the first user's password.
     """
 
-    def __init__(self, *, auth: bool = False, max_file_store: str | None = None) -> None:
+    def __init__(self, *, auth: bool = False, max_file_store: int | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="orch-nats-"))
         self.port = _free_port()
         self._users: dict[str, str] = {}
@@ -156,7 +156,7 @@ class NatsServer:
         self.cleanup()
 
     def _write_config(self) -> None:
-        store = {"store_dir": str(self.root / "jetstream")}
+        store: dict[str, object] = {"store_dir": str(self.root / "jetstream")}
         if self._max_file_store:
             store["max_file_store"] = self._max_file_store
         lines = [
