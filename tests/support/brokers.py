@@ -8,6 +8,7 @@ private server a test may stop or kill (`PrivateNode`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ __all__ = [
     "BrokerKit",
     "PrivateNode",
     "delete_nats_stream",
+    "drained_soon",
     "messages_left",
+    "messages_waiting",
 ]
 
 BrokerKind = Literal["rabbitmq", "nats"]
@@ -136,3 +139,37 @@ async def messages_left(settings: BrokerSettings, topics: tuple[str, ...]) -> di
         return left
     finally:
         await inspector.close()
+
+
+async def messages_waiting(settings: BrokerSettings, topics: tuple[str, ...]) -> dict[str, int]:
+    """Messages still in each topic (RabbitMQ: ready; NATS: not acknowledged), taking none."""
+    inspector = broker_from_settings(settings)
+    await inspector.start()
+    try:
+        waiting: dict[str, int] = {}
+        for topic in topics:
+            if isinstance(inspector, NatsBroker):
+                count = await inspector.stored(topic)
+            else:
+                assert isinstance(inspector, RabbitMQBroker)
+                count = await inspector.depth(topic)
+            if count:
+                waiting[topic] = count
+        return waiting
+    finally:
+        await inspector.close()
+
+
+async def drained_soon(
+    settings: BrokerSettings, topics: tuple[str, ...], *, within: float = 30.0
+) -> None:
+    """Wait until no topic holds a message, while the service runs: on NATS, deliveries
+    whose acknowledgement a broker restart or a killed consumer lost come back after the
+    ack wait, and are dropped as duplicates then."""
+    waiting: dict[str, int] = {}
+    try:
+        async with asyncio.timeout(within):
+            while waiting := await messages_waiting(settings, topics):  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        raise AssertionError(f"topics not drained within {within}s: {waiting}") from None
