@@ -41,7 +41,9 @@ TOPICS = BOOKING_TOPICS
 
 
 async def queues_drained(settings: BrokerSettings) -> dict[str, int]:
-    """Messages left in each topic and its dead letters (empty dict: all drained)."""
+    """Messages left in each topic and its dead letters (empty dict: all drained), once the
+    topics are (within a few seconds: the last acknowledgements may be on their way)."""
+    await drained_soon(settings, TOPICS, within=10)
     return await messages_left(settings, TOPICS)
 
 

@@ -229,7 +229,12 @@ class NatsSubscription:
     async def _check_consumer(self, *, idle: bool) -> None:
         """Now and then: declare the topic again if its consumer is gone."""
         now = asyncio.get_running_loop().time()
-        if now - self._last_check < self.CONSUMER_CHECK_SECONDS or not self._host.connected:
+        if (
+            now - self._last_check < self.CONSUMER_CHECK_SECONDS
+            or not self._host.connected
+            or self._host.closing
+            or self._stopping
+        ):
             return
         self._last_check = now
         try:
