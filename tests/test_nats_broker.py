@@ -234,9 +234,7 @@ async def test_a_consumer_deleted_while_consumed_comes_back(settings: BrokerSett
 
 
 @pytest.mark.timeout(60)
-async def test_a_full_store_fails_publishes_fast_naming_why_and_health_returns_once_drained() -> (
-    None
-):
+async def test_a_full_store_turns_health_off_and_fails_publishes_fast_naming_why() -> None:
     if not NatsServer.available():
         skip_or_fail("private NATS server", ["no nats-server binary"])
     with NatsServer(max_file_store=256 * 1024) as server:

@@ -144,7 +144,11 @@ class NatsServer:
         await asyncio.to_thread(self.restart)
 
     def __enter__(self) -> NatsServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(
