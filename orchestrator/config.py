@@ -16,11 +16,10 @@ while it is validated: a missing or unreadable one stops startup naming its key.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -36,6 +35,14 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from orchestrator._urls import (
+    BROKER_SCHEMES,
+    STORE_SCHEMES,
+    checked_client,
+    checked_nats_prefix,
+    checked_url,
+    redact_url,
+)
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerTlsSettings",
     "ClientCertificateSettings",
+    "ConfigError",
     "DeadLetterSettings",
     "FacadeSagaSettings",
     "GrpcSettings",
@@ -138,18 +146,14 @@ class BrokerTlsSettings(StrictModel):
         return self
 
 
-_NATS_PREFIX = re.compile(r"(?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]*")
-"""A topic prefix NATS subjects can start with: tokens of safe characters, dot-separated."""
-
-
 class BrokerSettings(StrictModel):
     """The message broker the facades publish to and consume from."""
 
     url: SecretStr = SecretStr("memory://")
     """`memory://` (in process), `amqp://user:password@host:5672/vhost`, `amqps://...:5671/`
     (TLS, see `tls`), or `nats://user:password@host:4222` or `nats://token@host:4222` (NATS
-    JetStream; needs `pip install orchestrator[nats]`). Env: `ORCH_BROKER_URL`. Logged only with
-    its password or token masked."""
+    JetStream; needs the `nats` extra). Env: `ORCH_BROKER_URL`. Logged only with its password or
+    token masked."""
     topic_prefix: str = ""
     """Prepended to every topic name, so several deployments can share a broker."""
     default_concurrency: int = Field(default=16, ge=1, le=10_000)
@@ -184,33 +188,18 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"memory", "amqp", "amqps", "nats"}:
-            raise ValueError(
-                f"unsupported broker scheme {scheme!r}: use memory://, amqp://, amqps:// or nats://"
-            )
-        if scheme == "nats":
-            try:
-                import nats  # noqa: F401 (only whether it is installed)
-            except ImportError:
-                raise ValueError(
-                    "nats:// needs the NATS client: pip install 'orchestrator[nats]'"
-                ) from None
+        checked_url(
+            value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp://, amqps:// or nats://"
+        )
+        checked_client(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
-    def _tls_needs_amqps(self) -> BrokerSettings:
+    def _fits_the_scheme(self) -> BrokerSettings:
         if self.tls is not None and self.scheme != "amqps":
             raise ValueError("tls is set but the url is not amqps://")
-        return self
-
-    @model_validator(mode="after")
-    def _nats_subjects(self) -> BrokerSettings:
-        if self.scheme == "nats" and not _NATS_PREFIX.fullmatch(self.topic_prefix):
-            raise ValueError(
-                "topic_prefix must be empty or dot-separated letters, digits, '_' and '-' "
-                "(it starts NATS subjects)"
-            )
+        if self.scheme == "nats":
+            checked_nats_prefix(self.topic_prefix)
         return self
 
     @property
@@ -245,7 +234,7 @@ class MetricsSettings(StrictModel):
 
 
 class TracingSettings(StrictModel):
-    """OpenTelemetry tracing (needs `pip install orchestrator[tracing]`)."""
+    """OpenTelemetry tracing (needs `pip install 'saga-orchestrator[tracing]'`)."""
 
     enabled: bool = False
     """Record spans and propagate trace context."""
@@ -267,6 +256,18 @@ class StoreSettings(StrictModel):
     """How often this replica records that it is alive, and looks for orphaned sagas."""
     lease_seconds: float = Field(default=10.0, gt=0, le=600)
     """A replica silent this long is dead: its running sync sagas are rolled back by another."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if url:
+            checked_url(
+                url,
+                STORE_SCHEMES,
+                "memory://, sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
+            )
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> StoreSettings:
@@ -432,21 +433,6 @@ class Settings(StrictModel):
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, and for `nats://`, a lone user name too
-    (NATS reads `nats://token@host` as a token)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    if parts.password is None:
-        if parts.scheme == "nats" and parts.username is not None:
-            return urlunsplit(parts._replace(netloc=f"***@{host}"))
-        return url
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def load_settings(

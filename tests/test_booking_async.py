@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings
 from orchestrator.broker import broker_from_settings
+from orchestrator.config import BrokerSettings
 from orchestrator.proto import saga_pb2
 from orchestrator.proto.saga_pb2_grpc import SagaAdminStub
 from orchestrator.server import LIVENESS_SERVICE

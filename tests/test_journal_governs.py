@@ -23,9 +23,9 @@ import pytest
 
 from main import AppSettings, BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings
 from orchestrator.broker import broker_from_settings
 from orchestrator.broker.base import Broker
+from orchestrator.config import BrokerSettings
 from orchestrator.store import SagaRecord, SagaState, StepState
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings

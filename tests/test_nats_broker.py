@@ -351,4 +351,4 @@ def test_a_nats_url_without_the_nats_extra_fails_at_startup_with_one_line() -> N
 
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert "broker.url" in line and "pip install 'orchestrator[nats]'" in line
+    assert "broker.url" in line and "pip install 'saga-orchestrator[nats]'" in line

@@ -2,7 +2,7 @@
 
 Chosen by a `nats://` broker URL (`nats://user:password@host:4222` or
 `nats://token@host:4222`); needs the `nats` extra (`pip install
-orchestrator[nats]`).
+'saga-orchestrator[nats]'`).
 
 Topology, all on disk, so that it and the messages survive a restart of the
 server (see `_nats_names` for the names):
@@ -41,7 +41,8 @@ try:
     import nats.js
 except ImportError as exc:  # pragma: no cover (the dev extras install it)
     raise ImportError(
-        "broker.url is a nats:// URL, which needs the NATS client: pip install 'orchestrator[nats]'"
+        "broker.url is a nats:// URL, which needs the NATS client: "
+        "pip install 'saga-orchestrator[nats]'"
     ) from exc
 from nats.aio.msg import Msg
 
