@@ -5,7 +5,8 @@ the key. An application extends `Settings` with sections of its own and passes
 its class to `load_settings`.
 
 Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
-`ORCH_BROKER_URL` (`memory://` or `amqp://user:password@host:port/vhost`), and
+`ORCH_BROKER_URL` (`memory://`, `amqp://user:password@host:port/vhost` or
+`nats://user:password@host:port`), and
 the TLS and access variables of `ENVIRONMENT_VARIABLES`.
 
 Files the configuration names (certificates, keys, the tokens file) are read
@@ -34,7 +35,14 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from orchestrator._urls import BROKER_SCHEMES, STORE_SCHEMES, checked_url, redact_url
+from orchestrator._urls import (
+    BROKER_SCHEMES,
+    STORE_SCHEMES,
+    checked_client,
+    checked_nats_prefix,
+    checked_url,
+    redact_url,
+)
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -116,7 +124,8 @@ class TopicSettings(StrictModel):
     """Per-topic consumer settings."""
 
     concurrency: int = Field(ge=1, le=10_000)
-    """Deliveries handled at once (the prefetch count on RabbitMQ)."""
+    """Deliveries handled at once (the prefetch count on RabbitMQ, the messages pulled at once
+    on NATS JetStream)."""
 
 
 class BrokerTlsSettings(StrictModel):
@@ -141,8 +150,10 @@ class BrokerSettings(StrictModel):
     """The message broker the facades publish to and consume from."""
 
     url: SecretStr = SecretStr("memory://")
-    """`memory://` (in process), `amqp://user:password@host:5672/vhost`, or `amqps://...:5671/`
-    (TLS, see `tls`). Env: `ORCH_BROKER_URL`. Logged only with its password masked."""
+    """`memory://` (in process), `amqp://user:password@host:5672/vhost`, `amqps://...:5671/`
+    (TLS, see `tls`), or `nats://user:password@host:4222` or `nats://token@host:4222` (NATS
+    JetStream; needs the `nats` extra). Env: `ORCH_BROKER_URL`. Logged only with its password or
+    token masked."""
     topic_prefix: str = ""
     """Prepended to every topic name, so several deployments can share a broker."""
     default_concurrency: int = Field(default=16, ge=1, le=10_000)
@@ -153,12 +164,18 @@ class BrokerSettings(StrictModel):
     """A publish not confirmed by then fails with UNAVAILABLE (a caller may ask for less); also
     bounds declares and acks."""
     delivery_limit: int = Field(default=5, ge=1, le=1000)
-    """Deliveries of one message before it is dead-lettered."""
+    """Deliveries of one message before it is dead-lettered (on NATS JetStream the consumer's
+    `max_deliver` is one more: the last delivery only dead-letters)."""
     redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
     """Backoff before a failed delivery is retried, times its delivery count."""
     heartbeat_seconds: int = Field(default=30, ge=1, le=600)
     """AMQP heartbeat: a connection silent for three times (this + 1) seconds is given up and
-    reconnected (aiormq's rule)."""
+    reconnected (aiormq's rule). On NATS, the client's ping interval: a server that answers
+    two pings in a row with silence is given up and reconnected."""
+    ack_wait_seconds: float = Field(default=30.0, ge=1, le=3600)
+    """NATS JetStream only: a delivery neither acknowledged nor reported in progress for this
+    long is delivered again (its consumer died; a handler still running reports progress every
+    third of it). RabbitMQ gives deliveries back when their connection closes instead."""
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
     """Larger messages are refused before they reach the broker."""
     connect_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
@@ -171,23 +188,28 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
+        checked_url(
+            value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp://, amqps:// or nats://"
+        )
+        checked_client(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
-    def _tls_needs_amqps(self) -> BrokerSettings:
+    def _fits_the_scheme(self) -> BrokerSettings:
         if self.tls is not None and self.scheme != "amqps":
             raise ValueError("tls is set but the url is not amqps://")
+        if self.scheme == "nats":
+            checked_nats_prefix(self.topic_prefix)
         return self
 
     @property
     def scheme(self) -> str:
-        """`memory`, `amqp` or `amqps`."""
+        """`memory`, `amqp`, `amqps` or `nats`."""
         return urlsplit(self.url.get_secret_value()).scheme
 
     @property
     def safe_url(self) -> str:
-        """The URL with its password masked, fit for logs."""
+        """The URL with its password (or a NATS token) masked, fit for logs."""
         return redact_url(self.url.get_secret_value())
 
     def concurrency_of(self, topic: str) -> int:
