@@ -9,7 +9,7 @@ RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck proto bench bench-async clean
+.PHONY: run test lint typecheck docs proto bench bench-async clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ typecheck: $(INSTALLED)
 test: $(INSTALLED) lint typecheck
 	$(PY) -m pytest
 
+# The API reference from the docstrings, into site/; a warning fails it (tests/test_docs.py too).
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(INSTALLED)
 	$(PY) bench/sync_booking.py
 
@@ -46,4 +50,4 @@ bench-async: $(INSTALLED)
 	$(PY) bench/async_booking.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

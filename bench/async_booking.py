@@ -1,13 +1,15 @@
-"""Saga throughput of HandleAsyncBooking on RabbitMQ: the framework against a hand-written baseline.
+"""Saga throughput of HandleAsyncBooking on a broker: the framework against a hand-written baseline.
 
 It starts, as subprocesses on free ports: the demo Order upstream
 (``main.py upstream order --db :memory:``), the demo Payment upstream wrapped
 by ``bench/payment_probe.py`` (the same server, reporting each recorded
 payment's request id and CLOCK_MONOTONIC time on a pipe to this process), the
-framework (``python main.py`` on a temporary config: the RabbitMQ of
-``$RABBITMQ_URL``, a unique topic prefix, deployment/local/app.yaml's broker
-settings, the two upstreams) and ``bench/baseline_async.py`` (the same saga by
-hand on aio-pika, its own unique prefix, same prefetch and queue arguments).
+framework (``python main.py`` on a temporary config: the broker of
+``--broker`` (default ``$RABBITMQ_URL``), a unique topic prefix,
+deployment/local/app.yaml's broker settings, the two upstreams) and the same
+saga by hand with the broker's own client, its own unique prefix, same prefetch
+and topology: ``bench/baseline_async.py`` on aio-pika for an ``amqp://``
+broker, ``bench/baseline_async_nats.py`` on nats-py for a ``nats://`` one.
 
 Then it loads the framework and the baseline in turn (F, B, F, B by default)
 from this process: N callers on one channel, each in a loop submitting a saga
@@ -23,10 +25,11 @@ counts as never completed.
 It prints each run, the means, and as the very last line
 ``ratio=<framework mean sagas/s / baseline mean sagas/s>``. Failed submits and
 sagas that never completed are flagged loudly and make the exit status 1. The
-queues and exchanges of both prefixes are deleted at the end, whatever happens.
+queues and exchanges (or streams) of both prefixes are deleted at the end, whatever happens.
 
     .venv/bin/python bench/async_booking.py [--seconds 8] [--concurrency 64]
         [--upstream-latency-ms 0] [--workers 1] [--profile FILE]
+        [--broker nats://127.0.0.1:4222]
 
 ``--workers N``: as for sync_booking.py (bench/README.md, Workers).
 """
@@ -49,7 +52,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import aio_pika
 import grpc
+import nats
+import nats.js.errors
 import uvloop
 import yaml
 
@@ -59,6 +65,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import topic as booking_topics  # noqa: E402
 from bench.baseline_async import topology as baseline_topology  # noqa: E402
+from bench.baseline_async_nats import stream_name as baseline_stream_name  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_DIR,
     DEFAULT_RABBITMQ_URL,
@@ -72,7 +79,6 @@ from bench.common import (  # noqa: E402
     add_workers_option,
     booking_stubs,
     channel_count,
-    check_broker,
     child_environment,
     delete_topology,
     framework_config,
@@ -89,7 +95,8 @@ from bench.common import (  # noqa: E402
     wait_listening,
     wait_serving,
 )
-from orchestrator.config import redact_url  # noqa: E402
+from orchestrator.broker.nats import NatsBroker  # noqa: E402
+from orchestrator.config import BrokerSettings, redact_url  # noqa: E402
 from pb import booking_pb2  # noqa: E402
 
 LOCAL_CONFIG: Final = ROOT / "deployment" / "local" / "app.yaml"
@@ -120,9 +127,9 @@ class RunResult:
     server_cpu: float | None = None
     """CPU seconds the target's process used over the whole run (None off Linux)."""
     broker_cpu: float | None = None
-    """CPU seconds RabbitMQ used over the whole run (None when it is not a local process)."""
+    """CPU seconds the broker used over the whole run (None when it is not a local process)."""
     foreign_cpus: float | None = None
-    """CPUs busy with processes other than the bench's and RabbitMQ over the run, on average."""
+    """CPUs busy with processes other than the bench's and the broker's over the run, on average."""
 
     @property
     def failed(self) -> int:
@@ -281,7 +288,7 @@ async def bench(
     named_pids = {"bench": os.getpid()}
     named_pids.update((name, process.popen.pid) for name, process in processes.items())
     if broker_pid is not None:
-        named_pids["rabbitmq"] = broker_pid
+        named_pids["nats" if is_nats(args.broker or "") else "rabbitmq"] = broker_pid
     pids = list(named_pids.values())
     results: list[RunResult] = []
     try:
@@ -379,12 +386,51 @@ def summarize(results: Sequence[RunResult], leftovers: dict[str, int]) -> int:
     return status
 
 
+def is_nats(url: str) -> bool:
+    """True for a NATS JetStream URL."""
+    return urlsplit(url).scheme == "nats"
+
+
+def framework_stream(url: str, prefix: str) -> str:
+    """The stream the framework declares under `prefix` (broker/_nats_names.py)."""
+    return NatsBroker(BrokerSettings.model_validate({"url": url, "topic_prefix": prefix})).stream
+
+
+async def delete_streams(url: str, streams: Sequence[str]) -> dict[str, int]:
+    """Delete the streams (missing ones are fine); return those that held messages."""
+    leftovers: dict[str, int] = {}
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = client.jetstream(timeout=10)
+        for stream in streams:
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                continue
+            if info.state.messages:
+                leftovers[stream] = info.state.messages
+            await js.delete_stream(stream)
+    finally:
+        await client.close()
+    return leftovers
+
+
+async def check_broker(url: str) -> None:
+    """Connect once, so an unreachable broker fails the bench before anything starts."""
+    if is_nats(url):
+        client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+        await client.close()
+        return
+    connection = await aio_pika.connect(url, timeout=10)
+    await connection.close()
+
+
 def find_broker_pid(url: str) -> int | None:
     """The pid of the local process listening on `url`'s port, so its CPU can be counted."""
     parts = urlsplit(url)
     if parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
         return None
-    port = parts.port or 5672
+    port = parts.port or (4222 if is_nats(url) else 5672)
     inodes = {f"socket:[{inode}]" for inode in listening_sockets(port)}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -428,6 +474,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--upstream-latency-ms", type=float, default=0.0, help="delay added by each upstream call"
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="amqp://... (default: $RABBITMQ_URL, else local RabbitMQ) or nats://... (JetStream)",
     )
     parser.add_argument(
         "--profile",
@@ -506,7 +557,7 @@ def start_servers(
         "--order": f"{HOST}:{ports['order']}",
         "--payment": f"{HOST}:{ports['payment']}",
         "--timeout-seconds": str(UPSTREAM_TIMEOUT_SECONDS),
-        "--amqp-url": url,
+        "--nats-url" if is_nats(url) else "--amqp-url": url,
         "--prefix": baseline_prefix,
         "--order-prefetch": str(concurrency_of(broker, booking_topics.CREATE_ORDER)),
         "--payment-prefetch": str(concurrency_of(broker, booking_topics.CREATE_PAYMENT)),
@@ -517,7 +568,7 @@ def start_servers(
         "baseline",
         [
             python,
-            str(BENCH_DIR / "baseline_async.py"),
+            str(BENCH_DIR / ("baseline_async_nats.py" if is_nats(url) else "baseline_async.py")),
             *(x for kv in baseline_argv.items() for x in kv),
         ],
         log_dir,
@@ -526,10 +577,14 @@ def start_servers(
 
 
 def clean_up(url: str, prefixes: tuple[str, str]) -> dict[str, int] | None:
-    """Delete both prefixes' queues and exchanges; the queues that held messages, None on error."""
+    """Delete both prefixes' queues and exchanges (or streams); those that held messages, None
+    on error."""
     queues, exchanges = framework_topology(prefixes[0])
     baseline_queues, baseline_exchanges = baseline_topology(prefixes[1])
     try:
+        if is_nats(url):
+            streams = [framework_stream(url, prefixes[0]), baseline_stream_name(prefixes[1])]
+            return uvloop.run(delete_streams(url, streams))
         return uvloop.run(
             delete_topology(url, queues + baseline_queues, exchanges + baseline_exchanges)
         )
@@ -547,14 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None:
         args.profile = args.profile.resolve()
     signal.signal(signal.SIGTERM, terminate)
-    url = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    url = args.broker or os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
     invocation = uuid.uuid4().hex[:8]  # in queue names and request ids: never reused
     prefixes = (f"bench.{invocation}.f.", f"bench.{invocation}.b.")  # framework, baseline
     broker = broker_settings(url, prefixes[0])
     try:
         uvloop.run(check_broker(url))
     except Exception as exc:
-        print(f"bench failed: RabbitMQ {redact_url(url)} unreachable: {exc!r}", file=sys.stderr)
+        print(f"bench failed: broker {redact_url(url)} unreachable: {exc!r}", file=sys.stderr)
         return 2
     names = ("order", "payment", "framework", "baseline")
     ports = dict(zip(names, free_ports(len(names)), strict=True))

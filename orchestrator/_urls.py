@@ -7,23 +7,36 @@ is not a number) is masked as well as a good one, and reported by
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["BROKER_SCHEMES", "STORE_SCHEMES", "checked_url", "redact_url"]
+__all__ = [
+    "BROKER_SCHEMES",
+    "STORE_SCHEMES",
+    "checked_client",
+    "checked_nats_prefix",
+    "checked_url",
+    "redact_url",
+]
 
-BROKER_SCHEMES = frozenset({"memory", "amqp", "amqps"})
+BROKER_SCHEMES = frozenset({"memory", "amqp", "amqps", "nats"})
 """The schemes of `broker.url`."""
 STORE_SCHEMES = frozenset(
     {"memory", "sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"}
 )
 """The schemes of `store.url` (a bare `sqlite` or `postgresql` gets the driver it names)."""
+_NATS_PREFIX = re.compile(r"(?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]*")
+"""A topic prefix NATS subjects can start with: tokens of safe characters, dot-separated."""
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`; the rest as it was, malformed or not."""
+    """`url` with any password replaced by `***`, and for `nats://` a lone user name too
+    (NATS reads `nats://token@host` as a token); the rest as it was, malformed or not."""
     parts = urlsplit(url)
     userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" not in userinfo and parts.scheme == "nats":
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
     if not at or ":" not in userinfo:
         return url
     user = userinfo.split(":", 1)[0]
@@ -49,3 +62,23 @@ def checked_url(url: str, schemes: Collection[str], example: str) -> None:
     raise ValueError(
         f"port {netloc.rpartition(':')[2]!r} of {redact_url(url)!r} is not a number from 1 to 65535"
     )
+
+
+def checked_client(url: str) -> None:
+    """ValueError unless the client `url`'s scheme needs is installed (`nats://`: nats-py)."""
+    if urlsplit(url).scheme == "nats":
+        try:
+            import nats  # noqa: F401 (only whether it is installed)
+        except ImportError:
+            raise ValueError(
+                "nats:// needs the NATS client: pip install 'saga-orchestrator[nats]'"
+            ) from None
+
+
+def checked_nats_prefix(prefix: str) -> None:
+    """ValueError unless `prefix` (a broker's `topic_prefix`) can start NATS subjects."""
+    if not _NATS_PREFIX.fullmatch(prefix):
+        raise ValueError(
+            "topic_prefix must be empty or dot-separated letters, digits, '_' and '-' "
+            "(it starts NATS subjects)"
+        )

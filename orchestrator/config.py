@@ -5,7 +5,8 @@ the key. An application extends `Settings` with sections of its own and passes
 its class to `load_settings`.
 
 Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
-`ORCH_BROKER_URL` (`memory://` or `amqp://user:password@host:port/vhost`), and
+`ORCH_BROKER_URL` (`memory://`, `amqp://user:password@host:port/vhost` or
+`nats://user:password@host:port`), and
 the TLS and access variables of `ENVIRONMENT_VARIABLES`.
 
 Files the configuration names (certificates, keys, the tokens file) are read
@@ -34,7 +35,14 @@ from pydantic import (
 )
 
 from orchestrator._config_reference import reference_table
-from orchestrator._urls import BROKER_SCHEMES, STORE_SCHEMES, checked_url, redact_url
+from orchestrator._urls import (
+    BROKER_SCHEMES,
+    STORE_SCHEMES,
+    checked_client,
+    checked_nats_prefix,
+    checked_url,
+    redact_url,
+)
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -117,12 +125,12 @@ class TopicSettings(StrictModel):
     """Per-topic consumer settings."""
 
     concurrency: int = Field(ge=1, le=10_000)
-    """Deliveries handled at once (the prefetch count on RabbitMQ)."""
+    """Deliveries handled at once (the prefetch count on RabbitMQ, the messages pulled at once
+    on NATS JetStream)."""
     max_length: int | None = Field(default=None, ge=1, le=100_000_000)
-    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, with the
-    `reject-publish` overflow): past it a publish is refused, and a call whose first hop it
-    is gets RESOURCE_EXHAUSTED with nothing started. Unset: no limit. RabbitMQ refuses to
-    declare an existing queue with another limit: see the README's admission control."""
+    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, `reject-publish`):
+    a call whose first hop it refuses is RESOURCE_EXHAUSTED, nothing started (see the README's
+    admission control). Unset: no limit. Not on NATS JetStream."""
 
 
 class BrokerTlsSettings(StrictModel):
@@ -147,8 +155,10 @@ class BrokerSettings(StrictModel):
     """The message broker the facades publish to and consume from."""
 
     url: SecretStr = SecretStr("memory://")
-    """`memory://` (in process), `amqp://user:password@host:5672/vhost`, or `amqps://...:5671/`
-    (TLS, see `tls`). Env: `ORCH_BROKER_URL`. Logged only with its password masked."""
+    """`memory://` (in process), `amqp://user:password@host:5672/vhost`, `amqps://...:5671/`
+    (TLS, see `tls`), or `nats://user:password@host:4222` or `nats://token@host:4222` (NATS
+    JetStream; needs the `nats` extra). Env: `ORCH_BROKER_URL`. Logged only with its password or
+    token masked."""
     topic_prefix: str = ""
     """Prepended to every topic name, so several deployments can share a broker."""
     default_concurrency: int = Field(default=16, ge=1, le=10_000)
@@ -159,12 +169,18 @@ class BrokerSettings(StrictModel):
     """A publish not confirmed by then fails with UNAVAILABLE (a caller may ask for less); also
     bounds declares and acks."""
     delivery_limit: int = Field(default=5, ge=1, le=1000)
-    """Deliveries of one message before it is dead-lettered."""
+    """Deliveries of one message before it is dead-lettered (on NATS JetStream the consumer's
+    `max_deliver` is one more: the last delivery only dead-letters)."""
     redelivery_delay_seconds: float = Field(default=0.05, ge=0, le=60)
     """Backoff before a failed delivery is retried, times its delivery count."""
     heartbeat_seconds: int = Field(default=30, ge=1, le=600)
     """AMQP heartbeat: a connection silent for three times (this + 1) seconds is given up and
-    reconnected (aiormq's rule)."""
+    reconnected (aiormq's rule). On NATS, the client's ping interval: a server that answers
+    two pings in a row with silence is given up and reconnected."""
+    ack_wait_seconds: float = Field(default=30.0, ge=1, le=3600)
+    """NATS JetStream only: a delivery neither acknowledged nor reported in progress for this
+    long is delivered again (its consumer died; a handler still running reports progress every
+    third of it). RabbitMQ gives deliveries back when their connection closes instead."""
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=128 << 20)
     """Larger messages are refused before they reach the broker."""
     connect_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
@@ -177,23 +193,30 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
+        checked_url(
+            value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp://, amqps:// or nats://"
+        )
+        checked_client(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
-    def _tls_needs_amqps(self) -> BrokerSettings:
+    def _fits_the_scheme(self) -> BrokerSettings:
         if self.tls is not None and self.scheme != "amqps":
             raise ValueError("tls is set but the url is not amqps://")
+        if self.scheme == "nats":
+            checked_nats_prefix(self.topic_prefix)
+            if any(topic.max_length for topic in self.topics.values()):
+                raise ValueError("topics' max_length is a RabbitMQ queue limit, not on nats://")
         return self
 
     @property
     def scheme(self) -> str:
-        """`memory`, `amqp` or `amqps`."""
+        """`memory`, `amqp`, `amqps` or `nats`."""
         return urlsplit(self.url.get_secret_value()).scheme
 
     @property
     def safe_url(self) -> str:
-        """The URL with its password masked, fit for logs."""
+        """The URL with its password (or a NATS token) masked, fit for logs."""
         return redact_url(self.url.get_secret_value())
 
     def concurrency_of(self, topic: str) -> int:
@@ -271,9 +294,8 @@ class StoreSettings(StrictModel):
 
 
 FacadeKindName = Literal["sync", "async", "throttling", "inline"]
-"""How a facade's sagas run: in the caller's call (`sync`), hop by hop through the broker
-with the caller answered at once (`async`) or once the saga ended (`throttling`), or hop by
-hop in the caller's task without the broker (`inline`)."""
+"""How a facade's sagas run: in the caller's call (`sync`), through the broker answered at once
+(`async`) or at the saga's end (`throttling`), or in the caller's task (`inline`)."""
 
 
 class FacadeSagaSettings(StrictModel):
@@ -313,30 +335,26 @@ class SagaSettings(StrictModel):
     facades: dict[str, FacadeSagaSettings] = Field(default_factory=dict)
     """Per-facade settings by facade name; a facade named here must be registered."""
 
+    def own(self, facade: str) -> FacadeSagaSettings:
+        """`facade`'s own settings (all unset when it has none)."""
+        return self.facades.get(facade) or FacadeSagaSettings()
+
     def deadlines_of(self, facade: str) -> tuple[float, float]:
         """`facade`'s (deadline_seconds, compensation_seconds)."""
-        own = self.facades.get(facade) or FacadeSagaSettings()
+        own = self.own(facade)
         return (
             own.deadline_seconds or self.deadline_seconds,
             own.compensation_seconds or self.compensation_seconds,
         )
 
-    def run_as_of(self, facade: str) -> FacadeKindName | None:
-        """The kind `facade` is configured to run as; None: as it was built."""
-        own = self.facades.get(facade)
-        return own.run_as if own is not None else None
-
     def max_in_flight_of(self, facade: str) -> int:
         """How many calls of `facade` may be in progress on this replica (0: no limit)."""
-        own = self.facades.get(facade)
-        if own is not None and own.max_in_flight is not None:
-            return own.max_in_flight
-        return self.max_in_flight
+        own = self.own(facade).max_in_flight
+        return self.max_in_flight if own is None else own
 
     def max_wait_of(self, facade: str) -> float:
         """How long a throttling call of `facade` waits for its saga's end at most."""
-        own = self.facades.get(facade)
-        return (own.max_wait_seconds if own is not None else None) or self.max_wait_seconds
+        return self.own(facade).max_wait_seconds or self.max_wait_seconds
 
 
 class DeadLetterSettings(StrictModel):
@@ -459,10 +477,9 @@ class Settings(StrictModel):
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object a line, for log collectors; `text` for people."""
     workers: int = Field(default=1, ge=0, le=1024)
-    """Orchestrator processes sharing the gRPC port, each with its own event loop and broker
-    connection, under a supervisor that restarts one that dies; 0: one per core. More than one
-    needs a broker and a store they share (RabbitMQ; SQLite or PostgreSQL) and a fixed
-    `grpc.port`. Env: `ORCH_WORKERS`; `--workers N` on the command line."""
+    """Orchestrator processes sharing the gRPC port under a supervisor (0: one per core). More
+    than one needs a broker and a store they share and a fixed `grpc.port`. Env: `ORCH_WORKERS`;
+    `--workers N` on the command line."""
 
     @model_validator(mode="after")
     def _workers_share_what_they_need(self) -> Settings:
@@ -472,7 +489,7 @@ class Settings(StrictModel):
         if self.broker.scheme == "memory":
             raise ValueError(
                 f"workers: {what} cannot share broker.url memory:// (each process would have "
-                "a broker of its own): use amqp:// or amqps://"
+                "a broker of its own): use amqp://, amqps:// or nats://"
             )
         if self.store.url.get_secret_value() in ("", "memory://"):
             raise ValueError(

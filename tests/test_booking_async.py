@@ -1,8 +1,9 @@
-"""HandleAsyncBooking on a real RabbitMQ: every saga ends completed or compensated, once.
+"""HandleAsyncBooking on each real broker (RabbitMQ, NATS JetStream): every saga ends completed
+or compensated, once.
 
 The upstream services run in the test's process so their ledgers can be read
 directly; the orchestrator runs in process too, or as `python main.py` where
-the test kills it.
+the test kills it. Each behaviour runs once per broker (`broker_kind`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.broker import broker_from_settings
 from orchestrator.config import BrokerSettings
+from orchestrator.proto import saga_pb2
+from orchestrator.proto.saga_pb2_grpc import SagaAdminStub
 from orchestrator.server import LIVENESS_SERVICE
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams, app_settings, eventually
 from tests.support.broker_fixtures import make_settings
+from tests.support.brokers import PrivateNode, drained_soon, messages_left
 from tests.support.processes import free_port, start_main, wait_for_serving
-from tests.support.rabbitmq import RabbitMQNode
 from tests.support.sagas import Load, Outcome, kept_dead_letters
 from topic import CANCEL_ASYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
 
@@ -38,27 +41,18 @@ TOPICS = BOOKING_TOPICS
 
 
 async def queues_drained(settings: BrokerSettings) -> dict[str, int]:
-    """Messages left in each topic's queue and dead-letter queue (empty dict: all drained)."""
-    inspector = RabbitMQBroker(settings)
-    await inspector.start()
-    try:
-        left = {}
-        for topic in TOPICS:
-            if depth := await inspector.depth(topic):
-                left[topic] = depth
-            if dead := await inspector.dead_letters(topic):
-                left[f"{topic}.dlq"] = len(dead)
-        return left
-    finally:
-        await inspector.close()
+    """Messages left in each topic and its dead letters (empty dict: all drained), once the
+    topics are (within a few seconds: the last acknowledgements may be on their way)."""
+    await drained_soon(settings, TOPICS, within=10)
+    return await messages_left(settings, TOPICS)
 
 
 @pytest.fixture
 async def async_app(
-    upstreams: Upstreams, rabbit_settings: BrokerSettings
+    upstreams: Upstreams, kit_settings: BrokerSettings
 ) -> AsyncIterator[BookingApp]:
-    """The booking service in this process, on the shared RabbitMQ."""
-    async with run_booking_app(app_settings(upstreams, rabbit_settings)) as app:
+    """The booking service in this process, on the shared server of `broker_kind`."""
+    async with run_booking_app(app_settings(upstreams, kit_settings)) as app:
         yield app
 
 
@@ -92,7 +86,7 @@ async def test_fault_inject_cancels_the_order_and_takes_no_payment(
 async def test_500_concurrent_bookings_each_end_completed_or_compensated_once(
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
-    rabbit_settings: BrokerSettings,
+    kit_settings: BrokerSettings,
 ) -> None:
     load = Load(size=500, fault_every=5)
     await load.submit(booking, concurrency=64)
@@ -100,11 +94,11 @@ async def test_500_concurrent_bookings_each_end_completed_or_compensated_once(
     await load.settle(upstreams.order.ledger, upstreams.payment.ledger)
     tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
     assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_invalid_requests_are_refused_before_anything_is_queued(
-    booking: booking_pb2_grpc.BookingServiceAsyncStub, rabbit_settings: BrokerSettings
+    booking: booking_pb2_grpc.BookingServiceAsyncStub, kit_settings: BrokerSettings
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await booking.HandleAsyncBooking(
@@ -115,14 +109,14 @@ async def test_invalid_requests_are_refused_before_anything_is_queued(
 
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "bad-1" in (failure.value.details() or "")
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_sagas_finish(
     async_app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
-    rabbit_settings: BrokerSettings,
+    kit_settings: BrokerSettings,
 ) -> None:
     slip = {"topics": [CREATE_ORDER, CREATE_PAYMENT], "rollback_topic": CANCEL_ASYNC_BOOKING}
     poison = {
@@ -133,7 +127,7 @@ async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_saga
         ).encode(),
     }
     load = Load(size=40, fault_every=4)
-    publisher = RabbitMQBroker(rabbit_settings)
+    publisher = broker_from_settings(kit_settings)
     await publisher.start()
     try:
         submitting = asyncio.create_task(load.submit(booking))
@@ -150,13 +144,20 @@ async def test_poison_messages_are_dead_lettered_with_their_reason_and_good_saga
     assert reasons["poison-schema"].startswith("schema: product_id")
     assert reasons["poison-index"].startswith("no such saga")
     assert len(dead) == 3
-    assert await queues_drained(rabbit_settings) == {}
+    # What an operator lists (access is open: no credentials configured).
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{async_app.server.port}") as channel:
+        listed = await SagaAdminStub(channel).ListDeadLetters(
+            saga_pb2.ListDeadLettersRequest(topic=CREATE_ORDER), timeout=5
+        )
+    assert {letter.message_id: letter.reason for letter in listed.dead_letters} == reasons
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_the_broker_restarted_mid_run_loses_nothing(
-    private_rabbitmq: RabbitMQNode, upstreams: Upstreams
+    private_node: PrivateNode, upstreams: Upstreams
 ) -> None:
-    settings = make_settings(private_rabbitmq.url)
+    # Deliveries whose acks the restart lost come back (and are dropped) after the ack wait.
+    settings = make_settings(private_node.url, ack_wait_seconds=3)
     load = Load(size=500, fault_every=5)
     async with (
         run_booking_app(app_settings(upstreams, settings)) as app,
@@ -165,11 +166,12 @@ async def test_the_broker_restarted_mid_run_loses_nothing(
         stub = booking_pb2_grpc.BookingServiceStub(channel)
         submitting = asyncio.create_task(load.submit(stub, concurrency=32, retry_for=120))
         await asyncio.wait_for(load.accepted_at_least(150), 60)
-        await private_rabbitmq.astop()
+        await private_node.astop()
         await asyncio.sleep(1)
-        await private_rabbitmq.astart()
+        await private_node.astart()
         await submitting
         await load.settle(upstreams.order.ledger, upstreams.payment.ledger, within=120)
+        await drained_soon(settings, TOPICS)
 
     tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
     assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
@@ -184,6 +186,8 @@ def orchestrator_config(tmp_path: Path, upstreams: Upstreams, settings: BrokerSe
             "url": settings.url.get_secret_value(),
             "topic_prefix": settings.topic_prefix,
             "connect_timeout_seconds": 20,
+            # JetStream gives the killed process's deliveries to others after this.
+            "ack_wait_seconds": 3,
         },
         "upstreams": {
             "order": {"address": upstreams.order.target},
@@ -200,9 +204,9 @@ def orchestrator_config(tmp_path: Path, upstreams: Upstreams, settings: BrokerSe
 
 
 async def test_the_orchestrator_killed_mid_run_loses_nothing_and_does_nothing_twice(
-    tmp_path: Path, upstreams: Upstreams, rabbit_settings: BrokerSettings
+    tmp_path: Path, upstreams: Upstreams, kit_settings: BrokerSettings
 ) -> None:
-    config = orchestrator_config(tmp_path, upstreams, rabbit_settings)
+    config = orchestrator_config(tmp_path, upstreams, kit_settings)
     port = yaml.safe_load(config.read_text())["grpc"]["port"]
     target = f"127.0.0.1:{port}"
     load = Load(size=500, fault_every=5)
@@ -219,18 +223,19 @@ async def test_the_orchestrator_killed_mid_run_loses_nothing_and_does_nothing_tw
                 await asyncio.to_thread(wait_for_serving, target, second)
                 await submitting
                 await load.settle(upstreams.order.ledger, upstreams.payment.ledger, within=120)
+                await drained_soon(kit_settings, TOPICS)
     finally:
         first.close()
 
     tally = load.tally(upstreams.order.ledger, upstreams.payment.ledger)
     assert tally[Outcome.COMPLETED] == 400 and tally[Outcome.COMPENSATED] == 100
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_health_follows_the_broker_and_async_bookings_are_refused_while_it_is_down(
-    private_rabbitmq: RabbitMQNode, upstreams: Upstreams
+    private_node: PrivateNode, upstreams: Upstreams
 ) -> None:
-    settings = make_settings(private_rabbitmq.url, publish_timeout_seconds=1.0)
+    settings = make_settings(private_node.url, publish_timeout_seconds=1.0)
     async with (
         run_booking_app(app_settings(upstreams, settings)) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel,
@@ -243,7 +248,7 @@ async def test_health_follows_the_broker_and_async_bookings_are_refused_while_it
             return answer.status
 
         assert await status() == health_pb2.HealthCheckResponse.SERVING
-        await private_rabbitmq.astop()
+        await private_node.astop()
         await eventually(
             lambda: _equals(status(), health_pb2.HealthCheckResponse.NOT_SERVING), within=20
         )
@@ -260,7 +265,7 @@ async def test_health_follows_the_broker_and_async_bookings_are_refused_while_it
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "while-down" in (failure.value.details() or "")
 
-        await private_rabbitmq.astart()
+        await private_node.astart()
         await eventually(
             lambda: _equals(status(), health_pb2.HealthCheckResponse.SERVING), within=30
         )

@@ -55,6 +55,21 @@ def test_an_unsupported_broker_scheme_is_refused(tmp_path: Path) -> None:
         load_settings(Settings, path, environ={})
 
 
+def test_a_nats_url_selects_nats_and_its_token_or_password_is_masked() -> None:
+    token = BrokerSettings.model_validate({"url": "nats://s3cret-token@host:4222"})
+    password = BrokerSettings.model_validate({"url": "nats://user:s3cret-pw@host:4222"})
+
+    assert token.scheme == "nats"
+    assert token.safe_url == "nats://***@host:4222"
+    assert password.safe_url == "nats://user:***@host:4222"
+
+
+def test_a_nats_topic_prefix_must_start_subjects(tmp_path: Path) -> None:
+    path = write(tmp_path, "broker:\n  url: nats://localhost\n  topic_prefix: 'a b.'\n")
+    with pytest.raises(ConfigError, match="topic_prefix must be empty or dot-separated"):
+        load_settings(Settings, path, environ={})
+
+
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_settings(Settings, tmp_path / "nope.yaml", environ={})

@@ -1,4 +1,4 @@
-"""The journal governs the async booking saga on a real RabbitMQ: no message acts on its own.
+"""The journal governs the async booking saga on each real broker: no message acts on its own.
 
 The booking service runs in process with a SQLite journal, its upstreams are
 the real Order and Payment services over gRPC, and every write to their
@@ -23,7 +23,8 @@ import pytest
 
 from main import AppSettings, BookingApp
 from main import running_app as run_booking_app
-from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.broker import broker_from_settings
+from orchestrator.broker.base import Broker
 from orchestrator.config import BrokerSettings
 from orchestrator.store import SagaRecord, SagaState, StepState
 from pb import booking_pb2, booking_pb2_grpc
@@ -59,9 +60,9 @@ def journal_settings(
 
 @pytest.fixture
 async def app(
-    upstreams: Upstreams, rabbit_settings: BrokerSettings, tmp_path: Path
+    upstreams: Upstreams, kit_settings: BrokerSettings, tmp_path: Path
 ) -> AsyncIterator[BookingApp]:
-    async with run_booking_app(journal_settings(upstreams, rabbit_settings, tmp_path)) as app:
+    async with run_booking_app(journal_settings(upstreams, kit_settings, tmp_path)) as app:
         yield app
 
 
@@ -72,9 +73,9 @@ async def booking(app: BookingApp) -> AsyncIterator[booking_pb2_grpc.BookingServ
 
 
 @pytest.fixture
-async def forger(rabbit_settings: BrokerSettings) -> AsyncIterator[RabbitMQBroker]:
+async def forger(kit_settings: BrokerSettings) -> AsyncIterator[Broker]:
     """A client of the same broker, publishing messages the orchestrator did not."""
-    broker = RabbitMQBroker(rabbit_settings)
+    broker = broker_from_settings(kit_settings)
     await broker.start()
     yield broker
     await broker.close()
@@ -126,7 +127,7 @@ def hop(request_id: str, index: int, **fields: Any) -> bytes:
 
 
 async def test_hop_messages_for_sagas_that_do_not_exist_call_nothing_and_record_nothing(
-    app: BookingApp, forger: RabbitMQBroker, calls: Counter[str]
+    app: BookingApp, forger: Broker, calls: Counter[str]
 ) -> None:
     await forger.publish(CREATE_ORDER, hop("ghost-1", 0), message_id="ghost-1")
     await forger.publish(CREATE_PAYMENT, hop("ghost-2", 1, order_id=7), message_id="ghost-2")
@@ -150,9 +151,9 @@ async def test_hop_messages_for_sagas_that_do_not_exist_call_nothing_and_record_
 async def test_hop_messages_for_finished_sagas_call_nothing_and_change_nothing(
     app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
-    forger: RabbitMQBroker,
+    forger: Broker,
     calls: Counter[str],
-    rabbit_settings: BrokerSettings,
+    kit_settings: BrokerSettings,
 ) -> None:
     await book(booking, "done-1")
     await book(booking, "undone-1", faulty=True)
@@ -162,10 +163,13 @@ async def test_hop_messages_for_finished_sagas_call_nothing_and_change_nothing(
     calls_before, refused_before = Counter(calls), refused(app)
 
     for saga in before.values():  # each hop, exactly as the orchestrator published it
-        await forger.publish(CREATE_ORDER, saga.payload.encode(), message_id="replay-0")
-        await forger.publish(CREATE_PAYMENT, (saga.steps[0].data or "").encode(), message_id="r1")
-        rollback = json.dumps({"facade": ASYNC_BOOKING, "request_id": saga.request_id})
-        await forger.publish(CANCEL_ASYNC_BOOKING, rollback.encode(), message_id="replay-rb")
+        # Ids of their own: JetStream keeps one message per id while the first waits.
+        rid = saga.request_id
+        await forger.publish(CREATE_ORDER, saga.payload.encode(), message_id=f"{rid}:replay-0")
+        hop_1 = (saga.steps[0].data or "").encode()
+        await forger.publish(CREATE_PAYMENT, hop_1, message_id=f"{rid}:replay-1")
+        rollback = json.dumps({"facade": ASYNC_BOOKING, "request_id": rid})
+        await forger.publish(CANCEL_ASYNC_BOOKING, rollback.encode(), message_id=f"{rid}:rb")
     altered = hop("done-1", 1, order_id=999)
     await forger.publish(CREATE_PAYMENT, altered, message_id="altered")
     wrong = json.dumps({**SLIP, "request_id": "done-1", "current_index": 1, "product_id": -5})
@@ -177,7 +181,7 @@ async def test_hop_messages_for_finished_sagas_call_nothing_and_change_nothing(
     assert await dead_letters(app, (CREATE_PAYMENT,), 1) == {
         "wrong-schema": "schema: product_id: Input should be greater than 0"
     }
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 def duplicating(app: BookingApp) -> None:
@@ -197,7 +201,7 @@ async def test_every_hop_of_200_sagas_published_twice_has_each_effect_once(
     app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
-    rabbit_settings: BrokerSettings,
+    kit_settings: BrokerSettings,
 ) -> None:
     duplicating(app)
     load = Load(size=200, fault_every=5)
@@ -212,15 +216,15 @@ async def test_every_hop_of_200_sagas_published_twice_has_each_effect_once(
         expected = [StepState.DONE, StepState.FAILED if load.faulty(rid) else StepState.DONE]
         assert [step.state for step in saga.steps] == expected, rid
         assert [step.attempts for step in saga.steps] == [1, 1], rid
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_100_replays_of_finished_sagas_hops_have_no_effect_and_change_no_record(
     app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
-    forger: RabbitMQBroker,
+    forger: Broker,
     calls: Counter[str],
-    rabbit_settings: BrokerSettings,
+    kit_settings: BrokerSettings,
 ) -> None:
     load = Load(size=100, fault_every=4)
     await load.submit(booking, concurrency=32)
@@ -235,7 +239,7 @@ async def test_100_replays_of_finished_sagas_hops_have_no_effect_and_change_no_r
 
     assert calls == calls_before
     assert await journal(app, load.request_ids) == before
-    assert await queues_drained(rabbit_settings) == {}
+    assert await queues_drained(kit_settings) == {}
 
 
 async def test_a_step_queue_deleted_mid_run_every_saga_still_ends(
@@ -280,7 +284,7 @@ async def test_a_rollback_node_failing_for_good_ends_compensation_failed_within_
     app: BookingApp,
     booking: booking_pb2_grpc.BookingServiceAsyncStub,
     upstreams: Upstreams,
-    forger: RabbitMQBroker,
+    forger: Broker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def refuse(key: str) -> None:

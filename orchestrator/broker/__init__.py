@@ -1,4 +1,4 @@
-"""Brokers: the protocol, the in-memory default and RabbitMQ, chosen by URL."""
+"""Brokers: the protocol, the in-memory default, RabbitMQ and NATS JetStream, chosen by URL."""
 
 from orchestrator.broker.base import (
     Broker,
@@ -28,9 +28,13 @@ __all__ = [
 
 
 def broker_from_settings(settings: BrokerSettings) -> Broker:
-    """The broker the settings' URL names: `memory://` or `amqp://`."""
+    """The broker the settings' URL names: `memory://`, `amqp(s)://` or `nats://`."""
     if settings.scheme == "memory":
         return InMemoryBroker(settings)
+    if settings.scheme == "nats":
+        from orchestrator.broker.nats import NatsBroker
+
+        return NatsBroker(settings)
     from orchestrator.broker.rabbitmq import RabbitMQBroker
 
     return RabbitMQBroker(settings)

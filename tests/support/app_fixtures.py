@@ -17,6 +17,7 @@ from main import running_app as run_booking_app
 from orchestrator.config import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from tests.support.broker_fixtures import delete_topology, make_settings
+from tests.support.brokers import BrokerKit
 from topic import (
     CANCEL_ASYNC_BOOKING,
     CANCEL_SYNC_BOOKING,
@@ -162,6 +163,15 @@ async def rabbit_settings(rabbitmq_url: str) -> AsyncIterator[BrokerSettings]:
     settings = make_settings(rabbitmq_url)
     yield settings
     await delete_topology(settings, frozenset(BOOKING_TOPICS))
+
+
+@pytest.fixture
+async def kit_settings(broker_kit: BrokerKit) -> AsyncIterator[BrokerSettings]:
+    """Settings on the shared server of `broker_kind`, with a topic prefix of this test's own;
+    the booking service's topology goes afterwards."""
+    settings = broker_kit.settings()
+    yield settings
+    await broker_kit.delete(settings, frozenset(BOOKING_TOPICS))
 
 
 @pytest.fixture

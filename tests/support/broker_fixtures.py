@@ -1,4 +1,4 @@
-"""pytest plugin: a real RabbitMQ for the tests that need one.
+"""pytest plugin: a real RabbitMQ and a real NATS JetStream for the tests that need them.
 
 `rabbitmq_url` (session) is, in order of preference: `$RABBITMQ_URL`; a
 private node started from the local RabbitMQ install; a testcontainers
@@ -9,25 +9,41 @@ Tests share that broker, so each one gets its own `topic_prefix` from
 `broker_settings`; `rabbitmq_broker` starts a broker on those settings and
 deletes the queues and exchanges it declared afterwards. Tests that stop,
 kill or restart the broker use `private_rabbitmq`, a node of their own.
+
+`nats_url` (session) is `$NATS_URL`, else the NATS server of this machine
+(127.0.0.1:4222) when it answers, else a private `nats-server` for the
+session; tests on it use a unique prefix (and so a stream) each and delete
+it. `private_nats` is a server of the test's own.
+
+Behaviour tests take `broker_kind` (module-scoped, one run per real broker)
+and get a `BrokerKit` (`broker_kit`) and a module's private server of that
+kind (`private_node`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 import pytest_asyncio
 
+from orchestrator.broker.base import Broker
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings
+from tests.support.brokers import BROKER_KINDS, BrokerKind, BrokerKit, PrivateNode
+from tests.support.nats import NatsServer
 from tests.support.rabbitmq import RabbitMQNode
 from tests.support.tcp_proxy import TcpProxy
+
+_SHARED_NATS = "nats://127.0.0.1:4222"
 
 _CONTAINER_IMAGE = os.environ.get("RABBITMQ_IMAGE", "rabbitmq:3.10")
 
@@ -190,3 +206,84 @@ async def rabbitmq_broker(broker_settings: BrokerSettings) -> AsyncIterator[Rabb
         topics = broker.declared_topics
         await broker.close()
         await delete_topology(broker_settings, topics)
+
+
+# -- NATS JetStream ---------------------------------------------------------------------
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), 1),
+    ):
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """The URL of a NATS server with JetStream shared by the whole session."""
+    if url := os.environ.get("NATS_URL"):
+        yield url
+        return
+    if _answers(_SHARED_NATS):
+        yield _SHARED_NATS
+        return
+    if not NatsServer.available():
+        skip_or_fail("NATS", [f"nothing answers on {_SHARED_NATS}", "no nats-server binary"])
+    with NatsServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def private_nats() -> Iterator[NatsServer]:
+    """A started NATS server of the test's own, which it may stop, kill or restart."""
+    if not NatsServer.available():
+        skip_or_fail("private NATS server", ["no nats-server binary"])
+    with NatsServer() as server:
+        yield server
+
+
+# -- every real broker ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=BROKER_KINDS)
+def broker_kind(request: pytest.FixtureRequest) -> BrokerKind:
+    """Each real broker in turn (the tests of a module run on one, then on the other)."""
+    kind: BrokerKind = request.param
+    return kind
+
+
+@pytest.fixture
+def broker_kit(broker_kind: BrokerKind, request: pytest.FixtureRequest) -> BrokerKit:
+    """The shared server of `broker_kind`."""
+    url = request.getfixturevalue("rabbitmq_url" if broker_kind == "rabbitmq" else "nats_url")
+    return BrokerKit(broker_kind, url)
+
+
+@pytest.fixture(scope="module")
+def private_node(broker_kind: BrokerKind) -> Iterator[PrivateNode]:
+    """A private server of `broker_kind` for the module, which every test leaves running."""
+    if broker_kind == "rabbitmq":
+        yield from _started_node()
+        return
+    if not NatsServer.available():
+        skip_or_fail("private NATS server", ["no nats-server binary"])
+    with NatsServer(auth=True) as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def kit_broker(broker_kit: BrokerKit) -> AsyncIterator[Broker]:
+    """A started broker of `broker_kind` with a topic prefix of its own; what it declared is
+    deleted afterwards."""
+    settings = broker_kit.settings()
+    broker = broker_kit.broker(settings)
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        topics = getattr(broker, "declared_topics", frozenset())
+        await broker.close()
+        await broker_kit.delete(settings, topics)
