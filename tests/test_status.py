@@ -410,9 +410,7 @@ async def test_list_sagas_with_a_prefix_longer_than_a_request_id_is_invalid_argu
         await served.stub.ListSagas(saga_pb2.ListSagasRequest(request_id_prefix="x" * 129))
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "request_id_prefix is 129 characters long; at most 128" in (
-        raised.value.details() or ""
-    )
+    assert "request_id_prefix is 129 characters long; at most 128" in (raised.value.details() or "")
 
 
 async def test_list_sagas_returns_newest_first(served: Served) -> None:
