@@ -50,6 +50,8 @@ CSRF_FIELD = "csrf_token"
 MAX_SESSIONS = 10_000
 """Sessions kept at most; past it the least recently used one is dropped (a flood of
 anonymous visitors cannot grow the process without bound)."""
+MAX_OUTCOMES = 20
+"""Action outcomes a session keeps for the pages that show them."""
 
 _NOT_BEARER = Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
 """An Authorization header that is not a bearer token."""
@@ -57,7 +59,8 @@ _NOT_BEARER = Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
 
 @dataclass(frozen=True, slots=True)
 class Flash:
-    """A message for the next page the session shows: an action's outcome."""
+    """An action's outcome, shown on the page the action returns to (whose address names
+    it, so that the page shows it however often it is loaded)."""
 
     text: str
     error: bool = False
@@ -71,12 +74,16 @@ class Session:
     csrf: str
     principal: Principal | None = None
     expires: float = 0.0
-    flashes: list[Flash] = field(default_factory=list)
+    outcomes: OrderedDict[str, Flash] = field(default_factory=OrderedDict)
 
-    def pop_flashes(self) -> list[Flash]:
-        """The messages waiting for this session, now shown (and so forgotten)."""
-        flashes, self.flashes = self.flashes, []
-        return flashes
+    def remember(self, flash: Flash) -> str:
+        """Keep `flash` for the page an action returns to; the token that page's address
+        carries (`?outcome=`). The latest `MAX_OUTCOMES` are kept."""
+        token = secrets.token_urlsafe(8)
+        self.outcomes[token] = flash
+        while len(self.outcomes) > MAX_OUTCOMES:
+            self.outcomes.popitem(last=False)
+        return token
 
 
 class Sessions:

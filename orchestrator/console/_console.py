@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from aiohttp import web
@@ -312,11 +312,11 @@ class Console:
                 return self._confirm(
                     request, info, saga=current, note=note, problem=str(exc), status=400
                 )
-            self._flash(request, Flash(f"{info.name} refused: {exc}", error=True))
-            raise web.HTTPSeeOther(saga_url(facade, request_id)) from None
+            refused = Flash(f"{info.name} refused: {exc}", error=True)
+            self._return_to(request, saga_url(facade, request_id), refused)
         state = saga_pb2.SagaState.Name(saga.state)
-        self._flash(request, Flash(f"{info.name} done by {principal.name}: the saga is {state}"))
-        raise web.HTTPSeeOther(saga_url(saga.facade, saga.request_id))
+        done = Flash(f"{info.name} done by {principal.name}: the saga is {state}")
+        self._return_to(request, saga_url(saga.facade, saga.request_id), done)
 
     # --- dead letters --------------------------------------------------------------------
 
@@ -382,14 +382,11 @@ class Console:
                 return self._confirm(
                     request, info, letter=current, note=note, problem=str(exc), status=400
                 )
-            self._flash(request, Flash(f"{info.name} refused: {exc}", error=True))
-            raise web.HTTPSeeOther("/dead-letters") from None
+            refused = Flash(f"{info.name} refused: {exc}", error=True)
+            self._return_to(request, "/dead-letters", refused)
         state = saga_pb2.DeadLetterState.Name(letter.state).removeprefix("DEAD_LETTER_")
-        self._flash(
-            request,
-            Flash(f"{info.name} done by {principal.name}: dead letter {letter.id} is {state}"),
-        )
-        raise web.HTTPSeeOther("/dead-letters")
+        done = Flash(f"{info.name} done by {principal.name}: dead letter {letter.id} is {state}")
+        self._return_to(request, f"/dead-letters?state={state}", done)
 
     # --- health --------------------------------------------------------------------------
 
@@ -469,10 +466,13 @@ class Console:
             log.warning("console form refused", extra={"reason": problem, "path": request.path})
             raise _Answer(self._pages.error(request, grpc.StatusCode.PERMISSION_DENIED, problem))
 
-    def _flash(self, request: web.Request, flash: Flash) -> None:
+    def _return_to(self, request: web.Request, location: str, outcome: Flash) -> NoReturn:
+        """Send the browser to `location` (after a POST), which then shows `outcome`."""
         session = self.gate.session(request)
         if session is not None:
-            session.flashes.append(flash)
+            separator = "&" if "?" in location else "?"
+            location = f"{location}{separator}outcome={session.remember(outcome)}"
+        raise web.HTTPSeeOther(location)
 
 
 class _Answer(Exception):

@@ -104,7 +104,11 @@ class Pages:
             "principal": principal,
             "open_access": self.gate.open,
             "csrf": session.csrf,
-            "flashes": session.pop_flashes(),
+            "flashes": [
+                session.outcomes[token]
+                for token in request.query.getall("outcome", [])
+                if token in session.outcomes
+            ],
             "path": request.path_qs,
         }
 

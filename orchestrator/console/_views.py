@@ -123,7 +123,7 @@ class TimelineEntry:
 
     at: datetime | None
     kind: str
-    """`step`, `compensation` or `action`."""
+    """`step`, `compensation`, `action`, or `saga` (its end)."""
     title: str
     state: str
     """The state the entry led to (a step's, a compensation's), or the action's name."""
@@ -194,17 +194,24 @@ def saga_view(saga: saga_pb2.Saga) -> SagaView:
         deadline_at=moment(saga, "deadline_at"),
         steps=steps,
         actions=actions,
-        timeline=_timeline(steps, actions, updated),
+        timeline=_timeline(
+            steps, actions, updated, state, error_text(saga.error_code, saga.error_reason)
+        ),
         total_seconds=(updated - created).total_seconds() if created and updated else None,
         url=saga_url(saga.facade, saga.request_id),
     )
 
 
 def _timeline(
-    steps: Sequence[StepView], actions: Sequence[ActionView], updated: datetime | None
+    steps: Sequence[StepView],
+    actions: Sequence[ActionView],
+    updated: datetime | None,
+    state: str,
+    error: str,
 ) -> list[TimelineEntry]:
-    """Every moment of the saga in order of time; one without a time (a compensation still
-    pending) comes last. Ties keep the order steps, compensations, actions."""
+    """Every moment of the saga in order of time, and its end once it has one; one without a
+    time (a compensation still pending) comes last. Ties keep the order steps,
+    compensations, actions."""
     entries: list[TimelineEntry] = []
     for step in steps:
         attempts = f"attempt {step.attempts}" if step.attempts > 1 else ""
@@ -254,7 +261,12 @@ def _timeline(
         )
     timed = [entry for entry in entries if entry.at is not None]
     untimed = [entry for entry in entries if entry.at is None]
-    return sorted(timed, key=lambda entry: entry.at or datetime.min) + untimed
+    ordered = sorted(timed, key=lambda entry: entry.at or datetime.min) + untimed
+    if state in FINAL_STATES:
+        # Its last write is its end; why it ended so, when no step says it already.
+        detail = error if state in ("COMPENSATION_FAILED", "RESOLVED") else ""
+        ordered.append(TimelineEntry(updated, "saga", f"saga {state}", state, detail))
+    return ordered
 
 
 def payload_text(payload: str) -> str:
