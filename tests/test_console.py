@@ -398,7 +398,7 @@ async def test_an_operator_resolves_a_stuck_saga_and_its_record_names_them_with_
 
     assert status == 303
     shown, _ = await page(browser, f"{site.base}{location}")
-    assert "resolve done by oncall: the saga is RESOLVED" in shown
+    assert "resolve done by oncall: the saga moved to RESOLVED" in shown
     assert "refunded by hand &lt;b&gt;twice&lt;/b&gt;" in shown
     saga = await site.saga("stuck-1", ASYNC_BOOKING)
     assert saga.state == saga_pb2.RESOLVED

@@ -276,11 +276,16 @@ class Console:
         status: int = 200,
     ) -> web.Response:
         refusal = self._may(request, info.method)
+        if saga is not None:
+            applies = info in saga_actions(saga)
+        else:
+            applies = letter is not None and letter.state == "WAITING"
         return self._pages.render(
             request,
             "act.html",
             {
                 "section": "sagas" if saga is not None else "dead-letters",
+                "applies": applies,
                 "action": info,
                 "saga": saga,
                 "letter": letter,
@@ -315,7 +320,7 @@ class Console:
             refused = Flash(f"{info.name} refused: {exc}", error=True)
             self._return_to(request, saga_url(facade, request_id), refused)
         state = saga_pb2.SagaState.Name(saga.state)
-        done = Flash(f"{info.name} done by {principal.name}: the saga is {state}")
+        done = Flash(f"{info.name} done by {principal.name}: the saga moved to {state}")
         self._return_to(request, saga_url(saga.facade, saga.request_id), done)
 
     # --- dead letters --------------------------------------------------------------------
