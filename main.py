@@ -204,6 +204,9 @@ async def serve(settings: AppSettings) -> int:
     except BrokerUnavailable as exc:
         log.error("cannot start: %s", exc)
         return 1
+    except ConfigError as exc:  # a setting that only starting could check (a port in use)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     finally:
         await app.stop()
     return 0

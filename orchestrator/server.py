@@ -136,15 +136,16 @@ class OrchestratorServer:
                 "access control is off: no tokens or client certificates are configured, so "
                 "anyone who reaches this port may read and act on sagas (configure `access`)"
             )
-        await self.orchestrator.start()
-        if self._metrics_server is not None:
-            await self._metrics_server.start()
         if self._ui is not None:
+            # Bound before anything starts, as the gRPC port is: a port in use stops startup.
             assert isinstance(admin_service.servicer, SagaAdminService)
             self.console = _console_server()(
                 self.orchestrator, self._ui, self._access, self.status, admin_service.servicer
             )
             await self.console.start()
+        await self.orchestrator.start()
+        if self._metrics_server is not None:
+            await self._metrics_server.start()
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
         await self._server.start()

@@ -12,8 +12,10 @@ live updates on screen, phone width, keyboard) is `test_console_browser.py`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -215,10 +217,12 @@ async def test_signing_in_keeps_a_session_id_in_an_http_only_strict_cookie_never
     assert READ_TOKEN not in listing
 
 
-async def test_a_wrong_token_is_refused_and_never_logged(
+async def test_a_wrong_token_is_refused_and_no_token_is_ever_logged(
     site: Site, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     wrong = f"wrong-{secrets.token_hex(16)}"
+    await sign_in(browser, site, OPERATE_TOKEN)
     form, _ = await page(browser, f"{site.base}/login")
 
     status, text, _ = await post_form(
@@ -229,7 +233,9 @@ async def test_a_wrong_token_is_refused_and_never_logged(
     assert "UNAUTHENTICATED: invalid bearer token" in text
     assert wrong not in text
     assert wrong not in caplog.text
+    assert OPERATE_TOKEN not in caplog.text
     assert "console sign-in refused" in caplog.text
+    assert "console sign-in" in caplog.text
 
 
 async def test_a_reader_sees_sagas_and_dead_letters_but_an_action_is_permission_denied(
@@ -716,3 +722,37 @@ async def test_a_compensation_failed_saga_is_what_the_state_filter_finds(
     assert "filtered-1" in listing
     assert "filtered-2" not in listing
     assert str(SagaState.COMPENSATION_FAILED) in listing
+
+
+def test_a_console_port_in_use_stops_startup_with_one_line_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = {
+            "grpc": {"host": "127.0.0.1", "port": 0},
+            "embedded_upstreams": {"order": {"port": 0}, "payment": {"port": 0}},
+            "ui": {"enabled": True, "host": "127.0.0.1", "port": port},
+        }
+        path = tmp_path / "app.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env=main_env(path),
+            check=False,
+        )
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert errors == [
+        f"configuration error: ui.port: cannot serve the console on 127.0.0.1:{port}: "
+        "Address already in use"
+    ], result.stderr

@@ -19,6 +19,7 @@ for `ChangeHub`'s notification (see `orchestrator.console._live`).
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -33,6 +34,7 @@ from orchestrator.console._calls import CallFailed, Calls
 from orchestrator.console._console import Console, _Answer
 from orchestrator.console._live import ChangeHub
 from orchestrator.console._pages import STATIC
+from orchestrator.errors import ConfigError
 from orchestrator.registry import Orchestrator
 from orchestrator.status import SagaStatusService
 
@@ -117,6 +119,12 @@ class ConsoleServer:
         site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=ssl_context)
         try:
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(
+                f"ui.port: cannot serve the console on {self.settings.host}:"
+                f"{self.settings.port}: {os.strerror(exc.errno) if exc.errno else exc}"
+            ) from None
         except BaseException:
             await runner.cleanup()
             raise
