@@ -199,14 +199,16 @@ class Console:
         self._admit(request, _GET_SAGA)
         facade, request_id = request.query.get("facade", ""), request.query.get("id", "")
         saga = await self.calls.get_saga(facade, request_id)
-        view = saga_view(saga)
+        context = _saga_context(saga)
+        view = context["saga"]
+        # The request is not in the Saga message: the console reads it from the store.
         record = await self.orchestrator.store.get(saga.facade, saga.request_id)
         payload = payload_text(record.payload) if record is not None else ""
         return self._pages.render(
             request,
             "saga.html",
             {
-                **self._saga_context(request, saga),
+                **context,
                 "section": "sagas",
                 "payload": payload,
                 "live_url": ""
@@ -214,10 +216,6 @@ class Console:
                 else saga_url(view.facade, view.request_id, "/saga/live"),
             },
         )
-
-    def _saga_context(self, request: web.Request, saga: saga_pb2.Saga) -> dict[str, Any]:
-        view = saga_view(saga)
-        return {"saga": view, "actions": saga_actions(view)}
 
     async def saga_live(self, request: web.Request) -> web.StreamResponse:
         """One saga's live fragment, as events, for as long as `WatchSaga` follows it."""
@@ -240,9 +238,7 @@ class Console:
                     except CallFailed as exc:
                         await events.send(str(exc), event=END_EVENT)
                         break
-                    fragment = self._pages.fragment(
-                        request, "_saga_live.html", self._saga_context(request, saga)
-                    )
+                    fragment = self._pages.fragment(request, "_saga_live.html", _saga_context(saga))
                     await events.send(fragment, event=UPDATE_EVENT)
                     await asyncio.sleep(self.settings.live_update_seconds)
         return events
@@ -486,6 +482,12 @@ class _Answer(Exception):
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status)
         self.response = response
+
+
+def _saga_context(saga: saga_pb2.Saga) -> dict[str, Any]:
+    """What a saga's live fragment shows: the saga and the actions that apply to it."""
+    view = saga_view(saga)
+    return {"saga": view, "actions": saga_actions(view)}
 
 
 def _local(target: str) -> str:
