@@ -10,11 +10,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies in a layer of their own, rebuilt only when pyproject.toml changes. Only the
-# `orchestrator` package is packaged, and main.py runs the app folders (facade/, node/, handler/,
-# topic/, dto/, pb/, upstream/) from this directory, so the project itself is not pip-installed.
+# Dependencies in a layer of their own, rebuilt only when pyproject.toml changes: the base ones and
+# the `postgres` extra (the deployments keep their sagas in PostgreSQL). Only the `orchestrator`
+# package is packaged, and main.py runs the app folders (facade/, node/, handler/, topic/, dto/,
+# pb/, upstream/) from this directory, so the project itself is not pip-installed.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' > /tmp/requirements.txt \
+RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *p["optional-dependencies"]["postgres"], sep="\n")' > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 

@@ -1,25 +1,33 @@
 # The two commands a newcomer needs: `make run` and `make test`.
-# Both create the virtualenv and install the project on first use.
+# Both create the virtualenv on first use: `make run` installs what running needs (the
+# package with the extras app.yaml uses), `make test` the development tools on top.
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
 .PHONY: run test lint typecheck proto bench bench-async clean browser
 
-$(INSTALLED): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(INSTALLED)
+	$(PY) -m pip install --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[console]'
+	touch $(RUNTIME)
+
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(INSTALLED) $(RUNTIME)
 
 proto: $(INSTALLED)
 	$(PY) tools/genproto.py
 
-run: $(INSTALLED)
+run: $(RUNTIME)
 	$(PY) main.py
 
 lint: $(INSTALLED)

@@ -18,23 +18,16 @@ import facade.async_booking
 import facade.sync_booking
 from handler import BookingHandler
 from node import Upstreams
-from orchestrator import (
-    BrokerUnavailable,
-    ConfigError,
-    GrpcService,
-    Orchestrator,
-    OrchestratorServer,
-    Settings,
-    StrictModel,
-    broker_from_settings,
-    configure_logging,
-    configure_tracing,
-    load_settings,
-    run,
-)
-from orchestrator.config import PemFile
+from orchestrator import Orchestrator, run
+from orchestrator.broker import broker_from_settings
+from orchestrator.config import PemFile, Settings, StrictModel, load_settings
+from orchestrator.errors import BrokerUnavailable, ConfigError, StartupError
+from orchestrator.logs import configure_logging
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
 from orchestrator.store import store_from_url
 from orchestrator.tls import channel_credentials
+from orchestrator.tracing import configure_tracing
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 
@@ -131,7 +124,15 @@ async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[Runni
         embedded = getattr(settings.embedded_upstreams, name)
         if embedded is None:
             continue
-        running = await serve_upstream(name, port=embedded.port, db_path=embedded.db_path)
+        try:
+            running = await serve_upstream(name, port=embedded.port, db_path=embedded.db_path)
+        except RuntimeError:  # the port is taken
+            for earlier in started:
+                await earlier.stop()
+            raise StartupError(
+                f"embedded_upstreams.{name}.port: cannot listen on 127.0.0.1:{embedded.port}: "
+                "the port is in use"
+            ) from None
         started.append(running)
         addresses[name] = UpstreamSettings(address=running.target)
     upstreams = settings.upstreams.model_copy(update=addresses)
@@ -204,9 +205,6 @@ async def serve(settings: AppSettings) -> int:
     except BrokerUnavailable as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except ConfigError as exc:  # a setting that only starting could check (a port in use)
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
     finally:
         await app.stop()
     return 0
@@ -229,7 +227,12 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    return run(serve(settings))
+    try:
+        return run(serve(settings))
+    except StartupError as exc:
+        # A port in use, a store out of reach: the setting and its value, on one line.
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from orchestrator._config_reference import markdown_reference
+from orchestrator._urls import BROKER_SCHEMES, STORE_SCHEMES, checked_url, redact_url
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "BrokerSettings",
     "BrokerTlsSettings",
     "ClientCertificateSettings",
+    "ConfigError",
     "DeadLetterSettings",
     "FacadeSagaSettings",
     "GrpcSettings",
@@ -172,11 +174,7 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"memory", "amqp", "amqps"}:
-            raise ValueError(
-                f"unsupported broker scheme {scheme!r}: use memory://, amqp:// or amqps://"
-            )
+        checked_url(value.get_secret_value(), BROKER_SCHEMES, "memory://, amqp:// or amqps://")
         return value
 
     @model_validator(mode="after")
@@ -227,7 +225,7 @@ class UiTlsSettings(StrictModel):
 
 class UiSettings(StrictModel):
     """The saga console: a web UI the orchestrator serves on an HTTP port of its own
-    (needs `pip install 'orchestrator[console]'`)."""
+    (needs `pip install 'saga-orchestrator[console]'`)."""
 
     enabled: bool = False
     """Serve the console. Env: `ORCH_UI_PORT` enables it on that port."""
@@ -254,7 +252,7 @@ class UiSettings(StrictModel):
                 except ImportError:
                     raise ValueError(
                         f"the console needs the 'console' extra ({module} cannot be imported): "
-                        "pip install 'orchestrator[console]'"
+                        "pip install 'saga-orchestrator[console]'"
                     ) from None
         return enabled
 
@@ -264,7 +262,7 @@ _CONSOLE_MODULES = ("aiohttp", "aiohttp_jinja2", "aiohttp_sse", "jinja2")
 
 
 class TracingSettings(StrictModel):
-    """OpenTelemetry tracing (needs `pip install orchestrator[tracing]`)."""
+    """OpenTelemetry tracing (needs `pip install 'saga-orchestrator[tracing]'`)."""
 
     enabled: bool = False
     """Record spans and propagate trace context."""
@@ -286,6 +284,18 @@ class StoreSettings(StrictModel):
     """How often this replica records that it is alive, and looks for orphaned sagas."""
     lease_seconds: float = Field(default=10.0, gt=0, le=600)
     """A replica silent this long is dead: its running sync sagas are rolled back by another."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if url:
+            checked_url(
+                url,
+                STORE_SCHEMES,
+                "memory://, sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db",
+            )
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> StoreSettings:
@@ -453,18 +463,6 @@ class Settings(StrictModel):
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def load_settings(

@@ -23,6 +23,8 @@ __all__ = [
     "InvalidArgument",
     "SagaError",
     "SagaFailed",
+    "StartupError",
+    "StoreUnavailable",
     "Unavailable",
     "classify",
 ]
@@ -62,8 +64,17 @@ class BrokerUnavailable(Unavailable):
     """The broker did not accept or confirm a message in time."""
 
 
+class StoreUnavailable(Unavailable):
+    """The saga store's database cannot be reached or opened."""
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message names the file and the key."""
+
+
+class StartupError(ConfigError):
+    """A setting's value cannot be used here (a port already in use, a store that cannot
+    be reached); the message names the setting and its value, passwords masked."""
 
 
 # Upstream statuses that describe the caller's request: pass them through.

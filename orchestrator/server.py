@@ -22,7 +22,7 @@ from orchestrator._access_interceptor import AccessInterceptor
 from orchestrator._access_policy import AccessPolicy
 from orchestrator.admin import SagaAdminService, admin_grpc_service
 from orchestrator.config import AccessSettings, GrpcSettings, MetricsSettings, UiSettings
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StartupError, StoreUnavailable
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
 from orchestrator.service import GrpcService
@@ -41,6 +41,8 @@ LIVENESS_SERVICE = "liveness"
 a liveness probe on it restarts a stuck process, never one waiting out a broker outage."""
 
 T = TypeVar("T")
+
+_UNBINDABLE = "the port is in use, or the host is not an address of this machine"
 
 
 class OrchestratorServer:
@@ -78,6 +80,7 @@ class OrchestratorServer:
             if metrics is not None and metrics.enabled
             else None
         )
+        self._metrics_address = "" if metrics is None else f"{metrics.host}:{metrics.port}"
         self._services = list(services)
         # Without this, a second server could bind the same port and silently share its traffic.
         # Open access needs no interceptor (every call runs as ANONYMOUS without one), and
@@ -101,6 +104,9 @@ class OrchestratorServer:
 
     async def start(self) -> int:
         """Start the orchestrator, then serve; returns the bound port.
+
+        Raises StartupError naming the setting (`grpc.port`, `metrics.port`, `ui.port`,
+        `store.url`) when its port cannot be bound or the store cannot be reached.
 
         `orchestrator.v1.SagaService` (GetSaga, ListSagas, WatchSaga) and
         `orchestrator.v1.SagaAdmin` (operator actions and dead letters) are served
@@ -127,10 +133,16 @@ class OrchestratorServer:
             self._server,
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.settings.tls is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, server_credentials(self.settings.tls))
+        try:
+            if self.settings.tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                credentials = server_credentials(self.settings.tls)
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken, or not ours
+            self.port = 0
+        if not self.port:
+            raise StartupError(f"grpc.port: cannot listen on {address}: {_UNBINDABLE}")
         if not self._access.enforced:
             log.warning(
                 "access control is off: no tokens or client certificates are configured, so "
@@ -143,9 +155,17 @@ class OrchestratorServer:
                 self.orchestrator, self._ui, self._access, self.status, admin_service.servicer
             )
             await self.console.start()
-        await self.orchestrator.start()
+        try:
+            await self.orchestrator.start()
+        except StoreUnavailable as exc:
+            raise StartupError(f"store.url: {exc}") from None
         if self._metrics_server is not None:
-            await self._metrics_server.start()
+            try:
+                await self._metrics_server.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics.port: cannot listen on {self._metrics_address}: {exc.strerror or exc}"
+                ) from None
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
         await self._server.start()
@@ -231,7 +251,7 @@ def _console_server() -> type[ConsoleServer]:
     except ImportError as exc:
         raise ConfigError(
             f"ui.enabled: the console needs the 'console' extra ({exc.name} cannot be "
-            "imported): pip install 'orchestrator[console]'"
+            "imported): pip install 'saga-orchestrator[console]'"
         ) from None
     return ConsoleServer
 

@@ -47,7 +47,7 @@ def configure_tracing(settings: TracingSettings, *, span_processor: Any = None) 
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError as exc:
         raise ConfigError(
-            "tracing.enabled needs OpenTelemetry: pip install 'orchestrator[tracing]'"
+            "tracing.enabled needs OpenTelemetry: pip install 'saga-orchestrator[tracing]'"
         ) from exc
     provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
     if span_processor is None:

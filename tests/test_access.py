@@ -19,17 +19,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator import (
-    AsyncFacade,
-    AsyncFacadeContext,
-    ConfigError,
-    InMemoryBroker,
-    Orchestrator,
-    Settings,
-    load_settings,
-)
+from orchestrator import AsyncFacade, AsyncFacadeContext, Orchestrator
 from orchestrator._access_policy import AccessPolicy
-from orchestrator.config import AccessSettings, TokenSettings
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import AccessSettings, Settings, TokenSettings, load_settings
+from orchestrator.errors import ConfigError
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.store import InMemorySagaStore, NewSaga
 from tests.support.security import BOUND, bearer, served

@@ -22,7 +22,7 @@ import pytest
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings
+from orchestrator.config import BrokerSettings
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.store import SagaRecord, SagaState
 from pb import booking_pb2_grpc

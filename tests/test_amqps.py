@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from orchestrator import BrokerUnavailable, Delivery
+from orchestrator.broker import Delivery
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings, BrokerTlsSettings
+from orchestrator.errors import BrokerUnavailable
 from tests.support.broker_fixtures import skip_or_fail
 from tests.support.processes import ROOT, free_port, main_env
 from tests.support.rabbitmq import RabbitMQNode, _free_port

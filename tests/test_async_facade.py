@@ -12,14 +12,14 @@ import pytest
 from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
-    BrokerSettings,
-    BrokerUnavailable,
-    InMemoryBroker,
     Orchestrator,
     Rollback,
     idempotency_key,
     step_metadata,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import BrokerSettings
+from orchestrator.errors import BrokerUnavailable
 from orchestrator.store import SagaRecord, SagaState
 
 BOUND = 5.0

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.config import BrokerSettings
 from orchestrator.server import LIVENESS_SERVICE
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams, app_settings, eventually

@@ -49,7 +49,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from orchestrator import BrokerSettings
+from orchestrator.config import BrokerSettings
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from pb import booking_pb2, booking_pb2_grpc, order_pb2, order_pb2_grpc
 from tests.support.app_fixtures import BOOKING_TOPICS

@@ -9,19 +9,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestrator import (
-    NO_RETRY,
     AsyncFacade,
     AsyncFacadeContext,
-    BrokerSettings,
     Context,
     FailedPrecondition,
-    InMemoryBroker,
     Orchestrator,
     RetryPolicy,
     Rollback,
-    SagaFailed,
     SyncFacade,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import BrokerSettings
+from orchestrator.errors import SagaFailed
+from orchestrator.retry import NO_RETRY
 from orchestrator.store import CompensationState, SagaRecord, SagaState
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from main import AppSettings
-from orchestrator import BrokerSettings, ConfigError, Settings, load_settings, redact_url
+from orchestrator.config import BrokerSettings, Settings, load_settings, redact_url
+from orchestrator.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def test_a_bad_value_is_named(tmp_path: Path) -> None:
 
 def test_an_unsupported_broker_scheme_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "broker:\n  url: kafka://localhost\n")
-    with pytest.raises(ConfigError, match="unsupported broker scheme 'kafka'"):
+    with pytest.raises(ConfigError, match="unsupported scheme 'kafka'"):
         load_settings(Settings, path, environ={})
 
 

@@ -705,7 +705,7 @@ def test_ui_enabled_without_the_console_extra_stops_startup_naming_the_setting(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"configuration error: {path}: ui.enabled: ")
     assert "the console needs the 'console' extra (aiohttp cannot be imported)" in line
-    assert "pip install 'orchestrator[console]'" in line
+    assert "pip install 'saga-orchestrator[console]'" in line
 
 
 async def test_a_compensation_failed_saga_is_what_the_state_filter_finds(
@@ -751,8 +751,7 @@ def test_a_console_port_in_use_stops_startup_with_one_line_naming_the_setting(
 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    errors = [line for line in result.stderr.splitlines() if "ui.port" in line]
     assert errors == [
-        f"configuration error: ui.port: cannot serve the console on 127.0.0.1:{port}: "
-        "Address already in use"
+        f"cannot start: ui.port: cannot listen on 127.0.0.1:{port}: Address already in use"
     ], result.stderr

@@ -35,7 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import upstream.server
 from main import AppSettings
-from orchestrator import MetricsSettings, healthcheck, load_settings
+from orchestrator import healthcheck
+from orchestrator.config import MetricsSettings, load_settings
 from orchestrator.metrics import METRICS_PATH, Metrics, MetricsServer
 from tests.support.processes import ROOT, free_port, start_main, wait_for_serving
 
@@ -455,7 +456,7 @@ def test_dockerfile_installs_dependencies_before_copying_the_code(dockerfile: Do
     assert manifest < install < code
 
 
-def test_dockerfile_dependency_layer_lists_exactly_the_project_dependencies(
+def test_dockerfile_dependency_layer_lists_exactly_the_dependencies_and_the_postgres_extra(
     dockerfile: Dockerfile, tmp_path: Path
 ) -> None:
     # The layer's first step, run here as the image runs it: python in a dir with pyproject.toml.
@@ -466,7 +467,8 @@ def test_dockerfile_dependency_layer_lists_exactly_the_project_dependencies(
     subprocess.run(["sh", "-c", extract], cwd=tmp_path, env=env, check=True, timeout=30)
     listed = (tmp_path / "requirements.txt").read_text().splitlines()
     with (ROOT / "pyproject.toml").open("rb") as file:
-        assert listed == tomllib.load(file)["project"]["dependencies"]
+        project = tomllib.load(file)["project"]
+    assert listed == [*project["dependencies"], *project["optional-dependencies"]["postgres"]]
 
 
 def exposed_ports(dockerfile: Dockerfile) -> set[int]:

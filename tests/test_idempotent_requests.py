@@ -22,7 +22,8 @@ import pytest
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import InMemoryBroker, StoreSettings
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import StoreSettings
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from pb import booking_pb2, booking_pb2_grpc, order_pb2_grpc, payment_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings, eventually

@@ -23,8 +23,8 @@ import pytest
 
 from main import AppSettings, BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.config import BrokerSettings
 from orchestrator.store import SagaRecord, SagaState, StepState
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings

@@ -37,7 +37,7 @@ import yaml
 
 import topic
 from main import AppSettings
-from orchestrator import BrokerSettings, load_settings
+from orchestrator.config import BrokerSettings, load_settings
 from tests.support.broker_fixtures import delete_topology, skip_or_fail
 from tests.support.databases import admin_url, create_database, drop_database
 from tests.support.processes import (

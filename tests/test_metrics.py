@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import Metrics, MetricsSettings
+from orchestrator.config import MetricsSettings
+from orchestrator.metrics import Metrics
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings, eventually
 

@@ -15,18 +15,11 @@ import pytest
 
 from handler.booking import validated
 from node import Upstreams, cancel_booking_node, create_order_sync_node, create_payment_sync_node
-from orchestrator import (
-    Context,
-    FailedPrecondition,
-    GrpcService,
-    GrpcSettings,
-    InMemoryBroker,
-    Orchestrator,
-    OrchestratorServer,
-    Rollback,
-    SyncFacade,
-    endpoint,
-)
+from orchestrator import Context, FailedPrecondition, Orchestrator, Rollback, SyncFacade, endpoint
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import GrpcSettings
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
 from pb import booking_pb2, booking_pb2_grpc, order_pb2
 from tests.support.app_fixtures import Upstreams as RunningUpstreams
 from tests.support.app_fixtures import eventually

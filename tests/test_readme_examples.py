@@ -24,13 +24,11 @@ import grpc
 import pytest
 
 from node import Upstreams
-from orchestrator import (
-    BrokerSettings,
-    InMemoryBroker,
-    Orchestrator,
-    SagaFailed,
-)
+from orchestrator import Orchestrator
+from orchestrator.broker import InMemoryBroker
 from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.config import BrokerSettings
+from orchestrator.errors import SagaFailed
 from orchestrator.store import CompensationState, SagaState
 from pb.booking_pb2 import BookingRequest
 from tests.support.app_fixtures import Upstreams as RunningUpstreams

@@ -10,12 +10,12 @@ from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
     Context,
-    InMemoryBroker,
     Orchestrator,
     Rollback,
     SyncFacade,
-    UnknownFacadeError,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.registry import UnknownFacadeError
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
 Flow = SyncFacade[BookingRequest, BookingSyncResponse]

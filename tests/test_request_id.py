@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from orchestrator import InvalidArgument, resolve_request_id
+from orchestrator import InvalidArgument
+from orchestrator.request_id import resolve_request_id
 
 
 def test_the_callers_request_id_is_used() -> None:

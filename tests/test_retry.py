@@ -9,20 +9,19 @@ import grpc
 import pytest
 
 from orchestrator import (
-    NO_RETRY,
     AsyncFacade,
     AsyncFacadeContext,
     Context,
     FailedPrecondition,
-    InMemoryBroker,
     Orchestrator,
     RetryPolicy,
-    SagaFailed,
     SyncFacade,
     Unavailable,
     step_timeout,
 )
-from orchestrator.retry import caller_deadline
+from orchestrator.broker import InMemoryBroker
+from orchestrator.errors import SagaFailed
+from orchestrator.retry import NO_RETRY, caller_deadline
 from orchestrator.store import SagaState
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 

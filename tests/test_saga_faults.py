@@ -31,8 +31,8 @@ from pydantic import SecretStr
 from facade import ASYNC_BOOKING
 from main import BookingApp
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings, StoreSettings
 from orchestrator.broker.rabbitmq import RabbitMQBroker
+from orchestrator.config import BrokerSettings, StoreSettings
 from orchestrator.store import SagaState
 from orchestrator.store.base import SagaStore
 from pb import booking_pb2, booking_pb2_grpc

@@ -12,18 +12,16 @@ import pytest
 from orchestrator import (
     AsyncFacade,
     AsyncFacadeContext,
-    BrokerSettings,
-    BrokerUnavailable,
     Context,
     FailedPrecondition,
-    InMemoryBroker,
     Orchestrator,
     RetryPolicy,
     SagaError,
-    SagaFailed,
-    SagaSettings,
     SyncFacade,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import BrokerSettings, SagaSettings
+from orchestrator.errors import BrokerUnavailable, SagaFailed
 from orchestrator.facade._runtime import payload_digest
 from orchestrator.store import (
     Change,

@@ -23,7 +23,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator import GrpcSettings, InMemoryBroker, Orchestrator, OrchestratorServer
+from orchestrator import Orchestrator
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import GrpcSettings
+from orchestrator.server import OrchestratorServer
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.processes import (
     ROOT,

@@ -21,8 +21,11 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_reflection.v1alpha import reflection
 
-from orchestrator import GrpcSettings, InMemoryBroker, Orchestrator, OrchestratorServer, SyncFacade
+from orchestrator import Orchestrator, SyncFacade
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import GrpcSettings
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
+from orchestrator.server import OrchestratorServer
 from orchestrator.status import (
     SAGA_SERVICE_NAME,
     SagaStatusService,

@@ -37,7 +37,7 @@ from orchestrator.store import (
     StepState,
     store_from_url,
 )
-from orchestrator.store.sql import _store as sql_store
+from orchestrator.store.sql import _sqlite as sql_sqlite
 from orchestrator.store.sql._migrate import alembic_config
 from orchestrator.store.sql._ops import JournalBroken, Op
 
@@ -395,7 +395,7 @@ async def test_a_sqlite_write_waits_out_another_connections_write_lock(tmp_path:
 async def test_a_sqlite_write_fails_when_the_lock_is_held_past_the_lock_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sql_store, "LOCK_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(sql_sqlite, "LOCK_TIMEOUT_SECONDS", 0.3)
     async with SqlSagaStore(sqlite_url(tmp_path)) as store:
         other = hold_write_lock(tmp_path / "sagas.db")
         with pytest.raises(OperationalError, match="locked"):
@@ -440,7 +440,7 @@ async def test_writes_queued_together_share_a_paced_sqlite_transaction(tmp_path:
 async def test_the_sqlite_wal_stays_bounded_under_continuous_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sql_store, "CHECKPOINT_SECONDS", 0.05)
+    monkeypatch.setattr(sql_sqlite, "CHECKPOINT_SECONDS", 0.05)
     wal = tmp_path / "sagas.db-wal"
     largest = 0
     async with SqlSagaStore(sqlite_url(tmp_path), commit_interval=0.001) as store:

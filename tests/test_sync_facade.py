@@ -9,20 +9,19 @@ import grpc
 import pytest
 
 from orchestrator import (
-    BrokerSettings,
-    BrokerUnavailable,
     Context,
     FailedPrecondition,
-    InMemoryBroker,
     InvalidArgument,
     Orchestrator,
     RetryPolicy,
     Rollback,
-    SagaFailed,
     SyncFacade,
     idempotency_key,
     step_metadata,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import BrokerSettings
+from orchestrator.errors import BrokerUnavailable, SagaFailed
 from orchestrator.store import SagaRecord, SagaState
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 

@@ -16,8 +16,15 @@ from typing import Any
 import grpc
 import pytest
 
-from orchestrator import ConfigError, Settings, healthcheck, load_settings
-from orchestrator.config import AccessSettings, ClientCertificateSettings, ServerTlsSettings
+from orchestrator import healthcheck
+from orchestrator.config import (
+    AccessSettings,
+    ClientCertificateSettings,
+    ServerTlsSettings,
+    Settings,
+    load_settings,
+)
+from orchestrator.errors import ConfigError
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings

@@ -19,18 +19,17 @@ from orchestrator import (
     AsyncFacadeContext,
     Context,
     FailedPrecondition,
-    GrpcService,
-    GrpcSettings,
-    InMemoryBroker,
     Orchestrator,
-    OrchestratorServer,
     Rollback,
-    SagaFailed,
     SyncFacade,
-    TracingSettings,
-    configure_tracing,
     step_metadata,
 )
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import GrpcSettings, TracingSettings
+from orchestrator.errors import SagaFailed
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
+from orchestrator.tracing import configure_tracing
 from pb import booking_pb2_grpc
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.app_fixtures import eventually

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import aiormq
+import aiormq.abc
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from orchestrator.broker.base import (
     DEAD_LETTER_ID_HEADER,
@@ -21,9 +23,10 @@ from orchestrator.broker.base import (
     DELIVERIES_HEADER,
     REASON_HEADER,
     DeadLetteredMessage,
+    DeadLetterKeeper,
 )
 
-__all__ = ["dead_letter_reason", "dead_lettered", "text"]
+__all__ = ["dead_letter_reason", "dead_lettered", "take", "text"]
 
 _BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
 """Headers RabbitMQ keeps for itself: its dead-letter history and a quorum queue's count."""
@@ -61,6 +64,42 @@ def dead_lettered(
         dead_lettered_at=at,
         id=letter_id,
     )
+
+
+async def take(
+    channel: aiormq.abc.AbstractChannel,
+    queue_name: str,
+    topic: str,
+    keep: DeadLetterKeeper,
+    *,
+    limit: int,
+) -> tuple[int, Exception | None]:
+    """Get up to `limit` messages of the dead-letter queue `queue_name` one by one
+    (`basic.get`), acknowledging each once `keep` returned: how many were taken, and
+    the exception of a `keep` that raised (its message went back, the round ended).
+
+    The keeper's failure is returned, not raised, so that the caller raises it as it
+    is once the channel is closed, not as a broker error. A queue never declared
+    holds nothing.
+    """
+    taken = 0
+    while taken < limit:
+        try:
+            got = await channel.basic_get(queue_name, no_ack=False, timeout=5)
+        except ChannelNotFoundEntity:
+            break  # never declared: nothing was dead-lettered
+        if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
+            break
+        tag = got.delivery.delivery_tag or 0
+        letter = dead_lettered(topic, got.body, got.header.properties)
+        try:
+            await keep(letter)
+        except Exception as exc:
+            await channel.basic_nack(tag, requeue=True)
+            return taken, exc
+        await channel.basic_ack(tag)
+        taken += 1
+    return taken, None
 
 
 def _dead_lettered_at(headers: Mapping[str, object]) -> datetime | None:

@@ -1,7 +1,7 @@
 """The saga console: sagas, dead letters and health in a browser, served by the orchestrator.
 
 Turn it on with `ui.enabled` (`ORCH_UI_PORT`), with the `console` extra
-installed (`pip install 'orchestrator[console]'`); `OrchestratorServer`
+installed (`pip install 'saga-orchestrator[console]'`); `OrchestratorServer`
 serves it on its own HTTP port from the same event loop as gRPC, and logs
 its address at startup. Pages:
 

@@ -34,7 +34,7 @@ from orchestrator.console._calls import CallFailed, Calls
 from orchestrator.console._console import Console, _Answer
 from orchestrator.console._live import ChangeHub
 from orchestrator.console._pages import STATIC
-from orchestrator.errors import ConfigError
+from orchestrator.errors import StartupError
 from orchestrator.registry import Orchestrator
 from orchestrator.status import SagaStatusService
 
@@ -121,9 +121,9 @@ class ConsoleServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise ConfigError(
-                f"ui.port: cannot serve the console on {self.settings.host}:"
-                f"{self.settings.port}: {os.strerror(exc.errno) if exc.errno else exc}"
+            raise StartupError(
+                f"ui.port: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}"
             ) from None
         except BaseException:
             await runner.cleanup()

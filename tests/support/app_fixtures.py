@@ -13,7 +13,7 @@ import pytest
 
 from main import AppSettings, BookingApp, EmbeddedSettings, UpstreamSettings, UpstreamsSettings
 from main import running_app as run_booking_app
-from orchestrator import BrokerSettings, GrpcSettings
+from orchestrator.config import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from tests.support.broker_fixtures import delete_topology, make_settings
 from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT

@@ -15,8 +15,11 @@ from pathlib import Path
 import grpc
 import trustme
 
-from orchestrator import GrpcService, GrpcSettings, InMemoryBroker, Orchestrator, OrchestratorServer
-from orchestrator.config import AccessSettings, ServerTlsSettings
+from orchestrator import Orchestrator
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import AccessSettings, GrpcSettings, ServerTlsSettings
+from orchestrator.server import OrchestratorServer
+from orchestrator.service import GrpcService
 from orchestrator.store import InMemorySagaStore
 
 BOUND = 5.0

@@ -6,6 +6,7 @@ every replica's writes through LISTEN / NOTIFY.
 """
 
 from orchestrator.store.sql._listen import PgChangeFeed
-from orchestrator.store.sql._store import SqlSagaStore, WriterStats
+from orchestrator.store.sql._store import SqlSagaStore
+from orchestrator.store.sql._writer import WriterStats
 
 __all__ = ["PgChangeFeed", "SqlSagaStore", "WriterStats"]

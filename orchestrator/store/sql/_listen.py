@@ -24,8 +24,6 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
-
 from orchestrator.store.base import ChangeListener, GapListener
 
 __all__ = [
@@ -156,6 +154,8 @@ class PgChangeFeed:
         await self._live.wait()
 
     async def _run(self) -> None:
+        import asyncpg  # type: ignore[import-untyped]  # the `postgres` extra
+
         delay = self._reconnect_min
         failures = 0
         while True:

@@ -6,11 +6,12 @@ is applied on its own, by a few plain statements, inside the writer's
 transaction like every other write. What an op does is written once, as a
 plan (`plan`): a generator that yields the statements to run (text with
 `:name` parameters, which both SQLite's own driver and SQLAlchemy take) and is
-sent each one's outcome. `run_sqlite` and `run_postgres` carry it out on each
-backend. An operator's move that is one of the engine's changes (or contains
-one: `Retried` is a `StepRestarted` that also moves the deadline) is yielded
-as an `Engine` step, which each backend applies by its own path for that
-change: the rules of `apply` hold for `act` by construction.
+sent each one's outcome. Each backend carries it out (`run_sqlite` in
+`_sqlite_apply`, `run_postgres` in `_postgres`). An operator's move that is
+one of the engine's changes (or contains one: `Retried` is a `StepRestarted`
+that also moves the deadline) is yielded as an `Engine` step, which each
+backend applies by its own path for that change: the rules of `apply` hold for
+`act` by construction.
 
 Action rows are numbered per saga (`seq`: the saga's last one plus one). On
 PostgreSQL the saga's row is locked before the number is taken, so two
@@ -25,16 +26,13 @@ Reads go through SQLAlchemy Core (`actions_query`, `letters_query`).
 from __future__ import annotations
 
 import base64
-import functools
 import json
-import sqlite3
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Select, TextClause, bindparam, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.store.changes import StepRestarted
@@ -56,17 +54,19 @@ from orchestrator.store.sql._ops import (
     SettleDeadLetterOp,
     UnsettleDeadLetterOp,
 )
-from orchestrator.store.sql._schema import dead_letters, saga_actions, sqlite_time
+from orchestrator.store.sql._schema import dead_letters, saga_actions
 
 __all__ = [
+    "Done",
+    "Engine",
+    "Statement",
     "action_records",
     "actions_query",
     "decode_letter_token",
     "encode_letter_token",
     "letter_records",
     "letters_query",
-    "run_postgres",
-    "run_sqlite",
+    "plan",
 ]
 
 _KEY: Final = "facade = :f AND request_id = :r"
@@ -262,56 +262,6 @@ def _follows(done: Done, op: ActOp) -> None:
     """The saga's row moves with its current step's, or the journal's invariant breaks."""
     if done.rowcount != 1:
         raise JournalBroken(op.facade, op.request_id)
-
-
-# --- the backends ---------------------------------------------------------------------------------
-
-
-def run_sqlite(
-    conn: sqlite3.Connection, op: OperatorOp, at: str, engine: Callable[[ApplyOp], bool]
-) -> object:
-    """Carry out `op`'s plan on the SQLite writer's connection, in its transaction at `at`
-    (its time as `sqlite_time` wrote it); `engine` applies one of the engine's changes."""
-    steps = plan(op, datetime.fromisoformat(at).replace(tzinfo=UTC))
-    try:
-        step = next(steps)
-        while True:
-            if isinstance(step, Engine):
-                done = Done(int(engine(step.op)))
-            else:
-                params = {
-                    name: sqlite_time(value) if isinstance(value, datetime) else value
-                    for name, value in step.params.items()
-                }
-                cursor = conn.execute(step.sql, params)
-                done = Done(cursor.rowcount, cursor.fetchall())
-            step = steps.send(done)
-    except StopIteration as stop:
-        return stop.value
-
-
-async def run_postgres(
-    conn: AsyncConnection, op: OperatorOp, engine: Callable[[ApplyOp], Awaitable[bool]]
-) -> object:
-    """Carry out `op`'s plan on PostgreSQL, in `conn`'s transaction at `op.at`; `engine`
-    applies one of the engine's changes."""
-    steps = plan(op, op.at)
-    try:
-        step = next(steps)
-        while True:
-            if isinstance(step, Engine):
-                done = Done(int(await engine(step.op)))
-            else:
-                result = await conn.execute(_text(step.sql, lock=step.lock), step.params)
-                done = Done(result.rowcount, result.all() if result.returns_rows else ())
-            step = steps.send(done)
-    except StopIteration as stop:
-        return stop.value
-
-
-@functools.cache
-def _text(sql: str, *, lock: bool) -> TextClause:
-    return text(f"{sql} FOR UPDATE" if lock else sql)
 
 
 # --- reads ----------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrator.store.changes import Change
+from orchestrator.store.changes import Change, CompensationEnded
 from orchestrator.store.operator import ActionRecord, DeadLetterState, NewDeadLetter, OperatorChange
-from orchestrator.store.records import NewSaga
+from orchestrator.store.records import NewSaga, SagaState
 
 __all__ = [
     "ActOp",
@@ -31,6 +31,7 @@ __all__ = [
     "OperatorOp",
     "SettleDeadLetterOp",
     "UnsettleDeadLetterOp",
+    "ended_reason",
     "rounds",
 ]
 
@@ -192,3 +193,8 @@ def rounds(ops: Sequence[Op]) -> list[list[Op]]:
             grouped.append([])
         grouped[n].append(op)
     return grouped
+
+
+def ended_reason(change: CompensationEnded) -> str:
+    """The saga's new error reason ("" keeps its own): only a failed compensation has one."""
+    return change.error if change.state == SagaState.COMPENSATION_FAILED else ""

@@ -23,7 +23,8 @@ at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -40,7 +41,7 @@ from orchestrator.store.changes import (
 )
 from orchestrator.store.records import SagaState
 from orchestrator.store.sql._listen import CHANNEL, notification_payloads
-from orchestrator.store.sql._operator import run_postgres
+from orchestrator.store.sql._operator import Done, Engine, plan
 from orchestrator.store.sql._ops import (
     ActOp,
     ApplyOp,
@@ -50,10 +51,10 @@ from orchestrator.store.sql._ops import (
     JournalBroken,
     Op,
     OperatorOp,
+    ended_reason,
     rounds,
 )
 from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY
-from orchestrator.store.sql._sqlite import ended_reason
 
 __all__ = ["apply_batch"]
 
@@ -497,3 +498,27 @@ def _followed(ops: Sequence[ApplyOp], moved: set[_Key]) -> None:
     for op in ops:
         if _key(op) not in moved:
             raise JournalBroken(op.facade, op.request_id)
+
+
+async def run_postgres(
+    conn: AsyncConnection, op: OperatorOp, engine: Callable[[ApplyOp], Awaitable[bool]]
+) -> object:
+    """Carry out `op`'s plan on PostgreSQL, in `conn`'s transaction at `op.at`; `engine`
+    applies one of the engine's changes."""
+    steps = plan(op, op.at)
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Engine):
+                done = Done(int(await engine(step.op)))
+            else:
+                result = await conn.execute(_text(step.sql, lock=step.lock), step.params)
+                done = Done(result.rowcount, result.all() if result.returns_rows else ())
+            step = steps.send(done)
+    except StopIteration as stop:
+        return stop.value
+
+
+@functools.cache
+def _text(sql: str, *, lock: bool) -> TextClause:
+    return text(f"{sql} FOR UPDATE" if lock else sql)

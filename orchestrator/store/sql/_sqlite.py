@@ -1,4 +1,4 @@
-"""The SQLite side of the SQL store: its writer and its point reads, both on the event loop.
+"""The SQLite backend of the SQL store: its engine, its writer and point reads on the loop.
 
 On SQLite, SQLAlchemy's async layer costs more than the writes themselves:
 every statement is a greenlet switch and a trip to aiosqlite's thread and
@@ -19,118 +19,121 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import aiosqlite
+from sqlalchemy import event
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from orchestrator.store.base import CLAIM_BATCH
-from orchestrator.store.changes import (
-    CompensationEnded,
-    StepEnded,
-    StepFailed,
-    StepPending,
-    StepRestarted,
-)
-from orchestrator.store.records import Position, SagaRecord, SagaState
-from orchestrator.store.sql._operator import run_sqlite
-from orchestrator.store.sql._ops import (
-    ApplyOp,
-    BatchFailed,
-    BeginOp,
-    ClaimOp,
-    HeartbeatOp,
-    JournalBroken,
-    Op,
-    OperatorOp,
-)
+from orchestrator.store.records import Position, SagaRecord
+from orchestrator.store.sql._ops import BatchFailed, JournalBroken, Op
 from orchestrator.store.sql._records import POSITION, SQLITE_GET, position, records
-from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY, sqlite_time
+from orchestrator.store.sql._schema import sqlite_time
+from orchestrator.store.sql._sqlite_apply import apply_op
+from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written, brief
 
-__all__ = ["SqliteWriter", "Written"]
+__all__ = [
+    "CHECKPOINT_SECONDS",
+    "LOCK_TIMEOUT_SECONDS",
+    "SQLITE_COMMIT_INTERVAL",
+    "SqliteBackend",
+    "SqliteWriter",
+]
 
 log = logging.getLogger("orchestrator.store.sql")
 
-_KEY: Final = "facade = ? AND request_id = ?"
+SQLITE_COMMIT_INTERVAL: Final = 0.005
+"""SQLite's default pacing: at most one commit per 5 ms.
+
+A commit's cost is mostly its pages (each index a saga touches is a page in
+the WAL), which the writes in one transaction share: under load, pacing
+commits puts several times more writes in each for a few milliseconds of
+latency, and a write after a quiet spell still commits at once (see
+bench/README.md for what it saves). PostgreSQL paces itself: writes queue
+while a transaction's round trip is under way."""
+LOCK_TIMEOUT_SECONDS: Final = 5.0
+"""How long a SQLite write waits for another connection's write lock before failing."""
+CHECKPOINT_SECONDS: Final = 0.5
+"""How often SQLite's WAL is checkpointed into the database file, when anything was written."""
+
 _POSITION: Final = POSITION.format("?", "?")
-_BEGIN: Final = (
-    "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
-    " error_code, error_reason, created_at, updated_at, deadline_at)"
-    " VALUES (?, ?, ?, 'RUNNING', ?, ?, '', ?, '', '', ?, ?, ?)"
-    " ON CONFLICT (facade, request_id) DO NOTHING"
-)
-_STEP_START: Final = (
-    "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
-    " compensation, compensation_error) VALUES (?, ?, ?, ?, 'RUNNING', 1, ?, '', '', '')"
-)
-_STEP_RESTARTED: Final = (
-    "UPDATE saga_steps SET state = 'RUNNING', attempts = attempts + 1, started_at = ?,"
-    " finished_at = NULL, error = '', data = NULL"
-    f" WHERE {_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
-)
-_STEP_PENDING: Final = (
-    f"UPDATE saga_steps SET state = 'PENDING', error = ? WHERE {_KEY} AND idx = ?"
-    " AND state = 'RUNNING'"
-)
-_STEP_DONE: Final = (
-    "UPDATE saga_steps SET state = 'DONE', finished_at = ?, data = ?"
-    f" WHERE {_KEY} AND idx = ? AND state = 'RUNNING'"
-)
-_STEP_FAILED: Final = (
-    "UPDATE saga_steps SET state = 'FAILED', finished_at = ?, error = ?, data = coalesce(?, data)"
-    f" WHERE {_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
-)
-_TOUCH: Final = f"UPDATE sagas SET updated_at = ? WHERE {_KEY}"
-_COMPLETE: Final = (
-    "UPDATE sagas SET state = 'COMPLETED', deadline_at = NULL, updated_at = ?"
-    f" WHERE {_KEY} AND state = 'RUNNING'"
-)
-_FAIL: Final = (
-    "UPDATE sagas SET state = ?, error_code = ?, error_reason = ?, deadline_at = ?,"
-    f" updated_at = ? WHERE {_KEY} AND state = 'RUNNING'"
-)
-_UNDO: Final = f"UPDATE saga_steps SET compensation = 'PENDING' WHERE {_KEY} AND idx = ?"
-_COMPENSATION_ENDED: Final = (
-    "UPDATE sagas SET state = ?1, deadline_at = NULL, updated_at = ?2,"
-    " error_reason = CASE ?3 WHEN '' THEN error_reason ELSE ?3 END"
-    " WHERE facade = ?4 AND request_id = ?5 AND state = 'COMPENSATING'"
-)
-_UNDONE: Final = (
-    f"UPDATE saga_steps SET compensation = 'DONE', compensated_at = ? WHERE {_KEY} AND idx = ?"
-)
-_UNDO_FAILED: Final = (
-    "UPDATE saga_steps SET compensation = 'FAILED', compensated_at = ?, compensation_error = ?"
-    f" WHERE {_KEY} AND idx = ?"
-)
-_HEARTBEAT: Final = (
-    "INSERT INTO replicas (owner, heartbeat_at) VALUES (?, ?)"
-    " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
-)
-_ORPHANS: Final = (
-    "SELECT sagas.facade, sagas.request_id FROM sagas"
-    " LEFT OUTER JOIN replicas ON replicas.owner = sagas.owner"
-    f" WHERE ({RUNNING_ONLY}) AND sagas.kind = 'sync' AND sagas.owner != ?"
-    " AND (replicas.owner IS NULL OR replicas.heartbeat_at < ?)"
-    " ORDER BY sagas.created_at LIMIT ?"
-)
-_EXPIRED: Final = (
-    f"SELECT facade, request_id FROM sagas WHERE ({OPEN_ONLY}) AND deadline_at < ?"
-    " ORDER BY deadline_at LIMIT ?"
-)
-_CLAIM: Final = f"UPDATE sagas SET owner = ?, deadline_at = ?, updated_at = ? WHERE {_KEY}"
 
 
-@dataclass(slots=True)
-class Written:
-    """What the SQLite writer did with one batch, for the loop to hand out."""
+class SqliteBackend(Backend):
+    """A SQLite file, in WAL mode with synchronous=NORMAL: a commit survives the process
+    crashing, not the machine losing power. An in-memory database is refused: the
+    writer's connection and the readers' would each see a database of their own."""
 
-    outcomes: list[tuple[Op, object]]
-    """Each op with its outcome, or the exception its caller gets."""
-    transactions: int = 0
-    failed: int = 0
+    commit_interval = SQLITE_COMMIT_INTERVAL
+
+    def __init__(self, url: URL) -> None:
+        url = url.set(drivername="sqlite+aiosqlite")
+        database = url.database or ""
+        if (
+            database in ("", ":memory:")
+            or database.startswith("file::memory:")
+            or "mode=memory" in database
+            or url.query.get("mode") == "memory"
+        ):
+            raise ValueError(
+                "SqlSagaStore needs a SQLite file, not an in-memory database; "
+                "use memory:// (InMemorySagaStore) for a store in process memory"
+            )
+        super().__init__(url)
+
+    def engine(self) -> AsyncEngine:
+        """An engine whose connections are in WAL mode, leave transactions to us, and are
+        returned to the pool without a reset."""
+        # Every connection is returned either committed, rolled back or without a
+        # transaction (reads run without one): the pool's reset ROLLBACK would only
+        # cost a trip to the aiosqlite thread.
+        engine = create_async_engine(self.url, hide_parameters=True, pool_reset_on_return=None)
+        event.listen(engine.sync_engine, "connect", _on_connect)
+        return engine
+
+    def writer(self, engine: AsyncEngine, options: WriterOptions) -> SqliteWriter:
+        """The writer on a sqlite3 connection of its own (SQLite announces nothing)."""
+        return SqliteWriter(
+            self.url.database or "",
+            options,
+            checkpoint_interval=CHECKPOINT_SECONDS,
+            lock_timeout=LOCK_TIMEOUT_SECONDS,
+        )
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Pragmas on every connection of the engine, and transactions left to us."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA journal_mode")
+    if cursor.fetchone()[0] != "wal":  # WAL sticks to the file: only its first opening
+        _switch_to_wal(cursor)
+    # In WAL mode NORMAL loses no committed transaction on a process crash (only on
+    # power loss), and commits without an fsync each.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+    # The sqlite3 driver's own BEGIN is deferred and implicit; reads run without one,
+    # and the migrations begin their own.
+    dbapi_connection.isolation_level = None
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    # Switching needs the file to itself, and SQLite answers "database is locked" at once,
+    # busy_timeout or not, while another connection is opening it too (replicas starting
+    # together on a new file). Only then, and briefly, does this sleep block the loop.
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.02)
 
 
 class _Busy(Exception):
@@ -141,7 +144,7 @@ class _Busy(Exception):
         self.error = error
 
 
-class SqliteWriter:
+class SqliteWriter(Writer):
     """The writing connection to a SQLite file, used on the event loop itself.
 
     Writes queued while the loop runs are applied in one transaction at its
@@ -167,15 +170,13 @@ class SqliteWriter:
     def __init__(
         self,
         path: str,
+        options: WriterOptions,
         *,
-        max_batch: int,
-        commit_interval: float,
         checkpoint_interval: float,
         lock_timeout: float,
     ) -> None:
+        super().__init__(options)
         self._path = path
-        self._max_batch = max_batch
-        self._commit_interval = commit_interval
         self._checkpoint_interval = checkpoint_interval
         self._lock_timeout = lock_timeout
         self._pending: list[Op] = []
@@ -192,8 +193,6 @@ class SqliteWriter:
         self._drained = asyncio.Event()
         self.checkpoints = 0
         """Checkpoints run so far."""
-        self.on_written: Callable[[Written], None] = lambda written: None
-        """Called with each batch's outcomes, right after its transaction."""
 
     async def open(self) -> None:
         """Connect both connections (the file exists in WAL mode: the schema was made)."""
@@ -212,28 +211,23 @@ class SqliteWriter:
             raise
         self._conn = conn
 
-    def get(self, facade: str, request_id: str) -> SagaRecord | None:
+    async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, read on the loop from the committed state (between batches)."""
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError("the SQLite store is closed")
-        try:
-            rows = conn.execute(SQLITE_GET, (facade, request_id)).fetchall()
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
-        found = records(rows)
+        found = records(self._read(SQLITE_GET, facade, request_id))
         return found[0] if found else None
 
-    def position(self, facade: str, request_id: str) -> Position | None:
+    async def position(self, facade: str, request_id: str) -> Position | None:
         """Where the saga stands, read on the loop from the committed state (between batches)."""
+        return position(self._read(_POSITION, facade, request_id))
+
+    def _read(self, query: str, facade: str, request_id: str) -> list[Any]:
         conn = self._conn
         if conn is None:
             raise RuntimeError("the SQLite store is closed")
         try:
-            rows = conn.execute(_POSITION, (facade, request_id)).fetchall()
+            return conn.execute(query, (facade, request_id)).fetchall()
         except sqlite3.Error as exc:
             raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
-        return position(rows)
 
     def submit(self, op: Op) -> None:
         """Queue `op`; its future is resolved once committed."""
@@ -276,7 +270,7 @@ class SqliteWriter:
         taken = self._pending[: self._max_batch]
         # A caller cancelled before its write began gets no write (as on PostgreSQL).
         ops = [op for op in taken if not op.future.cancelled()]
-        written = Written([])
+        written = Written()
         try:
             if ops:
                 self._write(ops, written)
@@ -289,7 +283,7 @@ class SqliteWriter:
                 del self._pending[: self._pending.index(ops[done])]
                 self._schedule_flush(self._busy_delay)
                 if done:
-                    self.on_written(written)
+                    self.hand_over(written)
                 return
             written.failed += 1
             written.outcomes += [(op, busy.error) for op in ops[done:]]
@@ -311,7 +305,7 @@ class SqliteWriter:
             self._schedule_flush(0)
         elif self._checkpointing is None:
             self._drained.set()
-        self.on_written(written)
+        self.hand_over(written)
 
     async def _checkpoint(self) -> None:
         checkpointer = self._checkpointer
@@ -336,27 +330,13 @@ class SqliteWriter:
                 self._drained.set()
 
     def _write(self, ops: Sequence[Op], written: Written) -> None:
-        """Apply `ops` in one transaction, splitting it when one op may have spoiled it."""
-        try:
-            outcomes = self._apply(ops)
-        except BatchFailed as failed:
-            written.failed += 1
-            if failed.isolate and len(ops) > 1:
-                # Everything was rolled back: retry the halves, in order (a saga's ops keep
-                # their order), until the bad op is alone and the good ones commit.
-                log.warning(
-                    "saga store batch of %d writes failed (%s); retrying in halves",
-                    len(ops),
-                    brief(failed.cause),
-                )
-                middle = len(ops) // 2
-                self._write(ops[:middle], written)
-                self._write(ops[middle:], written)
-                return
-            written.outcomes += [(op, failed.cause) for op in ops]
-            return
-        written.transactions += 1
-        written.outcomes += [(op, outcomes[op]) for op in ops]
+        """Apply `ops` in one transaction, in halves when one op may have spoiled it."""
+        halves = Halves(ops, written)
+        for part in halves:
+            try:
+                halves.committed(part, self._apply(part))
+            except BatchFailed as failed:
+                halves.failed(part, failed)
 
     def _apply(self, ops: Sequence[Op]) -> dict[Op, object]:
         conn = self._conn
@@ -374,7 +354,7 @@ class SqliteWriter:
         try:
             # One time for the transaction: when its writes become durable.
             at = sqlite_time(datetime.now(UTC))
-            outcomes = {op: _apply_op(conn, op, at) for op in ops}
+            outcomes = {op: apply_op(conn, op, at) for op in ops}
             stage = "commit"
             conn.execute("COMMIT")
             return outcomes
@@ -396,117 +376,3 @@ class SqliteWriter:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
-
-
-def _apply_op(conn: sqlite3.Connection, op: Op, at: str) -> object:
-    """Apply one op inside the writer's transaction, at time `at`; return its outcome."""
-    if isinstance(op, ApplyOp):
-        return _apply_change(conn, op, at)
-    if isinstance(op, BeginOp):
-        saga = op.saga
-        deadline = None if saga.deadline_at is None else sqlite_time(saga.deadline_at)
-        created = (
-            conn.execute(
-                _BEGIN,
-                (
-                    saga.facade,
-                    saga.request_id,
-                    saga.kind,
-                    saga.payload,
-                    saga.payload_hash,
-                    saga.owner,
-                    at,
-                    at,
-                    deadline,
-                ),
-            ).rowcount
-            == 1
-        )
-        if created:
-            conn.execute(_STEP_START, (saga.facade, saga.request_id, 0, saga.first_step, at))
-        return created
-    if isinstance(op, HeartbeatOp):
-        conn.execute(_HEARTBEAT, (op.owner, at))
-        return None
-    if isinstance(op, ClaimOp):
-        # The write lock is ours: no other claimer can take these between the statements.
-        claimed: dict[tuple[str, str], bool] = {}
-        for facade, request_id in conn.execute(_EXPIRED, (at, CLAIM_BATCH)):
-            claimed[facade, request_id] = True
-        stale = sqlite_time(op.stale_before)
-        for facade, request_id in conn.execute(_ORPHANS, (op.owner, stale, CLAIM_BATCH)):
-            claimed.setdefault((facade, request_id), False)
-        taken = list(claimed.items())[:CLAIM_BATCH]
-        hold = sqlite_time(op.hold_until)
-        conn.executemany(_CLAIM, [(op.owner, hold, at, *key) for key, _ in taken])
-        return taken
-    if isinstance(op, OperatorOp):
-        return run_sqlite(conn, op, at, lambda change: _apply_change(conn, change, at))
-    raise TypeError(f"unknown saga store write {op!r}")
-
-
-def _apply_change(conn: sqlite3.Connection, op: ApplyOp, at: str) -> bool:
-    """One compare-and-set: the current step's row decides, the saga's row follows."""
-    key = (op.facade, op.request_id)
-    change = op.change
-    if isinstance(change, CompensationEnded):
-        moved = conn.execute(
-            _COMPENSATION_ENDED, (str(change.state), at, ended_reason(change), *key)
-        ).rowcount
-        if not moved:
-            return False
-        conn.executemany(_UNDONE, [(at, *key, index) for index in change.done])
-        if change.failed is not None:
-            conn.execute(_UNDO_FAILED, (at, change.error, *key, change.failed))
-        return True
-    if isinstance(change, StepRestarted):
-        return conn.execute(_STEP_RESTARTED, (at, *key, change.index)).rowcount == 1
-    if isinstance(change, StepPending):
-        if not conn.execute(_STEP_PENDING, (change.reason, *key, change.index)).rowcount:
-            return False
-        conn.execute(_TOUCH, (at, *key))  # a step's wait has no time of its own
-        return True
-    if isinstance(change, StepEnded):
-        if not conn.execute(_STEP_DONE, (at, change.data, *key, change.index)).rowcount:
-            return False
-        if change.complete:
-            _follows(conn.execute(_COMPLETE, (at, *key)).rowcount, op)
-        else:
-            conn.execute(_STEP_START, (*key, change.index + 1, change.next_step, at))
-        return True
-    ended = conn.execute(_STEP_FAILED, (at, change.reason, change.data, *key, change.index))
-    if not ended.rowcount:
-        return False
-    conn.executemany(_UNDO, [(*key, index) for index in change.undo])
-    deadline = _deadline(change)
-    moved = conn.execute(
-        _FAIL, (str(change.then), change.code, change.reason, deadline, at, *key)
-    ).rowcount
-    _follows(moved, op)
-    return True
-
-
-def _deadline(change: StepFailed) -> str | None:
-    """A failed saga's deadline: its compensation's, or none when it ends at once."""
-    if change.then != SagaState.COMPENSATING or change.deadline_at is None:
-        return None
-    return sqlite_time(change.deadline_at)
-
-
-def ended_reason(change: CompensationEnded) -> str:
-    """The saga's new error reason ("" keeps its own): only a failed compensation has one."""
-    return change.error if change.state == SagaState.COMPENSATION_FAILED else ""
-
-
-def _follows(rowcount: int, op: ApplyOp) -> None:
-    """The saga's row moves with its current step's; anything else breaks the journal's
-    invariant, and the batch must not commit it."""
-    if rowcount != 1:
-        raise JournalBroken(op.facade, op.request_id)
-
-
-def brief(exc: BaseException) -> str:
-    """The driver's complaint, without the statement SQLAlchemy wraps around it."""
-    cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    text = str(cause)
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"

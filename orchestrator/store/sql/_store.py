@@ -9,16 +9,20 @@ durable, but the sagas in flight share one commit instead of paying for it one
 by one. A saga's ops keep their queue order; ops of different sagas may be
 regrouped.
 
-- On SQLite the writer is `SqliteWriter` (`_sqlite`): its own sqlite3
-  connection, used on the event loop, commits paced to one per
-  `SQLITE_COMMIT_INTERVAL` under load, checkpoints off the loop. Claims of
-  stalled sagas go through it too, so no other connection of the process ever
-  holds the write lock. Point reads use that connection too.
-- On PostgreSQL it is a task, and a batch is a few set-based statements
-  (`_postgres`). Each transaction that changed sagas also NOTIFYs their keys,
-  and each store LISTENs on a connection of its own (`_listen`): replicas
-  sharing the database hear of each other's writes as they commit
-  (`subscribe_changes`, `announces_changes`).
+The store itself speaks to no database in particular: a `Backend`
+(`_writer`) gives it its engine (reads, migrations), its `Writer` and its
+change feed, one per database:
+
+- SQLite (`_sqlite`): the writer is its own sqlite3 connection, used on the
+  event loop, commits paced to one per `SQLITE_COMMIT_INTERVAL` under load,
+  checkpoints off the loop. Claims of stalled sagas go through it too, so no
+  other connection of the process ever holds the write lock. Point reads use
+  that connection too.
+- PostgreSQL (`_postgres_writer`): the writer is a task, and a batch is a few
+  set-based statements (`_postgres`). Each transaction that changed sagas also
+  NOTIFYs their keys, and each store LISTENs on a connection of its own
+  (`_listen`): replicas sharing the database hear of each other's writes as
+  they commit (`subscribe_changes`, `announces_changes`).
 
 Operators' writes (`act`, keeping and settling dead letters) go through the
 same writer, so on SQLite too one connection writes: rare, they are ops of
@@ -32,7 +36,7 @@ alone, so one bad op (a too-long id, a deadlock victim) fails only its
 caller. If the database itself failed (no connection, SQLite's write lock not
 had within `LOCK_TIMEOUT_SECONDS`, connection lost) or the COMMIT did (it may
 have committed), every op of the batch fails with that error, once: the
-callers' retries decide.
+callers' retries decide (`_writer`).
 
 URLs: ``sqlite+aiosqlite:///path/to/file.db`` and
 ``postgresql+asyncpg://user@host:port/db`` (``sqlite://`` and ``postgresql://``
@@ -50,20 +54,17 @@ above any skew.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import bindparam, event, func, select, text, tuple_
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from orchestrator.errors import StoreUnavailable
 from orchestrator.store.base import MAX_PAGE_SIZE, ChangeListener, GapListener, SagaStore
 from orchestrator.store.changes import Change
 from orchestrator.store.operator import (
@@ -96,7 +97,6 @@ from orchestrator.store.sql._ops import (
     ActOp,
     AddDeadLetterOp,
     ApplyOp,
-    BatchFailed,
     BeginOp,
     ClaimOp,
     HeartbeatOp,
@@ -104,116 +104,37 @@ from orchestrator.store.sql._ops import (
     SettleDeadLetterOp,
     UnsettleDeadLetterOp,
 )
-from orchestrator.store.sql._postgres import apply_batch
-from orchestrator.store.sql._records import (
-    POSITION,
-    decode_token,
-    encode_token,
-    position,
-    records,
-    records_query,
-)
+from orchestrator.store.sql._postgres_writer import PostgresBackend
+from orchestrator.store.sql._records import decode_token, encode_token, records, records_query
 from orchestrator.store.sql._schema import dead_letters, sagas
-from orchestrator.store.sql._sqlite import SqliteWriter, Written, brief
+from orchestrator.store.sql._sqlite import SqliteBackend
+from orchestrator.store.sql._writer import Backend, Writer, WriterOptions, WriterStats, brief
 
-__all__ = ["SqlSagaStore", "WriterStats"]
+__all__ = ["SqlSagaStore"]
 
 log = logging.getLogger("orchestrator.store.sql")
 
 MAX_BATCH: Final = 256
 """Most writes applied in one transaction: bounds a transaction's size and the wait behind it."""
-SQLITE_COMMIT_INTERVAL: Final = 0.005
-"""SQLite's default pacing: at most one commit per 5 ms.
-
-A commit's cost is mostly its pages (each index a saga touches is a page in
-the WAL), which the writes in one transaction share: under load, pacing
-commits puts several times more writes in each for a few milliseconds of
-latency, and a write after a quiet spell still commits at once (see
-bench/README.md for what it saves). PostgreSQL paces itself: writes queue
-while a transaction's round trip is under way."""
-LOCK_TIMEOUT_SECONDS: Final = 5.0
-"""How long a SQLite write waits for another connection's write lock before failing."""
-CHECKPOINT_SECONDS: Final = 0.5
-"""How often SQLite's WAL is checkpointed into the database file, when anything was written."""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class WriterStats:
-    """What the writer has done so far: how well group commit is batching."""
-
-    __slots__ = ("failed_batches", "largest_batch", "ops", "transactions")
-
-    def __init__(self) -> None:
-        self.ops = 0
-        """Writes committed (or refused, or failed on their own)."""
-        self.transactions = 0
-        """Transactions committed."""
-        self.largest_batch = 0
-        self.failed_batches = 0
-        """Transactions that failed (their ops were failed or split and retried)."""
-
-
-def _normalize_url(raw: str) -> URL:
+def _backend(raw: str) -> Backend:
+    """The backend for a store URL; a bare `sqlite://` or `postgresql://` gets our driver."""
     url = make_url(raw)
-    backend = url.get_backend_name()
-    # A bare `sqlite://` or `postgresql://` names no driver: take ours.
+    name = url.get_backend_name()
     driver = url.get_driver_name() if "+" in url.drivername else ""
-    if backend == "sqlite" and driver in ("", "aiosqlite"):
-        url = url.set(drivername="sqlite+aiosqlite")
-        database = url.database or ""
-        if (
-            database in ("", ":memory:")
-            or database.startswith("file::memory:")
-            or "mode=memory" in database
-            or url.query.get("mode") == "memory"
-        ):
-            raise ValueError(
-                "SqlSagaStore needs a SQLite file, not an in-memory database; "
-                "use memory:// (InMemorySagaStore) for a store in process memory"
-            )
-        return url
-    if backend == "postgresql" and driver in ("", "asyncpg"):
-        return url.set(drivername="postgresql+asyncpg")
+    if name == "sqlite" and driver in ("", "aiosqlite"):
+        return SqliteBackend(url)
+    if name == "postgresql" and driver in ("", "asyncpg"):
+        return PostgresBackend(url)
     raise ValueError(
         f"unsupported saga store URL {url.render_as_string(hide_password=True)!r}: "
         "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host:port/db"
     )
-
-
-def _switch_to_wal(cursor: Any) -> None:
-    # Switching needs the file to itself, and SQLite answers "database is locked" at once,
-    # busy_timeout or not, while another connection is opening it too (replicas starting
-    # together on a new file). Only then, and briefly, does this sleep block the loop.
-    for attempt in range(100):
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError:
-            if attempt == 99:
-                raise
-            time.sleep(0.02)
-
-
-def _sqlite_pragmas(engine: AsyncEngine) -> None:
-    """Pragmas on every connection, and transactions left to us (see `_begin_write`)."""
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.execute("PRAGMA journal_mode")
-        if cursor.fetchone()[0] != "wal":  # WAL sticks to the file: only its first opening
-            _switch_to_wal(cursor)
-        # In WAL mode NORMAL loses no committed transaction on a process crash (only on
-        # power loss), and commits without an fsync each.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-        # The sqlite3 driver's own BEGIN is deferred and implicit; we emit BEGIN IMMEDIATE
-        # for writes ourselves, and reads run without one.
-        dbapi_connection.isolation_level = None
 
 
 class SqlSagaStore(SagaStore):
@@ -236,73 +157,52 @@ class SqlSagaStore(SagaStore):
             raise ValueError("max_batch must be at least 1")
         if commit_interval is not None and commit_interval < 0:
             raise ValueError("commit_interval must not be negative")
-        self._url = _normalize_url(url)
-        self._sqlite = self._url.get_backend_name() == "sqlite"
-        if commit_interval is None:
-            commit_interval = SQLITE_COMMIT_INTERVAL if self._sqlite else 0.0
-        self._commit_interval = commit_interval
+        self._backend = _backend(url)
+        self._commit_interval = (
+            self._backend.commit_interval if commit_interval is None else commit_interval
+        )
         self._max_batch = max_batch
-        # A failed batch's error would otherwise quote every op's parameters (payloads of
-        # other requests) to every caller in it, and to the logs.
-        if self._sqlite:
-            # Every connection is returned either committed, rolled back or without a
-            # transaction (reads run without one): the pool's reset ROLLBACK would only
-            # cost a trip to the aiosqlite thread.
-            self._engine = create_async_engine(
-                self._url, hide_parameters=True, pool_reset_on_return=None
-            )
-            _sqlite_pragmas(self._engine)
-        else:
-            self._engine = create_async_engine(self._url, hide_parameters=True)
-        self._queue: list[Op] = []
-        self._wake = asyncio.Event()
-        self._last_commit = 0.0
-        self._writer: asyncio.Task[None] | None = None
-        self._sqlite_writer: SqliteWriter | None = None
+        self._engine = self._backend.engine()
+        self._writer: Writer | None = None
         self._closing = False
         self.stats = WriterStats()
-        self._position_query = text(POSITION.format(":f", ":r"))
-        self._get_query = records_query(
-            sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
-        )
         self._actions_query = actions_query()
         self._letter_query = letters_query(dead_letters.c.id == bindparam("b_id"))
-        self._announce = announce_changes and not self._sqlite
         self.change_feed: PgChangeFeed | None = (
-            PgChangeFeed(self._url.set(drivername="postgresql").render_as_string(False))
-            if self._announce
-            else None
+            self._backend.change_feed() if announce_changes else None
         )
         """The LISTENing side of the change feed, on PostgreSQL (None on SQLite)."""
 
     @property
     def url(self) -> str:
         """The database URL, password hidden."""
-        return self._url.render_as_string(hide_password=True)
+        return self._backend.url.render_as_string(hide_password=True)
 
     # --- lifecycle ---
 
     async def start(self) -> None:
         """Create or upgrade the schema (its migrations), and start the writer."""
-        if self._writer is not None or self._sqlite_writer is not None:
+        if self._writer is not None:
             return
-        revision = await upgrade_schema(self._engine)
+        try:
+            revision = await upgrade_schema(self._engine)
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            # No connection, no such database, a file that cannot be opened: the URL's
+            # fault or the database's, never a caller's.
+            raise StoreUnavailable(f"cannot open the saga store {self.url}: {brief(exc)}") from exc
         log.info("saga store schema at revision %s", revision, extra={"store": self.url})
         self._closing = False
-        if self._sqlite:
-            writer = SqliteWriter(
-                self._url.database or "",
+        writer = self._backend.writer(
+            self._engine,
+            WriterOptions(
                 max_batch=self._max_batch,
                 commit_interval=self._commit_interval,
-                checkpoint_interval=CHECKPOINT_SECONDS,
-                lock_timeout=LOCK_TIMEOUT_SECONDS,
-            )
-            writer.on_written = self._written
-            await writer.open()
-            self._sqlite_writer = writer
-            return
-        self._wake = asyncio.Event()  # bound to the loop that runs the writer
-        self._writer = asyncio.create_task(self._write_loop(), name="saga-store-writer")
+                stats=self.stats,
+                announce=self.change_feed is not None,
+            ),
+        )
+        await writer.open()
+        self._writer = writer
         if self.change_feed is not None:
             self.change_feed.start()
 
@@ -321,26 +221,6 @@ class SqlSagaStore(SagaStore):
             return super().subscribe_changes(changed, gap)
         return self.change_feed.subscribe(changed, gap)
 
-    async def _begin_write(self, conn: AsyncConnection) -> None:
-        """Begin a writing transaction on `conn`."""
-        await conn.begin()
-        if self._sqlite:
-            # Take the write lock up front, waiting up to busy_timeout for it: a deferred
-            # BEGIN that reads, then writes, fails at once with SQLITE_BUSY when another
-            # connection wrote in between. SQLAlchemy's commit and rollback end it.
-            driver = (await conn.get_raw_connection()).driver_connection
-            if driver is None:  # only after the connection was invalidated
-                raise RuntimeError("the SQLite connection is gone")
-            await driver.execute("BEGIN IMMEDIATE")
-
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
-        """A writing transaction: committed at the end, rolled back on an exception."""
-        async with self._engine.connect() as conn:
-            await self._begin_write(conn)
-            yield conn
-            await conn.commit()
-
     async def close(self) -> None:
         """Apply every queued write, stop the writer and the listener, and disconnect."""
         if self.change_feed is not None:
@@ -348,34 +228,16 @@ class SqlSagaStore(SagaStore):
         writer, self._writer = self._writer, None
         if writer is not None:
             self._closing = True
-            self._wake.set()
-            await asyncio.wait([writer])
-        sqlite_writer, self._sqlite_writer = self._sqlite_writer, None
-        if sqlite_writer is not None:
-            self._closing = True
-            await sqlite_writer.close()
+            await writer.close()
         await self._engine.dispose()
 
     # --- writes, through the writer ---
 
     def _submit(self, op: Op) -> asyncio.Future[Any]:
-        if self._closing or (self._writer is None and self._sqlite_writer is None):
+        if self._closing or self._writer is None:
             raise RuntimeError("the saga store is not running (start() it; is it closed?)")
-        if self._sqlite_writer is not None:
-            self._sqlite_writer.submit(op)
-            return op.future
-        self._queue.append(op)
-        self._wake.set()
+        self._writer.submit(op)
         return op.future
-
-    def _written(self, written: Written) -> None:
-        """Hand the SQLite writer's outcomes to their callers (on the loop)."""
-        self.stats.ops += len(written.outcomes)
-        self.stats.transactions += written.transactions
-        self.stats.failed_batches += written.failed
-        self.stats.largest_batch = max(self.stats.largest_batch, len(written.outcomes))
-        for op, outcome in written.outcomes:
-            _resolve(op, outcome)
 
     def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -467,105 +329,20 @@ class SqlSagaStore(SagaStore):
         )
         return unsettled
 
-    # --- the PostgreSQL writer ---
-
-    async def _write_loop(self) -> None:
-        batch: list[Op] = []
-        try:
-            while True:
-                if not self._queue:
-                    if self._closing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                wait = self._last_commit + self._commit_interval - time.monotonic()
-                if wait > 0 and len(self._queue) < self._max_batch:
-                    await asyncio.sleep(wait)
-                else:
-                    # One turn of the loop, free: the tasks already woken (answers from
-                    # upstreams, say) queue their writes into this transaction too.
-                    await asyncio.sleep(0)
-                self._last_commit = time.monotonic()
-                taken = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                # A caller cancelled before its write began gets no write.
-                batch = [op for op in taken if not op.future.cancelled()]
-                if batch:
-                    await self._write_batch(batch)
-                batch = []
-        finally:
-            # Only on cancellation or a bug: nobody must wait forever.
-            stopped = RuntimeError("the saga store writer stopped")
-            for op in [*batch, *self._queue]:
-                if not op.future.done():
-                    op.future.set_exception(stopped)
-            self._queue.clear()
-
-    async def _write_batch(self, ops: Sequence[Op]) -> None:
-        """Apply `ops` in one transaction, splitting it when one op may have spoiled it."""
-        try:
-            outcomes = await self._transaction(ops)
-        except BatchFailed as failed:
-            self.stats.failed_batches += 1
-            if failed.isolate and len(ops) > 1:
-                # A statement failed: maybe one op's data, maybe a deadlock. Everything was
-                # rolled back, so retry the halves, in order (per-saga order holds), until
-                # the bad op is alone: log2(n) extra transactions per bad op.
-                log.warning(
-                    "saga store batch of %d writes failed (%s); retrying in halves",
-                    len(ops),
-                    brief(failed.cause),
-                )
-                middle = len(ops) // 2
-                await self._write_batch(ops[:middle])
-                await self._write_batch(ops[middle:])
-                return
-            for op in ops:
-                _resolve(op, failed.cause)
-            return
-        self.stats.ops += len(ops)
-        self.stats.transactions += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
-        for op in ops:
-            _resolve(op, outcomes.get(op))
-
-    async def _transaction(self, ops: Sequence[Op]) -> dict[Op, object]:
-        """Apply `ops` in one transaction and return each op's outcome once committed."""
-        stage = "connect"
-        try:
-            async with self._engine.connect() as conn:
-                await self._begin_write(conn)
-                stage = "execute"
-                outcomes = await apply_batch(conn, ops, announce=self._announce)
-                stage = "commit"
-                await conn.commit()
-                return outcomes
-        except Exception as exc:
-            lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
-            # Only a failed statement may be one op's fault. No connection or a lost one
-            # fail the whole batch: retrying op by op would multiply the wait for nothing.
-            # A failed COMMIT is not retried either: it may have committed.
-            raise BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
-
     # --- reads ---
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga with its steps in order, or None."""
-        if self._sqlite_writer is not None:
-            return self._sqlite_writer.get(facade, request_id)
-        async with self._engine.connect() as conn:
-            result = await conn.execute(self._get_query, {"b_facade": facade, "b_id": request_id})
-            found = records(result)
-        return found[0] if found else None
+        return await self._running().get(facade, request_id)
 
     async def position(self, facade: str, request_id: str) -> Position | None:
         """Where the saga stands, or None: a lighter read than `get`."""
-        if self._sqlite_writer is not None:
-            return self._sqlite_writer.position(facade, request_id)
-        async with self._engine.connect() as conn:
-            result = await conn.execute(self._position_query, {"f": facade, "r": request_id})
-            return position(result.all())
+        return await self._running().position(facade, request_id)
+
+    def _running(self) -> Writer:
+        if self._writer is None:
+            raise RuntimeError("the saga store is not running (start() it; is it closed?)")
+        return self._writer
 
     async def list_sagas(
         self,
@@ -664,12 +441,3 @@ def _saga_filter(facade: str, request_id_prefix: str) -> list[ColumnElement[bool
         start = func.substr(sagas.c.request_id, 1, len(request_id_prefix))
         criteria.append(start == request_id_prefix)
     return criteria
-
-
-def _resolve(op: Op, outcome: object) -> None:
-    if op.future.done():  # its caller was cancelled meanwhile
-        return
-    if isinstance(outcome, BaseException):
-        op.future.set_exception(outcome)
-    else:
-        op.future.set_result(outcome)

@@ -1,0 +1,169 @@
+"""The PostgreSQL backend of the SQL store: asyncpg through SQLAlchemy, a writer task,
+and the change feed.
+
+The writer is a task: what was queued while a transaction's round trip was
+under way (up to `max_batch`) is the next transaction, a few set-based
+statements (`_postgres`). Each transaction that changed sagas also NOTIFYs
+their keys, and each store LISTENs on a connection of its own (`_listen`):
+replicas sharing the database hear of each other's writes as they commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from orchestrator.store.records import Position, SagaRecord
+from orchestrator.store.sql._listen import PgChangeFeed
+from orchestrator.store.sql._ops import BatchFailed, Op
+from orchestrator.store.sql._postgres import apply_batch
+from orchestrator.store.sql._records import POSITION, position, records, records_query
+from orchestrator.store.sql._schema import sagas
+from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
+
+__all__ = ["PostgresBackend", "PostgresWriter"]
+
+
+class PostgresBackend(Backend):
+    """A PostgreSQL database through asyncpg; it paces itself (writes queue while a
+    transaction's round trip is under way), so commits are not paced by default."""
+
+    commit_interval = 0.0
+
+    def __init__(self, url: URL) -> None:
+        if importlib.util.find_spec("asyncpg") is None:
+            raise ValueError(
+                "a PostgreSQL saga store needs asyncpg: pip install 'saga-orchestrator[postgres]'"
+            )
+        super().__init__(url.set(drivername="postgresql+asyncpg"))
+
+    def engine(self) -> AsyncEngine:
+        """An asyncpg engine that hides statement parameters in its errors."""
+        return create_async_engine(self.url, hide_parameters=True)
+
+    def writer(self, engine: AsyncEngine, options: WriterOptions) -> PostgresWriter:
+        """The writer task on `engine`'s connections."""
+        return PostgresWriter(engine, options)
+
+    def change_feed(self) -> PgChangeFeed:
+        """LISTENing on a plain asyncpg connection of its own."""
+        return PgChangeFeed(self.url.set(drivername="postgresql").render_as_string(False))
+
+
+class PostgresWriter(Writer):
+    """A task applying each batch in one transaction of set-based statements."""
+
+    def __init__(self, engine: AsyncEngine, options: WriterOptions) -> None:
+        super().__init__(options)
+        self._engine = engine
+        self._announce = options.announce
+        self._queue: list[Op] = []
+        self._wake = asyncio.Event()
+        self._last_commit = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._position_query = text(POSITION.format(":f", ":r"))
+        self._get_query = records_query(
+            sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
+        )
+
+    async def open(self) -> None:
+        """Start the writer task."""
+        self._closing = False
+        self._wake = asyncio.Event()  # bound to the loop that runs the writer
+        self._task = asyncio.create_task(self._write_loop(), name="saga-store-writer")
+
+    def submit(self, op: Op) -> None:
+        """Queue `op` for the next transaction."""
+        self._queue.append(op)
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Apply what is queued, then stop the task."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._closing = True
+            self._wake.set()
+            await asyncio.wait([task])
+
+    async def get(self, facade: str, request_id: str) -> SagaRecord | None:
+        """The saga, read on a connection of the engine."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._get_query, {"b_facade": facade, "b_id": request_id})
+            found = records(result)
+        return found[0] if found else None
+
+    async def position(self, facade: str, request_id: str) -> Position | None:
+        """Where the saga stands, read on a connection of the engine."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._position_query, {"f": facade, "r": request_id})
+            return position(result.all())
+
+    async def _write_loop(self) -> None:
+        batch: list[Op] = []
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                wait = self._last_commit + self._commit_interval - time.monotonic()
+                if wait > 0 and len(self._queue) < self._max_batch:
+                    await asyncio.sleep(wait)
+                else:
+                    # One turn of the loop, free: the tasks already woken (answers from
+                    # upstreams, say) queue their writes into this transaction too.
+                    await asyncio.sleep(0)
+                self._last_commit = time.monotonic()
+                taken = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                # A caller cancelled before its write began gets no write.
+                batch = [op for op in taken if not op.future.cancelled()]
+                if batch:
+                    await self._write(batch)
+                batch = []
+        finally:
+            # Only on cancellation or a bug: nobody must wait forever.
+            stopped = RuntimeError("the saga store writer stopped")
+            for op in [*batch, *self._queue]:
+                if not op.future.done():
+                    op.future.set_exception(stopped)
+            self._queue.clear()
+
+    async def _write(self, ops: Sequence[Op]) -> None:
+        """Apply `ops` in one transaction, in halves when one op may have spoiled it."""
+        written = Written()
+        halves = Halves(ops, written)
+        for part in halves:
+            try:
+                halves.committed(part, await self._transaction(part))
+            except BatchFailed as failed:
+                halves.failed(part, failed)
+        self.hand_over(written)
+
+    async def _transaction(self, ops: Sequence[Op]) -> dict[Op, object]:
+        """Apply `ops` in one transaction and return each op's outcome once committed."""
+        stage = "connect"
+        try:
+            async with self._engine.connect() as conn:
+                await conn.begin()
+                stage = "execute"
+                outcomes = await apply_batch(conn, ops, announce=self._announce)
+                stage = "commit"
+                await conn.commit()
+                return outcomes
+        except Exception as exc:
+            lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+            # Only a failed statement may be one op's fault. No connection or a lost one
+            # fail the whole batch: retrying op by op would multiply the wait for nothing.
+            # A failed COMMIT is not retried either: it may have committed.
+            raise BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
