@@ -31,10 +31,13 @@ import yaml
 
 from main import BookingApp
 from main import running_app as run_booking_app
+from orchestrator.broker import InMemoryBroker
 from orchestrator.config import AccessSettings, UiSettings
 from orchestrator.console._auth import MAX_SESSIONS, Sessions
 from orchestrator.console._health import quantile
+from orchestrator.console._live import ChangeHub, SharedRenders
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
+from orchestrator.registry import Orchestrator
 from orchestrator.store import SagaState
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams, app_settings
@@ -658,6 +661,27 @@ def test_quantiles_interpolate_within_the_bucket_as_histogram_quantile_does() ->
     assert quantile(0.05, buckets) == pytest.approx(0.005)
     assert quantile(0.5, buckets) == pytest.approx(0.01 + 0.09 * 40 / 80)
     assert quantile(0.99, buckets) == pytest.approx(0.1 + 0.9 * 9 / 10)
+
+
+async def test_live_pages_of_one_view_share_its_render_until_the_next_change() -> None:
+    orchestrator = Orchestrator(InMemoryBroker())
+    hub = ChangeHub(orchestrator)
+    renders = SharedRenders(hub)
+    made: list[str] = []
+
+    async def render() -> str:
+        made.append(f"fragment {len(made) + 1}")
+        return made[-1]
+
+    try:
+        assert await renders.fragment("all", render) == "fragment 1"
+        assert await renders.fragment("all", render) == "fragment 1"  # a second page, no change
+        assert await renders.fragment("failed", render) == "fragment 2"
+        orchestrator.saga_changed("SyncBooking", "r-1")
+        assert await renders.fragment("all", render) == "fragment 3"
+        assert await renders.fragment("all", render) == "fragment 3"
+    finally:
+        hub.close()
 
 
 def test_sessions_end_after_their_lifetime_without_use_and_are_bounded_in_number() -> None:

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import grpc
 from aiohttp import web
 
-from orchestrator._access_policy import STATUS_SERVICE, Refusal
+from orchestrator._access_policy import ADMIN_SERVICE, STATUS_SERVICE, Refusal
 from orchestrator.access import Principal
 from orchestrator.config import UiSettings
 from orchestrator.console._auth import CSRF_FIELD, Flash, Gate
@@ -36,6 +36,7 @@ from orchestrator.console._live import (
     UPDATE_EVENT,
     ChangeHub,
     LiveStreams,
+    SharedRenders,
     opened,
     stream,
     unless_gone,
@@ -45,6 +46,7 @@ from orchestrator.console._views import (
     DEAD_LETTER_ACTIONS,
     SAGA_ACTIONS,
     ActionInfo,
+    SagaView,
     dead_letter_view,
     payload_text,
     saga_actions,
@@ -54,9 +56,9 @@ from orchestrator.console._views import (
 )
 from orchestrator.proto import saga_pb2
 from orchestrator.registry import Orchestrator
-from orchestrator.store import SagaState
+from orchestrator.store import DeadLetterRecord, SagaState
 
-__all__ = ["Console"]
+__all__ = ["Answered", "Console"]
 
 log = logging.getLogger("orchestrator.console")
 
@@ -65,7 +67,7 @@ PAGE_SIZE = 50
 _GET_SAGA = f"/{STATUS_SERVICE}/GetSaga"
 _LIST_SAGAS = f"/{STATUS_SERVICE}/ListSagas"
 _WATCH_SAGA = f"/{STATUS_SERVICE}/WatchSaga"
-_LIST_DEAD_LETTERS = "/orchestrator.v1.SagaAdmin/ListDeadLetters"
+_LIST_DEAD_LETTERS = f"/{ADMIN_SERVICE}/ListDeadLetters"
 _STATES = [state.value for state in SagaState]
 _LETTER_STATES = ("WAITING", "REPLAYED", "DISCARDED")
 
@@ -87,6 +89,7 @@ class Console:
         self.calls = calls
         self.hub = hub
         self.streams = LiveStreams()
+        self._list_renders = SharedRenders(hub)
         self.facades = sorted(orchestrator.facades)
         self.pages: Pages | None = None
 
@@ -117,7 +120,7 @@ class Console:
         """The caller, admitted to `method`; else the refusal's page is raised."""
         decision = self.gate.admit(request, method)
         if isinstance(decision, Refusal):
-            raise _Answer(self._pages.refused(request, decision))
+            raise Answered(self._pages.refused(request, decision))
         return decision
 
     def _may(self, request: web.Request, method: str) -> Refusal | None:
@@ -189,9 +192,13 @@ class Console:
         async def render() -> str:
             return self._pages.fragment(request, "_sagas_live.html", await self._saga_list(filters))
 
+        async def shared() -> str:
+            view = (filters["facade"], filters["state"], filters["q"])
+            return await self._list_renders.fragment(view, render)
+
         with self.streams.open():
             return await stream(
-                request, self.hub, render, min_interval=self.settings.live_update_seconds
+                request, self.hub, shared, min_interval=self.settings.live_update_seconds
             )
 
     async def saga(self, request: web.Request) -> web.StreamResponse:
@@ -249,7 +256,7 @@ class Console:
         info = known.get(name)
         if info is None:
             message = f"unknown action {name!r}: one of {', '.join(known)}"
-            raise _Answer(self._pages.error(request, grpc.StatusCode.INVALID_ARGUMENT, message))
+            raise Answered(self._pages.error(request, grpc.StatusCode.INVALID_ARGUMENT, message))
         return info
 
     async def saga_act_form(self, request: web.Request) -> web.StreamResponse:
@@ -266,8 +273,8 @@ class Console:
         info: ActionInfo,
         *,
         note: str,
-        saga: Any = None,
-        letter: Any = None,
+        saga: SagaView | None = None,
+        letter: DeadLetterRecord | None = None,
         problem: str = "",
         status: int = 200,
     ) -> web.Response:
@@ -354,7 +361,7 @@ class Console:
             },
         )
 
-    async def _letter(self, letter_id: str) -> Any:
+    async def _letter(self, letter_id: str) -> DeadLetterRecord:
         letter = await self.orchestrator.store.get_dead_letter(letter_id) if letter_id else None
         if letter is None:
             raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no dead letter {letter_id!r}")
@@ -465,7 +472,7 @@ class Console:
         problem = self.gate.csrf_refusal(request, token)
         if problem is not None:
             log.warning("console form refused", extra={"reason": problem, "path": request.path})
-            raise _Answer(self._pages.error(request, grpc.StatusCode.PERMISSION_DENIED, problem))
+            raise Answered(self._pages.error(request, grpc.StatusCode.PERMISSION_DENIED, problem))
 
     def _return_to(self, request: web.Request, location: str, outcome: Flash) -> NoReturn:
         """Send the browser to `location` (after a POST), which then shows `outcome`."""
@@ -476,8 +483,8 @@ class Console:
         raise web.HTTPSeeOther(location)
 
 
-class _Answer(Exception):
-    """Ends a handler with a page already rendered (a refusal)."""
+class Answered(Exception):
+    """Ends a handler with a page already rendered (a refusal); the server answers with it."""
 
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status)

@@ -9,7 +9,8 @@ pays one call and a loop over the open pages (none, most of the time).
 
 `stream` sends a page's fragment, rendered again once it was woken, at most
 once every `min_interval` seconds (a burst of writes is one update) and only
-when it changed. A saga's page follows `WatchSaga` itself instead (see
+when it changed; pages that show the same view share one render per change
+(`SharedRenders`). A saga's page follows `WatchSaga` itself instead (see
 `Console`), the same notifications through the status service.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -32,6 +34,7 @@ __all__ = [
     "UPDATE_EVENT",
     "ChangeHub",
     "LiveStreams",
+    "SharedRenders",
     "opened",
     "stream",
     "unless_gone",
@@ -54,6 +57,9 @@ class ChangeHub:
 
     def __init__(self, orchestrator: Orchestrator) -> None:
         self._pages: set[asyncio.Event] = set()
+        self.generation = 0
+        """How many changes were heard of: a fragment rendered at one generation shows every
+        change up to it."""
         self._unsubscribe = (
             orchestrator.on_saga_change(self._changed),
             orchestrator.store.subscribe_changes(self._changed, self._everything),
@@ -65,10 +71,12 @@ class ChangeHub:
         return len(self._pages)
 
     def _changed(self, facade: str, request_id: str) -> None:
+        self.generation += 1
         for page in self._pages:
             page.set()
 
     def _everything(self) -> None:
+        self.generation += 1
         for page in self._pages:
             page.set()
 
@@ -87,6 +95,30 @@ class ChangeHub:
         """Stop hearing of changes."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
+
+
+class SharedRenders:
+    """The latest fragment of each live view, so that pages showing the same view (the same
+    filters) render it once per change, however many are open."""
+
+    def __init__(self, hub: ChangeHub, *, keep: int = 64) -> None:
+        self._hub = hub
+        self._keep = keep
+        self._latest: OrderedDict[Hashable, tuple[int, str]] = OrderedDict()
+
+    async def fragment(self, view: Hashable, render: Callable[[], Awaitable[str]]) -> str:
+        """`view`'s fragment as of now: the one rendered since the latest change, or a new one."""
+        generation = self._hub.generation  # read first: a change during the render is newer
+        latest = self._latest.get(view)
+        if latest is not None and latest[0] == generation:
+            self._latest.move_to_end(view)
+            return latest[1]
+        fragment = await render()
+        self._latest[view] = (generation, fragment)
+        self._latest.move_to_end(view)
+        while len(self._latest) > self._keep:
+            self._latest.popitem(last=False)
+        return fragment
 
 
 class LiveStreams:

@@ -31,7 +31,7 @@ from orchestrator.admin import SagaAdminService
 from orchestrator.config import UiSettings
 from orchestrator.console._auth import Gate, Sessions
 from orchestrator.console._calls import CallFailed, Calls
-from orchestrator.console._console import Console, _Answer
+from orchestrator.console._console import Answered, Console
 from orchestrator.console._live import ChangeHub
 from orchestrator.console._pages import STATIC
 from orchestrator.errors import StartupError
@@ -148,7 +148,7 @@ class ConsoleServer:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except _Answer as answer:
+        except Answered as answer:
             return answer.response
         except CallFailed as exc:
             pages = self._console.pages
