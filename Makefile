@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck proto bench bench-async clean browser
+.PHONY: run test lint typecheck docs proto bench bench-async clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ browser:
 test: $(INSTALLED) browser lint typecheck
 	$(PY) -m pytest
 
+# The API reference from the docstrings, into site/; a warning fails it (tests/test_docs.py too).
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(INSTALLED)
 	$(PY) bench/sync_booking.py
 
@@ -56,4 +60,4 @@ bench-async: $(INSTALLED)
 	$(PY) bench/async_booking.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

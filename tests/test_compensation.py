@@ -8,21 +8,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestrator import (
-    AsyncFacade,
-    AsyncFacadeContext,
-    Context,
-    FailedPrecondition,
-    Orchestrator,
-    RetryPolicy,
-    Rollback,
-    SyncFacade,
-)
-from orchestrator.broker import InMemoryBroker
+from orchestrator.broker.memory import InMemoryBroker
 from orchestrator.config import BrokerSettings
-from orchestrator.errors import SagaFailed
-from orchestrator.retry import NO_RETRY
-from orchestrator.store import CompensationState, SagaRecord, SagaState
+from orchestrator.context import Context
+from orchestrator.dto import AsyncFacadeContext, Rollback
+from orchestrator.errors import FailedPrecondition
+from orchestrator.facade.async_ import AsyncFacade
+from orchestrator.facade.sync import SyncFacade
+from orchestrator.registry import Orchestrator
+from orchestrator.retry import NO_RETRY, RetryPolicy
+from orchestrator.store import CompensationState, SagaState
+from orchestrator.testing import SagaKit, SagaRun, assert_saga
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 
 Ctx = Context[BookingRequest, BookingSyncResponse]
@@ -59,29 +55,36 @@ async def decline(request_id: str, ctx: Ctx) -> None:
 
 
 @pytest.fixture
-def broker() -> InMemoryBroker:
-    return InMemoryBroker(BrokerSettings(redelivery_delay_seconds=0.001, delivery_limit=3))
+async def kits() -> AsyncIterator[list[SagaKit]]:
+    """The test kits a test started; closed after it."""
+    started: list[SagaKit] = []
+    yield started
+    for kit in started:
+        await kit.close()
+
+
+async def fail_and_settle(kits: list[SagaKit], flow: Flow) -> tuple[SagaKit, SagaRun]:
+    """Register `flow` as Booking on a kit, run saga c1 to its failure, and wait until it and
+    its rollback message are done."""
+    kit = SagaKit(
+        lambda orchestrator: orchestrator.register_sync_facade("Booking", flow),
+        broker=BrokerSettings(redelivery_delay_seconds=0.001, delivery_limit=3),
+        timeout=BOUND,
+    )
+    kits.append(kit)
+    await kit.start()
+    run = await kit.run("Booking", "c1", BookingRequest(ProductID=1))
+    assert run.failure is not None
+    async with asyncio.timeout(BOUND):
+        await kit.broker.join()
+    return kit, run
 
 
 @pytest.fixture
-async def orchestrator(broker: InMemoryBroker) -> AsyncIterator[Orchestrator]:
-    orchestrator = Orchestrator(broker)
+async def orchestrator() -> AsyncIterator[Orchestrator]:
+    orchestrator = Orchestrator(InMemoryBroker())
     yield orchestrator
     await orchestrator.close()
-
-
-async def fail_and_settle(
-    orchestrator: Orchestrator, broker: InMemoryBroker, flow: Flow
-) -> SagaRecord:
-    """Run saga c1 to its failure, then wait until it and its rollback message are done."""
-    orchestrator.register_sync_facade("Booking", flow)
-    await orchestrator.start()
-    with pytest.raises(SagaFailed):
-        await flow.run("c1", BookingRequest(ProductID=1), BookingSyncResponse())
-    async with asyncio.timeout(BOUND):
-        saga = await flow.wait_for("c1")
-        await broker.join()
-    return saga
 
 
 def metric(orchestrator: Orchestrator, name: str) -> float:
@@ -90,7 +93,7 @@ def metric(orchestrator: Orchestrator, name: str) -> float:
 
 
 async def test_completed_steps_are_compensated_in_reverse_order_with_the_saga_state(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     journal = Journal()
     flow = (
@@ -101,7 +104,7 @@ async def test_completed_steps_are_compensated_in_reverse_order_with_the_saga_st
         .consume_rollback("cancel")
     )
 
-    await fail_and_settle(orchestrator, broker, flow)
+    kit, _ = await fail_and_settle(kits, flow)
 
     assert journal.entries == [
         "reserve",
@@ -109,11 +112,11 @@ async def test_completed_steps_are_compensated_in_reverse_order_with_the_saga_st
         "undo order order=7 rid=c1",
         "undo reserve order=7 rid=c1",
     ]
-    assert metric(orchestrator, "orchestrator_sagas_compensated_total") == 1
+    assert metric(kit.orchestrator, "orchestrator_sagas_compensated_total") == 1
 
 
 async def test_the_journal_records_which_steps_were_undone(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     journal = Journal()
     flow = (
@@ -123,9 +126,10 @@ async def test_the_journal_records_which_steps_were_undone(
         .consume_rollback("cancel")
     )
 
-    saga = await fail_and_settle(orchestrator, broker, flow)
+    _, run = await fail_and_settle(kits, flow)
+    saga = run.record
 
-    assert saga.state == SagaState.COMPENSATED
+    assert_saga(saga, state=SagaState.COMPENSATED, failed="decline", compensated=["reserve"])
     assert [(step.name, step.compensation) for step in saga.steps] == [
         ("reserve", CompensationState.DONE),
         ("decline", CompensationState.NONE),
@@ -134,7 +138,7 @@ async def test_the_journal_records_which_steps_were_undone(
 
 
 async def test_a_step_that_may_have_taken_effect_before_failing_is_compensated_too(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     journal = Journal()
 
@@ -149,7 +153,8 @@ async def test_a_step_that_may_have_taken_effect_before_failing_is_compensated_t
         .consume_rollback("cancel")
     )
 
-    saga = await fail_and_settle(orchestrator, broker, flow)
+    _, run = await fail_and_settle(kits, flow)
+    saga = run.record
 
     assert journal.entries == [
         "order",
@@ -161,7 +166,7 @@ async def test_a_step_that_may_have_taken_effect_before_failing_is_compensated_t
 
 
 async def test_the_rollback_node_runs_after_the_compensations(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     journal = Journal()
 
@@ -176,7 +181,7 @@ async def test_the_rollback_node_runs_after_the_compensations(
         .consume_rollback("cancel", rollback_node)
     )
 
-    await fail_and_settle(orchestrator, broker, flow)
+    await fail_and_settle(kits, flow)
 
     assert journal.entries[-2:] == [
         "undo order order=0 rid=c1",
@@ -185,7 +190,7 @@ async def test_the_rollback_node_runs_after_the_compensations(
 
 
 async def test_a_compensation_failing_three_times_then_succeeding_compensates_once(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     attempts = 0
     cancelled = 0
@@ -204,15 +209,15 @@ async def test_a_compensation_failing_three_times_then_succeeding_compensates_on
         .consume_rollback("cancel")
     )
 
-    await fail_and_settle(orchestrator, broker, flow)
+    kit, _ = await fail_and_settle(kits, flow)
 
     assert (attempts, cancelled) == (4, 1)
-    assert metric(orchestrator, "orchestrator_sagas_compensated_total") == 1
-    assert broker.dead_letters == []
+    assert metric(kit.orchestrator, "orchestrator_sagas_compensated_total") == 1
+    assert kit.broker.dead_letters == []
 
 
 async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation_failed(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    kits: list[SagaKit],
 ) -> None:
     async def cancel_order(request_id: str, ctx: Ctx) -> None:
         raise ConnectionError("order service gone")
@@ -224,14 +229,14 @@ async def test_a_compensation_that_always_fails_is_dead_lettered_as_compensation
         .consume_rollback("cancel")
     )
 
-    await fail_and_settle(orchestrator, broker, flow)
+    kit, _ = await fail_and_settle(kits, flow)
 
-    [dead] = broker.dead_letters
+    [dead] = kit.broker.dead_letters
     assert dead.topic == "cancel"
     assert dead.reason.startswith("COMPENSATION_FAILED: compensation of order failed: ")
     assert json.loads(dead.body) == {"facade": "Booking", "request_id": "c1"}
-    assert metric(orchestrator, "orchestrator_sagas_compensation_failed_total") == 1
-    assert metric(orchestrator, "orchestrator_sagas_compensated_total") == 0
+    assert metric(kit.orchestrator, "orchestrator_sagas_compensation_failed_total") == 1
+    assert metric(kit.orchestrator, "orchestrator_sagas_compensated_total") == 0
 
 
 async def test_compensations_need_a_rollback_topic(orchestrator: Orchestrator) -> None:
@@ -254,9 +259,7 @@ class OrderDTO(AsyncFacadeContext):
     order_id: int = 0
 
 
-async def test_an_async_saga_compensates_its_completed_hops_with_the_dto(
-    orchestrator: Orchestrator, broker: InMemoryBroker
-) -> None:
+async def test_an_async_saga_compensates_its_completed_hops_with_the_dto() -> None:
     undone: list[int] = []
 
     async def create_order(dto: OrderDTO) -> OrderDTO:
@@ -269,21 +272,25 @@ async def test_an_async_saga_compensates_its_completed_hops_with_the_dto(
     async def create_payment(dto: OrderDTO) -> OrderDTO:
         raise FailedPrecondition("declined")
 
-    flow = AsyncFacade(dto=OrderDTO)
-    flow.use("order", create_order, compensate=cancel_order).use("payment", create_payment)
-    orchestrator.register_async_facade("AsyncBooking", flow.consume_rollback("cancel"))
-    await orchestrator.start()
-    await flow.run("c2", OrderDTO(request_id="c2"))
-    async with asyncio.timeout(BOUND):
-        saga = await flow.wait_for("c2")
+    def register(orchestrator: Orchestrator) -> None:
+        flow = AsyncFacade(dto=OrderDTO)
+        flow.use("order", create_order, compensate=cancel_order).use("payment", create_payment)
+        orchestrator.register_async_facade("AsyncBooking", flow.consume_rollback("cancel"))
+
+    async with SagaKit(register, timeout=BOUND) as kit:
+        run = await kit.run("AsyncBooking", "c2", OrderDTO(request_id="c2"))
 
     assert undone == [42]
-    assert saga.state == SagaState.COMPENSATED
+    assert_saga(
+        run, state=SagaState.COMPENSATED, failed="create_payment", compensated=["create_order"]
+    )
 
 
 async def test_an_async_saga_with_nothing_to_undo_is_compensated_without_a_rollback_message(
-    orchestrator: Orchestrator, broker: InMemoryBroker
+    orchestrator: Orchestrator,
 ) -> None:
+    broker = orchestrator.broker
+    assert isinstance(broker, InMemoryBroker)
     published: list[str] = []
     real_publish = broker.publish
 

@@ -118,3 +118,66 @@ async def test_publish_with_no_time_left_raises_and_enqueues_nothing() -> None:
         assert broker.depth(TOPIC) == 0
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(10)
+async def test_a_delivery_in_flight_when_consumers_are_dropped_goes_to_the_next_consumer() -> None:
+    broker = await started()
+    taken = asyncio.Event()
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def dying(delivery: Delivery) -> None:
+        taken.set()
+        await asyncio.Event().wait()  # never acknowledges
+
+    async def next_consumer(delivery: Delivery) -> None:
+        received.put_nowait(delivery)
+
+    try:
+        await broker.subscribe(TOPIC, dying)
+        await broker.publish(TOPIC, b"{}", message_id="m")
+        async with asyncio.timeout(5):
+            await taken.wait()
+        broker.drop_consumers()
+        await broker.close()
+        await broker.start()
+        await broker.subscribe(TOPIC, next_consumer)
+        async with asyncio.timeout(5):
+            delivery = await received.get()
+            await broker.join()
+        assert (delivery.message_id, delivery.delivery_count, delivery.redelivered) == (
+            "m",
+            2,
+            True,
+        )
+    finally:
+        await broker.close()
+
+
+@pytest.mark.timeout(10)
+async def test_a_delivery_waiting_to_be_redelivered_is_kept_when_consumers_are_dropped() -> None:
+    broker = InMemoryBroker(BrokerSettings(redelivery_delay_seconds=30))
+    await broker.start()
+    failed = asyncio.Event()
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def failing(delivery: Delivery) -> None:
+        failed.set()
+        raise RuntimeError("upstream down")
+
+    async def next_consumer(delivery: Delivery) -> None:
+        received.put_nowait(delivery)
+
+    try:
+        await broker.subscribe(TOPIC, failing)
+        await broker.publish(TOPIC, b"{}", message_id="m")
+        async with asyncio.timeout(5):
+            await failed.wait()
+        await broker.close()  # the redelivery was 30 s away
+        await broker.start()
+        await broker.subscribe(TOPIC, next_consumer)
+        async with asyncio.timeout(5):
+            delivery = await received.get()
+        assert (delivery.message_id, delivery.delivery_count) == ("m", 2)
+    finally:
+        await broker.close()

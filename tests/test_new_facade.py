@@ -2,12 +2,15 @@
 
 This is the README's "Adding a facade" in miniature: a stock-reservation node
 joins the example's order and payment nodes, a rollback node releases the
-stock and undoes the booking, and a handler serves it over gRPC.
+stock and undoes the booking, and a handler serves it over gRPC. It is tested
+as an application's own facade would be, with the test kit
+(`orchestrator.testing`) against the real Order and Payment services: each
+saga judged from their ledgers, the stock and its record.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -15,14 +18,19 @@ import pytest
 
 from handler.booking import validated
 from node import Upstreams, cancel_booking_node, create_order_sync_node, create_payment_sync_node
-from orchestrator import Context, FailedPrecondition, Orchestrator, Rollback, SyncFacade, endpoint
-from orchestrator.broker import InMemoryBroker
 from orchestrator.config import GrpcSettings
+from orchestrator.context import Context
+from orchestrator.dto import Rollback
+from orchestrator.endpoint import endpoint
+from orchestrator.errors import FailedPrecondition
+from orchestrator.facade.sync import SyncFacade
+from orchestrator.registry import Orchestrator
 from orchestrator.server import OrchestratorServer
 from orchestrator.service import GrpcService
-from pb import booking_pb2, booking_pb2_grpc, order_pb2
+from orchestrator.testing import Registration, SagaKit, assert_saga
+from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import Upstreams as RunningUpstreams
-from tests.support.app_fixtures import eventually
+from upstream.ledger import CANCELLED, CREATED, PAID
 
 Request = booking_pb2.BookingRequest
 Response = booking_pb2.BookingSyncResponse
@@ -77,17 +85,100 @@ class GiftHandler(booking_pb2_grpc.BookingServiceServicer):
 
 
 @pytest.fixture
-async def gift_service(
-    upstreams: RunningUpstreams,
-) -> AsyncIterator[tuple[booking_pb2_grpc.BookingServiceAsyncStub, Stock]]:
-    stock = Stock(available=5)
+def stock() -> Stock:
+    return Stock(available=5)
+
+
+@pytest.fixture
+async def clients(upstreams: RunningUpstreams) -> AsyncIterator[Upstreams]:
     clients = Upstreams.connect(
         order_address=upstreams.order.target,
         payment_address=upstreams.payment.target,
         timeout_seconds=2,
     )
-    orchestrator = Orchestrator(InMemoryBroker())
-    register_gift_booking(orchestrator, clients, stock)
+    yield clients
+    await clients.close()
+
+
+@pytest.fixture
+def orchestrator_facades(clients: Upstreams, stock: Stock) -> Sequence[Registration]:
+    return [lambda orchestrator: register_gift_booking(orchestrator, clients, stock)]
+
+
+def ledgers(upstreams: RunningUpstreams, request_id: str) -> tuple[list[str], list[str]]:
+    """The statuses of `request_id`'s orders and payments, oldest first."""
+    orders = [order.status for order in upstreams.order.ledger.orders_of(request_id)]
+    payments = [payment.status for payment in upstreams.payment.ledger.payments_of(request_id)]
+    return orders, payments
+
+
+async def test_the_new_facade_runs_its_three_steps(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    run = await orchestrator_kit.run("GiftBooking", "gift-1", Request(ProductID=1, Count=2))
+
+    assert_saga(run, state="COMPLETED", done=["reserve_stock", "create_order", "create_payment"])
+    assert stock.reserved == {"gift-1": 2} and stock.available == 3
+    assert ledgers(upstreams, "gift-1") == ([CREATED], [PAID])
+    assert run.response is not None and run.response.PaymentID > 0
+
+
+async def test_the_new_facade_rolls_back_all_three_steps(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    run = await orchestrator_kit.run(
+        "GiftBooking", "gift-2", Request(ProductID=1, Count=2, FaultInject=True)
+    )
+
+    assert run.failure is not None and run.failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert_saga(run, state="COMPENSATED", failed="create_payment")
+    assert ledgers(upstreams, "gift-2") == ([CANCELLED], [])
+    assert not stock.reserved and stock.available == 5
+
+
+async def test_the_new_facade_refuses_what_it_cannot_reserve(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    run = await orchestrator_kit.run("GiftBooking", "gift-3", Request(ProductID=1, Count=9))
+
+    assert run.failure is not None and "only 5 in stock" in str(run.failure)
+    assert_saga(run, state="COMPENSATED", failed="reserve_stock", done=[])
+    assert ledgers(upstreams, "gift-3") == ([], [])
+    assert stock.available == 5
+
+
+async def test_an_order_whose_answer_is_lost_is_cancelled_by_the_rollback_node(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    orchestrator_kit.faults.lose_answer("create_order")
+
+    run = await orchestrator_kit.run("GiftBooking", "gift-4", Request(ProductID=1, Count=1))
+
+    # Each retry got the same order back (its idempotency key); the rollback node undid it.
+    assert_saga(run, state="COMPENSATED", failed="create_order", error_code="UNAVAILABLE")
+    assert ledgers(upstreams, "gift-4") == ([CANCELLED], [])
+    assert stock.available == 5
+
+
+async def test_a_rollback_node_failing_twice_still_releases_the_stock_and_the_order(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams, stock: Stock
+) -> None:
+    failing = orchestrator_kit.faults.fail_compensation("rollback", times=2)
+
+    run = await orchestrator_kit.run(
+        "GiftBooking", "gift-7", Request(ProductID=1, Count=3, FaultInject=True)
+    )
+
+    assert_saga(run, state="COMPENSATED", failed="create_payment")
+    assert failing.hits == 2
+    assert ledgers(upstreams, "gift-7") == ([CANCELLED], [])
+    assert stock.available == 5
+
+
+async def test_the_new_facade_is_served_over_grpc_by_its_handler(
+    orchestrator_kit: SagaKit, upstreams: RunningUpstreams
+) -> None:
+    orchestrator = orchestrator_kit.orchestrator
     service = GrpcService(
         "pb.BookingService",
         booking_pb2_grpc.add_BookingServiceServicer_to_server,
@@ -97,56 +188,19 @@ async def gift_service(
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield booking_pb2_grpc.BookingServiceStub(channel), stock
+            stub = booking_pb2_grpc.BookingServiceStub(channel)
+            response = await stub.HandleSyncBooking(
+                Request(ProductID=1, Count=1), metadata=(("x-request-id", "gift-5"),), timeout=10
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.HandleSyncBooking(
+                    Request(ProductID=1, Count=9),
+                    metadata=(("x-request-id", "gift-6"),),
+                    timeout=10,
+                )
     finally:
         await server.stop(0)
-        await clients.close()
 
-
-async def test_the_new_facade_runs_its_three_steps(
-    gift_service: tuple[Any, Stock], upstreams: RunningUpstreams
-) -> None:
-    stub, stock = gift_service
-    response = await stub.HandleSyncBooking(
-        Request(ProductID=1, Count=2), metadata=(("x-request-id", "gift-1"),), timeout=10
-    )
-
-    assert stock.reserved == {"gift-1": 2} and stock.available == 3
-    order = await upstreams.order_of("gift-1")
-    assert order is not None and order.OrderID == response.OrderID
-    assert response.PaymentID > 0
-
-
-async def test_the_new_facade_rolls_back_all_three_steps(
-    gift_service: tuple[Any, Stock], upstreams: RunningUpstreams
-) -> None:
-    stub, stock = gift_service
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.HandleSyncBooking(
-            Request(ProductID=1, Count=2, FaultInject=True),
-            metadata=(("x-request-id", "gift-2"),),
-            timeout=10,
-        )
-    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-
-    async def undone() -> bool:
-        order = await upstreams.order_of("gift-2")
-        return order is not None and order.Status == order_pb2.CANCELLED and not stock.reserved
-
-    await eventually(undone)
-    assert stock.available == 5
-
-
-async def test_the_new_facade_refuses_what_it_cannot_reserve(
-    gift_service: tuple[Any, Stock], upstreams: RunningUpstreams
-) -> None:
-    stub, stock = gift_service
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.HandleSyncBooking(
-            Request(ProductID=1, Count=9), metadata=(("x-request-id", "gift-3"),), timeout=10
-        )
-
-    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "only 5 in stock" in (failure.value.details() or "")
-    assert await upstreams.order_of("gift-3") is None
-    assert stock.available == 5
+    assert response.RequestID == "gift-5" and response.OrderID > 0
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert_saga(await orchestrator_kit.saga("GiftBooking", "gift-5"), state="COMPLETED")

@@ -1,18 +1,21 @@
-"""The development guide's three-step facades, run exactly as README.md shows them.
+"""The development guide's examples, run exactly as README.md shows them.
 
-Each example block follows a `<!-- example: NAME -->` marker. The test
-compiles that block verbatim into a module of its own, registers the facade
-it defines on an Orchestrator, and books trips against the real Order and
-Payment services: the sync one on the in-memory broker, the async one
-through RabbitMQ. A trip either ends with two orders and a payment, or with
-both orders cancelled and nothing paid; the saga's journal says which steps
-were undone.
+Each example block follows a `<!-- example: NAME -->` marker. The trip
+facades' blocks are compiled verbatim into a module of their own, whose
+facade is registered on an Orchestrator that books trips against the real
+Order and Payment services: the sync one on the test kit's in-memory broker,
+the async one through RabbitMQ. A trip either ends with two orders and a
+payment, or with both orders cancelled and nothing paid; the saga's journal
+says which steps were undone. The testing section's block is a user's test
+module: it is written to a file and run by a pytest of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
 import sys
 import types
 import uuid
@@ -24,18 +27,18 @@ import grpc
 import pytest
 
 from node import Upstreams
-from orchestrator import Orchestrator
-from orchestrator.broker import InMemoryBroker
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings
-from orchestrator.errors import SagaFailed
-from orchestrator.store import CompensationState, SagaState
+from orchestrator.registry import Orchestrator
+from orchestrator.store import SagaState
+from orchestrator.testing import SagaKit, assert_saga
 from pb.booking_pb2 import BookingRequest
 from tests.support.app_fixtures import Upstreams as RunningUpstreams
 from tests.support.broker_fixtures import delete_topology
 from upstream.ledger import CANCELLED, CREATED, PAID
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 MAX_LINES = 40
 _EXAMPLE = re.compile(
     r"<!-- example: (?P<name>[\w-]+)[^>]*-->\s*```python\n(?P<code>.*?)^```", re.S | re.M
@@ -92,43 +95,25 @@ def test_the_example_fits_in_forty_lines(name: str) -> None:
 async def test_the_sync_trip_books_a_flight_a_hotel_and_pays(
     load_example: Any, clients: Upstreams, upstreams: RunningUpstreams
 ) -> None:
-    orchestrator = Orchestrator(InMemoryBroker())
-    load_example("sync-trip").register_trip(orchestrator, clients)
-    await orchestrator.start()
-    try:
-        flow = orchestrator.get_sync_facade("TripBooking")
-        response = await flow.run("trip-1", BookingRequest(ProductID=1))
-        saga = await orchestrator.store.get("TripBooking", "trip-1")
-    finally:
-        await orchestrator.close()
+    register = load_example("sync-trip").register_trip
+    async with SagaKit(lambda orchestrator: register(orchestrator, clients)) as kit:
+        run = await kit.run("TripBooking", "trip-1", BookingRequest(ProductID=1))
 
-    assert response.OrderID > 0 and response.PaymentID > 0
+    assert run.response is not None
+    assert run.response.OrderID > 0 and run.response.PaymentID > 0
     assert statuses(upstreams, "trip-1") == ([CREATED, CREATED], [PAID])
-    assert saga is not None and saga.state == SagaState.COMPLETED
+    assert_saga(run, state="COMPLETED", done=["book_flight", "book_hotel", "pay"])
 
 
 async def test_the_sync_trip_declined_cancels_the_flight_and_the_hotel(
     load_example: Any, clients: Upstreams, upstreams: RunningUpstreams
 ) -> None:
-    orchestrator = Orchestrator(InMemoryBroker())
-    load_example("sync-trip").register_trip(orchestrator, clients)
-    await orchestrator.start()
-    try:
-        flow = orchestrator.get_sync_facade("TripBooking")
-        with pytest.raises(SagaFailed) as failed:
-            await flow.run("trip-2", BookingRequest(ProductID=1, FaultInject=True))
-        async with asyncio.timeout(10):
-            saga = await flow.wait_for("trip-2")
-    finally:
-        await orchestrator.close()
+    register = load_example("sync-trip").register_trip
+    async with SagaKit(lambda orchestrator: register(orchestrator, clients)) as kit:
+        run = await kit.run("TripBooking", "trip-2", BookingRequest(ProductID=1, FaultInject=True))
 
-    assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert saga.state == SagaState.COMPENSATED
-    assert [step.compensation for step in saga.steps] == [
-        CompensationState.DONE,
-        CompensationState.DONE,
-        CompensationState.NONE,
-    ]
+    assert run.failure is not None and run.failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert_saga(run, state="COMPENSATED", failed="pay", compensated=["book_flight", "book_hotel"])
     assert statuses(upstreams, "trip-2") == ([CANCELLED, CANCELLED], [])
 
 
@@ -166,3 +151,25 @@ async def test_the_async_trip_books_through_rabbitmq(
     assert statuses(upstreams, "trip-3") == ([CREATED, CREATED], [PAID])
     assert declined.state == SagaState.COMPENSATED
     assert statuses(upstreams, "trip-4") == ([CANCELLED, CANCELLED], [])
+
+
+def test_the_testing_example_passes_as_a_users_own_test_module(tmp_path: Path) -> None:
+    (tmp_path / "test_trip_facade.py").write_text(example("testing-a-facade"))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto"),
+            *("-o", "asyncio_default_fixture_loop_scope=function"),
+            "test_trip_facade.py",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout

@@ -1,8 +1,11 @@
 """An in-process broker with RabbitMQ's semantics, for the embedded default and unit tests.
 
-Messages live in memory: they survive nothing but themselves. It is the
-default so that `python main.py` needs nothing installed; production uses
-RabbitMQ through the same protocol.
+Messages live in memory: they survive nothing but the broker object. It is
+the default so that `python main.py` needs nothing installed; production uses
+RabbitMQ through the same protocol. A closed broker may be started and
+subscribed to again, its queues and dead letters kept: the test kit
+(`orchestrator.testing`) lets it stand for a broker that outlives an
+orchestrator that crashed.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class InMemoryBroker(Broker):
         self._settings = settings or BrokerSettings()
         self._queues: dict[str, asyncio.Queue[_Message]] = {}
         self._workers: list[asyncio.Task[None]] = []
-        self._retry_handles: set[asyncio.TimerHandle] = set()
+        self._stopping: list[asyncio.Task[None]] = []
+        # Deliveries waiting out their redelivery delay, each with the queue it goes back to.
+        self._delayed: dict[asyncio.TimerHandle, tuple[asyncio.Queue[_Message], _Message]] = {}
         self._unfinished = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -66,15 +71,28 @@ class InMemoryBroker(Broker):
         self._set_healthy(True)
 
     async def close(self) -> None:
-        """Stop the consumers; messages still queued are dropped with the process."""
-        for handle in self._retry_handles:
+        """Stop the consumers (see `drop_consumers`); the queues stay with the object."""
+        self.drop_consumers()
+        stopping, self._stopping = self._stopping, []
+        await asyncio.gather(*stopping, return_exceptions=True)
+        self._set_healthy(False)
+
+    def drop_consumers(self) -> None:
+        """Stop every consumer at once, as when the process consuming dies.
+
+        Nothing in flight is acknowledged: a delivery being handled goes back
+        to its topic when its worker stops, and one waiting out its redelivery
+        delay goes back now. `close()` waits for the workers; `start()` and
+        `subscribe()` may follow, and the queues are consumed again.
+        """
+        for handle, (queue, message) in self._delayed.items():
             handle.cancel()
-        self._retry_handles.clear()
+            queue.put_nowait(message)
+        self._delayed.clear()
         for worker in self._workers:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
-        self._set_healthy(False)
+        self._stopping.extend(self._workers)
+        self._workers = []
 
     async def declare(self, topic: str) -> None:
         """Create the topic's queue if it does not exist."""
@@ -186,11 +204,11 @@ class InMemoryBroker(Broker):
         self, queue: asyncio.Queue[_Message], message: _Message, delay: float
     ) -> None:
         def requeue() -> None:
-            self._retry_handles.discard(handle)
+            del self._delayed[handle]
             queue.put_nowait(message)
 
         handle = asyncio.get_running_loop().call_later(delay, requeue)
-        self._retry_handles.add(handle)
+        self._delayed[handle] = (queue, message)
 
     def _dead_letter(self, topic: str, message: _Message, reason: str) -> None:
         self._count_dead_letter(topic)
