@@ -68,9 +68,11 @@ from bench.common import (  # noqa: E402
     HOST,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
+    ConsoleWatcher,
     CpuSnapshot,
     Process,
     Target,
+    add_console_option,
     add_store_option,
     child_environment,
     framework_config,
@@ -276,6 +278,9 @@ async def bench(
         named_pids["nats" if is_nats(args.broker or "") else "rabbitmq"] = broker_pid
     pids = list(named_pids.values())
     results: list[RunResult] = []
+    watcher = ConsoleWatcher(addresses["console"]) if args.console else None
+    if watcher is not None:
+        watcher.start()
     try:
         for pair in range(1, args.pairs + 1):
             for target in TARGETS:
@@ -311,6 +316,9 @@ async def bench(
     finally:
         feed.closing = True
         transport.close()
+    if watcher is not None:
+        updates = await watcher.stop()
+        print(f"console: its live saga list was open throughout and got {updates} updates")
     return results
 
 
@@ -483,6 +491,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleAsyncBooking sagas/s: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_console_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight (callers)")
@@ -540,6 +549,7 @@ def start_servers(
         ports["payment"],
         broker=broker,
         store=args.store,
+        console_port=ports["console"] if args.console else 0,
     )
     framework_argv = [python, "main.py"]
     if args.profile is not None:
@@ -630,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         print(f"bench failed: broker {redact_url(url)} unreachable: {exc!r}", file=sys.stderr)
         return 2
-    names = ("order", "payment", "framework", "baseline")
+    names = ("order", "payment", "framework", "baseline", "console")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     addresses = {name: f"{HOST}:{port}" for name, port in ports.items()}
     log_dir = Path(tempfile.mkdtemp(prefix="async-booking-bench-"))

@@ -50,9 +50,11 @@ from bench.common import (  # noqa: E402
     HOST,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
+    ConsoleWatcher,
     CpuSnapshot,
     Process,
     Target,
+    add_console_option,
     add_store_option,
     child_environment,
     framework_config,
@@ -173,6 +175,9 @@ async def bench(
     pids = [os.getpid(), *(process.popen.pid for process in processes.values())]
     invocation = uuid.uuid4().hex[:8]  # request ids never repeat across invocations either
     results: list[RunResult] = []
+    watcher = ConsoleWatcher(addresses["console"]) if args.console else None
+    if watcher is not None:
+        watcher.start()
     for pair in range(1, args.pairs + 1):
         for target in TARGETS:
             before = CpuSnapshot.take(pids)
@@ -198,6 +203,9 @@ async def bench(
                     flush=True,
                 )
             results.append(result)
+    if watcher is not None:
+        updates = await watcher.stop()
+        print(f"console: its live saga list was open throughout and got {updates} updates")
     return results
 
 
@@ -235,6 +243,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleSyncBooking throughput: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_console_option(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent callers")
@@ -258,18 +267,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start the servers, run the bench, always stop the servers."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, terminate)
-    order_port, payment_port, framework_port, baseline_port = free_ports(4)
+    order_port, payment_port, framework_port, baseline_port, console_port = free_ports(5)
     addresses = {
         "order": f"{HOST}:{order_port}",
         "payment": f"{HOST}:{payment_port}",
         "framework": f"{HOST}:{framework_port}",
         "baseline": f"{HOST}:{baseline_port}",
+        "console": f"{HOST}:{console_port}",
     }
     python = sys.executable
     latency = ["--latency-ms", str(args.upstream_latency_ms)]
     log_dir = Path(tempfile.mkdtemp(prefix="sync-booking-bench-"))
     config_path = log_dir / "app.yaml"
-    framework_config(config_path, framework_port, order_port, payment_port, store=args.store)
+    framework_config(
+        config_path,
+        framework_port,
+        order_port,
+        payment_port,
+        store=args.store,
+        console_port=console_port if args.console else 0,
+    )
     framework_argv = [python, "main.py"]
     if args.profile is not None:
         profile_path = args.profile.resolve()

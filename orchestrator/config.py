@@ -7,7 +7,7 @@ its class to `load_settings`.
 Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
 `ORCH_BROKER_URL` (`memory://`, `amqp://user:password@host:port/vhost` or
 `nats://user:password@host:port`), and
-the TLS and access variables of `ENVIRONMENT_VARIABLES`.
+the others of `ENVIRONMENT_VARIABLES`.
 
 Files the configuration names (certificates, keys, the tokens file) are read
 while it is validated: a missing or unreadable one stops startup naming its key.
@@ -15,10 +15,11 @@ while it is validated: a missing or unreadable one stops startup naming its key.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -33,8 +34,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
+from orchestrator._config_reference import markdown_reference
 from orchestrator._urls import (
     BROKER_SCHEMES,
     STORE_SCHEMES,
@@ -65,6 +66,8 @@ __all__ = [
     "TokenSettings",
     "TopicSettings",
     "TracingSettings",
+    "UiSettings",
+    "UiTlsSettings",
     "config_reference",
     "load_settings",
     "redact_url",
@@ -231,6 +234,53 @@ class MetricsSettings(StrictModel):
     """Address the metrics server binds."""
     port: int = Field(default=9464, ge=0, le=65535)
     """Metrics port (0: any free port)."""
+
+
+class UiTlsSettings(StrictModel):
+    """HTTPS for the console."""
+
+    cert_file: PemFile
+    """The console's certificate chain (PEM)."""
+    key_file: PemFile
+    """The certificate's private key (PEM)."""
+
+
+class UiSettings(StrictModel):
+    """The saga console: a web UI the orchestrator serves on an HTTP port of its own
+    (needs `pip install 'saga-orchestrator[console]'`)."""
+
+    enabled: bool = False
+    """Serve the console. Env: `ORCH_UI_PORT` enables it on that port."""
+    host: str = "127.0.0.1"
+    """Address the console binds: this machine only by default; `0.0.0.0` for every
+    interface (then serve it over `tls`, or behind a proxy that does)."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """Console port (0: any free port)."""
+    tls: UiTlsSettings | None = None
+    """Serve HTTPS (and mark the session cookie Secure) instead of plain HTTP."""
+    session_minutes: float = Field(default=480.0, gt=0, le=10080)
+    """A signed-in browser is signed out after this long without a request."""
+    live_update_seconds: float = Field(default=0.5, ge=0.05, le=60)
+    """The least time between two live updates of one open page: changes in between are
+    sent together."""
+
+    @field_validator("enabled")
+    @classmethod
+    def _extra_installed(cls, enabled: bool) -> bool:
+        if enabled:
+            for module in _CONSOLE_MODULES:
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    raise ValueError(
+                        f"the console needs the 'console' extra ({module} cannot be imported): "
+                        "pip install 'saga-orchestrator[console]'"
+                    ) from None
+        return enabled
+
+
+_CONSOLE_MODULES = ("aiohttp", "aiohttp_jinja2", "aiohttp_sse", "jinja2")
+"""What `orchestrator.console` imports beyond the base install (the `console` extra)."""
 
 
 class TracingSettings(StrictModel):
@@ -426,6 +476,8 @@ class Settings(StrictModel):
     """The dead-letter list operators act on."""
     access: AccessSettings = Field(default_factory=AccessSettings)
     """Who may call SagaService and SagaAdmin."""
+    ui: UiSettings = Field(default_factory=UiSettings)
+    """The saga console."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
@@ -467,6 +519,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
     "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
     "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
+    "ORCH_UI_PORT": "Sets `ui.port` and turns `ui.enabled` on.",
     "ORCH_GRPC_TLS_CERT": "Sets `grpc.tls.cert_file`.",
     "ORCH_GRPC_TLS_KEY": "Sets `grpc.tls.key_file`.",
     "ORCH_GRPC_TLS_CLIENT_CA": "Sets `grpc.tls.client_ca_file` (mutual TLS).",
@@ -484,81 +537,7 @@ def config_reference(model: type[BaseModel]) -> str:
     Built from the models themselves (types, defaults, bounds and attribute
     docstrings), so documentation generated with it cannot drift.
     """
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    rows += _reference_rows(model, "")
-    rows += ["", "| environment variable | effect |", "|---|---|"]
-    rows += [f"| `{name}` | {effect} |" for name, effect in ENVIRONMENT_VARIABLES.items()]
-    return "\n".join(rows) + "\n"
-
-
-def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
-    rows: list[str] = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        description = " ".join((field.description or "").split()).replace("|", "\\|")
-        nested = _nested_model(field.annotation)
-        if nested is not None:
-            if get_origin(field.annotation) is dict:
-                rows.append(f"| `{key}` | mapping | `{{}}` | {description} |")
-                rows += _reference_rows(nested, f"{key}.<name>.")
-            elif get_origin(field.annotation) is list:
-                rows.append(f"| `{key}` | list | `[]` | {description} |")
-                rows += _reference_rows(nested, f"{key}[].")
-            else:
-                optional = " (optional)" if _allows_none(field.annotation) else ""
-                rows.append(f"| `{key}` | section{optional} | | {description} |")
-                rows += _reference_rows(nested, f"{key}.")
-            continue
-        bounds = "".join(
-            f", {symbol} {getattr(meta, attr)}"
-            for meta in field.metadata
-            for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
-            if getattr(meta, attr, None) is not None
-        )
-        rows.append(
-            f"| `{key}` | {_type_name(field.annotation)}{bounds} | {_default_of(field)} "
-            f"| {description} |"
-        )
-    return rows
-
-
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in get_args(annotation):
-        found = _nested_model(argument)
-        if found is not None:
-            return found
-    return None
-
-
-def _allows_none(annotation: Any) -> bool:
-    return type(None) in get_args(annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Annotated:
-        return _type_name(get_args(annotation)[0])
-    if _allows_none(annotation):
-        (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
-        return f"{_type_name(inner)} (optional)"
-    if get_origin(annotation) is Literal:
-        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
-    if annotation is SecretStr:
-        return "string (secret)"
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _default_of(field: FieldInfo) -> str:
-    if field.is_required():
-        return "required"
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    if isinstance(value, bool):
-        value = str(value).lower()
-    return f"`{value}`" if value not in ("", None) else ('`""`' if value == "" else "")
+    return markdown_reference(model, ENVIRONMENT_VARIABLES)
 
 
 def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -570,6 +549,8 @@ def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault("store", {})["url"] = store_url
     if port := env.get("ORCH_METRICS_PORT"):
         raw.setdefault("metrics", {}).update(enabled=True, port=port)
+    if port := env.get("ORCH_UI_PORT"):
+        raw.setdefault("ui", {}).update(enabled=True, port=port)
     for variable, (section, sub, key) in _FILE_VARIABLES.items():
         if value := env.get(variable):
             parent = raw.setdefault(section, {})

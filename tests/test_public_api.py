@@ -58,6 +58,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "TokenSettings",
         "TopicSettings",
         "TracingSettings",
+        "UiSettings",
+        "UiTlsSettings",
         "config_reference",
         "load_settings",
         "redact_url",
@@ -150,6 +152,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "step_timeout",
     ],
     "orchestrator.server": ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"],
+    "orchestrator.console": ["ConsoleServer"],
     "orchestrator.testing": [
         "Fault",
         "FaultKind",
