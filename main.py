@@ -2,20 +2,27 @@
 
 The root `app.yaml` is the embedded default: an in-memory broker and both
 upstream services inside this process, so nothing else has to run.
+`python main.py --workers N` runs N orchestrator processes on the one port
+under a supervisor (see `orchestrator.workers`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import Field, model_validator
 
 import facade.async_booking
 import facade.sync_booking
+import facade.throttling_booking
 from handler import BookingHandler
 from node import Upstreams
 from orchestrator import Orchestrator, run
@@ -23,15 +30,23 @@ from orchestrator.broker import broker_from_settings
 from orchestrator.config import PemFile, Settings, StrictModel, load_settings
 from orchestrator.errors import BrokerUnavailable, ConfigError, StartupError
 from orchestrator.logs import configure_logging
+from orchestrator.metrics import MetricsServer, WorkersMetrics
 from orchestrator.server import OrchestratorServer
 from orchestrator.service import GrpcService
 from orchestrator.store import store_from_url
 from orchestrator.tls import channel_credentials
 from orchestrator.tracing import configure_tracing
+from orchestrator.workers import Supervisor, current_worker, metrics_directory, worker_count
 from pb import booking_pb2, booking_pb2_grpc
 from upstream.server import RunningUpstream, serve_upstream
 
 log = logging.getLogger("booking")
+
+MAIN = Path(__file__).resolve()
+"""This program: what a supervisor runs as each worker."""
+SHARED_UPSTREAMS_ENV = "BOOKING_SHARED_UPSTREAMS"
+"""Set by the supervisor for its workers: the addresses of the embedded upstreams it serves
+(JSON), which the workers call instead of starting their own."""
 
 
 class UpstreamSettings(StrictModel):
@@ -117,7 +132,15 @@ class BookingApp:
 
 
 async def start_embedded(settings: AppSettings) -> tuple[AppSettings, list[RunningUpstream]]:
-    """Start the configured embedded upstreams; point the clients at their bound ports."""
+    """Start the configured embedded upstreams; point the clients at their bound ports.
+
+    A worker uses those its supervisor started (`SHARED_UPSTREAMS_ENV`) instead.
+    """
+    shared = os.environ.get(SHARED_UPSTREAMS_ENV) if current_worker() is not None else None
+    if shared:
+        addresses = {name: UpstreamSettings(address=a) for name, a in json.loads(shared).items()}
+        upstreams = settings.upstreams.model_copy(update=addresses)
+        return settings.model_copy(update={"upstreams": upstreams}), []
     started: list[RunningUpstream] = []
     addresses = {}
     for name in ("order", "payment"):
@@ -160,6 +183,7 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
     )
     facade.sync_booking.register(orchestrator, upstreams)
     facade.async_booking.register(orchestrator, upstreams)
+    facade.throttling_booking.register(orchestrator, upstreams)
     booking_service = GrpcService(
         booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name,
         booking_pb2_grpc.add_BookingServiceServicer_to_server,
@@ -191,7 +215,14 @@ async def running_app(settings: AppSettings) -> AsyncIterator[BookingApp]:
 async def serve(settings: AppSettings) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
     settings, embedded = await start_embedded(settings)
-    app = build_app(settings, embedded)
+    try:
+        app = build_app(settings, embedded)
+    except ValueError as exc:
+        # A facade the configuration cannot apply to (`sagas.facades.<name>`), named.
+        print(f"configuration error: {exc}", file=sys.stderr)
+        for running in embedded:
+            await running.stop()
+        return 2
     log.info(
         "booking service starting",
         extra={
@@ -210,25 +241,84 @@ async def serve(settings: AppSettings) -> int:
     return 0
 
 
+async def supervise(settings: AppSettings, count: int) -> int:
+    """Run `count` workers (this program again, each one orchestrator) on the gRPC port until
+    SIGINT or SIGTERM; the embedded upstreams and the metrics port are served here, once."""
+    settings, embedded = await start_embedded(settings)
+    env = {**os.environ, "ORCH_WORKERS": "1"}
+    if embedded:
+        env[SHARED_UPSTREAMS_ENV] = json.dumps(
+            {name: getattr(settings.upstreams, name).address for name in ("order", "payment")}
+        )
+    argv = [sys.executable, str(MAIN)]
+    grace = settings.grpc.shutdown_grace_seconds + settings.grpc.drain_seconds
+    log.info(
+        "booking service starting",
+        extra={"workers": count, "port": settings.grpc.port, "broker": settings.broker.safe_url},
+    )
+    metrics = settings.metrics
+    try:
+        with contextlib.ExitStack() as stack:
+            directory = stack.enter_context(metrics_directory()) if metrics.enabled else None
+            server = (
+                MetricsServer(WorkersMetrics(directory), metrics.host, metrics.port)
+                if directory is not None
+                else None
+            )
+            if server is not None:
+                try:
+                    await server.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"metrics.port: cannot listen on {metrics.host}:{metrics.port}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            try:
+                supervisor = Supervisor(
+                    argv, count, env=env, stop_timeout=grace + 10, metrics_dir=directory
+                )
+                return await supervisor.run()
+            finally:
+                if server is not None:
+                    await server.close()
+    finally:
+        for running in embedded:
+            await running.stop()
+
+
 def main(argv: Sequence[str]) -> int:
-    """Entry point: `main.py [upstream order|payment ...]`."""
+    """Entry point: `main.py [--workers N]`, or `main.py upstream order|payment ...`."""
     if argv[:1] == ["upstream"]:
         from upstream.server import main as upstream_main
 
         return upstream_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="main.py", description="Serve the booking service.")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="orchestrator processes sharing the gRPC port, 0 for one per core "
+        "(default: `workers` in the config, ORCH_WORKERS, else 1)",
+    )
+    args = parser.parse_args(argv)
+    environ = dict(os.environ)
+    if args.workers is not None:
+        environ["ORCH_WORKERS"] = str(args.workers)
     try:
-        settings = load_settings(AppSettings)
+        settings = load_settings(AppSettings, environ=environ)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    count = worker_count(settings.workers)
+    supervising = count > 1 and current_worker() is None
     try:
-        configure_tracing(settings.tracing)
+        if not supervising:
+            configure_tracing(settings.tracing)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        return run(serve(settings))
+        return run(supervise(settings, count) if supervising else serve(settings))
     except StartupError as exc:
         # A port in use, a store out of reach: the setting and its value, on one line.
         print(f"cannot start: {exc}", file=sys.stderr)

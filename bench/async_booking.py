@@ -28,7 +28,10 @@ sagas that never completed are flagged loudly and make the exit status 1. The
 queues and exchanges (or streams) of both prefixes are deleted at the end, whatever happens.
 
     .venv/bin/python bench/async_booking.py [--seconds 8] [--concurrency 64]
-        [--upstream-latency-ms 0] [--profile FILE] [--broker nats://127.0.0.1:4222]
+        [--upstream-latency-ms 0] [--workers 1] [--profile FILE]
+        [--broker nats://127.0.0.1:4222]
+
+``--workers N``: as for sync_booking.py (bench/README.md, Workers).
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aio_pika
 import grpc
 import nats
 import nats.js.errors
@@ -65,6 +67,7 @@ from bench.baseline_async import topology as baseline_topology  # noqa: E402
 from bench.baseline_async_nats import stream_name as baseline_stream_name  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_DIR,
+    DEFAULT_RABBITMQ_URL,
     HOST,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
@@ -74,22 +77,30 @@ from bench.common import (  # noqa: E402
     Target,
     add_console_option,
     add_store_option,
+    add_workers_option,
+    booking_stubs,
+    channel_count,
+    check_broker,
     child_environment,
+    delete_topology,
     framework_config,
+    framework_topology,
     free_ports,
+    listening_sockets,
     mean,
     noisy_note,
     percentile,
+    resolve_workers,
     start_process,
     stop_processes,
     terminate,
+    wait_listening,
     wait_serving,
 )
 from orchestrator.broker.nats import NatsBroker  # noqa: E402
 from orchestrator.config import BrokerSettings, redact_url  # noqa: E402
-from pb import booking_pb2, booking_pb2_grpc  # noqa: E402
+from pb import booking_pb2  # noqa: E402
 
-DEFAULT_RABBITMQ_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 LOCAL_CONFIG: Final = ROOT / "deployment" / "local" / "app.yaml"
 """Its broker section (concurrency per topic, delivery limit...) is the one the framework runs."""
 CALL_TIMEOUT_SECONDS: Final = 10.0
@@ -207,20 +218,21 @@ async def load(
     *,
     run_id: str,
     concurrency: int,
+    channels: int,
     warmup: float,
     completion_timeout: float,
 ) -> None:
-    """Run `concurrency` submit-and-wait loops on one channel for `warmup` + the window."""
+    """Run `concurrency` submit-and-wait loops over `channels` channels (connections) for
+    `warmup` + the window."""
     request = booking_pb2.BookingRequest(ProductID=1)
     clock = time.monotonic  # CLOCK_MONOTONIC, the probe's clock
     unexpected_before = feed.unexpected
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = booking_pb2_grpc.BookingServiceStub(channel)
-        await channel.channel_ready()
+    async with booking_stubs(address, channels) as stubs:
         window_start = clock() + warmup
         window_end = window_start + result.seconds
 
         async def caller(worker: int) -> None:
+            stub = stubs[worker % len(stubs)]
             call = 0
             while (started := clock()) < window_end:
                 request_id = f"{run_id}-{worker}-{call}"
@@ -251,6 +263,18 @@ async def load(
     result.unexpected = feed.unexpected - unexpected_before
 
 
+async def wait_ready(
+    processes: dict[str, Process], addresses: dict[str, str], workers: int
+) -> None:
+    """Every server serving, and every worker (or copy) of each target bound to its port."""
+    await asyncio.gather(
+        *(wait_serving(process, addresses[name]) for name, process in processes.items())
+    )
+    for target in TARGETS:
+        port = int(addresses[target].rsplit(":", 1)[1])
+        await wait_listening(processes[target], port, workers)
+
+
 async def bench(
     args: argparse.Namespace,
     processes: dict[str, Process],
@@ -263,9 +287,7 @@ async def bench(
     if main_task is not None:
         # Not the KeyboardInterrupt of `terminate`, which could fire inside a protocol callback.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    await asyncio.gather(
-        *(wait_serving(process, addresses[name]) for name, process in processes.items())
-    )
+    await wait_ready(processes, addresses, args.workers)
     probe_stdout = processes["payment"].popen.stdout
     if probe_stdout is None:
         raise RuntimeError("the payment probe has no stdout pipe")
@@ -292,6 +314,7 @@ async def bench(
                     feed,
                     run_id=f"{invocation}{target[0]}{pair}",
                     concurrency=args.concurrency,
+                    channels=channel_count(args.workers),
                     warmup=args.warmup,
                     completion_timeout=args.completion_timeout,
                 )
@@ -378,34 +401,6 @@ def summarize(results: Sequence[RunResult], leftovers: dict[str, int]) -> int:
     return status
 
 
-def framework_topology(prefix: str) -> tuple[list[str], list[str]]:
-    """The queues and exchanges the framework declares under `prefix` (broker/rabbitmq.py)."""
-    topics = sorted(
-        value
-        for name, value in vars(booking_topics).items()
-        if name.isupper() and isinstance(value, str)
-    )
-    queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
-    return queues, [f"{prefix}orchestrator", f"{prefix}orchestrator.dlx"]
-
-
-async def delete_topology(
-    url: str, queues: Sequence[str], exchanges: Sequence[str]
-) -> dict[str, int]:
-    """Delete the queues (missing ones are fine) and exchanges; return queues that held messages."""
-    leftovers: dict[str, int] = {}
-    connection = await aio_pika.connect(url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for queue in queues:
-            deleted = await channel.queue_delete(queue, timeout=10)
-            if deleted.message_count:
-                leftovers[queue] = deleted.message_count
-        for exchange in exchanges:
-            await channel.exchange_delete(exchange, timeout=10)
-    return leftovers
-
-
 def is_nats(url: str) -> bool:
     """True for a NATS JetStream URL."""
     return urlsplit(url).scheme == "nats"
@@ -435,14 +430,13 @@ async def delete_streams(url: str, streams: Sequence[str]) -> dict[str, int]:
     return leftovers
 
 
-async def check_broker(url: str) -> None:
+async def check_broker_of(url: str) -> None:
     """Connect once, so an unreachable broker fails the bench before anything starts."""
     if is_nats(url):
         client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
         await client.close()
         return
-    connection = await aio_pika.connect(url, timeout=10)
-    await connection.close()
+    await check_broker(url)
 
 
 def find_broker_pid(url: str) -> int | None:
@@ -451,17 +445,7 @@ def find_broker_pid(url: str) -> int | None:
     if parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
         return None
     port = parts.port or (4222 if is_nats(url) else 5672)
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            # local_address is HEXIP:HEXPORT, st 0A is LISTEN, field 9 the socket's inode.
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(f"socket:[{fields[9]}]")
+    inodes = {f"socket:[{inode}]" for inode in listening_sockets(port)}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -492,6 +476,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_store_option(parser)
     add_console_option(parser)
+    add_workers_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight (callers)")
@@ -525,6 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         or args.completion_timeout <= 0
     ):
         parser.error("--seconds, --concurrency, --pairs and --completion-timeout must be positive")
+    resolve_workers(parser, args)
     return args
 
 
@@ -551,7 +537,7 @@ def start_servers(
         store=args.store,
         console_port=ports["console"] if args.console else 0,
     )
-    framework_argv = [python, "main.py"]
+    framework_argv = [python, "main.py", "--workers", str(args.workers)]
     if args.profile is not None:
         framework_argv = [python, str(BENCH_DIR / "profile_orchestrator.py"), str(args.profile)]
     env = child_environment()
@@ -592,6 +578,7 @@ def start_servers(
         "--order-prefetch": str(concurrency_of(broker, booking_topics.CREATE_ORDER)),
         "--payment-prefetch": str(concurrency_of(broker, booking_topics.CREATE_PAYMENT)),
         "--delivery-limit": str(broker.get("delivery_limit", 5)),
+        "--processes": str(args.workers),
     }
     processes["baseline"] = start_process(
         "baseline",
@@ -636,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefixes = (f"bench.{invocation}.f.", f"bench.{invocation}.b.")  # framework, baseline
     broker = broker_settings(url, prefixes[0])
     try:
-        uvloop.run(check_broker(url))
+        uvloop.run(check_broker_of(url))
     except Exception as exc:
         print(f"bench failed: broker {redact_url(url)} unreachable: {exc!r}", file=sys.stderr)
         return 2
@@ -661,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"concurrency={args.concurrency} seconds={args.seconds:g} warmup={args.warmup:g}"
             f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}"
+            f" workers={args.workers} channels={channel_count(args.workers)} store={args.store}"
             f" broker={'pid ' + str(broker_pid) if broker_pid else 'not local (cpu not counted)'}"
             f" prefixes={','.join(prefixes)}",
             flush=True,

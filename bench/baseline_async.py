@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
     booking_pb2_grpc,
@@ -241,7 +242,7 @@ async def serve(args: argparse.Namespace) -> int:
             await channel.set_qos(prefetch_count=prefetch)
             queue = await channel.get_queue(f"{args.prefix}{queue_name}", ensure=False)
             await queue.consume(handler)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
         booking_pb2_grpc.add_BookingServiceServicer_to_server(BaselineBooking(saga), server)
         health = HealthServicer()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -274,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--payment-prefetch", type=int, default=64, help="create_payment prefetch")
     parser.add_argument("--delivery-limit", type=int, default=5, help="x-delivery-limit")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    return uvloop.run(serve(parser.parse_args(argv)))
+    add_processes_options(parser)
+    args = parser.parse_args(argv)
+    return as_processes(args, argv, lambda: uvloop.run(serve(args)))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
     booking_pb2_grpc,
@@ -106,7 +107,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM."""
     order_channel = grpc.aio.insecure_channel(args.order)
     payment_channel = grpc.aio.insecure_channel(args.payment)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
     booking_pb2_grpc.add_BookingServiceServicer_to_server(
         BaselineBooking(
             order_pb2_grpc.OrderServiceStub(order_channel),
@@ -142,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--order", required=True, help="host:port of the OrderService")
     parser.add_argument("--payment", required=True, help="host:port of the PaymentService")
     parser.add_argument("--timeout-seconds", type=float, default=3.0)
-    return uvloop.run(serve(parser.parse_args(argv)))
+    add_processes_options(parser)
+    args = parser.parse_args(argv)
+    return as_processes(args, argv, lambda: uvloop.run(serve(args)))
 
 
 if __name__ == "__main__":

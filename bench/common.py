@@ -15,17 +15,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Literal
 
+import aio_pika
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import topic as booking_topics
+from orchestrator.workers import worker_count
+from pb import booking_pb2_grpc
+
 ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_RABBITMQ_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
+"""The bench's RabbitMQ unless `$RABBITMQ_URL` names another."""
 BENCH_DIR: Final = Path(__file__).resolve().parent
 HOST: Final = "127.0.0.1"
 UPSTREAM_TIMEOUT_SECONDS: Final = 3.0
@@ -76,6 +83,40 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of `pid` and of every process descended from it (a supervisor's workers; the
+    ones it reaped count in its own), from /proc; None where `pid` has none."""
+    own = process_cpu_seconds(pid)
+    if own is None:
+        return None
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(parent, []).append(int(entry.name))
+    total, pending = own, list(parents.get(pid, []))
+    while pending:
+        child = pending.pop()
+        # A child's reaped children count in its own cutime/cstime, not in utime/stime.
+        total += process_cpu_seconds(child) or 0.0
+        pending += parents.get(child, [])
+    return total + reaped_children_cpu_seconds(pid)
+
+
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """CPU time of the children `pid` waited for (gone workers), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # cutime and cstime are fields 16 and 17.
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy_seconds() -> float | None:
     """CPU seconds all CPUs spent running processes since boot."""
     try:
@@ -100,7 +141,11 @@ class CpuSnapshot:
         return cls(
             time.monotonic(),
             machine_busy_seconds(),
-            {pid: process_cpu_seconds(pid) for pid in pids},
+            # The bench's own process alone: its servers are counted as theirs.
+            {
+                pid: process_cpu_seconds(pid) if pid == os.getpid() else tree_cpu_seconds(pid)
+                for pid in pids
+            },
         )
 
     def used(self, later: CpuSnapshot, pid: int) -> float | None:
@@ -127,6 +172,140 @@ def noisy_note(foreign_cpus: float | None) -> str | None:
         f"  note: other processes kept {foreign_cpus:.1f} of"
         f" {os.cpu_count()} CPUs busy during this run: its figures are noisy"
     )
+
+
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """`--workers`: the framework's processes, and as many for the baseline."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="orchestrator processes sharing the port (main.py --workers N); the baseline runs "
+        "as many copies, and the load spreads over several connections (default: 1)",
+    )
+
+
+def channel_count(workers: int) -> int:
+    """Connections the load generator opens: one for one process; several per process
+    otherwise, since the kernel spreads connections, not calls, over the processes."""
+    return 1 if workers == 1 else 4 * workers
+
+
+@contextlib.asynccontextmanager
+async def booking_stubs(
+    address: str, count: int
+) -> AsyncIterator[list[booking_pb2_grpc.BookingServiceAsyncStub]]:
+    """Stubs of `count` channels to `address`, each on a connection of its own (ready)."""
+    # Channels with the same arguments share grpc's global pool of connections.
+    options = [("grpc.use_local_subchannel_pool", 1)] if count > 1 else []
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    try:
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
+        yield [booking_pb2_grpc.BookingServiceStub(channel) for channel in channels]
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+
+
+def start_copies(count: int, argv: Sequence[str]) -> list[subprocess.Popen[bytes]]:
+    """Start `count` more copies of this script with `argv` (its arguments without
+    `--processes`) and `--reuse-port`: a baseline run as several processes on one port."""
+    script = Path(sys.argv[0]).resolve()
+    return [
+        subprocess.Popen([sys.executable, str(script), *argv, "--reuse-port"]) for _ in range(count)
+    ]
+
+
+def stop_copies(copies: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the copies and wait for them (SIGKILL after STOP_TIMEOUT_SECONDS)."""
+    for copy in copies:
+        if copy.poll() is None:
+            copy.send_signal(signal.SIGTERM)
+    for copy in copies:
+        try:
+            copy.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            copy.kill()
+            copy.wait()
+
+
+def as_processes(
+    args: argparse.Namespace, argv: Sequence[str] | None, serve: Callable[[], int]
+) -> int:
+    """Run `serve()` here and in `args.processes - 1` copies of this script, all sharing the
+    port (SO_REUSEPORT), as the framework's workers do; stop the copies after."""
+    copies = start_copies(args.processes - 1, copies_argv(sys.argv[1:] if argv is None else argv))
+    if copies:
+        args.reuse_port = True
+    try:
+        return serve()
+    finally:
+        stop_copies(copies)
+
+
+def resolve_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check `--workers` against the other options and resolve it (0: one per core); workers
+    share one store, so a journal in memory becomes a SQLite file."""
+    if args.workers < 0:
+        parser.error("--workers must not be negative")
+    if args.workers != 1 and args.profile is not None:
+        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
+    args.workers = worker_count(args.workers)
+    if args.workers > 1 and args.store in ("memory", "none"):
+        args.store = "sqlite"
+
+
+def add_processes_options(parser: argparse.ArgumentParser) -> None:
+    """A baseline's `--processes N` (copies of it sharing the port) and `--reuse-port`."""
+    parser.add_argument("--processes", type=int, default=1, help="copies sharing the port")
+    parser.add_argument("--reuse-port", action="store_true", help="bind with SO_REUSEPORT")
+
+
+def copies_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` without `--processes N`: what each copy is started with."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            kept.append(arg)
+    return kept
+
+
+def framework_topology(prefix: str) -> tuple[list[str], list[str]]:
+    """The queues and exchanges the framework declares under `prefix` (broker/rabbitmq.py)."""
+    topics = sorted(
+        value
+        for name, value in vars(booking_topics).items()
+        if name.isupper() and isinstance(value, str)
+    )
+    queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
+    return queues, [f"{prefix}orchestrator", f"{prefix}orchestrator.dlx"]
+
+
+async def delete_topology(
+    url: str, queues: Sequence[str], exchanges: Sequence[str]
+) -> dict[str, int]:
+    """Delete the queues (missing ones are fine) and exchanges; return queues that held messages."""
+    leftovers: dict[str, int] = {}
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for queue in queues:
+            deleted = await channel.queue_delete(queue, timeout=10)
+            if deleted.message_count:
+                leftovers[queue] = deleted.message_count
+        for exchange in exchanges:
+            await channel.exchange_delete(exchange, timeout=10)
+    return leftovers
+
+
+async def check_broker(url: str) -> None:
+    """Connect once, so an unreachable RabbitMQ fails the bench before anything starts."""
+    connection = await aio_pika.connect(url, timeout=10)
+    await connection.close()
 
 
 def free_ports(count: int) -> list[int]:
@@ -311,6 +490,44 @@ async def wait_serving(process: Process, target: str) -> None:
                     f" {STARTUP_TIMEOUT_SECONDS:.0f}s:\n{process.log_tail()}"
                 )
             await asyncio.sleep(0.1)
+
+
+def listening_sockets(port: int) -> list[str]:
+    """The inodes of the sockets listening on TCP `port` (IPv4 and IPv6), from /proc: one per
+    process that shares it with SO_REUSEPORT."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT, st 0A is LISTEN, field 9 the socket's inode.
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                found.append(fields[9])
+    return found
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on TCP `port`."""
+    return len(listening_sockets(port))
+
+
+async def wait_listening(process: Process, port: int, count: int) -> None:
+    """Wait until `count` sockets listen on `port` (every worker or copy bound it)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while listeners(port) < count:
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{process.name}: {listeners(port)} of {count} processes listen on {port}"
+                f":\n{process.log_tail()}"
+            )
+        await asyncio.sleep(0.1)
 
 
 def mean(values: Sequence[float]) -> float:

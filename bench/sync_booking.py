@@ -14,7 +14,11 @@ means over alternated runs cancels the drift of a shared machine. A run with
 failed calls says so loudly and the exit status is 1.
 
     .venv/bin/python bench/sync_booking.py [--seconds 10] [--concurrency 64]
-        [--upstream-latency-ms 0] [--profile FILE]
+        [--upstream-latency-ms 0] [--workers 1] [--profile FILE]
+
+``--workers N`` runs the framework as ``main.py --workers N`` and the baseline as
+N copies on its port, and spreads the load over several connections (see
+bench/README.md, Workers).
 
 ``--profile FILE`` runs the orchestrator under cProfile (bench/profile_orchestrator.py)
 and writes its stats to FILE (and a readable summary to FILE.txt); profiling
@@ -47,7 +51,9 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 from bench.common import (  # noqa: E402
     BENCH_DIR,
+    DEFAULT_RABBITMQ_URL,
     HOST,
+    MEMORY_BROKER,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
     ConsoleWatcher,
@@ -56,18 +62,26 @@ from bench.common import (  # noqa: E402
     Target,
     add_console_option,
     add_store_option,
+    add_workers_option,
+    booking_stubs,
+    channel_count,
     child_environment,
+    delete_topology,
     framework_config,
+    framework_topology,
     free_ports,
     mean,
     noisy_note,
     percentile,
+    resolve_workers,
     start_process,
     stop_processes,
     terminate,
+    wait_listening,
     wait_serving,
 )
-from pb import booking_pb2, booking_pb2_grpc  # noqa: E402
+from orchestrator.config import redact_url  # noqa: E402
+from pb import booking_pb2  # noqa: E402
 
 CALL_TIMEOUT_SECONDS: Final = 10.0
 """The load generator's deadline on each booking: a slow call is a latency, not an error."""
@@ -127,20 +141,21 @@ async def load(
     *,
     run_id: str,
     concurrency: int,
+    channels: int,
     warmup: float,
     seconds: float,
 ) -> RunResult:
-    """Book from `concurrency` callers on one channel for `warmup` + `seconds` seconds."""
+    """Book from `concurrency` callers over `channels` channels (connections) for `warmup` +
+    `seconds` seconds."""
     result = RunResult(target_name, number, seconds)
     request = booking_pb2.BookingRequest(ProductID=1)
     clock = time.perf_counter
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = booking_pb2_grpc.BookingServiceStub(channel)
-        await channel.channel_ready()
+    async with booking_stubs(address, channels) as stubs:
         window_start = clock() + warmup
         window_end = window_start + seconds
 
         async def caller(worker: int) -> None:
+            stub = stubs[worker % len(stubs)]
             call = 0
             while (started := clock()) < window_end:
                 metadata = (("x-request-id", f"{run_id}-{worker}-{call}"),)
@@ -172,6 +187,9 @@ async def bench(
     await asyncio.gather(
         *(wait_serving(process, addresses[name]) for name, process in processes.items())
     )
+    for target in TARGETS:  # every worker (or copy) of each is bound
+        port = int(addresses[target].rsplit(":", 1)[1])
+        await wait_listening(processes[target], port, args.workers)
     pids = [os.getpid(), *(process.popen.pid for process in processes.values())]
     invocation = uuid.uuid4().hex[:8]  # request ids never repeat across invocations either
     results: list[RunResult] = []
@@ -187,6 +205,7 @@ async def bench(
                 addresses[target],
                 run_id=f"{invocation}{target[0]}{pair}",
                 concurrency=args.concurrency,
+                channels=channel_count(args.workers),
                 warmup=args.warmup,
                 seconds=args.seconds,
             )
@@ -244,6 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_store_option(parser)
     add_console_option(parser)
+    add_workers_option(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent callers")
@@ -260,6 +280,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1 or args.pairs < 1:
         parser.error("--seconds and --concurrency and --pairs must be positive")
+    resolve_workers(parser, args)
     return args
 
 
@@ -279,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     latency = ["--latency-ms", str(args.upstream_latency_ms)]
     log_dir = Path(tempfile.mkdtemp(prefix="sync-booking-bench-"))
     config_path = log_dir / "app.yaml"
+    # Workers share a broker too (a sync booking publishes only its rollback): RabbitMQ.
+    url = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    prefix = f"bench.{uuid.uuid4().hex[:8]}.s."
+    broker = {**MEMORY_BROKER, "url": url, "topic_prefix": prefix}
     framework_config(
         config_path,
         framework_port,
@@ -286,8 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         payment_port,
         store=args.store,
         console_port=console_port if args.console else 0,
+        **({"broker": broker} if args.workers > 1 else {}),
     )
-    framework_argv = [python, "main.py"]
+    framework_argv = [python, "main.py", "--workers", str(args.workers)]
     if args.profile is not None:
         profile_path = args.profile.resolve()
         framework_argv = [python, str(BENCH_DIR / "profile_orchestrator.py"), str(profile_path)]
@@ -329,13 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 addresses["payment"],
                 "--timeout-seconds",
                 str(UPSTREAM_TIMEOUT_SECONDS),
+                "--processes",
+                str(args.workers),
             ],
             log_dir,
             env,
         )
         print(
             f"concurrency={args.concurrency} seconds={args.seconds:g} warmup={args.warmup:g}"
-            f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}",
+            f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}"
+            f" workers={args.workers} channels={channel_count(args.workers)}"
+            f" store={args.store}"
+            + (f" broker={redact_url(url)} prefix={prefix}" if args.workers > 1 else ""),
             flush=True,
         )
         results = uvloop.run(bench(args, processes, addresses))
@@ -350,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_processes([processes[name] for name in ("framework", "baseline") if name in processes])
         stop_processes([processes[name] for name in ("order", "payment") if name in processes])
         shutil.rmtree(log_dir, ignore_errors=True)
+        if args.workers > 1:
+            queues, exchanges = framework_topology(prefix)
+            uvloop.run(delete_topology(url, queues, exchanges))
     if args.profile is not None:
         print(f"orchestrator profile: {args.profile} (summary: {args.profile}.txt)")
     return summarize(results)

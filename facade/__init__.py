@@ -2,3 +2,4 @@
 
 ASYNC_BOOKING = "AsyncBooking"
 SYNC_BOOKING = "SyncBooking"
+THROTTLING_BOOKING = "ThrottlingBooking"

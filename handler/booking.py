@@ -1,4 +1,5 @@
-"""BookingService: validates the request and runs the booking facades."""
+"""BookingService: validates the request and runs the booking facades (sync, async and
+throttling)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ from typing import Any
 import grpc
 
 from dto import MAX_COUNT, BookingMsgDTO
-from facade import ASYNC_BOOKING, SYNC_BOOKING
-from orchestrator import AsyncFacade, InvalidArgument, Orchestrator, SyncFacade, endpoint
+from facade import ASYNC_BOOKING, SYNC_BOOKING, THROTTLING_BOOKING
+from orchestrator import (
+    AsyncFacade,
+    InvalidArgument,
+    Orchestrator,
+    SyncFacade,
+    ThrottlingFacade,
+    endpoint,
+)
 from pb import booking_pb2, booking_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -39,6 +47,9 @@ class BookingHandler(booking_pb2_grpc.BookingServiceServicer):
             orchestrator.get_sync_facade(SYNC_BOOKING)
         )
         self._async: AsyncFacade[BookingMsgDTO] = orchestrator.get_async_facade(ASYNC_BOOKING)
+        self._throttling: ThrottlingFacade[BookingMsgDTO] = orchestrator.get_throttling_facade(
+            THROTTLING_BOOKING
+        )
 
     @endpoint
     async def HandleSyncBooking(
@@ -51,16 +62,28 @@ class BookingHandler(booking_pb2_grpc.BookingServiceServicer):
         )
 
     @endpoint
+    async def HandleThrottlingBooking(
+        self, request: booking_pb2.BookingRequest, context: Context, request_id: str
+    ) -> booking_pb2.BookingSyncResponse:
+        """Book through the broker at the pace its topics allow; answer once the saga ended."""
+        booked = await self._throttling.run(request_id, _dto(request_id, validated(request)))
+        return booking_pb2.BookingSyncResponse(
+            RequestID=request_id, OrderID=booked.order_id, PaymentID=booked.payment_id
+        )
+
+    @endpoint
     async def HandleAsyncBooking(
         self, request: booking_pb2.BookingRequest, context: Context, request_id: str
     ) -> booking_pb2.BookingASyncResponse:
         """Queue the booking; returns once the broker has confirmed its first message."""
-        request = validated(request)
-        dto = BookingMsgDTO(
-            request_id=request_id,
-            product_id=request.ProductID,
-            count=request.Count,
-            fault_inject=request.FaultInject,
-        )
-        await self._async.run(request_id, dto)
+        await self._async.run(request_id, _dto(request_id, validated(request)))
         return booking_pb2.BookingASyncResponse(RequestID=request_id)
+
+
+def _dto(request_id: str, request: booking_pb2.BookingRequest) -> BookingMsgDTO:
+    return BookingMsgDTO(
+        request_id=request_id,
+        product_id=request.ProductID,
+        count=request.Count,
+        fault_inject=request.FaultInject,
+    )

@@ -3,8 +3,9 @@
 Facades chain nodes. A sync facade runs its nodes in the caller's request,
 passing the protobuf request and response in a Context; an async facade
 publishes a JSON DTO from topic to topic through the broker and consumes it
-itself. A node that raises rolls the saga back through the facade's rollback
-topic.
+itself; a throttling facade does the same and answers its caller with the
+saga's outcome. A node that raises rolls the saga back through the facade's
+rollback topic.
 
 The top level holds what a service built on the framework writes against:
 the `Orchestrator`, the facades, their nodes and compensations, what a node
@@ -27,6 +28,7 @@ from orchestrator.facade import (
     SyncCompensation,
     SyncFacade,
     SyncNode,
+    ThrottlingFacade,
 )
 from orchestrator.registry import Orchestrator
 from orchestrator.retry import RetryPolicy, step_timeout
@@ -48,6 +50,7 @@ __all__ = [
     "SyncCompensation",
     "SyncFacade",
     "SyncNode",
+    "ThrottlingFacade",
     "Unavailable",
     "current_step",
     "endpoint",

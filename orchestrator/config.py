@@ -15,11 +15,10 @@ while it is validated: a missing or unreadable one stops startup naming its key.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -35,7 +34,9 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator._config_env import ENVIRONMENT_VARIABLES, apply_environment
 from orchestrator._config_reference import markdown_reference
+from orchestrator._extras import CONSOLE_MODULES, require_extra
 from orchestrator._urls import (
     BROKER_SCHEMES,
     STORE_SCHEMES,
@@ -54,6 +55,7 @@ __all__ = [
     "ClientCertificateSettings",
     "ConfigError",
     "DeadLetterSettings",
+    "FacadeKindName",
     "FacadeSagaSettings",
     "GrpcSettings",
     "MetricsSettings",
@@ -129,6 +131,11 @@ class TopicSettings(StrictModel):
     concurrency: int = Field(ge=1, le=10_000)
     """Deliveries handled at once (the prefetch count on RabbitMQ, the messages pulled at once
     on NATS JetStream)."""
+    max_length: int | None = Field(default=None, ge=1, le=100_000_000)
+    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, with the
+    `reject-publish` overflow): past it a publish is refused, and a call whose first hop it
+    is gets RESOURCE_EXHAUSTED with nothing started. Unset: no limit. RabbitMQ refuses to
+    declare an existing queue with another limit: see the README's admission control."""
 
 
 class BrokerTlsSettings(StrictModel):
@@ -220,6 +227,11 @@ class BrokerSettings(StrictModel):
         configured = self.topics.get(topic)
         return configured.concurrency if configured else self.default_concurrency
 
+    def max_length_of(self, topic: str) -> int | None:
+        """How many messages `topic`'s queue may hold waiting; None: no limit."""
+        configured = self.topics.get(topic)
+        return configured.max_length if configured else None
+
     def queue_name(self, topic: str) -> str:
         """The broker-side name of a topic."""
         return f"{self.topic_prefix}{topic}"
@@ -268,19 +280,8 @@ class UiSettings(StrictModel):
     @classmethod
     def _extra_installed(cls, enabled: bool) -> bool:
         if enabled:
-            for module in _CONSOLE_MODULES:
-                try:
-                    importlib.import_module(module)
-                except ImportError:
-                    raise ValueError(
-                        f"the console needs the 'console' extra ({module} cannot be imported): "
-                        "pip install 'saga-orchestrator[console]'"
-                    ) from None
+            require_extra("console", CONSOLE_MODULES, "the console")
         return enabled
-
-
-_CONSOLE_MODULES = ("aiohttp", "aiohttp_jinja2", "aiohttp_sse", "jinja2")
-"""What `orchestrator.console` imports beyond the base install (the `console` extra)."""
 
 
 class TracingSettings(StrictModel):
@@ -331,17 +332,30 @@ class StoreSettings(StrictModel):
         return redact_url(self.url.get_secret_value())
 
 
+FacadeKindName = Literal["sync", "async", "throttling", "inline"]
+"""How a facade's sagas run: in the caller's call (`sync`), hop by hop through the broker
+with the caller answered at once (`async`) or once the saga ended (`throttling`), or hop by
+hop in the caller's task without the broker (`inline`)."""
+
+
 class FacadeSagaSettings(StrictModel):
-    """One facade's saga deadlines, overriding the defaults of `sagas`."""
+    """One facade's settings, overriding the defaults of `sagas`."""
 
     deadline_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     """A saga of this facade still running this long after it began is rolled back."""
     compensation_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     """How long this facade's rollback may take before recovery runs it itself."""
+    run_as: FacadeKindName | None = None
+    """Run the facade as this kind instead of the one it was built as: an async facade as
+    `throttling` or `inline`, a throttling one as `inline`. Unset: as built."""
+    max_in_flight: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Calls of this facade in progress on this replica at most (0: no limit)."""
+    max_wait_seconds: float | None = Field(default=None, gt=0, le=86400)
+    """How long a throttling call of this facade waits for its saga's end at most."""
 
 
 class SagaSettings(StrictModel):
-    """How long sagas may take before recovery drives them to an end."""
+    """How long sagas may take, how many run at once, and how each facade runs."""
 
     deadline_seconds: float = Field(default=300.0, gt=0, le=30 * 86400)
     """A saga still running this long after it began (a lost or dead-lettered message, a
@@ -349,8 +363,17 @@ class SagaSettings(StrictModel):
     compensation_seconds: float = Field(default=120.0, gt=0, le=30 * 86400)
     """A saga still compensating this long (its rollback message lost or failing) has its
     compensation run by recovery; one that cannot succeed ends COMPENSATION_FAILED."""
+    max_in_flight: int = Field(default=0, ge=0, le=1_000_000)
+    """Calls of each sync, throttling or inline facade in progress on this replica at most;
+    past it a new call gets RESOURCE_EXHAUSTED at once (0: no limit)."""
+    max_wait_seconds: float = Field(default=180.0, gt=0, le=86400)
+    """How long a throttling call waits for its saga's end at most (the caller's deadline may
+    cut it shorter); then it gets DEADLINE_EXCEEDED and the saga goes on."""
+    retry_pushback_seconds: float = Field(default=1.0, ge=0, le=3600)
+    """How long a refused caller is asked to wait before trying again (the
+    `grpc-retry-pushback-ms` trailer of a RESOURCE_EXHAUSTED answer)."""
     facades: dict[str, FacadeSagaSettings] = Field(default_factory=dict)
-    """Per-facade deadlines by facade name; a facade named here must be registered."""
+    """Per-facade settings by facade name; a facade named here must be registered."""
 
     def deadlines_of(self, facade: str) -> tuple[float, float]:
         """`facade`'s (deadline_seconds, compensation_seconds)."""
@@ -359,6 +382,23 @@ class SagaSettings(StrictModel):
             own.deadline_seconds or self.deadline_seconds,
             own.compensation_seconds or self.compensation_seconds,
         )
+
+    def run_as_of(self, facade: str) -> FacadeKindName | None:
+        """The kind `facade` is configured to run as; None: as it was built."""
+        own = self.facades.get(facade)
+        return own.run_as if own is not None else None
+
+    def max_in_flight_of(self, facade: str) -> int:
+        """How many calls of `facade` may be in progress on this replica (0: no limit)."""
+        own = self.facades.get(facade)
+        if own is not None and own.max_in_flight is not None:
+            return own.max_in_flight
+        return self.max_in_flight
+
+    def max_wait_of(self, facade: str) -> float:
+        """How long a throttling call of `facade` waits for its saga's end at most."""
+        own = self.facades.get(facade)
+        return (own.max_wait_seconds if own is not None else None) or self.max_wait_seconds
 
 
 class DeadLetterSettings(StrictModel):
@@ -471,7 +511,7 @@ class Settings(StrictModel):
     store: StoreSettings = Field(default_factory=StoreSettings)
     """The saga store."""
     sagas: SagaSettings = Field(default_factory=SagaSettings)
-    """Saga deadlines."""
+    """Saga deadlines, admission control, and how each facade runs."""
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     """The dead-letter list operators act on."""
     access: AccessSettings = Field(default_factory=AccessSettings)
@@ -482,6 +522,32 @@ class Settings(StrictModel):
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object a line, for log collectors; `text` for people."""
+    workers: int = Field(default=1, ge=0, le=1024)
+    """Orchestrator processes sharing the gRPC port, each with its own event loop and broker
+    connection, under a supervisor that restarts one that dies; 0: one per core. More than one
+    needs a broker and a store they share (RabbitMQ; SQLite or PostgreSQL) and a fixed
+    `grpc.port`. Env: `ORCH_WORKERS`; `--workers N` on the command line."""
+
+    @model_validator(mode="after")
+    def _workers_share_what_they_need(self) -> Settings:
+        if self.workers == 1:
+            return self
+        what = "one per core" if self.workers == 0 else f"{self.workers}"
+        if self.broker.scheme == "memory":
+            raise ValueError(
+                f"workers: {what} cannot share broker.url memory:// (each process would have "
+                "a broker of its own): use amqp:// or amqps://"
+            )
+        if self.store.url.get_secret_value() in ("", "memory://"):
+            raise ValueError(
+                f"workers: {what} cannot share a store in memory (each process would have its "
+                "own): set store.url to sqlite+aiosqlite:///... or postgresql+asyncpg://..."
+            )
+        if self.grpc.port == 0:
+            raise ValueError(
+                f"workers: {what} need a fixed grpc.port to share (0 would give each its own)"
+            )
+        return self
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
@@ -506,29 +572,11 @@ def load_settings(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: the top level must be a mapping")
-    _apply_environment(raw, env)
+    apply_environment(raw, env)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{config_path}: {_describe(exc)}") from None
-
-
-ENVIRONMENT_VARIABLES: dict[str, str] = {
-    "ORCH_CONFIG": "Path of the configuration file (default `app.yaml`).",
-    "ORCH_GRPC_PORT": "Overrides `grpc.port`.",
-    "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
-    "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
-    "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
-    "ORCH_UI_PORT": "Sets `ui.port` and turns `ui.enabled` on.",
-    "ORCH_GRPC_TLS_CERT": "Sets `grpc.tls.cert_file`.",
-    "ORCH_GRPC_TLS_KEY": "Sets `grpc.tls.key_file`.",
-    "ORCH_GRPC_TLS_CLIENT_CA": "Sets `grpc.tls.client_ca_file` (mutual TLS).",
-    "ORCH_BROKER_TLS_CA": "Sets `broker.tls.ca_file`.",
-    "ORCH_BROKER_TLS_CERT": "Sets `broker.tls.cert_file`.",
-    "ORCH_BROKER_TLS_KEY": "Sets `broker.tls.key_file`.",
-    "ORCH_ACCESS_TOKENS_FILE": "Sets `access.tokens_file`.",
-}
-"""The environment variables `load_settings` reads, with what each does."""
 
 
 def config_reference(model: type[BaseModel]) -> str:
@@ -540,42 +588,10 @@ def config_reference(model: type[BaseModel]) -> str:
     return markdown_reference(model, ENVIRONMENT_VARIABLES)
 
 
-def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    if port := env.get("ORCH_GRPC_PORT"):
-        raw.setdefault("grpc", {})["port"] = port
-    if url := env.get("ORCH_BROKER_URL"):
-        raw.setdefault("broker", {})["url"] = url
-    if store_url := env.get("ORCH_STORE_URL"):
-        raw.setdefault("store", {})["url"] = store_url
-    if port := env.get("ORCH_METRICS_PORT"):
-        raw.setdefault("metrics", {}).update(enabled=True, port=port)
-    if port := env.get("ORCH_UI_PORT"):
-        raw.setdefault("ui", {}).update(enabled=True, port=port)
-    for variable, (section, sub, key) in _FILE_VARIABLES.items():
-        if value := env.get(variable):
-            parent = raw.setdefault(section, {})
-            if sub:
-                if not isinstance(parent.get(sub), dict):
-                    parent[sub] = {}
-                parent = parent[sub]
-            parent[key] = value
-
-
-_FILE_VARIABLES: dict[str, tuple[str, str, str]] = {
-    "ORCH_GRPC_TLS_CERT": ("grpc", "tls", "cert_file"),
-    "ORCH_GRPC_TLS_KEY": ("grpc", "tls", "key_file"),
-    "ORCH_GRPC_TLS_CLIENT_CA": ("grpc", "tls", "client_ca_file"),
-    "ORCH_BROKER_TLS_CA": ("broker", "tls", "ca_file"),
-    "ORCH_BROKER_TLS_CERT": ("broker", "tls", "cert_file"),
-    "ORCH_BROKER_TLS_KEY": ("broker", "tls", "key_file"),
-    "ORCH_ACCESS_TOKENS_FILE": ("access", "", "tokens_file"),
-}
-
-
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        problems.append(f"{key}: {message}")
+        problems.append(f"{key}: {message}" if key else message)
     return "; ".join(problems)

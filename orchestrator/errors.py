@@ -18,9 +18,11 @@ __all__ = [
     "AlreadyExists",
     "BrokerUnavailable",
     "ConfigError",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "Failure",
     "InvalidArgument",
+    "ResourceExhausted",
     "SagaError",
     "SagaFailed",
     "StartupError",
@@ -62,6 +64,26 @@ class Unavailable(SagaError):
 
 class BrokerUnavailable(Unavailable):
     """The broker did not accept or confirm a message in time."""
+
+
+class ResourceExhausted(SagaError):
+    """Admission refused the call: this replica or a queue is full; nothing was started.
+
+    `retry_after` (seconds) is how long the caller should wait before trying
+    again; `@endpoint` sends it as the `grpc-retry-pushback-ms` trailer.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(SagaError):
+    """A caller's wait for a saga's end ran out; the saga goes on without it."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class StoreUnavailable(Unavailable):

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from orchestrator.workers import current_worker
+
 __all__ = ["configure_logging"]
 
 # Attributes every LogRecord has; anything else came in through `extra`.
@@ -53,14 +55,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
+class _Naming(logging.Filter):
+    """Adds `worker` to every record that does not name one."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self._worker
+        return True
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
-    """Send every log record to stderr in the chosen format."""
+    """Send every log record to stderr in the chosen format; a supervised worker's records
+    name it (`worker=INDEX/PID`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if json_lines
         else KeyValueFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    worker = current_worker()
+    if worker is not None:
+        handler.addFilter(_Naming(str(worker)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

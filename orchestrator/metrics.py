@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,8 +20,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["METRICS_PATH", "FacadeMetrics", "Metrics", "MetricsServer"]
+__all__ = [
+    "METRICS_PATH",
+    "Exposition",
+    "FacadeMetrics",
+    "Metrics",
+    "MetricsServer",
+    "WorkersMetrics",
+]
 
 log = logging.getLogger("orchestrator.metrics")
 
@@ -65,11 +73,14 @@ class Metrics:
             ["facade", "kind"],
             registry=r,
         )
+        # Gauge modes matter only under a supervisor (prometheus_client's multiprocess mode):
+        # what is in flight sums over the live workers; the broker link is each worker's.
         self.sagas_in_flight = Gauge(
             "orchestrator_sagas_in_flight",
             "Sync runs, and async hops, in progress on this replica.",
             ["facade", "kind"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.step_seconds = Histogram(
             "orchestrator_step_duration_seconds",
@@ -134,6 +145,22 @@ class Metrics:
             "orchestrator_broker_connected",
             "1 while the broker is reachable, else 0.",
             registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.calls_in_flight = Gauge(
+            "orchestrator_calls_in_flight",
+            "Calls of a facade admitted and not yet answered on this replica (sync runs, "
+            "throttling and inline callers waiting): what max_in_flight bounds.",
+            ["facade"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.calls_refused = Counter(
+            "orchestrator_calls_refused",
+            "Calls refused with RESOURCE_EXHAUSTED before anything started, by cause: "
+            "max_in_flight (this replica's limit) or queue_full (the first topic's length limit).",
+            ["facade", "cause"],
+            registry=r,
         )
 
     def for_facade(self, facade: str, kind: str) -> FacadeMetrics:
@@ -157,6 +184,7 @@ class FacadeMetrics:
         self.compensated = metrics.sagas_compensated.labels(facade, kind)
         self.compensation_failed = metrics.sagas_compensation_failed.labels(facade, kind)
         self.in_flight = metrics.sagas_in_flight.labels(facade, kind)
+        self.admitted = metrics.calls_in_flight.labels(facade)
         self._steps: dict[str, Any] = {}
 
     def failed(self, code: str) -> None:
@@ -175,6 +203,10 @@ class FacadeMetrics:
         """Count a message the journal did not let act."""
         self._metrics.messages_refused.labels(self._facade, topic, reason).inc()
 
+    def admission_refused(self, cause: str) -> None:
+        """Count a call refused before it started, for `cause`."""
+        self._metrics.calls_refused.labels(self._facade, cause).inc()
+
     def recovered(self, cause: str) -> None:
         """Count a stalled saga taken over by recovery."""
         self._metrics.sagas_recovered.labels(self._facade, cause).inc()
@@ -187,10 +219,32 @@ class FacadeMetrics:
         child.observe(seconds)
 
 
+class Exposition(Protocol):
+    """What `MetricsServer` serves: metrics in the Prometheus text format."""
+
+    def exposition(self) -> bytes:
+        """The metrics now."""
+
+
+class WorkersMetrics:
+    """Every worker's metrics, from the files they write in `path` (prometheus_client's
+    multiprocess mode), as one exposition: counters and histograms summed over every worker
+    that ever ran, gauges over the live ones (`orchestrator_broker_connected` per worker, with
+    a `pid` label)."""
+
+    def __init__(self, path: str) -> None:
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
 class MetricsServer:
     """A minimal HTTP server answering `GET /metrics`, on asyncio (no threads)."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Exposition, host: str, port: int) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port

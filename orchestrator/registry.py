@@ -17,6 +17,7 @@ from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import check_name
 from orchestrator.facade.sync import SyncFacade
+from orchestrator.facade.throttling import ThrottlingFacade
 from orchestrator.metrics import Metrics
 from orchestrator.store import InMemorySagaStore, SagaStore, Stalled
 
@@ -70,9 +71,12 @@ class Orchestrator:
         broker.attach_metrics(self.metrics)
         self._sync: dict[str, SyncFacade[Any, Any]] = {}
         self._async: dict[str, AsyncFacade[Any]] = {}
+        self._throttling: dict[str, ThrottlingFacade[Any]] = {}
         self._started = False
         self._recovery: asyncio.Task[None] | None = None
         self._saga_listeners: list[Callable[[str, str], None]] = []
+        self._unlisten: list[Callable[[], None]] = []
+        self._saturation_listeners: list[Callable[[bool], None]] = []
 
     def register_sync_facade(self, name: str, facade: SyncFacade[Any, Any]) -> None:
         """Register `facade` under `name`; a name can be registered once."""
@@ -83,6 +87,11 @@ class Orchestrator:
         """Register `facade` under `name`; a name can be registered once."""
         self._register(name, facade)
         self._async[name] = facade
+
+    def register_throttling_facade(self, name: str, facade: ThrottlingFacade[Any]) -> None:
+        """Register `facade` under `name`; a name can be registered once."""
+        self._register(name, facade)
+        self._throttling[name] = facade
 
     def get_sync_facade(self, name: str) -> SyncFacade[Any, Any]:
         """The sync facade registered under `name`."""
@@ -98,10 +107,30 @@ class Orchestrator:
         except KeyError:
             raise UnknownFacadeError(self._unknown("async", name, self._async)) from None
 
+    def get_throttling_facade(self, name: str) -> ThrottlingFacade[Any]:
+        """The throttling facade registered under `name`."""
+        try:
+            return self._throttling[name]
+        except KeyError:
+            raise UnknownFacadeError(self._unknown("throttling", name, self._throttling)) from None
+
     @property
     def facades(self) -> dict[str, FacadeBase]:
         """Every registered facade by name."""
-        return {**self._sync, **self._async}
+        return {**self._sync, **self._async, **self._throttling}
+
+    @property
+    def saturated(self) -> list[str]:
+        """The facades that refuse new calls on this replica right now (at their
+        `max_in_flight`, or their first topic just found full), by name."""
+        return sorted(
+            name for name, facade in self.facades.items() if facade.runtime.admission.saturated
+        )
+
+    def on_saturation(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(any_saturated)` whenever a facade becomes saturated or stops being so
+        (the server's `admission` health name follows it)."""
+        self._saturation_listeners.append(listener)
 
     async def start(self) -> None:
         """Start the store and the broker, then every facade's consumers, then recovery."""
@@ -114,6 +143,8 @@ class Orchestrator:
         await self.store.heartbeat(self.replica_id)
         await self.broker.start()
         for facade in self.facades.values():
+            # Heard before consuming: a first hop may wait on its saga's begin.
+            self._unlisten.append(facade.runtime.listen())
             await facade.start()
         self._started = True
         self._recovery = asyncio.create_task(self._keep_recovering())
@@ -128,7 +159,13 @@ class Orchestrator:
             self.dead_letters.start()
         log.info(
             "orchestrator started",
-            extra={"facades": sorted(self.facades), "replica": self.replica_id},
+            extra={
+                "facades": ", ".join(
+                    f"{name} ({facade.runtime.kind})"
+                    for name, facade in sorted(self.facades.items())
+                ),
+                "replica": self.replica_id,
+            },
         )
 
     async def close(self) -> None:
@@ -145,6 +182,9 @@ class Orchestrator:
         if self.dead_letters is not None:
             await self.dead_letters.close()
             self.dead_letters = None
+        for unlisten in self._unlisten:
+            unlisten()
+        self._unlisten.clear()
         await self.broker.close()
         await self.store.close()
         self._started = False
@@ -231,11 +271,21 @@ class Orchestrator:
 
     def _register(self, name: str, facade: FacadeBase) -> None:
         check_name(name, "facade")
-        if name in self._sync or name in self._async:
+        if name in self.facades:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        definition = facade.definition
+        run_as = self._sagas.run_as_of(name) or facade.kind
+        try:
+            definition = facade.definition_as(run_as)
+        except ValueError as exc:
+            raise ValueError(f"sagas.facades.{name}.run_as: {exc}") from None
+        own = self._sagas.facades.get(name)
+        if run_as == "async" and own is not None and own.max_in_flight:
+            raise ValueError(
+                f"sagas.facades.{name}.max_in_flight: an async facade's callers do not wait "
+                "for their sagas; bound its first topic with broker.topics.<topic>.max_length"
+            )
         for other_name, other in self.facades.items():
             shared = set(definition.topics) & set(other.definition.topics)
             if shared:
@@ -249,12 +299,24 @@ class Orchestrator:
             name,
             broker=self.broker,
             store=self.store,
-            metrics=self.metrics.for_facade(name, facade.kind),
+            metrics=self.metrics.for_facade(name, run_as),
             owner=self.replica_id,
-            policy=SagaPolicy(*self._sagas.deadlines_of(name)),
+            policy=SagaPolicy(
+                *self._sagas.deadlines_of(name),
+                # An async caller does not wait for its saga: nothing to bound here.
+                max_in_flight=0 if run_as == "async" else self._sagas.max_in_flight_of(name),
+                max_wait_seconds=self._sagas.max_wait_of(name),
+                retry_pushback_seconds=self._sagas.retry_pushback_seconds,
+            ),
             on_change=self.saga_changed,
         )
+        runtime.admission.on_saturation(self._saturation_changed)
         facade.attach(runtime)
+
+    def _saturation_changed(self, _saturated: bool) -> None:
+        any_saturated = bool(self.saturated)
+        for listener in self._saturation_listeners:
+            listener(any_saturated)
 
     @staticmethod
     def _unknown(kind: str, name: str, known: dict[str, Any]) -> str:

@@ -28,17 +28,23 @@ from orchestrator.registry import Orchestrator
 from orchestrator.service import GrpcService
 from orchestrator.status import SagaStatusService, saga_grpc_service
 from orchestrator.tls import server_credentials
+from orchestrator.workers import current_worker
 
 if TYPE_CHECKING:
     from orchestrator.console import ConsoleServer
 
-__all__ = ["LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
+__all__ = ["ADMISSION_SERVICE", "LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
 log = logging.getLogger("orchestrator.server")
 
 LIVENESS_SERVICE = "liveness"
 """Health name that stays SERVING from start until shutdown, whatever the broker's state:
 a liveness probe on it restarts a stuck process, never one waiting out a broker outage."""
+
+ADMISSION_SERVICE = "admission"
+"""Health name that is SERVING only while the whole server is and no facade of this replica
+refuses new calls (at its `max_in_flight`, or its first topic just found full): what a load
+balancer that routes each new call checks, to steer it to another replica."""
 
 T = TypeVar("T")
 
@@ -75,23 +81,29 @@ class OrchestratorServer:
         """The console's server, once started (None when `ui` is off)."""
         self.settings = settings
         self._access = AccessPolicy(access or AccessSettings())
+        worker = current_worker()
+        # A supervised worker shares the port with the others, and its supervisor serves
+        # every worker's metrics (see orchestrator.workers).
         self._metrics_server = (
             MetricsServer(orchestrator.metrics, metrics.host, metrics.port)
-            if metrics is not None and metrics.enabled
+            if metrics is not None and metrics.enabled and worker is None
             else None
         )
         self._metrics_address = "" if metrics is None else f"{metrics.host}:{metrics.port}"
         self._services = list(services)
-        # Without this, a second server could bind the same port and silently share its traffic.
+        # Without this, a second server could bind the same port and silently share its
+        # traffic; workers of one supervisor share it on purpose.
         # Open access needs no interceptor (every call runs as ANONYMOUS without one), and
         # none keeps the application's calls on grpc's direct path.
         self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0 if worker is None else 1)],
             interceptors=[AccessInterceptor(self._access)] if self._access.enforced else [],
         )
         self._health = health_aio.HealthServicer()
         self._stopping = False
         self._health_task: asyncio.Task[None] | None = None
+        self._admission_task: asyncio.Task[None] | None = None
+        self._serving = False  # the broker's side of health, as last set
         self.port = 0
         """The bound port, once started (useful with port 0)."""
         self.status: SagaStatusService | None = None
@@ -168,6 +180,7 @@ class OrchestratorServer:
                 ) from None
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
+        self.orchestrator.on_saturation(self._on_saturation)
         await self._server.start()
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(broker.healthy)
@@ -230,17 +243,34 @@ class OrchestratorServer:
             # Keep a reference: the loop holds tasks weakly.
             self._health_task = asyncio.get_running_loop().create_task(self._set_health(healthy))
 
+    def _on_saturation(self, _saturated: bool) -> None:
+        if not self._stopping:
+            self._admission_task = asyncio.get_running_loop().create_task(self._set_admission())
+
     async def _set_health(self, healthy: bool) -> None:
         if self._stopping:
             return
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if healthy
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        self._serving = healthy
         for name in ("", *(service.name for service in self._services)):
-            await self._health.set(name, status)
+            await self._health.set(name, _status(healthy))
+        await self._set_admission()
         log.info("health changed", extra={"serving": healthy})
+
+    async def _set_admission(self) -> None:
+        if self._stopping:
+            return
+        saturated = self.orchestrator.saturated
+        await self._health.set(ADMISSION_SERVICE, _status(self._serving and not saturated))
+        if saturated:
+            log.info("saturated: refusing new calls", extra={"facades": ", ".join(saturated)})
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 def _console_server() -> type[ConsoleServer]:

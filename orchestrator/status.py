@@ -16,9 +16,10 @@ Watchers are woken at once by this replica's writes, through
 `status.notify(facade, request_id)`, which `OrchestratorServer` subscribes to
 `Orchestrator.on_saga_change`. Other replicas' writes reach them through the
 store's change feed where it has one (`SagaStore.subscribe_changes`: LISTEN /
-NOTIFY on PostgreSQL), and while that feed is live a watcher reads the store
-only every `safety_poll_interval` besides; without one (SQLite, in memory) or
-while it is down, watchers poll the store every `poll_interval`.
+NOTIFY on PostgreSQL, datagrams between the processes on one SQLite file), and
+while that feed is live a watcher reads the store only every
+`safety_poll_interval` besides; without one, or while it is down, watchers
+poll the store every `poll_interval`.
 
 Page tokens: the store's `list_sagas` raises ValueError for a `page_token` it
 did not issue (or cannot parse); the service answers INVALID_ARGUMENT.

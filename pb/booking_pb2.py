@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pb/booking.proto\x12\x02pb\"G\n\x0e\x42ookingRequest\x12\x11\n\tProductID\x18\x01 \x01(\x03\x12\r\n\x05\x43ount\x18\x02 \x01(\x03\x12\x13\n\x0b\x46\x61ultInject\x18\x03 \x01(\x08\"L\n\x13\x42ookingSyncResponse\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x0f\n\x07OrderID\x18\x02 \x01(\x03\x12\x11\n\tPaymentID\x18\x03 \x01(\x03\")\n\x14\x42ookingASyncResponse\x12\x11\n\tRequestID\x18\x01 \x01(\t2\x96\x01\n\x0e\x42ookingService\x12@\n\x11HandleSyncBooking\x12\x12.pb.BookingRequest\x1a\x17.pb.BookingSyncResponse\x12\x42\n\x12HandleAsyncBooking\x12\x12.pb.BookingRequest\x1a\x18.pb.BookingASyncResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10pb/booking.proto\x12\x02pb\"G\n\x0e\x42ookingRequest\x12\x11\n\tProductID\x18\x01 \x01(\x03\x12\r\n\x05\x43ount\x18\x02 \x01(\x03\x12\x13\n\x0b\x46\x61ultInject\x18\x03 \x01(\x08\"L\n\x13\x42ookingSyncResponse\x12\x11\n\tRequestID\x18\x01 \x01(\t\x12\x0f\n\x07OrderID\x18\x02 \x01(\x03\x12\x11\n\tPaymentID\x18\x03 \x01(\x03\")\n\x14\x42ookingASyncResponse\x12\x11\n\tRequestID\x18\x01 \x01(\t2\xde\x01\n\x0e\x42ookingService\x12@\n\x11HandleSyncBooking\x12\x12.pb.BookingRequest\x1a\x17.pb.BookingSyncResponse\x12\x42\n\x12HandleAsyncBooking\x12\x12.pb.BookingRequest\x1a\x18.pb.BookingASyncResponse\x12\x46\n\x17HandleThrottlingBooking\x12\x12.pb.BookingRequest\x1a\x17.pb.BookingSyncResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,5 +38,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOOKINGASYNCRESPONSE']._serialized_start=175
   _globals['_BOOKINGASYNCRESPONSE']._serialized_end=216
   _globals['_BOOKINGSERVICE']._serialized_start=219
-  _globals['_BOOKINGSERVICE']._serialized_end=369
+  _globals['_BOOKINGSERVICE']._serialized_end=441
 # @@protoc_insertion_point(module_scope)

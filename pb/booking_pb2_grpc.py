@@ -46,6 +46,11 @@ class BookingServiceStub:
                 request_serializer=pb_dot_booking__pb2.BookingRequest.SerializeToString,
                 response_deserializer=pb_dot_booking__pb2.BookingASyncResponse.FromString,
                 _registered_method=True)
+        self.HandleThrottlingBooking = channel.unary_unary(
+                '/pb.BookingService/HandleThrottlingBooking',
+                request_serializer=pb_dot_booking__pb2.BookingRequest.SerializeToString,
+                response_deserializer=pb_dot_booking__pb2.BookingSyncResponse.FromString,
+                _registered_method=True)
 
 
 class BookingServiceServicer:
@@ -67,6 +72,14 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandleThrottlingBooking(self, request, context):
+        """Runs the booking saga through the broker, at the pace its topics allow,
+        and answers with what it created once the saga has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BookingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.HandleAsyncBooking,
                     request_deserializer=pb_dot_booking__pb2.BookingRequest.FromString,
                     response_serializer=pb_dot_booking__pb2.BookingASyncResponse.SerializeToString,
+            ),
+            'HandleThrottlingBooking': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandleThrottlingBooking,
+                    request_deserializer=pb_dot_booking__pb2.BookingRequest.FromString,
+                    response_serializer=pb_dot_booking__pb2.BookingSyncResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +155,33 @@ class BookingService:
             '/pb.BookingService/HandleAsyncBooking',
             pb_dot_booking__pb2.BookingRequest.SerializeToString,
             pb_dot_booking__pb2.BookingASyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandleThrottlingBooking(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pb.BookingService/HandleThrottlingBooking',
+            pb_dot_booking__pb2.BookingRequest.SerializeToString,
+            pb_dot_booking__pb2.BookingSyncResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class BookingServiceStub:
     """Runs the booking saga in-process and answers with what it created."""
     HandleAsyncBooking: _grpc.UnaryUnaryMultiCallable[_booking_pb2.BookingRequest, _booking_pb2.BookingASyncResponse]
     """Queues the booking saga on the broker and answers at once."""
+    HandleThrottlingBooking: _grpc.UnaryUnaryMultiCallable[_booking_pb2.BookingRequest, _booking_pb2.BookingSyncResponse]
+    """Runs the booking saga through the broker, at the pace its topics allow,
+    and answers with what it created once the saga has ended.
+    """
 
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
@@ -51,6 +55,10 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Runs the booking saga in-process and answers with what it created."""
     HandleAsyncBooking: _aio.UnaryUnaryMultiCallable[_booking_pb2.BookingRequest, _booking_pb2.BookingASyncResponse]  # type: ignore[assignment]
     """Queues the booking saga on the broker and answers at once."""
+    HandleThrottlingBooking: _aio.UnaryUnaryMultiCallable[_booking_pb2.BookingRequest, _booking_pb2.BookingSyncResponse]  # type: ignore[assignment]
+    """Runs the booking saga through the broker, at the pace its topics allow,
+    and answers with what it created once the saga has ended.
+    """
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     """BookingService is the example saga endpoint: one booking creates an order
@@ -72,5 +80,15 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.BookingASyncResponse, _abc.Awaitable[_booking_pb2.BookingASyncResponse]]:
         """Queues the booking saga on the broker and answers at once."""
+
+    @_abc_1.abstractmethod
+    def HandleThrottlingBooking(
+        self,
+        request: _booking_pb2.BookingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.BookingSyncResponse, _abc.Awaitable[_booking_pb2.BookingSyncResponse]]:
+        """Runs the booking saga through the broker, at the pace its topics allow,
+        and answers with what it created once the saga has ended.
+        """
 
 def add_BookingServiceServicer_to_server(servicer: BookingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -319,12 +319,51 @@ def test_async_booking_order_is_created_and_not_cancelled(async_booking_id: str)
     assert _status_of("pb.OrderService/GetOrder", ORDERS, async_booking_id) == "CREATED"
 
 
+def test_readme_throttling_booking_answers_with_the_ids_the_upstreams_gave(readme: Readme) -> None:
+    index, command = readme.command("HandleThrottlingBooking", '"FaultInject": "false"')
+    shown = readme.json_after(index)
+    request_id = request_id_of(command)
+
+    answer = stdout_json(run_readme(command))
+
+    # The ids depend on the bookings made before it; the README shows a fresh run's.
+    assert answer.keys() == shown.keys()
+    assert answer["RequestID"] == shown["RequestID"] == request_id
+    order = stdout_json(
+        grpcurl_call("pb.OrderService/GetOrder", {"RequestID": request_id}, target=ORDERS)
+    )
+    payment = stdout_json(
+        grpcurl_call("pb.PaymentService/GetPayment", {"RequestID": request_id}, target=PAYMENTS)
+    )
+    assert (order["Status"], payment["Status"]) == ("CREATED", "PAID")
+    assert (answer["OrderID"], answer["PaymentID"]) == (order["OrderID"], payment["PaymentID"])
+
+
+def test_readme_fault_injected_throttling_booking_fails_once_its_order_is_cancelled(
+    readme: Readme,
+) -> None:
+    _, command = readme.command("HandleThrottlingBooking", '"FaultInject": "true"')
+    request_id = request_id_of(command)
+
+    result = run_readme(command)
+    # Read at once, not eventually: the compensation ran before the answer.
+    order = stdout_json(
+        grpcurl_call("pb.OrderService/GetOrder", {"RequestID": request_id}, target=ORDERS)
+    )
+
+    assert result.returncode != 0, result.stdout
+    assert normalized(result.stderr) == normalized(readme.error_mentioning(request_id))
+    assert order["Status"] == "CANCELLED"
+
+
 def test_readme_commands_are_all_covered(readme: Readme) -> None:
     covered = {
         readme.command("HandleSyncBooking", '"FaultInject": "false"')[1],
         readme.command("HandleSyncBooking", '"FaultInject": "true"')[1],
         readme.command("pb.OrderService/GetOrder", ORDERS)[1],
         readme.command("HandleAsyncBooking")[1],
+        readme.command("HandleThrottlingBooking", '"FaultInject": "false"')[1],
+        readme.command("HandleThrottlingBooking", '"FaultInject": "true"')[1],
         readme.command("SagaService/GetSaga")[1],
         readme.command("SagaService/ListSagas")[1],
         readme.command("SagaService/WatchSaga")[1],

@@ -20,7 +20,7 @@ from orchestrator import (
 from orchestrator.broker import InMemoryBroker
 from orchestrator.config import BrokerSettings
 from orchestrator.errors import BrokerUnavailable
-from orchestrator.store import SagaRecord, SagaState
+from orchestrator.store import SagaRecord, SagaState, StepEnded
 
 BOUND = 5.0
 """Seconds any single wait in these tests may take before it fails."""
@@ -359,6 +359,31 @@ async def test_a_duplicate_of_a_hop_running_on_this_replica_is_dropped(
     assert saga.calls == [("create_order", 0), ("create_payment", 1)]
     assert done.steps[0].attempts == 1
     await settled(broker)
+    assert broker.dead_letters == []
+
+
+async def test_a_hop_another_replica_made_current_runs_though_this_replica_wrote_otherwise(
+    orchestrator: Orchestrator, broker: LosingBroker
+) -> None:
+    saga = Saga()
+    flow = await started(orchestrator, saga)
+    broker.lose = {"order"}  # the first hop goes to the other replica
+    await flow.run("a12", OrderDTO(request_id="a12", product_id=1))  # this replica's begin
+    began = await record(orchestrator, "a12")
+    assert began is not None
+    # The other replica runs create_order, records it and publishes the next hop, all within
+    # the second this replica trusts its own write of the saga's position.
+    ordered = OrderDTO.model_validate_json(began.payload)
+    ordered.order_id, ordered.current_index = 10, 1
+    body = ordered.model_dump_json()
+    change = StepEnded(0, body, next_step="create_payment")
+    assert await orchestrator.store.apply("AsyncOrder", "a12", change)
+
+    await publish_raw(broker, "payment", body.encode())
+    done = await ended(flow, "a12")
+
+    assert done.state == SagaState.COMPLETED
+    assert saga.calls == [("create_payment", 1)]
     assert broker.dead_letters == []
 
 

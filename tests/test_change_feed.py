@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.status import SagaStatusService, saga_grpc_service
-from orchestrator.store import InMemorySagaStore, NewSaga, StepEnded, StepFailed
+from orchestrator.store import InMemorySagaStore, NewSaga, StepEnded, StepFailed, StepRestarted
 from orchestrator.store.records import SagaState
 from orchestrator.store.sql import SqlSagaStore
 from orchestrator.store.sql._listen import (
@@ -255,15 +255,31 @@ async def test_a_store_without_announcements_leaves_watchers_polling(postgres_ur
         await store.close()
 
 
-async def test_sqlite_and_memory_stores_announce_nothing(tmp_path: Path) -> None:
-    sqlite = SqlSagaStore(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}")
+async def test_a_sqlite_store_without_announcements_leaves_watchers_polling(
+    tmp_path: Path,
+) -> None:
+    sqlite = SqlSagaStore(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}", announce_changes=False)
     await sqlite.start()
     try:
         assert sqlite.change_feed is None
         assert not sqlite.announces_changes
-        assert not InMemorySagaStore().announces_changes
     finally:
         await sqlite.close()
+
+
+async def test_the_memory_store_announces_every_write_to_a_saga_at_once() -> None:
+    store = InMemorySagaStore()
+    heard: list[tuple[str, str]] = []
+    unsubscribe = store.subscribe_changes(lambda f, r: heard.append((f, r)))
+
+    await store.begin(new_saga("m1"))
+    assert await store.apply(FACADE, "m1", StepRestarted(0))
+    assert not await store.apply(FACADE, "m1", StepRestarted(3))  # refused: not announced
+    unsubscribe()
+    await store.begin(new_saga("m2"))
+
+    assert store.announces_changes
+    assert heard == [(FACADE, "m1"), (FACADE, "m1")]
 
 
 # --- payloads ------------------------------------------------------------------------------

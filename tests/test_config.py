@@ -158,6 +158,7 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
         "ORCH_BROKER_TLS_CERT": str(pem["bc"]),
         "ORCH_BROKER_TLS_KEY": str(pem["bk"]),
         "ORCH_ACCESS_TOKENS_FILE": str(tokens),
+        "ORCH_WORKERS": "2",
     }
     assert set(environ) == set(ENVIRONMENT_VARIABLES)
     settings = load_settings(Settings, environ=environ)
@@ -173,3 +174,4 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
     assert settings.metrics.enabled and settings.metrics.port == 9999
     assert settings.ui.enabled and settings.ui.port == 8765
     assert settings.store.url.get_secret_value() == "sqlite+aiosqlite:///x.db"
+    assert settings.workers == 2

@@ -77,8 +77,9 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(poll_interval: float = FAST_POLL) -> AsyncIterator[Served]:
-    """Serve the status service and reflection on a free port, as OrchestratorServer would."""
-    store = FakeSagaStore()
+    """Serve the status service and reflection on a free port, as OrchestratorServer would,
+    over a store without a change feed: watchers poll it."""
+    store = FakeSagaStore(feed=False)
     service, status = saga_grpc_service(store, poll_interval=poll_interval, facades=FACADES)
     server = grpc.aio.server()
     service.add_to_server(service.servicer, server)

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dto import BookingMsgDTO
-from facade import ASYNC_BOOKING, SYNC_BOOKING
+from facade import ASYNC_BOOKING, SYNC_BOOKING, THROTTLING_BOOKING
 from handler import BookingHandler
 from orchestrator import (
     AsyncFacade,
@@ -22,6 +22,7 @@ from orchestrator import (
     Orchestrator,
     Rollback,
     SyncFacade,
+    ThrottlingFacade,
     step_metadata,
 )
 from orchestrator.broker import InMemoryBroker
@@ -186,6 +187,8 @@ async def booking(
     orchestrator.register_sync_facade(SYNC_BOOKING, sync_flow)
     async_flow = AsyncFacade(dto=BookingMsgDTO).use("order", order_hop).use("pay", payment_hop)
     orchestrator.register_async_facade(ASYNC_BOOKING, async_flow)
+    throttled = ThrottlingFacade(dto=BookingMsgDTO).use("t.order", order_hop)
+    orchestrator.register_throttling_facade(THROTTLING_BOOKING, throttled.use("t.pay", payment_hop))
     service = GrpcService(
         "pb.BookingService",
         booking_pb2_grpc.add_BookingServiceServicer_to_server,

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pb import order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
+from upstream.concurrency import CallGauge
 from upstream.ledger import MEMORY, Ledger
 from upstream.order import OrderServicer
 from upstream.payment import PaymentServicer
@@ -59,6 +60,8 @@ class RunningUpstream:
     """The bound port: the one asked for, or the one the OS picked for port 0."""
     ledger: Ledger
     health: HealthServicer
+    calls: CallGauge
+    """The service's calls in progress now, and their peak: how many it served at once."""
 
     @property
     def target(self) -> str:
@@ -103,7 +106,8 @@ async def serve_upstream(
     try:
         # Without this, gRPC's default SO_REUSEPORT lets a second server bind
         # a port already in use and silently share its traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        calls = CallGauge()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[calls])
         faults = {
             "latency_ms": latency_ms,
             "fail_rate": fail_rate,
@@ -138,7 +142,7 @@ async def serve_upstream(
     except BaseException:
         ledger.close()
         raise
-    return RunningUpstream(service, server, host, bound_port, ledger, health_servicer)
+    return RunningUpstream(service, server, host, bound_port, ledger, health_servicer, calls)
 
 
 def _non_negative_float(text: str) -> float:

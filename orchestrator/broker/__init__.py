@@ -7,6 +7,7 @@ from orchestrator.broker.base import (
     DeadLetteredMessage,
     Delivery,
     MessageHandler,
+    QueueFull,
     UnroutableError,
 )
 from orchestrator.broker.memory import InMemoryBroker
@@ -20,6 +21,7 @@ __all__ = [
     "Delivery",
     "InMemoryBroker",
     "MessageHandler",
+    "QueueFull",
     "UnroutableError",
     "broker_from_settings",
 ]

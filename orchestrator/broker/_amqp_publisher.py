@@ -2,10 +2,10 @@
 
 A publish returns once RabbitMQ confirmed the message, and raises
 UnroutableError when no queue took it (`mandatory` and `on_return_raises`),
-BrokerUnavailable on a nack, a lost or silent connection, or no confirm in
-time. While RabbitMQ blocks the connection (`connection.blocked`, sent while a
-memory or disk alarm is in effect) publishes fail at once with its reason,
-those in flight included.
+Nacked (a BrokerUnavailable) on a nack, BrokerUnavailable on a lost or silent
+connection or no confirm in time. While RabbitMQ blocks the connection
+(`connection.blocked`, sent while a memory or disk alarm is in effect)
+publishes fail at once with its reason, those in flight included.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from pamqp.common import FieldValue
 from orchestrator.broker._amqp_connection import BROKER_ERRORS, require
 from orchestrator.broker.base import BrokerUnavailable, UnroutableError
 
-__all__ = ["Publisher"]
+__all__ = ["Nacked", "Publisher"]
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+class Nacked(BrokerUnavailable):
+    """RabbitMQ nacked a publish (a queue with a length limit that is full)."""
 
 
 class Publisher:
@@ -106,7 +110,7 @@ class Publisher:
                 f"no queue for routing key {routing_key!r} on exchange {exchange!r}"
             ) from exc
         except DeliveryError as exc:
-            raise BrokerUnavailable(f"broker refused message {message_id}: {exc!r}") from exc
+            raise Nacked(f"broker refused message {message_id}: {exc!r}") from exc
         except TimeoutError as exc:
             if self._blocked_reason is not None:
                 raise BrokerUnavailable(self._blocked_message(message_id)) from exc

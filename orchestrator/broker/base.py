@@ -7,6 +7,10 @@ Semantics every implementation keeps:
   UnroutableError when no queue exists for the topic. A topic this broker
   declared whose queue was deleted since is declared again (and consumed
   again, when this broker consumes it) and the publish retried once.
+- A publish to a topic with a length limit (`TopicSettings.max_length`) that
+  finds its queue holding that many messages is refused with QueueFull (a
+  BrokerUnavailable: a consumer that meets it is retried in place, as in an
+  outage, until the queue has room); nothing is enqueued.
 - A publish never outlives its caller: it returns or raises within its
   `timeout` (at most `publish_timeout_seconds`), however the broker fails,
   a half-open connection that answers nothing included. A publish that timed
@@ -33,6 +37,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import grpc
+
 from orchestrator.errors import BrokerUnavailable
 from orchestrator.metrics import Metrics
 
@@ -44,6 +50,7 @@ __all__ = [
     "DeadLetteredMessage",
     "Delivery",
     "MessageHandler",
+    "QueueFull",
     "UnroutableError",
 ]
 
@@ -64,6 +71,16 @@ class DeadLetter(Exception):
 
 class UnroutableError(BrokerUnavailable):
     """A publish reached no queue: a message the broker would silently drop."""
+
+
+class QueueFull(BrokerUnavailable):
+    """The topic's queue holds as many messages as its length limit: the publish was refused.
+
+    For the broker contract it is an outage (a consumer that meets it is retried in
+    place until the queue has room); a caller refused for it gets RESOURCE_EXHAUSTED.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from orchestrator.broker.base import (
     DeadLetterKeeper,
     Delivery,
     MessageHandler,
+    QueueFull,
     UnroutableError,
 )
 from orchestrator.config import BrokerSettings
@@ -107,7 +108,8 @@ class InMemoryBroker(Broker):
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (merged with publish_timeout_seconds)
     ) -> None:
-        """Enqueue the message at once; raises UnroutableError when the topic was never declared.
+        """Enqueue the message at once; raises UnroutableError when the topic was never
+        declared, QueueFull when its queue holds its `max_length` messages waiting.
 
         Only a `timeout` with no time left (<= 0) matters: it raises
         BrokerUnavailable, as RabbitMQ's would.
@@ -117,6 +119,9 @@ class InMemoryBroker(Broker):
         queue = self._queues.get(topic)
         if queue is None:
             raise UnroutableError(f"no queue for topic {topic!r}")
+        limit = self._settings.max_length_of(topic)
+        if limit is not None and queue.qsize() >= limit:
+            raise QueueFull(f"topic {topic!r} holds {limit} messages, its max_length")
         self._enqueue(queue, _Message(body, message_id, dict(headers or {})))
 
     async def subscribe(self, topic: str, handler: MessageHandler) -> None:

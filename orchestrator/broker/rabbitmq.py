@@ -61,13 +61,14 @@ from orchestrator.broker._amqp_connection import (
     require,
 )
 from orchestrator.broker._amqp_deliveries import TOPIC_HEADER, Deliveries
-from orchestrator.broker._amqp_publisher import Publisher
+from orchestrator.broker._amqp_publisher import Nacked, Publisher
 from orchestrator.broker.base import (
     Broker,
     BrokerUnavailable,
     DeadLetteredMessage,
     DeadLetterKeeper,
     MessageHandler,
+    QueueFull,
     UnroutableError,
 )
 from orchestrator.config import BrokerSettings
@@ -180,7 +181,7 @@ class RabbitMQBroker(Broker):
                 # deletion must not register them twice.
                 robust = topic not in self._registered
                 queue = await channel.declare_queue(
-                    queue_name, durable=True, arguments=self._queue_arguments(), robust=robust
+                    queue_name, durable=True, arguments=self._queue_arguments(topic), robust=robust
                 )
                 await queue.bind(self._exchange_name, routing_key=queue_name)
                 dlq = await channel.declare_queue(
@@ -202,16 +203,21 @@ class RabbitMQBroker(Broker):
         """Every topic this broker has declared, e.g. to delete their queues after a test."""
         return frozenset(self._known_topics)
 
-    def _queue_arguments(self) -> dict[str, Any]:
-        return {
+    def _queue_arguments(self, topic: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
             "x-queue-type": "quorum",
             "x-delivery-limit": self._settings.delivery_limit,
             "x-dead-letter-exchange": self._dlx_name,
             # at-least-once dead-lettering silently degrades to at-most-once
-            # unless overflow is reject-publish.
+            # unless overflow is reject-publish; with a length limit, a publish
+            # to a full queue is nacked (QueueFull), never a message dropped.
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
+        max_length = self._settings.max_length_of(topic)
+        if max_length is not None:
+            arguments["x-max-length"] = max_length
+        return arguments
 
     # -- publishing --------------------------------------------------------
 
@@ -247,6 +253,13 @@ class RabbitMQBroker(Broker):
             await self._publisher.publish(
                 exchange, routing_key, body, message_id, fields, timeout=timeout
             )
+        except Nacked as exc:
+            # A quorum queue with reject-publish nacks a publish only when it is full.
+            if self._settings.max_length_of(topic) is not None:
+                raise QueueFull(
+                    f"topic {topic!r} is full (its max_length): message {message_id} refused"
+                ) from exc
+            raise
         except UnroutableError:
             if topic not in self._known_topics:
                 raise  # never declared: no queue is what the caller must hear about
@@ -302,7 +315,7 @@ class RabbitMQBroker(Broker):
                 # (unbound, a restored queue would receive nothing).
                 queue_name = self._settings.queue_name(topic)
                 queue = await channel.declare_queue(
-                    queue_name, durable=True, arguments=self._queue_arguments()
+                    queue_name, durable=True, arguments=self._queue_arguments(topic)
                 )
                 await queue.bind(self._exchange_name, routing_key=queue_name)
                 tag = await queue.consume(on_message)

@@ -1,4 +1,5 @@
-"""Facades: a named chain of nodes, run in process (sync) or through broker topics (async)."""
+"""Facades: a named chain of nodes, run in process (sync) or through broker topics (async, and
+throttling: its caller waits for the outcome)."""
 
 from orchestrator.facade.async_ import AsyncCompensation, AsyncFacade, AsyncNode
 from orchestrator.facade.definition import (
@@ -8,6 +9,7 @@ from orchestrator.facade.definition import (
     StepDefinition,
 )
 from orchestrator.facade.sync import SyncCompensation, SyncFacade, SyncNode
+from orchestrator.facade.throttling import ThrottlingFacade
 
 __all__ = [
     "DEFAULT_COMPENSATION_RETRY",
@@ -20,4 +22,5 @@ __all__ = [
     "SyncCompensation",
     "SyncFacade",
     "SyncNode",
+    "ThrottlingFacade",
 ]

@@ -43,6 +43,7 @@ from orchestrator.errors import (
     SagaFailed,
     classify,
 )
+from orchestrator.facade._admission import Admission
 from orchestrator.facade._compensation import Compensation
 from orchestrator.facade._operations import Operations
 from orchestrator.facade._positions import Positions
@@ -110,13 +111,20 @@ class FacadeKind(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SagaPolicy:
-    """How long a facade's sagas may take before recovery drives them to an end."""
+    """How long a facade's sagas may take, and how many of its calls this replica takes."""
 
     deadline_seconds: float = 300.0
     """A saga still RUNNING this long after it began is rolled back by recovery."""
     compensation_seconds: float = 120.0
     """A saga still COMPENSATING this long has its compensation run by recovery; one
     that cannot succeed then ends COMPENSATION_FAILED."""
+    max_in_flight: int = 0
+    """Calls in progress on this replica at most (sync runs, throttling and inline callers
+    waiting); 0: no limit."""
+    max_wait_seconds: float = 180.0
+    """How long a throttling call waits for its saga's end at most."""
+    retry_pushback_seconds: float = 1.0
+    """How long a caller refused by admission is asked to wait."""
 
 
 def payload_digest(facade: str, payload: str) -> str:
@@ -155,13 +163,27 @@ class SagaRuntime:
         """Its sagas' rollback: the rollback topic's consumer, compensations, rollback node."""
         self.operations = Operations(self)
         """What operators may do to its sagas: retry, compensate, resolve."""
-        # Callers of this replica waiting on a saga, by request id; local writes wake them.
+        self.admission = Admission(
+            name,
+            max_in_flight=policy.max_in_flight,
+            retry_after=policy.retry_pushback_seconds,
+            metrics=metrics,
+        )
+        """Whether a new call is taken on this replica (`max_in_flight`, a full first topic)."""
+        # Callers of this replica waiting on a saga, by request id: this replica's writes
+        # wake them, and the store's change feed (`listen`) every replica's.
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     @property
     def kind(self) -> str:
-        """`sync` or `async`."""
+        """How its sagas run: `sync`, `async`, `throttling` or `inline`."""
         return self.definition.kind
+
+    def listen(self) -> Callable[[], None]:
+        """Hear of every replica's writes to this facade's sagas through the store's change
+        feed (`SagaStore.subscribe_changes`), waking the callers waiting on them; returns a
+        function that stops it."""
+        return self.store.subscribe_changes(self._heard, self._wake_all)
 
     # --- beginning ---------------------------------------------------------------------
 
@@ -193,10 +215,18 @@ class SagaRuntime:
             self._changed(request_id)
             return None
         if existing.payload_hash != digest:
-            raise AlreadyExists(
-                f"request id {request_id!r} was already used for another {self.name} request"
-            )
+            raise self._another_request(request_id)
         return existing
+
+    def check_same_request(self, request_id: str, recorded: str, payload: str) -> None:
+        """ALREADY_EXISTS unless `payload` is the request the saga of `request_id` recorded."""
+        if recorded != payload:
+            raise self._another_request(request_id)
+
+    def _another_request(self, request_id: str) -> AlreadyExists:
+        return AlreadyExists(
+            f"request id {request_id!r} was already used for another {self.name} request"
+        )
 
     # --- steps -------------------------------------------------------------------------
 
@@ -283,13 +313,19 @@ class SagaRuntime:
     async def position(self, request_id: str) -> Position | None:
         """Where the saga stands: as this replica last wrote it if that is recent (see
         `_positions`), else as the store says."""
-        now = self._clock()
-        known = self._positions.get(request_id, now)
+        known = self._positions.get(request_id, self._clock())
         if known is not None:
             return known
+        return await self.stored_position(request_id)
+
+    async def stored_position(self, request_id: str) -> Position | None:
+        """Where the saga stands as the store says (another replica may have moved it past
+        what this replica last wrote of it)."""
         position = await self.store.position(self.name, request_id)
         if position is not None:
-            self._positions.put(request_id, position, now)
+            self._positions.put(request_id, position, self._clock())
+        else:
+            self._positions.forget(request_id)
         return position
 
     async def apply(
@@ -445,6 +481,16 @@ class SagaRuntime:
             event.set()
         self._on_change(self.name, request_id)
 
+    def _heard(self, facade: str, request_id: str) -> None:
+        if facade == self.name:
+            for event in self._waiters.get(request_id, ()):
+                event.set()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
     @contextlib.contextmanager
     def _watching(self, request_id: str) -> Iterator[asyncio.Event]:
         event = asyncio.Event()
@@ -460,9 +506,13 @@ class SagaRuntime:
     async def wait_until(self, request_id: str, done: Callable[[SagaRecord], bool]) -> SagaRecord:
         """The saga once `done(saga)` holds (the caller bounds the wait).
 
-        This replica's writes wake the wait at once, so a saga run here is read
-        once a change (and once a second, should a wake be lost); one run by
-        another replica is polled, backing off to 0.2 s.
+        The saga is read again only when it changed: this replica's writes wake
+        the wait at once, and while the store announces every replica's
+        (`announces_changes`: the change feed `listen` hears), so do theirs,
+        and a gap in that feed. A store that announces nothing right now (one
+        without a feed, or one whose feed is down) is read again once a second
+        for a saga run here, and every 0.01 s backing off to 0.2 s for one run
+        elsewhere.
         """
         with self._watching(request_id) as changed:
             delay = 0.01
@@ -474,11 +524,36 @@ class SagaRuntime:
                     raise KeyError(f"no saga {self.name}/{request_id}")
                 if done(saga):
                     return saga
+                if self.store.announces_changes:
+                    # Every change, and the feed dropping, sets it: nothing to poll for.
+                    await changed.wait()
+                    continue
                 local = saga.owner == self.owner
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0 if local else delay):
                         await changed.wait()
                 delay = min(delay * 2, 0.2)
+
+    async def recorded(self, request_id: str, within: float) -> Position | None:
+        """Where the saga stands once it is recorded, waiting up to `within` seconds for its
+        begin (a first hop is published before its saga's begin commits); None after that.
+        Woken as `wait_until` is; a store that announces nothing is read every 0.05 s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        with self._watching(request_id) as changed:
+            while True:
+                changed.clear()
+                position = await self.store.position(self.name, request_id)
+                if position is not None:
+                    return position
+                left = deadline - loop.time()
+                if left <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        left if self.store.announces_changes else min(left, 0.05)
+                    ):
+                        await changed.wait()
 
     def failure_of(self, saga: SagaRecord) -> SagaFailed:
         """The error a caller gets for a saga that failed, as its first run raised it."""

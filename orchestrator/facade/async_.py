@@ -18,16 +18,18 @@ import enum
 import functools
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import pydantic
 
 from orchestrator import tracing
-from orchestrator.broker.base import DeadLetter, Delivery
+from orchestrator.broker.base import DeadLetter, Delivery, QueueFull
+from orchestrator.config import FacadeKindName
 from orchestrator.dto import AsyncFacadeContext, Rollback
-from orchestrator.errors import BrokerUnavailable, classify
+from orchestrator.errors import BrokerUnavailable, SagaFailed, classify
+from orchestrator.facade._ending import wait_for_end
+from orchestrator.facade._in_process import run_in_process
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import (
     DEFAULT_COMPENSATION_RETRY,
@@ -48,9 +50,9 @@ AsyncNode = Callable[[DtoT], Awaitable[DtoT]]
 AsyncCompensation = Callable[[DtoT], Awaitable[None]]
 """`async def undo(dto)`: undoes its step, given the DTO as the saga left it."""
 
-ACCEPTED_MEMORY = 4096
-"""First publishes this replica confirmed, remembered (newest) so that a repeated request
-is answered without publishing again."""
+FIRST_HOP_GRACE_SECONDS = 5.0
+"""How long a first hop whose saga is not recorded waits for its begin (the publish comes
+first; the begin follows the broker's confirm) before it is dead-lettered as `no such saga`."""
 PUBLISH_MARGIN_SECONDS = 0.25
 """Left of the caller's deadline after a first publish that timed out: time to record that
 nothing was published and answer UNAVAILABLE before the caller gives up."""
@@ -77,7 +79,8 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     hop: nodes must be idempotent, which `step_metadata()`'s key makes easy.
     """
 
-    kind = "async"
+    kind: ClassVar[Literal["sync", "async", "throttling"]] = "async"
+    runs_as: ClassVar[frozenset[FacadeKindName]] = frozenset({"async", "throttling", "inline"})
 
     def __init__(self, *, dto: type[DtoT]) -> None:
         super().__init__()
@@ -86,8 +89,6 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         self._dto = dto
         # First publishes in flight on this replica, by request id: a duplicate waits for one.
         self._starting: dict[str, asyncio.Future[None]] = {}
-        # First publishes this replica saw confirmed (the newest ACCEPTED_MEMORY).
-        self._accepted: OrderedDict[str, None] = OrderedDict()
         # Hops running on this replica: a second delivery of one is a duplicate.
         self._running: set[tuple[str, int]] = set()
 
@@ -142,16 +143,37 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
 
     # --- starting a saga -----------------------------------------------------------------
 
-    async def run(self, request_id: str, dto: DtoT) -> None:
-        """Start a saga: publish the DTO to the first topic and wait for the broker's confirm.
+    async def run(self, request_id: str, dto: DtoT) -> DtoT | None:
+        """Start a saga: publish the DTO to the first topic, then record the saga.
 
-        A request id seen before publishes nothing, unless its first hop may
-        never have reached the broker: its publish failed, or the process that
-        began it may have died before publishing (then it is published now; a
-        duplicate of a first hop is harmless, the journal runs it once). A
-        broker that is down or blocked refuses the call at once with
-        UNAVAILABLE, before anything is recorded.
+        As built (`async`) it returns None once the broker confirmed the first
+        hop and the saga is recorded: the saga goes on without the caller. Run
+        as `throttling` or `inline` (`sagas.facades.<name>.run_as`), it returns
+        the saga's final DTO once the saga ended, or raises its failure once
+        its compensation has run (see `ThrottlingFacade.run`).
+
+        A request id seen before publishes nothing (unless its first hop is
+        recorded as never published); the same request id with another DTO is
+        ALREADY_EXISTS. A broker that is down or blocked refuses the call at
+        once with UNAVAILABLE, and a first topic at its length limit with
+        RESOURCE_EXHAUSTED, both before anything is recorded.
         """
+        if self.runtime.kind == "async":
+            await self._accept(request_id, dto)
+            return None
+        return await self._run_to_end(request_id, dto)
+
+    async def _run_to_end(self, request_id: str, dto: DtoT) -> DtoT:
+        """Run the saga as throttling (through the broker) or inline (in this task) and wait
+        for its end: the final DTO, or its failure raised."""
+        runtime = self.runtime
+        with runtime.admission.admit():
+            if runtime.kind == "inline":
+                return await self._run_inline(request_id, dto)
+            await self._accept(request_id, dto)
+            return self._outcome(await wait_for_end(runtime, request_id))
+
+    async def _accept(self, request_id: str, dto: DtoT) -> None:
         runtime = self.runtime
         if not runtime.broker.healthy:
             raise BrokerUnavailable("the broker is unavailable: try again later")
@@ -169,44 +191,83 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             raise
         else:
             started.set_result(None)
-            self._accepted[request_id] = None
-            if len(self._accepted) > ACCEPTED_MEMORY:
-                self._accepted.popitem(last=False)
         finally:
             del self._starting[request_id]
 
     async def _start(self, request_id: str, dto: DtoT) -> None:
+        """Publish the first hop, then record the saga: a publish refused (the first topic
+        full, the broker down) leaves no saga behind. The first hop's consumer waits for the
+        record (`FIRST_HOP_GRACE_SECONDS`), so no node runs before its saga is recorded."""
+        runtime = self.runtime
+        body = self._slip(request_id, dto).model_dump_json()
+        with tracing.span(
+            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": runtime.kind}
+        ):
+            existing = await runtime.stored_position(request_id)
+            if existing is not None:
+                runtime.check_same_request(request_id, existing.payload, body)
+                if existing.step_states != (StepState.PENDING,):
+                    return  # recorded, so its first hop was published: on its way, or beyond
+                # Recorded as never published (by an earlier version): publish it now.
+                if await runtime.step_restarted(request_id, 0):
+                    await self._publish_first(request_id, body, recorded=True)
+                return
+            await self._publish_first(request_id, body, recorded=False)
+            await runtime.begin(request_id, body)
+
+    async def _publish_first(self, request_id: str, body: str, *, recorded: bool) -> None:
         runtime = self.runtime
         first = runtime.definition.steps[0]
+        try:
+            await runtime.broker.publish(
+                first.topic,
+                body.encode(),
+                message_id=f"{request_id}:0:{first.topic}",
+                headers=tracing.inject(),
+                timeout=_time_left(),
+            )
+        except QueueFull as exc:
+            if recorded:
+                await runtime.step_pending(request_id, 0, f"not published: {exc}")
+            raise runtime.admission.queue_full(first.topic) from exc
+        except Exception as exc:
+            if recorded:
+                # Nothing was published (as far as we know): a retry publishes it.
+                await runtime.step_pending(request_id, 0, f"not published: {classify(exc).reason}")
+            raise
+
+    def _slip(self, request_id: str, dto: DtoT) -> DtoT:
+        """`dto` with its routing slip filled in for the first hop."""
         dto.request_id = request_id
         dto.current_index = 0
         dto.topics = self.topics
         dto.rollback_topic = self._rollback_topic
-        body = dto.model_dump_json()
+        return dto
+
+    def _outcome(self, saga: SagaRecord) -> DtoT:
+        """The final DTO of a COMPLETED saga; the failure of any other end, raised."""
+        if saga.state == SagaState.COMPLETED:
+            return self._dto.model_validate_json(saga.data)
+        raise self.runtime.failure_of(saga)
+
+    async def _run_inline(self, request_id: str, dto: DtoT) -> DtoT:
+        """Run every node in this task, without the broker; the journal and the rollback
+        (through the rollback topic) as for any saga."""
+        runtime = self.runtime
+        body = self._slip(request_id, dto).model_dump_json()
         with tracing.span(
-            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "async"}
+            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "inline"}
         ):
             existing = await runtime.begin(request_id, body)
-            if existing is not None:
-                step = existing.current_step
-                if step is None or step.index != 0 or request_id in self._accepted:
-                    return  # accepted before: its first hop is on its way, or beyond
-                if step.state == StepState.PENDING and not await runtime.step_restarted(
-                    request_id, 0
-                ):
-                    return
-            try:
-                await runtime.broker.publish(
-                    first.topic,
-                    body.encode(),
-                    message_id=f"{request_id}:0:{first.topic}",
-                    headers=tracing.inject(),
-                    timeout=_time_left(),
-                )
-            except Exception as exc:
-                # Nothing was published (as far as we know): a retry publishes it.
-                await runtime.step_pending(request_id, 0, f"not published: {classify(exc).reason}")
-                raise
+            if existing is None:
+                carrier = _DtoCarrier(dto)
+                try:
+                    await run_in_process(runtime, request_id, carrier)
+                except SagaFailed:
+                    pass  # answered below, once its compensation has run
+                else:
+                    return carrier.dto
+        return self._outcome(await wait_for_end(runtime, request_id))
 
     # --- consuming hops ------------------------------------------------------------------
 
@@ -233,6 +294,15 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         request_id = dto.request_id
         saga = await runtime.position(request_id)
         verdict, reason = _verdict(saga, step.index, delivery)
+        if saga is not None and verdict in (_Verdict.DEAD_LETTER, _Verdict.DROP):
+            # What this replica last wrote may be behind the store: another replica may have
+            # moved the saga on to this very hop since. Only the store refuses a message.
+            saga = await runtime.stored_position(request_id)
+            verdict, reason = _verdict(saga, step.index, delivery)
+        if saga is None and step.index == 0:
+            # A first hop is published before its saga's begin: give the begin time to land.
+            saga = await runtime.recorded(request_id, FIRST_HOP_GRACE_SECONDS)
+            verdict, reason = _verdict(saga, step.index, delivery)
         if verdict is _Verdict.DEAD_LETTER:
             runtime.metrics.message_refused(step.topic, "dead_lettered")
             raise DeadLetter(f"{reason} ({runtime.name}/{request_id}, step {step.name})")
@@ -352,6 +422,31 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         """Call the compensation with the DTO the saga left."""
         assert step.compensation is not None
         await step.compensation(self._dto.model_validate(rollback.data))
+
+
+class _DtoCarrier(Generic[DtoT]):
+    """The DTO an inline saga's nodes pass on, as `run_in_process` carries it."""
+
+    def __init__(self, dto: DtoT) -> None:
+        self.dto = dto
+
+    def call(self, step: StepDefinition) -> Callable[[], Awaitable[Any]]:
+        """The node called with the DTO."""
+        return functools.partial(step.action, self.dto)
+
+    def took(self, step: StepDefinition, result: Any) -> None:
+        """The DTO the node returned, its routing slip at the next hop (as a hop's would be)."""
+        result.current_index = step.index + 1
+        self.dto = result
+
+    def data(self) -> str:
+        """The DTO as JSON."""
+        return self.dto.model_dump_json()
+
+    def rollback_data(self) -> dict[str, Any]:
+        """The DTO as a JSON object."""
+        data: dict[str, Any] = json.loads(self.data())
+        return data
 
 
 def _time_left() -> float | None:

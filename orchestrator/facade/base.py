@@ -12,6 +12,7 @@ import abc
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal, Self
 
+from orchestrator.config import FacadeKindName
 from orchestrator.dto import Rollback
 from orchestrator.facade._runtime import SagaRuntime
 from orchestrator.facade.definition import (
@@ -31,7 +32,10 @@ __all__ = ["FacadeBase"]
 class FacadeBase(abc.ABC):
     """A facade before and after it is registered with an Orchestrator."""
 
-    kind: ClassVar[Literal["sync", "async"]]
+    kind: ClassVar[Literal["sync", "async", "throttling"]]
+    """The kind it is built as: how its sagas run unless configured otherwise."""
+    runs_as: ClassVar[frozenset[FacadeKindName]]
+    """The kinds its sagas may be configured to run as (`sagas.facades.<name>.run_as`)."""
 
     def __init__(self) -> None:
         self._steps: list[StepDefinition] = []
@@ -125,8 +129,19 @@ class FacadeBase(abc.ABC):
         """The steps and rollback as built so far, checked (fixed once registered)."""
         if self._definition is not None:
             return self._definition
+        return self.definition_as(self.kind)
+
+    def definition_as(self, kind: FacadeKindName) -> SagaDefinition:
+        """The definition as built so far, run as `kind`; ValueError naming the kinds it may
+        run as when it cannot."""
+        if kind not in self.runs_as:
+            allowed = ", ".join(sorted(self.runs_as))
+            raise ValueError(
+                f"a {type(self).__name__} cannot run as {kind!r}: only as {allowed}"
+                + (" (its nodes take a protobuf Context, not a DTO)" if self.kind == "sync" else "")
+            )
         return SagaDefinition(
-            kind=self.kind,
+            kind=kind,
             steps=tuple(self._steps),
             rollback_topic=self._rollback_topic,
             rollback_node=self._rollback_node,

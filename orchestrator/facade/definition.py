@@ -107,7 +107,8 @@ class StepDefinition:
 class SagaDefinition:
     """A facade's steps and rollback, as registered: immutable, checked when made."""
 
-    kind: Literal["sync", "async"]
+    kind: Literal["sync", "async", "throttling", "inline"]
+    """How its sagas run (see `FacadeKindName`); every kind but `sync` hops by topic."""
     steps: tuple[StepDefinition, ...]
     rollback_topic: str = ""
     rollback_node: RollbackNode | None = None
@@ -121,7 +122,7 @@ class SagaDefinition:
             raise ValueError(f"step names must be unique: {names}")
         if [step.index for step in self.steps] != list(range(len(self.steps))):
             raise ValueError("steps must be indexed 0, 1, ... in order")
-        if self.kind == "async":
+        if self.kind != "sync":
             topics = [step.topic for step in self.steps]
             if not all(topics) or len(set(topics)) != len(topics):
                 raise ValueError(f"every async step needs a topic of its own: {topics}")

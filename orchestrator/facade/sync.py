@@ -7,10 +7,8 @@ outcome. Everything else (the journal, retries, rollback) is the engine's.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Self, TypeVar
 
@@ -21,14 +19,15 @@ from google.protobuf.message import Message
 from orchestrator import tracing
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
-from orchestrator.errors import FailedPrecondition, Failure, SagaFailed, classify
+from orchestrator.errors import FailedPrecondition
+from orchestrator.facade._in_process import run_in_process
 from orchestrator.facade.base import FacadeBase
 from orchestrator.facade.definition import (
     DEFAULT_COMPENSATION_RETRY,
     DEFAULT_RETRY,
     StepDefinition,
 )
-from orchestrator.retry import RetryPolicy, caller_deadline
+from orchestrator.retry import RetryPolicy
 from orchestrator.store import SagaRecord, SagaState
 
 __all__ = ["SyncCompensation", "SyncFacade", "SyncNode"]
@@ -42,8 +41,6 @@ SyncCompensation = SyncNode[RequestT, ResponseT]
 """`async def undo(request_id, ctx)`: undoes its step, given the Context as the saga left it."""
 
 _NODE_PARAMS = ("request_id", "ctx")
-
-log = logging.getLogger("orchestrator.facade.sync")
 
 
 def _json(message: Message) -> str:
@@ -60,6 +57,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
     """
 
     kind = "sync"
+    runs_as = frozenset({"sync"})
 
     def __init__(self, *, request: type[RequestT], response: type[ResponseT]) -> None:
         super().__init__()
@@ -108,11 +106,15 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         A request id seen before gets its recorded outcome instead (waiting
         while its first run is still going). Raises SagaFailed, carrying the
         gRPC status for the caller, once the rollback of a failed run is
-        safely with the broker.
+        safely with the broker; ResourceExhausted, before anything, when the
+        facade already has `max_in_flight` calls in progress on this replica.
         """
         runtime = self.runtime
-        with tracing.span(
-            f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
+        with (
+            runtime.admission.admit(),
+            tracing.span(
+                f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
+            ),
         ):
             existing = await runtime.begin(request_id, _json(request))
             if existing is not None:
@@ -130,104 +132,8 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         raise self.runtime.failure_of(saga)
 
     async def _run(self, ctx: Context[RequestT, ResponseT]) -> ResponseT:
-        runtime = self.runtime
-        steps = runtime.definition.steps
-        loop = asyncio.get_running_loop()
-        deadline = caller_deadline.get()
-        metrics = runtime.metrics
-        metrics.in_flight.inc()
-        try:
-            for step in steps:
-                # The caller's time left is split evenly among the steps still to run.
-                share = (
-                    None
-                    if deadline is None
-                    else loop.time() + (deadline - loop.time()) / (len(steps) - step.index)
-                )
-                try:
-                    await runtime.run_step(
-                        step,
-                        ctx.request_id,
-                        functools.partial(step.action, ctx.request_id, ctx),
-                        deadline=share,
-                    )
-                except asyncio.CancelledError:
-                    # The caller went away mid-saga: what was done must still be undone.
-                    await asyncio.shield(self._fail(ctx, step, classify(asyncio.CancelledError())))
-                    raise
-                except Exception as exc:
-                    failure = classify(exc)
-                    await self._fail(ctx, step, failure, cause=exc)
-                    raise SagaFailed(
-                        request_id=ctx.request_id,
-                        facade=runtime.name,
-                        step=step.name,
-                        failure=failure,
-                    ) from exc
-                # The step's start is already recorded, with the saga's begin or the previous
-                # step's end: one durable write per step, not two.
-                if not await runtime.step_ended(ctx.request_id, step.index, _json(ctx.response)):
-                    raise await self._stopped(ctx.request_id)
-        finally:
-            metrics.in_flight.dec()
+        await run_in_process(self.runtime, ctx.request_id, _ContextCarrier(ctx))
         return ctx.response
-
-    async def _stopped(self, request_id: str) -> SagaFailed:
-        """The failure of a saga the journal says was stopped while it ran here (by its
-        deadline's recovery, say): the caller gets what stopped it."""
-        saga = await self.runtime.store.get(self.runtime.name, request_id)
-        if saga is None or saga.state in (SagaState.RUNNING, SagaState.COMPLETED):
-            raise RuntimeError(f"saga {self.runtime.name}/{request_id} refused its step's end")
-        return self.runtime.failure_of(saga)
-
-    async def _fail(
-        self,
-        ctx: Context[RequestT, ResponseT],
-        step: StepDefinition,
-        failure: Failure,
-        cause: BaseException | None = None,
-    ) -> None:
-        runtime = self.runtime
-        try:
-            await runtime.fail(
-                ctx.request_id,
-                step.index,
-                failure,
-                cause=cause,
-                data=_json(ctx.response),
-                inline_fallback=True,
-            )
-        except Exception:
-            # The store could not record the failure. Undo what this replica knows was
-            # done right away; the saga's deadline makes recovery finish its record.
-            log.exception(
-                "could not record the failed step; compensating from memory",
-                extra={"request_id": ctx.request_id, "facade": runtime.name, "step": step.name},
-            )
-            await self._compensate_unrecorded(ctx, step, failure)
-
-    async def _compensate_unrecorded(
-        self, ctx: Context[RequestT, ResponseT], step: StepDefinition, failure: Failure
-    ) -> None:
-        runtime = self.runtime
-        undo = runtime.to_undo(step.index, failure)
-        rollback = Rollback(
-            request_id=ctx.request_id,
-            facade=runtime.name,
-            kind="sync",
-            failed_step=step.name,
-            code=failure.code.name,
-            reason=failure.reason,
-            data=self._data(ctx.request, ctx.response),
-            completed_steps=[runtime.definition.steps[index].name for index in undo],
-        )
-        try:
-            await runtime.compensation.unrecorded(rollback, undo)
-        except Exception:
-            log.exception(
-                "compensating from memory failed; recovery will retry once the store is back",
-                extra={"request_id": ctx.request_id, "facade": runtime.name},
-            )
 
     # --- FacadeKind ------------------------------------------------------------------------
 
@@ -236,13 +142,6 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         return {
             "request": json.loads(saga.payload or "{}"),
             "response": json.loads(saga.data or "{}"),
-        }
-
-    @staticmethod
-    def _data(request: Message, response: Message) -> dict[str, Any]:
-        return {
-            "request": MessageToDict(request, preserving_proto_field_name=True),
-            "response": MessageToDict(response, preserving_proto_field_name=True),
         }
 
     async def resume(self, saga: SagaRecord, index: int) -> None:
@@ -259,3 +158,28 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
         response = json_format.ParseDict(rollback.data.get("response", {}), self.response_type())
         ctx = Context(rollback.request_id, request, response, rollback.facade)
         await step.compensation(rollback.request_id, ctx)
+
+
+class _ContextCarrier(Generic[RequestT, ResponseT]):
+    """The Context a sync saga's steps share, as `run_in_process` carries it."""
+
+    def __init__(self, ctx: Context[RequestT, ResponseT]) -> None:
+        self.ctx = ctx
+
+    def call(self, step: StepDefinition) -> Callable[[], Awaitable[Any]]:
+        """The node called with the request id and the Context."""
+        return functools.partial(step.action, self.ctx.request_id, self.ctx)
+
+    def took(self, step: StepDefinition, result: Any) -> None:
+        """Nothing: a sync node leaves what it made in the Context."""
+
+    def data(self) -> str:
+        """The response as the steps built it so far."""
+        return _json(self.ctx.response)
+
+    def rollback_data(self) -> dict[str, Any]:
+        """The request and the response so far, as JSON objects."""
+        return {
+            "request": MessageToDict(self.ctx.request, preserving_proto_field_name=True),
+            "response": MessageToDict(self.ctx.response, preserving_proto_field_name=True),
+        }

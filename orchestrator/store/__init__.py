@@ -26,6 +26,7 @@ from orchestrator.store.operator import (
 )
 from orchestrator.store.records import (
     FINAL_STATES,
+    IN_PROCESS_KINDS,
     CompensationState,
     NewSaga,
     Position,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLAIM_BATCH",
     "FINAL_STATES",
+    "IN_PROCESS_KINDS",
     "MAX_PAGE_SIZE",
     "RESOLVABLE",
     "ActionRecord",

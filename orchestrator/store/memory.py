@@ -13,9 +13,17 @@ import base64
 import dataclasses
 import json
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.store.base import CLAIM_BATCH, MAX_PAGE_SIZE, SagaStore
+from orchestrator.store._subscribers import Subscribers
+from orchestrator.store.base import (
+    CLAIM_BATCH,
+    MAX_PAGE_SIZE,
+    ChangeListener,
+    GapListener,
+    SagaStore,
+)
 from orchestrator.store.changes import (
     Change,
     CompensationEnded,
@@ -36,6 +44,7 @@ from orchestrator.store.operator import (
     Retried,
 )
 from orchestrator.store.records import (
+    IN_PROCESS_KINDS,
     CompensationState,
     NewSaga,
     SagaPage,
@@ -68,6 +77,22 @@ class InMemorySagaStore(SagaStore):
         self._actions: dict[_Key, list[ActionRecord]] = {}
         self._letters: dict[str, DeadLetterRecord] = {}
         self._last = datetime.min.replace(tzinfo=UTC)
+        self._subscribers = Subscribers()
+
+    @property
+    def announces_changes(self) -> bool:
+        """True: every write to it is made in this process, and announced at once."""
+        return True
+
+    def subscribe_changes(
+        self, changed: ChangeListener, gap: GapListener | None = None
+    ) -> Callable[[], None]:
+        """Call `changed(facade, request_id)` after every write to a saga (there are no gaps:
+        `gap` is never called); returns a function that unsubscribes."""
+        return self._subscribers.subscribe(changed, gap)
+
+    def _announce(self, key: _Key) -> None:
+        self._subscribers.changed(*key)
 
     def _now(self) -> datetime:
         self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
@@ -100,6 +125,7 @@ class InMemorySagaStore(SagaStore):
             deadline_at=saga.deadline_at,
             steps=(StepRecord(0, saga.first_step, StepState.RUNNING, 1, now),),
         )
+        self._announce(key)
         return None
 
     async def apply(self, facade: str, request_id: str, change: Change) -> bool:
@@ -114,6 +140,7 @@ class InMemorySagaStore(SagaStore):
         self._sagas[key] = moved
         if moved.finished:
             self._forget_old(key)
+        self._announce(key)
         return True
 
     def _forget_old(self, key: _Key) -> None:
@@ -180,7 +207,7 @@ class InMemorySagaStore(SagaStore):
             expired = saga.deadline_at is not None and saga.deadline_at < now
             orphaned = (
                 saga.state == SagaState.RUNNING
-                and saga.kind == "sync"
+                and saga.kind in IN_PROCESS_KINDS
                 and saga.owner != owner
                 and (beat is None or beat < cutoff)
             )
@@ -219,6 +246,7 @@ class InMemorySagaStore(SagaStore):
             self._forget_old(key)
         else:
             self._finished.pop(key, None)
+        self._announce(key)
         return True
 
     async def actions(self, facade: str, request_id: str) -> list[ActionRecord]:

@@ -13,6 +13,7 @@ from datetime import datetime
 
 __all__ = [
     "FINAL_STATES",
+    "IN_PROCESS_KINDS",
     "MAX_KEY_LENGTH",
     "CompensationState",
     "NewSaga",
@@ -28,6 +29,11 @@ __all__ = [
 
 MAX_KEY_LENGTH = 128
 """The longest facade name and request id a saga may have, in every store."""
+
+
+IN_PROCESS_KINDS = ("sync", "inline")
+"""Kinds of saga whose steps run in their owner's process, in its caller's call: a RUNNING
+one whose owner stopped heartbeating is orphaned, and rolled back by another replica."""
 
 
 class SagaState(enum.StrEnum):
@@ -109,7 +115,7 @@ class SagaRecord:
     """The facade that runs it: with the request id, the saga's identity."""
     request_id: str
     kind: str
-    """`sync` or `async`."""
+    """How it runs: `sync`, `async`, `throttling` or `inline`."""
     state: SagaState
     payload: str
     """The request, as JSON: what the saga was asked to do."""

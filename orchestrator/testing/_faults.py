@@ -225,9 +225,7 @@ class Faults:
                 return fault
         return None
 
-    def _action(
-        self, step: StepDefinition, kind: Literal["sync", "async"]
-    ) -> Callable[..., Awaitable[Any]]:
+    def _action(self, step: StepDefinition, kind: str) -> Callable[..., Awaitable[Any]]:
         action = step.action
 
         async def node(*args: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,10 +18,26 @@ from orchestrator.config import BrokerSettings, GrpcSettings
 from pb import booking_pb2_grpc, order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
 from tests.support.broker_fixtures import delete_topology, make_settings
 from tests.support.brokers import BrokerKit
-from topic import CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING, CREATE_ORDER, CREATE_PAYMENT
+from topic import (
+    CANCEL_ASYNC_BOOKING,
+    CANCEL_SYNC_BOOKING,
+    CANCEL_THROTTLING_BOOKING,
+    CREATE_ORDER,
+    CREATE_PAYMENT,
+    THROTTLING_CREATE_ORDER,
+    THROTTLING_CREATE_PAYMENT,
+)
 from upstream.server import RunningUpstream, serve_upstream
 
-BOOKING_TOPICS = (CREATE_ORDER, CREATE_PAYMENT, CANCEL_ASYNC_BOOKING, CANCEL_SYNC_BOOKING)
+BOOKING_TOPICS = (
+    CREATE_ORDER,
+    CREATE_PAYMENT,
+    CANCEL_ASYNC_BOOKING,
+    CANCEL_SYNC_BOOKING,
+    THROTTLING_CREATE_ORDER,
+    THROTTLING_CREATE_PAYMENT,
+    CANCEL_THROTTLING_BOOKING,
+)
 """Every topic the booking service consumes."""
 LEDGER_WRITES = {
     "order": ("create_order", "cancel_order_by_key", "cancel_orders_of", "cancel_order"),
@@ -76,11 +93,12 @@ async def eventually(
             await asyncio.sleep(interval)
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    """Order and Payment services on free ports with in-memory ledgers."""
-    order = await serve_upstream("order", port=0)
-    payment = await serve_upstream("payment", port=0)
+@contextlib.asynccontextmanager
+async def running_upstreams(*, latency_ms: float = 0) -> AsyncIterator[Upstreams]:
+    """Order and Payment services on free ports with in-memory ledgers, each call taking
+    `latency_ms`; stopped on exit."""
+    order = await serve_upstream("order", port=0, latency_ms=latency_ms)
+    payment = await serve_upstream("payment", port=0, latency_ms=latency_ms)
     order_channel = grpc.aio.insecure_channel(order.target)
     payment_channel = grpc.aio.insecure_channel(payment.target)
     try:
@@ -95,6 +113,13 @@ async def upstreams() -> AsyncIterator[Upstreams]:
         await payment_channel.close(None)
         await order.stop(None)
         await payment.stop(None)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """Order and Payment services on free ports with in-memory ledgers."""
+    async with running_upstreams() as running:
+        yield running
 
 
 def app_settings(upstreams: Upstreams, broker: BrokerSettings | None = None) -> AppSettings:

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.store import InMemorySagaStore, SagaRecord
+from orchestrator.store.base import ChangeListener, GapListener
 
 __all__ = ["FakeSagaStore"]
 
 
 class FakeSagaStore(InMemorySagaStore):
-    """InMemorySagaStore that counts its reads and records the task of each."""
+    """InMemorySagaStore that counts its reads and records the task of each; with
+    `feed=False`, a store that announces no changes (as one without a change feed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, feed: bool = True) -> None:
         super().__init__()
+        self._feed = feed
         self.gets = 0
         """How many times `get` was called (how often watchers polled)."""
         self.readers: list[asyncio.Task[Any]] = []
         """The task of each `get` call, in order: a watch's server-side task."""
+
+    @property
+    def announces_changes(self) -> bool:
+        """Whether it has a change feed (see `feed`)."""
+        return self._feed
+
+    def subscribe_changes(
+        self, changed: ChangeListener, gap: GapListener | None = None
+    ) -> Callable[[], None]:
+        """The in-memory store's announcements, or (without a feed) none."""
+        if self._feed:
+            return super().subscribe_changes(changed, gap)
+        return lambda: None
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, counting the read and remembering who made it."""

@@ -29,6 +29,8 @@ __all__ = [
     "ROOT",
     "STARTUP_TIMEOUT",
     "ServiceProcess",
+    "alive",
+    "children",
     "free_port",
     "grpcurl_argv",
     "grpcurl_binary",
@@ -78,6 +80,33 @@ def run_grpcurl(args: Sequence[str], *, timeout: float = 10.0) -> subprocess.Com
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail(f"grpcurl did not finish within {timeout}s: {shlex.join(argv)}")
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie counts as gone: it holds no ports or files)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
 
 
 def free_port() -> int:

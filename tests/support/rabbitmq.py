@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.processes import alive
+
 __all__ = ["RabbitMQNode"]
 
 BIN_DIR = Path("/usr/lib/rabbitmq/bin")
@@ -121,7 +123,7 @@ class RabbitMQNode:
             if result.returncode == 0:
                 break
             pid = self._pid()
-            crashed = pid is not None and not _alive(pid)
+            crashed = pid is not None and not alive(pid)
             if crashed or time.monotonic() >= deadline:
                 self.kill()
                 raise RuntimeError(
@@ -150,7 +152,7 @@ class RabbitMQNode:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.05)
         # A stale pid file would let `rabbitmqctl stop <pidfile>` wait on a reused pid.
         self.pid_file.unlink(missing_ok=True)
@@ -271,15 +273,3 @@ class RabbitMQNode:
             return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie counts as gone: it holds no ports or files.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from orchestrator.store._subscribers import Subscribers
 from orchestrator.store.base import ChangeListener, GapListener
 
 __all__ = [
@@ -106,8 +107,7 @@ class PgChangeFeed:
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
         self._ping_interval = ping_interval
-        self._changed: list[ChangeListener] = []
-        self._gap: list[GapListener] = []
+        self._subscribers = Subscribers()
         self._task: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
         self.live = False
@@ -122,18 +122,7 @@ class PgChangeFeed:
     def subscribe(self, changed: ChangeListener, gap: GapListener | None) -> Callable[[], None]:
         """Call `changed(facade, request_id)` for every announced saga and `gap()` when the
         feed drops or comes back; returns a function that unsubscribes."""
-        self._changed.append(changed)
-        if gap is not None:
-            self._gap.append(gap)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._changed.remove(changed)
-            if gap is not None:
-                with contextlib.suppress(ValueError):
-                    self._gap.remove(gap)
-
-        return unsubscribe
+        return self._subscribers.subscribe(changed, gap)
 
     def start(self) -> None:
         """Start listening in the background; the first connection is made there, so a
@@ -222,9 +211,7 @@ class PgChangeFeed:
             return
         self.announcements += len(keys)
         for facade, request_id in keys:
-            for listener in self._changed:
-                listener(facade, request_id)
+            self._subscribers.changed(facade, request_id)
 
     def _gapped(self) -> None:
-        for listener in self._gap:
-            listener()
+        self._subscribers.gapped()

@@ -54,7 +54,7 @@ from orchestrator.store.sql._ops import (
     ended_reason,
     rounds,
 )
-from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY
+from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
 
 __all__ = ["apply_batch"]
 
@@ -175,7 +175,7 @@ _HEARTBEAT: Final = text(
 _ORPHANS: Final = text(
     "SELECT s.facade, s.request_id, s.owner, s.deadline_at FROM sagas s"
     " LEFT OUTER JOIN replicas r ON r.owner = s.owner"
-    f" WHERE ({RUNNING_ONLY}) AND s.kind = 'sync' AND s.owner != :me"
+    f" WHERE ({RUNNING_ONLY}) AND s.{IN_PROCESS_ONLY} AND s.owner != :me"
     " AND (r.owner IS NULL OR r.heartbeat_at < :stale) ORDER BY s.created_at LIMIT :limit"
 )
 _EXPIRED: Final = text(

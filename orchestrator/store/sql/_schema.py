@@ -28,7 +28,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeEngine
 
+from orchestrator.store.records import IN_PROCESS_KINDS
+
 __all__ = [
+    "IN_PROCESS_ONLY",
     "OPEN_ONLY",
     "RUNNING_ONLY",
     "WAITING_ONLY",
@@ -48,6 +51,8 @@ MAX_NAME: Final = 128
 RUNNING_ONLY: Final = "state = 'RUNNING'"
 """The orphans index's condition; queries repeat it verbatim (a bound parameter would not
 let the planners use a partial index)."""
+IN_PROCESS_ONLY: Final = "kind IN ({})".format(", ".join(f"'{k}'" for k in IN_PROCESS_KINDS))
+"""Sagas run in their owner's process (`IN_PROCESS_KINDS`): orphaned when it stops."""
 OPEN_ONLY: Final = "state IN ('RUNNING', 'COMPENSATING')"
 """The deadline index's condition: sagas that have not reached an end."""
 WAITING_ONLY: Final = "state = 'WAITING'"

@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.store.records import Position, SagaRecord
+from orchestrator.store.sql._host_feed import HostChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, JournalBroken, Op
 from orchestrator.store.sql._records import POSITION, SQLITE_GET, position, records
 from orchestrator.store.sql._schema import sqlite_time
@@ -96,8 +97,13 @@ class SqliteBackend(Backend):
         event.listen(engine.sync_engine, "connect", _on_connect)
         return engine
 
+    def change_feed(self) -> HostChangeFeed:
+        """The processes writing the file tell each other with Unix datagrams."""
+        return HostChangeFeed(self.url.database or "")
+
     def writer(self, engine: AsyncEngine, options: WriterOptions) -> SqliteWriter:
-        """The writer on a sqlite3 connection of its own (SQLite announces nothing)."""
+        """The writer on a sqlite3 connection of its own (its batches are announced by the
+        store's `HostChangeFeed`)."""
         return SqliteWriter(
             self.url.database or "",
             options,

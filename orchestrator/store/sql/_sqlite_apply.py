@@ -34,7 +34,7 @@ from orchestrator.store.sql._ops import (
     OperatorOp,
     ended_reason,
 )
-from orchestrator.store.sql._schema import OPEN_ONLY, RUNNING_ONLY, sqlite_time
+from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY, sqlite_time
 
 __all__ = ["apply_op"]
 
@@ -95,7 +95,7 @@ _HEARTBEAT: Final = (
 _ORPHANS: Final = (
     "SELECT sagas.facade, sagas.request_id FROM sagas"
     " LEFT OUTER JOIN replicas ON replicas.owner = sagas.owner"
-    f" WHERE ({RUNNING_ONLY}) AND sagas.kind = 'sync' AND sagas.owner != ?"
+    f" WHERE ({RUNNING_ONLY}) AND sagas.{IN_PROCESS_ONLY} AND sagas.owner != ?"
     " AND (replicas.owner IS NULL OR replicas.heartbeat_at < ?)"
     " ORDER BY sagas.created_at LIMIT ?"
 )

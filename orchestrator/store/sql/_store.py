@@ -22,7 +22,9 @@ change feed, one per database:
   set-based statements (`_postgres`). Each transaction that changed sagas also
   NOTIFYs their keys, and each store LISTENs on a connection of its own
   (`_listen`): replicas sharing the database hear of each other's writes as
-  they commit (`subscribe_changes`, `announces_changes`).
+  they commit (`subscribe_changes`, `announces_changes`). On SQLite the
+  processes writing the file tell each other with Unix datagrams instead
+  (`_host_feed`).
 
 Operators' writes (`act`, keeping and settling dead letters) go through the
 same writer, so on SQLite too one connection writes: rare, they are ops of
@@ -83,6 +85,7 @@ from orchestrator.store.records import (
     SagaState,
     Stalled,
 )
+from orchestrator.store.sql._host_feed import HostChangeFeed, changed_sagas
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._migrate import upgrade as upgrade_schema
 from orchestrator.store.sql._operator import (
@@ -151,8 +154,9 @@ class SqlSagaStore(SagaStore):
         """`max_batch` caps the writes per transaction (1 turns group commit off);
         `commit_interval` paces commits, at most one per so many seconds (None: the
         backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL).
-        `announce_changes` (PostgreSQL only): NOTIFY every saga write and LISTEN for
-        every replica's; off, this store neither announces nor hears."""
+        `announce_changes`: announce every saga write and hear every replica's (NOTIFY
+        and LISTEN on PostgreSQL, datagrams between the processes on a SQLite file);
+        off, this store neither announces nor hears."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if commit_interval is not None and commit_interval < 0:
@@ -168,10 +172,11 @@ class SqlSagaStore(SagaStore):
         self.stats = WriterStats()
         self._actions_query = actions_query()
         self._letter_query = letters_query(dead_letters.c.id == bindparam("b_id"))
-        self.change_feed: PgChangeFeed | None = (
+        self.change_feed: PgChangeFeed | HostChangeFeed | None = (
             self._backend.change_feed() if announce_changes else None
         )
-        """The LISTENing side of the change feed, on PostgreSQL (None on SQLite)."""
+        """The change feed: LISTEN/NOTIFY on PostgreSQL, datagrams on SQLite; None with
+        `announce_changes` off."""
 
     @property
     def url(self) -> str:
@@ -203,20 +208,23 @@ class SqlSagaStore(SagaStore):
         )
         await writer.open()
         self._writer = writer
-        if self.change_feed is not None:
-            self.change_feed.start()
+        feed = self.change_feed
+        if isinstance(feed, HostChangeFeed):
+            writer.written = lambda written: feed.announce(changed_sagas(written.outcomes))
+        if feed is not None:
+            feed.start()
 
     @property
     def announces_changes(self) -> bool:
-        """True while this store LISTENs: every replica's committed writes reach the
-        subscribers at once (PostgreSQL only)."""
+        """True while the change feed is live: every replica's committed writes reach the
+        subscribers at once (on SQLite: every process's on this host)."""
         return self.change_feed is not None and self.change_feed.live
 
     def subscribe_changes(
         self, changed: ChangeListener, gap: GapListener | None = None
     ) -> Callable[[], None]:
-        """On PostgreSQL, hear of every replica's committed saga writes (see
-        `SagaStore.subscribe_changes`); on SQLite, nothing is ever called."""
+        """Hear of every replica's committed saga writes (see `SagaStore.subscribe_changes`);
+        with `announce_changes` off, nothing is ever called."""
         if self.change_feed is None:
             return super().subscribe_changes(changed, gap)
         return self.change_feed.subscribe(changed, gap)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import URL
@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.store.records import Position, SagaRecord
+from orchestrator.store.sql._host_feed import HostChangeFeed
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
 
@@ -82,6 +83,9 @@ class Writer(abc.ABC):
         self._max_batch = options.max_batch
         self._commit_interval = options.commit_interval
         self._stats = options.stats
+        self.written: Callable[[Written], None] | None = None
+        """Called with each batch once its outcomes are handed over (SQLite's change feed
+        announces the sagas it changed)."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -117,6 +121,8 @@ class Writer(abc.ABC):
                 op.future.set_exception(outcome)
             else:
                 op.future.set_result(outcome)
+        if self.written is not None:
+            self.written(written)
 
 
 class Backend(abc.ABC):
@@ -139,8 +145,8 @@ class Backend(abc.ABC):
     def writer(self, engine: AsyncEngine, options: WriterOptions) -> Writer:
         """The writer, on a connection of its own or `engine`'s."""
 
-    def change_feed(self) -> PgChangeFeed | None:
-        """The listening side of the change feed, where the database has one."""
+    def change_feed(self) -> PgChangeFeed | HostChangeFeed | None:
+        """The change feed, where the database has one."""
         return None
 
 

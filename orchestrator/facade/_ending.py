@@ -1,0 +1,53 @@
+"""A caller waiting for its saga's end: bounded by its deadline and the facade's max wait.
+
+Throttling callers (and inline ones whose saga failed) get the saga's outcome
+as a normal answer: the wait is `SagaRuntime.wait_until`, which reads the
+saga again only when a write to it is announced (this replica's at once, every
+replica's through the store's change feed). It ends a little before the
+caller's gRPC deadline, so the caller hears DEADLINE_EXCEEDED from us, naming
+the saga, rather than from its own timer, and at the facade's
+`max_wait_seconds` at the latest. The saga goes on either way (its own
+deadline bounds it), and GetSaga or WatchSaga tell its end; a repeated request
+id waits on the same saga again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+from orchestrator.errors import DeadlineExceeded
+from orchestrator.retry import caller_deadline
+from orchestrator.store import SagaRecord
+
+if TYPE_CHECKING:
+    from orchestrator.facade._runtime import SagaRuntime
+
+__all__ = ["ANSWER_MARGIN_SECONDS", "wait_for_end"]
+
+ANSWER_MARGIN_SECONDS: Final = 0.25
+"""Left of the caller's deadline when the wait gives up: time to answer it (at most a quarter
+of what the caller had)."""
+
+
+async def wait_for_end(runtime: SagaRuntime, request_id: str) -> SagaRecord:
+    """The saga of `request_id` once it reached a final state; DeadlineExceeded when the
+    caller's deadline (less a margin) or the facade's `max_wait_seconds` comes first."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    limit = runtime.policy.max_wait_seconds
+    deadline = now + limit
+    caller = caller_deadline.get()
+    if caller is not None:
+        left = caller - now
+        deadline = min(deadline, caller - min(ANSWER_MARGIN_SECONDS, max(left, 0) / 4))
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await runtime.wait_until(request_id, lambda saga: saga.finished)
+    except TimeoutError:
+        waited = loop.time() - now
+        raise DeadlineExceeded(
+            f"{runtime.name} saga {request_id!r} had not ended after {waited:.1f}s of waiting "
+            f"(at most {limit:g}s): it goes on; GetSaga or WatchSaga tell its end, and the "
+            "same request waits on it again"
+        ) from None
