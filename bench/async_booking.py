@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import aio_pika
 import grpc
 import nats
 import nats.js.errors
@@ -80,7 +81,6 @@ from bench.common import (  # noqa: E402
     add_workers_option,
     booking_stubs,
     channel_count,
-    check_broker,
     child_environment,
     delete_topology,
     framework_config,

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
     booking_pb2_grpc,
@@ -275,7 +276,7 @@ async def serve(args: argparse.Namespace) -> int:
         ):
             pull = await js.pull_subscribe_bind(topic, stream_name(args.prefix))
             consumers.append(asyncio.create_task(consume(pull, prefetch, handler)))
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
         booking_pb2_grpc.add_BookingServiceServicer_to_server(BaselineBooking(saga), server)
         health = HealthServicer()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -311,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--payment-prefetch", type=int, default=64, help="create_payment pulls")
     parser.add_argument("--delivery-limit", type=int, default=5, help="max_deliver - 1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    return uvloop.run(serve(parser.parse_args(argv)))
+    add_processes_options(parser)
+    args = parser.parse_args(argv)
+    return as_processes(args, argv, lambda: uvloop.run(serve(args)))
 
 
 if __name__ == "__main__":

@@ -302,12 +302,6 @@ async def delete_topology(
     return leftovers
 
 
-async def check_broker(url: str) -> None:
-    """Connect once, so an unreachable RabbitMQ fails the bench before anything starts."""
-    connection = await aio_pika.connect(url, timeout=10)
-    await connection.close()
-
-
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports free on HOST right now (held together, so never the same)."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]

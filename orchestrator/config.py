@@ -132,10 +132,9 @@ class TopicSettings(StrictModel):
     """Deliveries handled at once (the prefetch count on RabbitMQ, the messages pulled at once
     on NATS JetStream)."""
     max_length: int | None = Field(default=None, ge=1, le=100_000_000)
-    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, with the
-    `reject-publish` overflow): past it a publish is refused, and a call whose first hop it
-    is gets RESOURCE_EXHAUSTED with nothing started. Unset: no limit. RabbitMQ refuses to
-    declare an existing queue with another limit: see the README's admission control."""
+    """Most messages the topic's queue holds waiting (RabbitMQ `x-max-length`, `reject-publish`):
+    a call whose first hop it refuses is RESOURCE_EXHAUSTED, nothing started (see the README's
+    admission control). Unset: no limit. Not on NATS JetStream."""
 
 
 class BrokerTlsSettings(StrictModel):
@@ -210,6 +209,8 @@ class BrokerSettings(StrictModel):
             raise ValueError("tls is set but the url is not amqps://")
         if self.scheme == "nats":
             checked_nats_prefix(self.topic_prefix)
+            if any(topic.max_length for topic in self.topics.values()):
+                raise ValueError("topics' max_length is a RabbitMQ queue limit, not on nats://")
         return self
 
     @property
@@ -333,9 +334,8 @@ class StoreSettings(StrictModel):
 
 
 FacadeKindName = Literal["sync", "async", "throttling", "inline"]
-"""How a facade's sagas run: in the caller's call (`sync`), hop by hop through the broker
-with the caller answered at once (`async`) or once the saga ended (`throttling`), or hop by
-hop in the caller's task without the broker (`inline`)."""
+"""How a facade's sagas run: in the caller's call (`sync`), through the broker answered at once
+(`async`) or at the saga's end (`throttling`), or in the caller's task (`inline`)."""
 
 
 class FacadeSagaSettings(StrictModel):
@@ -375,30 +375,26 @@ class SagaSettings(StrictModel):
     facades: dict[str, FacadeSagaSettings] = Field(default_factory=dict)
     """Per-facade settings by facade name; a facade named here must be registered."""
 
+    def own(self, facade: str) -> FacadeSagaSettings:
+        """`facade`'s own settings (all unset when it has none)."""
+        return self.facades.get(facade) or FacadeSagaSettings()
+
     def deadlines_of(self, facade: str) -> tuple[float, float]:
         """`facade`'s (deadline_seconds, compensation_seconds)."""
-        own = self.facades.get(facade) or FacadeSagaSettings()
+        own = self.own(facade)
         return (
             own.deadline_seconds or self.deadline_seconds,
             own.compensation_seconds or self.compensation_seconds,
         )
 
-    def run_as_of(self, facade: str) -> FacadeKindName | None:
-        """The kind `facade` is configured to run as; None: as it was built."""
-        own = self.facades.get(facade)
-        return own.run_as if own is not None else None
-
     def max_in_flight_of(self, facade: str) -> int:
         """How many calls of `facade` may be in progress on this replica (0: no limit)."""
-        own = self.facades.get(facade)
-        if own is not None and own.max_in_flight is not None:
-            return own.max_in_flight
-        return self.max_in_flight
+        own = self.own(facade).max_in_flight
+        return self.max_in_flight if own is None else own
 
     def max_wait_of(self, facade: str) -> float:
         """How long a throttling call of `facade` waits for its saga's end at most."""
-        own = self.facades.get(facade)
-        return (own.max_wait_seconds if own is not None else None) or self.max_wait_seconds
+        return self.own(facade).max_wait_seconds or self.max_wait_seconds
 
 
 class DeadLetterSettings(StrictModel):
@@ -523,10 +519,9 @@ class Settings(StrictModel):
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object a line, for log collectors; `text` for people."""
     workers: int = Field(default=1, ge=0, le=1024)
-    """Orchestrator processes sharing the gRPC port, each with its own event loop and broker
-    connection, under a supervisor that restarts one that dies; 0: one per core. More than one
-    needs a broker and a store they share (RabbitMQ; SQLite or PostgreSQL) and a fixed
-    `grpc.port`. Env: `ORCH_WORKERS`; `--workers N` on the command line."""
+    """Orchestrator processes sharing the gRPC port under a supervisor (0: one per core). More
+    than one needs a broker and a store they share and a fixed `grpc.port`. Env: `ORCH_WORKERS`;
+    `--workers N` on the command line."""
 
     @model_validator(mode="after")
     def _workers_share_what_they_need(self) -> Settings:
@@ -536,7 +531,7 @@ class Settings(StrictModel):
         if self.broker.scheme == "memory":
             raise ValueError(
                 f"workers: {what} cannot share broker.url memory:// (each process would have "
-                "a broker of its own): use amqp:// or amqps://"
+                "a broker of its own): use amqp://, amqps:// or nats://"
             )
         if self.store.url.get_secret_value() in ("", "memory://"):
             raise ValueError(

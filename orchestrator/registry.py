@@ -275,7 +275,7 @@ class Orchestrator:
             raise ValueError(f"a facade named {name!r} is already registered")
         if self._started:
             raise RuntimeError("register facades before Orchestrator.start()")
-        run_as = self._sagas.run_as_of(name) or facade.kind
+        run_as = self._sagas.own(name).run_as or facade.kind
         try:
             definition = facade.definition_as(run_as)
         except ValueError as exc:

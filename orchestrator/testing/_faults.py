@@ -23,6 +23,7 @@ from typing import Any, Literal
 from orchestrator.context import StepScope, current_step
 from orchestrator.errors import FailedPrecondition, Unavailable
 from orchestrator.facade.definition import SagaDefinition, StepDefinition
+from orchestrator.store.records import IN_PROCESS_KINDS
 
 __all__ = ["Fault", "FaultKind", "Faults", "SimulatedCrash"]
 
@@ -239,10 +240,11 @@ class Faults:
                 raise lost.raised()
             if self._fire("crash_after", scope) is not None:
                 self._on_crash(scope)
-                if kind == "sync":
+                if kind in IN_PROCESS_KINDS:  # sync, inline: in the caller's task
                     raise SimulatedCrash(scope)
-                # An async hop runs in a broker consumer, which `on_crash` cancelled: the
-                # delivery goes back to its topic unacknowledged, nothing is recorded.
+                # An async (or throttling) hop runs in a broker consumer, which `on_crash`
+                # cancelled: the delivery goes back to its topic unacknowledged, nothing is
+                # recorded.
                 await asyncio.get_running_loop().create_future()
             return result
 
