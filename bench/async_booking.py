@@ -436,7 +436,8 @@ async def check_broker_of(url: str) -> None:
         client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
         await client.close()
         return
-    await check_broker(url)
+    connection = await aio_pika.connect(url, timeout=10)
+    await connection.close()
 
 
 def find_broker_pid(url: str) -> int | None:
