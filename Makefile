@@ -7,9 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck docs proto bench bench-async clean
+.PHONY: run test lint typecheck docs proto bench bench-async clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +37,16 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(PY) -m mypy orchestrator
 
-test: $(INSTALLED) lint typecheck
+# The console's browser tests drive Debian's Chromium: installed here when it is missing
+# (CI starts from a fresh machine). Where apt-get cannot, they skip, except under CI.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing chromium for the browser tests (apt-get, about 1.5 minutes)"; \
+	  ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ) \
+	    || { [ -z "$$CI" ] || exit 1; echo "no chromium: the browser tests will be skipped"; }; \
+	fi
+
+test: $(INSTALLED) browser lint typecheck
 	$(PY) -m pytest
 
 # The API reference from the docstrings, into site/; a warning fails it (tests/test_docs.py too).

@@ -195,6 +195,7 @@ def build_app(settings: AppSettings, embedded: Sequence[RunningUpstream] = ()) -
         [booking_service],
         metrics=settings.metrics,
         access=settings.access,
+        ui=settings.ui,
     )
     return BookingApp(settings, orchestrator, server, upstreams, list(embedded))
 

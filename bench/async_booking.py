@@ -72,9 +72,11 @@ from bench.common import (  # noqa: E402
     HOST,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
+    ConsoleWatcher,
     CpuSnapshot,
     Process,
     Target,
+    add_console_option,
     add_store_option,
     add_workers_option,
     booking_stubs,
@@ -261,6 +263,18 @@ async def load(
     result.unexpected = feed.unexpected - unexpected_before
 
 
+async def wait_ready(
+    processes: dict[str, Process], addresses: dict[str, str], workers: int
+) -> None:
+    """Every server serving, and every worker (or copy) of each target bound to its port."""
+    await asyncio.gather(
+        *(wait_serving(process, addresses[name]) for name, process in processes.items())
+    )
+    for target in TARGETS:
+        port = int(addresses[target].rsplit(":", 1)[1])
+        await wait_listening(processes[target], port, workers)
+
+
 async def bench(
     args: argparse.Namespace,
     processes: dict[str, Process],
@@ -273,12 +287,7 @@ async def bench(
     if main_task is not None:
         # Not the KeyboardInterrupt of `terminate`, which could fire inside a protocol callback.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    await asyncio.gather(
-        *(wait_serving(process, addresses[name]) for name, process in processes.items())
-    )
-    for target in TARGETS:  # every worker (or copy) of each is bound
-        port = int(addresses[target].rsplit(":", 1)[1])
-        await wait_listening(processes[target], port, args.workers)
+    await wait_ready(processes, addresses, args.workers)
     probe_stdout = processes["payment"].popen.stdout
     if probe_stdout is None:
         raise RuntimeError("the payment probe has no stdout pipe")
@@ -291,6 +300,9 @@ async def bench(
         named_pids["nats" if is_nats(args.broker or "") else "rabbitmq"] = broker_pid
     pids = list(named_pids.values())
     results: list[RunResult] = []
+    watcher = ConsoleWatcher(addresses["console"]) if args.console else None
+    if watcher is not None:
+        watcher.start()
     try:
         for pair in range(1, args.pairs + 1):
             for target in TARGETS:
@@ -327,6 +339,9 @@ async def bench(
     finally:
         feed.closing = True
         transport.close()
+    if watcher is not None:
+        updates = await watcher.stop()
+        print(f"console: its live saga list was open throughout and got {updates} updates")
     return results
 
 
@@ -415,7 +430,7 @@ async def delete_streams(url: str, streams: Sequence[str]) -> dict[str, int]:
     return leftovers
 
 
-async def check_broker(url: str) -> None:
+async def check_broker_of(url: str) -> None:
     """Connect once, so an unreachable broker fails the bench before anything starts."""
     if is_nats(url):
         client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
@@ -461,6 +476,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleAsyncBooking sagas/s: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_console_option(parser)
     add_workers_option(parser)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
@@ -520,6 +536,7 @@ def start_servers(
         ports["payment"],
         broker=broker,
         store=args.store,
+        console_port=ports["console"] if args.console else 0,
     )
     framework_argv = [python, "main.py", "--workers", str(args.workers)]
     if args.profile is not None:
@@ -607,11 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefixes = (f"bench.{invocation}.f.", f"bench.{invocation}.b.")  # framework, baseline
     broker = broker_settings(url, prefixes[0])
     try:
-        uvloop.run(check_broker(url))
+        uvloop.run(check_broker_of(url))
     except Exception as exc:
         print(f"bench failed: broker {redact_url(url)} unreachable: {exc!r}", file=sys.stderr)
         return 2
-    names = ("order", "payment", "framework", "baseline")
+    names = ("order", "payment", "framework", "baseline", "console")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     addresses = {name: f"{HOST}:{port}" for name, port in ports.items()}
     log_dir = Path(tempfile.mkdtemp(prefix="async-booking-bench-"))

@@ -373,12 +373,14 @@ def framework_config(
     *,
     broker: Mapping[str, Any] = MEMORY_BROKER,
     store: str = "memory",
+    console_port: int = 0,
 ) -> None:
     """Write app.yaml's keys for a run against separate upstreams, logging warnings only.
 
     `store` is `memory` (the journal in process memory: nothing written to disk;
     `none` is another name for it), `sqlite` (a fresh SQLite file beside the
-    config, as in the embedded default), or a store URL.
+    config, as in the embedded default), or a store URL. With `console_port`
+    the saga console is served on it (off otherwise).
     """
     config = {
         "grpc": {"host": HOST, "port": port, "shutdown_grace_seconds": 2},
@@ -392,6 +394,8 @@ def framework_config(
         "log_level": "WARNING",
         "log_format": "text",
     }
+    if console_port:
+        config["ui"] = {"enabled": True, "host": HOST, "port": console_port}
     if store == "sqlite":
         config["store"] = {"url": f"sqlite+aiosqlite:///{path.parent / 'sagas.db'}"}
     elif store not in ("none", "memory"):
@@ -407,6 +411,54 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
         help="saga store of the framework: memory (default: the journal in process memory), "
         "sqlite (a fresh file, as users run it), or a URL",
     )
+
+
+def add_console_option(parser: argparse.ArgumentParser) -> None:
+    """`--console`: the framework serves its saga console, one live page of it open."""
+    parser.add_argument(
+        "--console",
+        action="store_true",
+        help="serve the framework's saga console and keep its live saga list open during the "
+        "runs, as an operator's browser tab would (the console's cost on the saga path)",
+    )
+
+
+class ConsoleWatcher:
+    """One open live page of the saga console: its saga list's event stream, read as a
+    browser reads it (every update is the list rendered again), until stopped."""
+
+    def __init__(self, address: str) -> None:
+        self.url = f"http://{address}/sagas/live"
+        self.updates = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Open the page."""
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        import aiohttp  # the console extra, installed with the dev extras
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(self.url) as response,
+        ):
+            response.raise_for_status()
+            async for line in response.content:
+                if line.startswith(b"event: update"):
+                    self.updates += 1
+        raise RuntimeError(f"the console closed {self.url}")
+
+    async def stop(self) -> int:
+        """Close the page; how many updates it got. A page that failed raises why."""
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # raises what ended it
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        return self.updates
 
 
 async def wait_serving(process: Process, target: str) -> None:

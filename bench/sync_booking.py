@@ -56,9 +56,11 @@ from bench.common import (  # noqa: E402
     MEMORY_BROKER,
     TARGETS,
     UPSTREAM_TIMEOUT_SECONDS,
+    ConsoleWatcher,
     CpuSnapshot,
     Process,
     Target,
+    add_console_option,
     add_store_option,
     add_workers_option,
     booking_stubs,
@@ -191,6 +193,9 @@ async def bench(
     pids = [os.getpid(), *(process.popen.pid for process in processes.values())]
     invocation = uuid.uuid4().hex[:8]  # request ids never repeat across invocations either
     results: list[RunResult] = []
+    watcher = ConsoleWatcher(addresses["console"]) if args.console else None
+    if watcher is not None:
+        watcher.start()
     for pair in range(1, args.pairs + 1):
         for target in TARGETS:
             before = CpuSnapshot.take(pids)
@@ -217,6 +222,9 @@ async def bench(
                     flush=True,
                 )
             results.append(result)
+    if watcher is not None:
+        updates = await watcher.stop()
+        print(f"console: its live saga list was open throughout and got {updates} updates")
     return results
 
 
@@ -254,6 +262,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleSyncBooking throughput: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_console_option(parser)
     add_workers_option(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
@@ -279,12 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start the servers, run the bench, always stop the servers."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, terminate)
-    order_port, payment_port, framework_port, baseline_port = free_ports(4)
+    order_port, payment_port, framework_port, baseline_port, console_port = free_ports(5)
     addresses = {
         "order": f"{HOST}:{order_port}",
         "payment": f"{HOST}:{payment_port}",
         "framework": f"{HOST}:{framework_port}",
         "baseline": f"{HOST}:{baseline_port}",
+        "console": f"{HOST}:{console_port}",
     }
     python = sys.executable
     latency = ["--latency-ms", str(args.upstream_latency_ms)]
@@ -300,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         order_port,
         payment_port,
         store=args.store,
+        console_port=console_port if args.console else 0,
         **({"broker": broker} if args.workers > 1 else {}),
     )
     framework_argv = [python, "main.py", "--workers", str(args.workers)]

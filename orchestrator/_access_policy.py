@@ -89,12 +89,24 @@ class AccessPolicy:
         auth_context: Mapping[str, Iterable[bytes]],
     ) -> Principal | Refusal:
         """The principal `method` runs as, or why it may not run."""
-        needed = required_role(method)
-        if needed is None or not self.enforced:
+        if required_role(method) is None or not self.enforced:
             return ANONYMOUS
         principal = self._authenticate(metadata, auth_context)
         if isinstance(principal, Refusal):
             return principal
+        return self.admit(method, principal)
+
+    def authenticate_token(self, token: str) -> Principal | Refusal:
+        """The principal a bearer token's secret proves (the console's sign-in), or the
+        refusal of a token that matches none."""
+        return self._token_principal([f"{_BEARER}{token}"])
+
+    def admit(self, method: str, principal: Principal | None) -> Principal | Refusal:
+        """The principal `method` runs as when called by `principal` (None: a caller without
+        credentials), or why it may not run: the rules of `decide` once the caller is known."""
+        needed = required_role(method)
+        if needed is None or not self.enforced:
+            return ANONYMOUS
         if principal is None:
             if self._open_status and method.lstrip("/").startswith(f"{STATUS_SERVICE}/"):
                 return _OPEN_STATUS

@@ -1,8 +1,8 @@
-"""The configuration reference: a Markdown table of every key of a settings model.
+"""The configuration reference in Markdown, generated from the settings models.
 
-`orchestrator.config.config_reference` renders it for the framework's settings
-(or an application's), with the environment variables after it; the README's
-"Configuration" section is generated with it (`tools/config_reference.py`).
+Each key's type, bounds, default and description (its attribute docstring)
+come from the pydantic models themselves, so the README's table cannot drift
+from what `load_settings` accepts (`tools/config_reference.py` writes it).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-__all__ = ["reference_table"]
+__all__ = ["markdown_reference"]
 
 
-def reference_table(model: type[BaseModel], environment: Mapping[str, str]) -> str:
-    """Every key of `model` (types, defaults, bounds, attribute docstrings), then the
-    `environment` variables with what each does, as Markdown tables."""
+def markdown_reference(model: type[BaseModel], environment: Mapping[str, str]) -> str:
+    """A Markdown table of every key of `model`, then one of the `environment` variables
+    (name: what it does)."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     rows += _reference_rows(model, "")
     rows += ["", "| environment variable | effect |", "|---|---|"]

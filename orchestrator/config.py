@@ -7,7 +7,7 @@ its class to `load_settings`.
 Environment overrides: `ORCH_CONFIG` (the file), `ORCH_GRPC_PORT`,
 `ORCH_BROKER_URL` (`memory://`, `amqp://user:password@host:port/vhost` or
 `nats://user:password@host:port`), and
-the TLS and access variables of `ENVIRONMENT_VARIABLES`.
+the others of `ENVIRONMENT_VARIABLES`.
 
 Files the configuration names (certificates, keys, the tokens file) are read
 while it is validated: a missing or unreadable one stops startup naming its key.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -34,7 +34,9 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator._config_reference import reference_table
+from orchestrator._config_env import ENVIRONMENT_VARIABLES, apply_environment
+from orchestrator._config_reference import markdown_reference
+from orchestrator._extras import CONSOLE_MODULES, require_extra
 from orchestrator._urls import (
     BROKER_SCHEMES,
     STORE_SCHEMES,
@@ -66,6 +68,8 @@ __all__ = [
     "TokenSettings",
     "TopicSettings",
     "TracingSettings",
+    "UiSettings",
+    "UiTlsSettings",
     "config_reference",
     "load_settings",
     "redact_url",
@@ -243,6 +247,42 @@ class MetricsSettings(StrictModel):
     """Address the metrics server binds."""
     port: int = Field(default=9464, ge=0, le=65535)
     """Metrics port (0: any free port)."""
+
+
+class UiTlsSettings(StrictModel):
+    """HTTPS for the console."""
+
+    cert_file: PemFile
+    """The console's certificate chain (PEM)."""
+    key_file: PemFile
+    """The certificate's private key (PEM)."""
+
+
+class UiSettings(StrictModel):
+    """The saga console: a web UI the orchestrator serves on an HTTP port of its own
+    (needs `pip install 'saga-orchestrator[console]'`)."""
+
+    enabled: bool = False
+    """Serve the console. Env: `ORCH_UI_PORT` enables it on that port."""
+    host: str = "127.0.0.1"
+    """Address the console binds: this machine only by default; `0.0.0.0` for every
+    interface (then serve it over `tls`, or behind a proxy that does)."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """Console port (0: any free port)."""
+    tls: UiTlsSettings | None = None
+    """Serve HTTPS (and mark the session cookie Secure) instead of plain HTTP."""
+    session_minutes: float = Field(default=480.0, gt=0, le=10080)
+    """A signed-in browser is signed out after this long without a request."""
+    live_update_seconds: float = Field(default=0.5, ge=0.05, le=60)
+    """The least time between two live updates of one open page: changes in between are
+    sent together."""
+
+    @field_validator("enabled")
+    @classmethod
+    def _extra_installed(cls, enabled: bool) -> bool:
+        if enabled:
+            require_extra("console", CONSOLE_MODULES, "the console")
+        return enabled
 
 
 class TracingSettings(StrictModel):
@@ -472,6 +512,8 @@ class Settings(StrictModel):
     """The dead-letter list operators act on."""
     access: AccessSettings = Field(default_factory=AccessSettings)
     """Who may call SagaService and SagaAdmin."""
+    ui: UiSettings = Field(default_factory=UiSettings)
+    """The saga console."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level logged."""
     log_format: Literal["text", "json"] = "text"
@@ -525,29 +567,11 @@ def load_settings(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: the top level must be a mapping")
-    _apply_environment(raw, env)
+    apply_environment(raw, env)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{config_path}: {_describe(exc)}") from None
-
-
-ENVIRONMENT_VARIABLES: dict[str, str] = {
-    "ORCH_CONFIG": "Path of the configuration file (default `app.yaml`).",
-    "ORCH_GRPC_PORT": "Overrides `grpc.port`.",
-    "ORCH_BROKER_URL": "Overrides `broker.url`; keep credentials out of config files with it.",
-    "ORCH_METRICS_PORT": "Sets `metrics.port` and turns `metrics.enabled` on.",
-    "ORCH_STORE_URL": "Overrides `store.url`; keep database credentials out of config files.",
-    "ORCH_WORKERS": "Overrides `workers` (`--workers N` overrides both).",
-    "ORCH_GRPC_TLS_CERT": "Sets `grpc.tls.cert_file`.",
-    "ORCH_GRPC_TLS_KEY": "Sets `grpc.tls.key_file`.",
-    "ORCH_GRPC_TLS_CLIENT_CA": "Sets `grpc.tls.client_ca_file` (mutual TLS).",
-    "ORCH_BROKER_TLS_CA": "Sets `broker.tls.ca_file`.",
-    "ORCH_BROKER_TLS_CERT": "Sets `broker.tls.cert_file`.",
-    "ORCH_BROKER_TLS_KEY": "Sets `broker.tls.key_file`.",
-    "ORCH_ACCESS_TOKENS_FILE": "Sets `access.tokens_file`.",
-}
-"""The environment variables `load_settings` reads, with what each does."""
 
 
 def config_reference(model: type[BaseModel]) -> str:
@@ -556,39 +580,7 @@ def config_reference(model: type[BaseModel]) -> str:
     Built from the models themselves (types, defaults, bounds and attribute
     docstrings), so documentation generated with it cannot drift.
     """
-    return reference_table(model, ENVIRONMENT_VARIABLES)
-
-
-def _apply_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    if port := env.get("ORCH_GRPC_PORT"):
-        raw.setdefault("grpc", {})["port"] = port
-    if url := env.get("ORCH_BROKER_URL"):
-        raw.setdefault("broker", {})["url"] = url
-    if store_url := env.get("ORCH_STORE_URL"):
-        raw.setdefault("store", {})["url"] = store_url
-    if port := env.get("ORCH_METRICS_PORT"):
-        raw.setdefault("metrics", {}).update(enabled=True, port=port)
-    if workers := env.get("ORCH_WORKERS"):
-        raw["workers"] = workers
-    for variable, (section, sub, key) in _FILE_VARIABLES.items():
-        if value := env.get(variable):
-            parent = raw.setdefault(section, {})
-            if sub:
-                if not isinstance(parent.get(sub), dict):
-                    parent[sub] = {}
-                parent = parent[sub]
-            parent[key] = value
-
-
-_FILE_VARIABLES: dict[str, tuple[str, str, str]] = {
-    "ORCH_GRPC_TLS_CERT": ("grpc", "tls", "cert_file"),
-    "ORCH_GRPC_TLS_KEY": ("grpc", "tls", "key_file"),
-    "ORCH_GRPC_TLS_CLIENT_CA": ("grpc", "tls", "client_ca_file"),
-    "ORCH_BROKER_TLS_CA": ("broker", "tls", "ca_file"),
-    "ORCH_BROKER_TLS_CERT": ("broker", "tls", "cert_file"),
-    "ORCH_BROKER_TLS_KEY": ("broker", "tls", "key_file"),
-    "ORCH_ACCESS_TOKENS_FILE": ("access", "", "tokens_file"),
-}
+    return markdown_reference(model, ENVIRONMENT_VARIABLES)
 
 
 def _describe(exc: ValidationError) -> str:

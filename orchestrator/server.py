@@ -11,7 +11,7 @@ import gc
 import logging
 import signal
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,15 +20,18 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator._access_interceptor import AccessInterceptor
 from orchestrator._access_policy import AccessPolicy
-from orchestrator.admin import admin_grpc_service
-from orchestrator.config import AccessSettings, GrpcSettings, MetricsSettings
-from orchestrator.errors import StartupError, StoreUnavailable
+from orchestrator.admin import SagaAdminService, admin_grpc_service
+from orchestrator.config import AccessSettings, GrpcSettings, MetricsSettings, UiSettings
+from orchestrator.errors import ConfigError, StartupError, StoreUnavailable
 from orchestrator.metrics import MetricsServer
 from orchestrator.registry import Orchestrator
 from orchestrator.service import GrpcService
 from orchestrator.status import SagaStatusService, saga_grpc_service
 from orchestrator.tls import server_credentials
 from orchestrator.workers import current_worker
+
+if TYPE_CHECKING:
+    from orchestrator.console import ConsoleServer
 
 __all__ = ["ADMISSION_SERVICE", "LIVENESS_SERVICE", "GrpcService", "OrchestratorServer", "run"]
 
@@ -55,6 +58,9 @@ class OrchestratorServer:
     turns NOT_SERVING the moment shutdown begins, so load balancers drain it
     before in-flight calls are cut. `access` guards SagaService and SagaAdmin;
     without it (or with no credentials in it) they are open to every caller.
+    With `ui` enabled, the saga console (`orchestrator.console`) is served on
+    its own HTTP port, under the same access rules; without the `console`
+    extra that is a ConfigError naming `ui.enabled`.
     """
 
     def __init__(
@@ -65,8 +71,14 @@ class OrchestratorServer:
         *,
         metrics: MetricsSettings | None = None,
         access: AccessSettings | None = None,
+        ui: UiSettings | None = None,
     ) -> None:
         self.orchestrator = orchestrator
+        self._ui = ui if ui is not None and ui.enabled else None
+        if self._ui is not None:
+            _console_server()  # fails now, not once the orchestrator has started
+        self.console: ConsoleServer | None = None
+        """The console's server, once started (None when `ui` is off)."""
         self.settings = settings
         self._access = AccessPolicy(access or AccessSettings())
         worker = current_worker()
@@ -105,7 +117,7 @@ class OrchestratorServer:
     async def start(self) -> int:
         """Start the orchestrator, then serve; returns the bound port.
 
-        Raises StartupError naming the setting (`grpc.port`, `metrics.port`,
+        Raises StartupError naming the setting (`grpc.port`, `metrics.port`, `ui.port`,
         `store.url`) when its port cannot be bound or the store cannot be reached.
 
         `orchestrator.v1.SagaService` (GetSaga, ListSagas, WatchSaga) and
@@ -119,7 +131,8 @@ class OrchestratorServer:
         # brings them the others'.
         self.orchestrator.on_saga_change(self.status.notify)
         self._services.append(status_service)
-        self._services.append(admin_grpc_service(self.orchestrator))
+        admin_service = admin_grpc_service(self.orchestrator)
+        self._services.append(admin_service)
         for service in self._services:
             service.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -147,6 +160,13 @@ class OrchestratorServer:
                 "access control is off: no tokens or client certificates are configured, so "
                 "anyone who reaches this port may read and act on sagas (configure `access`)"
             )
+        if self._ui is not None:
+            # Bound before anything starts, as the gRPC port is: a port in use stops startup.
+            assert isinstance(admin_service.servicer, SagaAdminService)
+            self.console = _console_server()(
+                self.orchestrator, self._ui, self._access, self.status, admin_service.servicer
+            )
+            await self.console.start()
         try:
             await self.orchestrator.start()
         except StoreUnavailable as exc:
@@ -187,6 +207,8 @@ class OrchestratorServer:
             await asyncio.sleep(self.settings.drain_seconds)
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._server.stop(grace)
+        if self.console is not None:
+            await self.console.close()
         if self.status is not None:
             self.status.close()
         await self.orchestrator.close()
@@ -249,6 +271,19 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
+
+
+def _console_server() -> type[ConsoleServer]:
+    """`orchestrator.console.ConsoleServer`, or a ConfigError naming `ui.enabled` when the
+    `console` extra is not installed."""
+    try:
+        from orchestrator.console import ConsoleServer
+    except ImportError as exc:
+        raise ConfigError(
+            f"ui.enabled: the console needs the 'console' extra ({exc.name} cannot be "
+            "imported): pip install 'saga-orchestrator[console]'"
+        ) from None
+    return ConsoleServer
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

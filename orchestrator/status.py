@@ -299,13 +299,19 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
     async def ListSagas(
         self, request: saga_pb2.ListSagasRequest, context: ServicerContext
     ) -> saga_pb2.ListSagasResponse:
-        """A page of sagas, newest first, filtered by facade and state."""
+        """A page of sagas, newest first, filtered by facade, state and request id prefix."""
         if request.page_size < 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"page_size must not be negative; got {request.page_size}",
             )
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        if len(request.request_id_prefix) > MAX_REQUEST_ID_LENGTH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id_prefix is {len(request.request_id_prefix)} characters long; "
+                f"at most {MAX_REQUEST_ID_LENGTH}",
+            )
         try:
             state = saga_state_from_proto(request.state)
         except ValueError as exc:
@@ -316,6 +322,7 @@ class SagaStatusService(saga_pb2_grpc.SagaServiceServicer):
                 state=state,
                 page_size=page_size,
                 page_token=request.page_token,
+                request_id_prefix=request.request_id_prefix,
             )
         except ValueError as exc:
             # Only a token can be the caller's fault; without one a ValueError is a bug.

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.app_fixtures",
     "tests.support.databases",
     "tests.support.store_backends",
+    "tests.support.browser",
 ]

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.acceptance
 BOOKING = "localhost:10000"
 ORDERS = "localhost:50051"
 PAYMENTS = "localhost:50052"
-DEFAULT_PORTS = (10000, 50051, 50052)
+DEFAULT_PORTS = (10000, 50051, 50052, 8080)
+"""gRPC, the embedded Order and Payment services, and the saga console of the root app.yaml."""
 EVENTUALLY_SECONDS = 5.0
 
 T = TypeVar("T")

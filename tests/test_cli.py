@@ -211,7 +211,8 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
 def write_config(
     directory: Path, port: int, order: int, payment: int, broker: BrokerSettings
 ) -> Path:
-    """app.yaml on `port` with external upstreams, a SQLite journal in `directory`, no metrics,
+    """app.yaml on `port` with external upstreams, a SQLite journal in `directory`, no metrics
+    and no console,
     `broker` (RabbitMQ under a prefix of its own), dead letters collected every 0.2 s, and
     access by an operate token and a read token."""
     config = yaml.safe_load((ROOT / "app.yaml").read_text(encoding="utf-8"))
@@ -228,6 +229,7 @@ def write_config(
     config["upstreams"]["payment"] = {"address": f"127.0.0.1:{payment}"}
     config["store"] = {"url": f"sqlite+aiosqlite:///{directory / 'sagas.db'}"}
     config["metrics"] = {"enabled": False}
+    config["ui"] = {"enabled": False}
     config["dead_letters"] = {"interval_seconds": 0.2}
     config["access"] = {
         "tokens": [

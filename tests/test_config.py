@@ -150,6 +150,7 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
         "ORCH_BROKER_URL": "amqps://x@h/",
         "ORCH_METRICS_PORT": "9999",
         "ORCH_STORE_URL": "sqlite+aiosqlite:///x.db",
+        "ORCH_UI_PORT": "8765",
         "ORCH_GRPC_TLS_CERT": str(pem["cert"]),
         "ORCH_GRPC_TLS_KEY": str(pem["key"]),
         "ORCH_GRPC_TLS_CLIENT_CA": str(pem["ca"]),
@@ -171,5 +172,6 @@ def test_every_documented_environment_variable_takes_effect(tmp_path: Path) -> N
     assert (settings.broker.tls.cert_file, settings.broker.tls.key_file) == (pem["bc"], pem["bk"])
     assert [token.name for token in settings.access.all_tokens] == ["bot"]
     assert settings.metrics.enabled and settings.metrics.port == 9999
+    assert settings.ui.enabled and settings.ui.port == 8765
     assert settings.store.url.get_secret_value() == "sqlite+aiosqlite:///x.db"
     assert settings.workers == 2

@@ -60,6 +60,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "TokenSettings",
         "TopicSettings",
         "TracingSettings",
+        "UiSettings",
+        "UiTlsSettings",
         "config_reference",
         "load_settings",
         "redact_url",
@@ -174,6 +176,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "metrics_directory",
         "worker_count",
     ],
+    "orchestrator.console": ["ConsoleServer"],
     "orchestrator.testing": [
         "Fault",
         "FaultKind",

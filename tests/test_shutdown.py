@@ -72,11 +72,13 @@ UNUSED_UPSTREAMS = UpstreamPorts(order=50051, payment=50052)
 
 
 def write_config(path: Path, upstreams: UpstreamPorts, **grpc_overrides: Any) -> Path:
-    """app.yaml with a free gRPC port, a 5 s grace, no embedded upstreams, and `grpc_overrides`."""
+    """app.yaml with a free gRPC port, a 5 s grace, no embedded upstreams, no console, and
+    `grpc_overrides`."""
     config = yaml.safe_load((ROOT / "app.yaml").read_text(encoding="utf-8"))
     config["grpc"].update(port=free_port(), shutdown_grace_seconds=GRACE_SECONDS)
     config["grpc"].update(grpc_overrides)
     config["embedded_upstreams"] = {}
+    config["ui"] = {"enabled": False}
     config["upstreams"]["order"] = {"address": f"127.0.0.1:{upstreams.order}"}
     config["upstreams"]["payment"] = {"address": f"127.0.0.1:{upstreams.payment}"}
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

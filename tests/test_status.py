@@ -400,6 +400,23 @@ async def test_list_sagas_with_unspecified_state_lists_every_state(served: Serve
     ]
 
 
+async def test_list_sagas_filters_by_request_id_prefix(served: Served) -> None:
+    for request_id in ("order-1", "refund-1", "order-2"):
+        await begin(served.store, request_id)
+
+    assert await list_ids(served, request_id_prefix="order-") == ["order-2", "order-1"]
+
+
+async def test_list_sagas_with_a_prefix_longer_than_a_request_id_is_invalid_argument(
+    served: Served,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await served.stub.ListSagas(saga_pb2.ListSagasRequest(request_id_prefix="x" * 129))
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id_prefix is 129 characters long; at most 128" in (raised.value.details() or "")
+
+
 async def test_list_sagas_returns_newest_first(served: Served) -> None:
     for request_id in ("first", "second", "third"):
         await begin(served.store, request_id)

@@ -240,12 +240,18 @@ def list_sagas(
         ),
     ] = None,
     limit: _Limit = DEFAULT_LIMIT,
+    prefix: Annotated[
+        str,
+        typer.Option("--prefix", "-p", help="Only sagas whose request id starts with this."),
+    ] = "",
 ) -> None:
     """List sagas, newest first."""
     session = _session(ctx)
     proto_state = saga_pb2.SagaState.Value(state.value) if state else 0
     with session.client() as client:
-        page = client.list_sagas(facade=facade, state=proto_state, limit=limit)
+        page = client.list_sagas(
+            facade=facade, state=proto_state, limit=limit, request_id_prefix=prefix
+        )
     session.renderer.saga_list(page)
 
 

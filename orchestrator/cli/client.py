@@ -109,7 +109,7 @@ class OrchestratorClient:
             return self._sagas.GetSaga(request, metadata=self._metadata, timeout=self._timeout)
 
     def list_sagas(
-        self, *, facade: str = "", state: int = 0, limit: int = 50
+        self, *, facade: str = "", state: int = 0, limit: int = 50, request_id_prefix: str = ""
     ) -> saga_pb2.ListSagasResponse:
         """Up to `limit` sagas, newest first, gathered over as many pages as it takes.
 
@@ -123,6 +123,7 @@ class OrchestratorClient:
                 state=saga_pb2.SagaState.ValueType(state),
                 page_size=min(limit - len(found.sagas), MAX_PAGE_SIZE),
                 page_token=token,
+                request_id_prefix=request_id_prefix,
             )
             with self._calling(_SAGA_SERVICE, "ListSagas"):
                 page = self._sagas.ListSagas(

@@ -15,15 +15,25 @@ import enum
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator._saga_text import (
+    compensation_name,
+    dead_letter_state_name,
+    error_text,
+    moment,
+    progress,
+    saga_state_name,
+    step_state_name,
+    took,
+    utc_text,
+)
 from orchestrator.proto import saga_pb2
 
 __all__ = ["OutputFormat", "Renderer", "to_json"]
@@ -70,57 +80,32 @@ def to_json(message: Message, *, indent: int | None = 2) -> str:
 
 def _when(message: Message, field: str) -> str:
     """The timestamp `field` of `message` as `YYYY-MM-DD HH:MM:SS` UTC; empty when unset."""
-    if not message.HasField(field):
-        return ""
-    stamp: timestamp_pb2.Timestamp = getattr(message, field)
-    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _took(step: saga_pb2.Step) -> str:
-    """How long the step's latest attempt took, `1.23s`; empty while it runs."""
-    if not (step.HasField("started_at") and step.HasField("finished_at")):
-        return ""
-    began: datetime = step.started_at.ToDatetime(tzinfo=UTC)
-    ended: datetime = step.finished_at.ToDatetime(tzinfo=UTC)
-    return f"{(ended - began).total_seconds():.3f}s"
+    return utc_text(moment(message, field))
 
 
 def _saga_state(value: int) -> Text:
-    name = saga_pb2.SagaState.Name(saga_pb2.SagaState.ValueType(value))
+    name = saga_state_name(value)
     return Text(name, style=SAGA_STATE_STYLES.get(name, ""))
 
 
 def _step_state(value: int) -> Text:
-    name = saga_pb2.StepState.Name(saga_pb2.StepState.ValueType(value)).removeprefix("STEP_")
+    name = step_state_name(value)
     return Text(name, style=STEP_STATE_STYLES.get(name, ""))
 
 
 def _compensation(value: int) -> Text:
-    name = saga_pb2.CompensationState.Name(saga_pb2.CompensationState.ValueType(value))
-    short = name.removeprefix("COMPENSATION_STATE_")
-    return Text("" if short == "NONE" else short, style=COMPENSATION_STYLES.get(short, ""))
+    short = compensation_name(value)
+    return Text(short, style=COMPENSATION_STYLES.get(short, ""))
 
 
 def _dead_letter_state(value: int) -> Text:
-    name = saga_pb2.DeadLetterState.Name(saga_pb2.DeadLetterState.ValueType(value))
-    short = name.removeprefix("DEAD_LETTER_").removeprefix("STATE_")
+    short = dead_letter_state_name(value)
     return Text(short, style=DEAD_LETTER_STYLES.get(short, ""))
 
 
 def _width(cell: str | Text) -> int:
     """How many terminal cells `cell` takes."""
     return (Text(cell) if isinstance(cell, str) else cell).cell_len
-
-
-def _error(code: str, reason: str) -> str:
-    return f"{code}: {reason}" if code and reason else code or reason
-
-
-def _progress(saga: saga_pb2.Saga) -> str:
-    """The saga's latest step and how many steps it has run, `create_payment (2)`."""
-    if not saga.steps:
-        return ""
-    return f"{saga.steps[-1].name} ({len(saga.steps)})"
 
 
 class Renderer:
@@ -222,7 +207,7 @@ class Renderer:
                 _saga_state(saga.state),
                 _when(saga, "updated_at"),
                 saga.error_code,
-                _progress(saga),
+                progress(saga),
             )
             for saga in page.sagas
         ]
@@ -246,7 +231,7 @@ class Renderer:
         fields.add_row("Facade", f"{saga.facade} ({saga.kind})")
         fields.add_row("State", _saga_state(saga.state))
         if saga.error_code or saga.error_reason:
-            fields.add_row("Error", _error(saga.error_code, saga.error_reason))
+            fields.add_row("Error", error_text(saga.error_code, saga.error_reason))
         fields.add_row("Created (UTC)", _when(saga, "created_at"))
         fields.add_row("Updated (UTC)", _when(saga, "updated_at"))
         if saga.HasField("deadline_at"):
@@ -273,7 +258,7 @@ class Renderer:
                     _step_state(step.state),
                     str(step.attempts),
                     _when(step, "started_at"),
-                    _took(step),
+                    took(step),
                     _compensation(step.compensation),
                     "; ".join(error for error in errors if error),
                 )
@@ -316,7 +301,7 @@ class Renderer:
         if steps:
             line.append("  ")
             line.append_text(Text(", ").join(steps))
-        error = _error(saga.error_code, saga.error_reason)
+        error = error_text(saga.error_code, saga.error_reason)
         if error:
             line.append(f"  {error}", style="red" if self._fancy else "")
         self._print(line, soft_wrap=True)

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorchestrator/proto/saga.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x02\n\x04Saga\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.orchestrator.v1.Step\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65\x61\x64line_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x61\x63tions\x18\x0b \x03(\x0b\x32\x1f.orchestrator.v1.OperatorAction\"}\n\x0eOperatorAction\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64\x65\x61\x64_letter_id\x18\x05 \x01(\t\"\xda\x02\n\x04Step\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.orchestrator.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x38\n\x0c\x63ompensation\x18\x08 \x01(\x0e\x32\".orchestrator.v1.CompensationState\x12\x32\n\x0e\x63ompensated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ompensation_error\x18\n \x01(\t\"4\n\x0eGetSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\"t\n\x10ListSagasRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"R\n\x11ListSagasResponse\x12$\n\x05sagas\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\"D\n\x10RetrySagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"K\n\x15\x43ompensateSagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x12ResolveSagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"\x8c\x03\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12.\n\nsaga_state\x18\x06 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\x05\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12/\n\x05state\x18\x0c \x01(\x0e\x32 .orchestrator.v1.DeadLetterState\x12.\n\nsettled_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsettled_by\x18\x0e \x01(\t\x12\x0c\n\x04note\x18\x0f \x01(\t\"\x8f\x01\n\x16ListDeadLettersRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .orchestrator.v1.DeadLetterState\"e\n\x17ListDeadLettersResponse\x12\x31\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1b.orchestrator.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x17ReplayDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"4\n\x18\x44iscardDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t*\x8d\x01\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x10\n\x0c\x43OMPENSATING\x10\x03\x12\x0f\n\x0b\x43OMPENSATED\x10\x04\x12\x17\n\x13\x43OMPENSATION_FAILED\x10\x05\x12\x0c\n\x08RESOLVED\x10\x06*k\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTEP_RUNNING\x10\x01\x12\r\n\tSTEP_DONE\x10\x02\x12\x0f\n\x0bSTEP_FAILED\x10\x03\x12\x10\n\x0cSTEP_PENDING\x10\x04*\x8c\x01\n\x11\x43ompensationState\x12\x1b\n\x17\x43OMPENSATION_STATE_NONE\x10\x00\x12\x1e\n\x1a\x43OMPENSATION_STATE_PENDING\x10\x01\x12\x1b\n\x17\x43OMPENSATION_STATE_DONE\x10\x02\x12\x1d\n\x19\x43OMPENSATION_STATE_FAILED\x10\x03*\x82\x01\n\x0f\x44\x65\x61\x64LetterState\x12!\n\x1d\x44\x45\x41\x44_LETTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45\x41\x44_LETTER_WAITING\x10\x01\x12\x18\n\x14\x44\x45\x41\x44_LETTER_REPLAYED\x10\x02\x12\x19\n\x15\x44\x45\x41\x44_LETTER_DISCARDED\x10\x03\x32\xed\x01\n\x0bSagaService\x12\x41\n\x07GetSaga\x12\x1f.orchestrator.v1.GetSagaRequest\x1a\x15.orchestrator.v1.Saga\x12R\n\tListSagas\x12!.orchestrator.v1.ListSagasRequest\x1a\".orchestrator.v1.ListSagasResponse\x12G\n\tWatchSaga\x12!.orchestrator.v1.WatchSagaRequest\x1a\x15.orchestrator.v1.Saga0\x01\x32\x8c\x04\n\tSagaAdmin\x12\x45\n\tRetrySaga\x12!.orchestrator.v1.RetrySagaRequest\x1a\x15.orchestrator.v1.Saga\x12O\n\x0e\x43ompensateSaga\x12&.orchestrator.v1.CompensateSagaRequest\x1a\x15.orchestrator.v1.Saga\x12I\n\x0bResolveSaga\x12#.orchestrator.v1.ResolveSagaRequest\x1a\x15.orchestrator.v1.Saga\x12\x64\n\x0fListDeadLetters\x12\'.orchestrator.v1.ListDeadLettersRequest\x1a(.orchestrator.v1.ListDeadLettersResponse\x12Y\n\x10ReplayDeadLetter\x12(.orchestrator.v1.ReplayDeadLetterRequest\x1a\x1b.orchestrator.v1.DeadLetter\x12[\n\x11\x44iscardDeadLetter\x12).orchestrator.v1.DiscardDeadLetterRequest\x1a\x1b.orchestrator.v1.DeadLetterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dorchestrator/proto/saga.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x02\n\x04Saga\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.orchestrator.v1.Step\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65\x61\x64line_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x61\x63tions\x18\x0b \x03(\x0b\x32\x1f.orchestrator.v1.OperatorAction\"}\n\x0eOperatorAction\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64\x65\x61\x64_letter_id\x18\x05 \x01(\t\"\xda\x02\n\x04Step\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.orchestrator.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x38\n\x0c\x63ompensation\x18\x08 \x01(\x0e\x32\".orchestrator.v1.CompensationState\x12\x32\n\x0e\x63ompensated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ompensation_error\x18\n \x01(\t\"4\n\x0eGetSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\"\x8f\x01\n\x10ListSagasRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x19\n\x11request_id_prefix\x18\x05 \x01(\t\"R\n\x11ListSagasResponse\x12$\n\x05sagas\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10WatchSagaRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\"D\n\x10RetrySagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"K\n\x15\x43ompensateSagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"F\n\x12ResolveSagaRequest\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"\x8c\x03\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12.\n\nsaga_state\x18\x06 \x01(\x0e\x32\x1a.orchestrator.v1.SagaState\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\x05\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\n \x01(\x0c\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12/\n\x05state\x18\x0c \x01(\x0e\x32 .orchestrator.v1.DeadLetterState\x12.\n\nsettled_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsettled_by\x18\x0e \x01(\t\x12\x0c\n\x04note\x18\x0f \x01(\t\"\x8f\x01\n\x16ListDeadLettersRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61\x63\x61\x64\x65\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .orchestrator.v1.DeadLetterState\"e\n\x17ListDeadLettersResponse\x12\x31\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1b.orchestrator.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x17ReplayDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"4\n\x18\x44iscardDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t*\x8d\x01\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x10\n\x0c\x43OMPENSATING\x10\x03\x12\x0f\n\x0b\x43OMPENSATED\x10\x04\x12\x17\n\x13\x43OMPENSATION_FAILED\x10\x05\x12\x0c\n\x08RESOLVED\x10\x06*k\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTEP_RUNNING\x10\x01\x12\r\n\tSTEP_DONE\x10\x02\x12\x0f\n\x0bSTEP_FAILED\x10\x03\x12\x10\n\x0cSTEP_PENDING\x10\x04*\x8c\x01\n\x11\x43ompensationState\x12\x1b\n\x17\x43OMPENSATION_STATE_NONE\x10\x00\x12\x1e\n\x1a\x43OMPENSATION_STATE_PENDING\x10\x01\x12\x1b\n\x17\x43OMPENSATION_STATE_DONE\x10\x02\x12\x1d\n\x19\x43OMPENSATION_STATE_FAILED\x10\x03*\x82\x01\n\x0f\x44\x65\x61\x64LetterState\x12!\n\x1d\x44\x45\x41\x44_LETTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45\x41\x44_LETTER_WAITING\x10\x01\x12\x18\n\x14\x44\x45\x41\x44_LETTER_REPLAYED\x10\x02\x12\x19\n\x15\x44\x45\x41\x44_LETTER_DISCARDED\x10\x03\x32\xed\x01\n\x0bSagaService\x12\x41\n\x07GetSaga\x12\x1f.orchestrator.v1.GetSagaRequest\x1a\x15.orchestrator.v1.Saga\x12R\n\tListSagas\x12!.orchestrator.v1.ListSagasRequest\x1a\".orchestrator.v1.ListSagasResponse\x12G\n\tWatchSaga\x12!.orchestrator.v1.WatchSagaRequest\x1a\x15.orchestrator.v1.Saga0\x01\x32\x8c\x04\n\tSagaAdmin\x12\x45\n\tRetrySaga\x12!.orchestrator.v1.RetrySagaRequest\x1a\x15.orchestrator.v1.Saga\x12O\n\x0e\x43ompensateSaga\x12&.orchestrator.v1.CompensateSagaRequest\x1a\x15.orchestrator.v1.Saga\x12I\n\x0bResolveSaga\x12#.orchestrator.v1.ResolveSagaRequest\x1a\x15.orchestrator.v1.Saga\x12\x64\n\x0fListDeadLetters\x12\'.orchestrator.v1.ListDeadLettersRequest\x1a(.orchestrator.v1.ListDeadLettersResponse\x12Y\n\x10ReplayDeadLetter\x12(.orchestrator.v1.ReplayDeadLetterRequest\x1a\x1b.orchestrator.v1.DeadLetter\x12[\n\x11\x44iscardDeadLetter\x12).orchestrator.v1.DiscardDeadLetterRequest\x1a\x1b.orchestrator.v1.DeadLetterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.proto.saga_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAGASTATE']._serialized_start=2223
-  _globals['_SAGASTATE']._serialized_end=2364
-  _globals['_STEPSTATE']._serialized_start=2366
-  _globals['_STEPSTATE']._serialized_end=2473
-  _globals['_COMPENSATIONSTATE']._serialized_start=2476
-  _globals['_COMPENSATIONSTATE']._serialized_end=2616
-  _globals['_DEADLETTERSTATE']._serialized_start=2619
-  _globals['_DEADLETTERSTATE']._serialized_end=2749
+  _globals['_SAGASTATE']._serialized_start=2251
+  _globals['_SAGASTATE']._serialized_end=2392
+  _globals['_STEPSTATE']._serialized_start=2394
+  _globals['_STEPSTATE']._serialized_end=2501
+  _globals['_COMPENSATIONSTATE']._serialized_start=2504
+  _globals['_COMPENSATIONSTATE']._serialized_end=2644
+  _globals['_DEADLETTERSTATE']._serialized_start=2647
+  _globals['_DEADLETTERSTATE']._serialized_end=2777
   _globals['_SAGA']._serialized_start=84
   _globals['_SAGA']._serialized_end=458
   _globals['_OPERATORACTION']._serialized_start=460
@@ -48,30 +48,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEP']._serialized_end=934
   _globals['_GETSAGAREQUEST']._serialized_start=936
   _globals['_GETSAGAREQUEST']._serialized_end=988
-  _globals['_LISTSAGASREQUEST']._serialized_start=990
-  _globals['_LISTSAGASREQUEST']._serialized_end=1106
-  _globals['_LISTSAGASRESPONSE']._serialized_start=1108
-  _globals['_LISTSAGASRESPONSE']._serialized_end=1190
-  _globals['_WATCHSAGAREQUEST']._serialized_start=1192
-  _globals['_WATCHSAGAREQUEST']._serialized_end=1246
-  _globals['_RETRYSAGAREQUEST']._serialized_start=1248
-  _globals['_RETRYSAGAREQUEST']._serialized_end=1316
-  _globals['_COMPENSATESAGAREQUEST']._serialized_start=1318
-  _globals['_COMPENSATESAGAREQUEST']._serialized_end=1393
-  _globals['_RESOLVESAGAREQUEST']._serialized_start=1395
-  _globals['_RESOLVESAGAREQUEST']._serialized_end=1465
-  _globals['_DEADLETTER']._serialized_start=1468
-  _globals['_DEADLETTER']._serialized_end=1864
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1867
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2010
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2012
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2113
-  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=2115
-  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=2166
-  _globals['_DISCARDDEADLETTERREQUEST']._serialized_start=2168
-  _globals['_DISCARDDEADLETTERREQUEST']._serialized_end=2220
-  _globals['_SAGASERVICE']._serialized_start=2752
-  _globals['_SAGASERVICE']._serialized_end=2989
-  _globals['_SAGAADMIN']._serialized_start=2992
-  _globals['_SAGAADMIN']._serialized_end=3516
+  _globals['_LISTSAGASREQUEST']._serialized_start=991
+  _globals['_LISTSAGASREQUEST']._serialized_end=1134
+  _globals['_LISTSAGASRESPONSE']._serialized_start=1136
+  _globals['_LISTSAGASRESPONSE']._serialized_end=1218
+  _globals['_WATCHSAGAREQUEST']._serialized_start=1220
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1274
+  _globals['_RETRYSAGAREQUEST']._serialized_start=1276
+  _globals['_RETRYSAGAREQUEST']._serialized_end=1344
+  _globals['_COMPENSATESAGAREQUEST']._serialized_start=1346
+  _globals['_COMPENSATESAGAREQUEST']._serialized_end=1421
+  _globals['_RESOLVESAGAREQUEST']._serialized_start=1423
+  _globals['_RESOLVESAGAREQUEST']._serialized_end=1493
+  _globals['_DEADLETTER']._serialized_start=1496
+  _globals['_DEADLETTER']._serialized_end=1892
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1895
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2038
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2040
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2141
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=2143
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=2194
+  _globals['_DISCARDDEADLETTERREQUEST']._serialized_start=2196
+  _globals['_DISCARDDEADLETTERREQUEST']._serialized_end=2248
+  _globals['_SAGASERVICE']._serialized_start=2780
+  _globals['_SAGASERVICE']._serialized_end=3017
+  _globals['_SAGAADMIN']._serialized_start=3020
+  _globals['_SAGAADMIN']._serialized_end=3544
 # @@protoc_insertion_point(module_scope)

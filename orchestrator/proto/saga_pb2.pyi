@@ -376,6 +376,7 @@ class ListSagasRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_PREFIX_FIELD_NUMBER: _builtins.int
     facade: _builtins.str
     """Only the sagas of this facade; empty for every facade."""
     state: Global___SagaState.ValueType
@@ -388,6 +389,10 @@ class ListSagasRequest(_message.Message):
     """The next_page_token of the previous page, with the same filters; empty
     for the first page. A token the server did not issue is INVALID_ARGUMENT.
     """
+    request_id_prefix: _builtins.str
+    """Only the sagas whose request id starts with this (case-sensitive); empty
+    for every request id. Longer than a request id may be: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -395,10 +400,11 @@ class ListSagasRequest(_message.Message):
         state: Global___SagaState.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        request_id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facade", b"facade", "page_size", b"page_size", "page_token", b"page_token", "request_id_prefix", b"request_id_prefix", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -110,12 +110,21 @@ class SagaStore(abc.ABC):
         state: SagaState | None = None,
         page_size: int = 50,
         page_token: str = "",
+        request_id_prefix: str = "",
     ) -> SagaPage:
-        """Sagas newest first, filtered by facade and state, a page at a time.
+        """Sagas newest first, filtered by facade, state and the start of their request id
+        (case-sensitive), a page at a time.
 
         `page_size` is cut to 1..`MAX_PAGE_SIZE`; a token this store did not issue
         raises ValueError.
         """
+
+    @abc.abstractmethod
+    async def count_sagas(
+        self, *, facade: str = "", request_id_prefix: str = ""
+    ) -> dict[SagaState, int]:
+        """How many sagas are in each state, filtered as `list_sagas` filters them; a state
+        no saga is in is left out."""
 
     @abc.abstractmethod
     async def heartbeat(self, owner: str) -> None:

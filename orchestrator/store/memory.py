@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -161,6 +161,7 @@ class InMemorySagaStore(SagaStore):
         state: SagaState | None = None,
         page_size: int = 50,
         page_token: str = "",
+        request_id_prefix: str = "",
     ) -> SagaPage:
         """Newest first, a page at a time; a bad token raises ValueError."""
         page_size = max(1, min(page_size, MAX_PAGE_SIZE))
@@ -168,7 +169,7 @@ class InMemorySagaStore(SagaStore):
         matching = [
             saga
             for saga in ordered
-            if (not facade or saga.facade == facade) and (state is None or saga.state == state)
+            if _matches(saga, facade, request_id_prefix) and (state is None or saga.state == state)
         ]
         if page_token:
             after = _decode(page_token)
@@ -176,6 +177,15 @@ class InMemorySagaStore(SagaStore):
         page = matching[:page_size]
         token = _encode(page[-1]) if len(matching) > page_size else ""
         return SagaPage(sagas=page, next_page_token=token)
+
+    async def count_sagas(
+        self, *, facade: str = "", request_id_prefix: str = ""
+    ) -> dict[SagaState, int]:
+        """How many sagas are in each state."""
+        counts = Counter(
+            saga.state for saga in self._sagas.values() if _matches(saga, facade, request_id_prefix)
+        )
+        return dict(counts)
 
     async def heartbeat(self, owner: str) -> None:
         """Record that `owner` is alive."""
@@ -475,6 +485,10 @@ def _with_steps(saga: SagaRecord, now: datetime, *changed: StepRecord) -> SagaRe
     ordered = tuple(steps[index] for index in sorted(steps))
     data = next((s.data for s in reversed(ordered) if s.data is not None), saga.data)
     return dataclasses.replace(saga, steps=ordered, data=data, updated_at=now)
+
+
+def _matches(saga: SagaRecord, facade: str, request_id_prefix: str) -> bool:
+    return (not facade or saga.facade == facade) and saga.request_id.startswith(request_id_prefix)
 
 
 def _position(saga: SagaRecord) -> tuple[str, str, str]:

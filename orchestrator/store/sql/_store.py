@@ -61,7 +61,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import bindparam, tuple_
+from sqlalchemy import bindparam, func, select, tuple_
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
@@ -359,12 +359,11 @@ class SqlSagaStore(SagaStore):
         state: SagaState | None = None,
         page_size: int = 50,
         page_token: str = "",
+        request_id_prefix: str = "",
     ) -> SagaPage:
         """Newest first, with steps; `page_size` is clamped to 1..500; a bad token: ValueError."""
         page_size = max(1, min(page_size, MAX_PAGE_SIZE))
-        criteria: list[ColumnElement[bool]] = []
-        if facade:
-            criteria.append(sagas.c.facade == facade)
+        criteria = _saga_filter(facade, request_id_prefix)
         if state is not None:
             criteria.append(sagas.c.state == str(state))
         if page_token:
@@ -378,6 +377,19 @@ class SqlSagaStore(SagaStore):
         page = found[:page_size]
         token = encode_token(page[-1]) if len(found) > page_size else ""
         return SagaPage(sagas=page, next_page_token=token)
+
+    async def count_sagas(
+        self, *, facade: str = "", request_id_prefix: str = ""
+    ) -> dict[SagaState, int]:
+        """How many sagas are in each state (one grouped count, on the listing index)."""
+        query = (
+            select(sagas.c.state, func.count())
+            .where(*_saga_filter(facade, request_id_prefix))
+            .group_by(sagas.c.state)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {SagaState(state): int(count) for state, count in rows}
 
     async def actions(self, facade: str, request_id: str) -> list[ActionRecord]:
         """What operators did to the saga, oldest first."""
@@ -425,3 +437,15 @@ class SqlSagaStore(SagaStore):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _saga_filter(facade: str, request_id_prefix: str) -> list[ColumnElement[bool]]:
+    """The criteria of a listing by facade and request id prefix. The prefix is compared
+    as a substring, exactly: LIKE would be case-insensitive on SQLite and treat `%`/`_`."""
+    criteria: list[ColumnElement[bool]] = []
+    if facade:
+        criteria.append(sagas.c.facade == facade)
+    if request_id_prefix:
+        start = func.substr(sagas.c.request_id, 1, len(request_id_prefix))
+        criteria.append(start == request_id_prefix)
+    return criteria
