@@ -45,8 +45,8 @@ log = logging.getLogger("orchestrator.store.sql")
 _DIRECTORY_PREFIX: Final = "orchestrator-feed-"
 _DIRECTORY_SUFFIX: Final = "-feed"
 _SUFFIX: Final = ".sock"
-_NAME_LENGTH: Final = 24
-"""The longest socket name: `<pid>.<6 hex digits>.sock`."""
+_NAME_LENGTH: Final = 19
+"""The longest socket name: `<pid, at most 7 digits>.<6 hex digits>.sock`."""
 _RECEIVE_BYTES: Final = 65536
 _UNIX_PATH_MAX: Final = 107
 
