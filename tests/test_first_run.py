@@ -13,6 +13,7 @@ checked on the Makefile's recipes (`make -n`), without installing anything.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -161,9 +162,13 @@ def test_a_store_url_of_an_unknown_database_exits_2_naming_store_url(tmp_path: P
 
 def recipe(*targets: str) -> str:
     """What `make` would run for `targets` in a checkout with no virtualenv yet."""
+    # Under `make test` the outer make's MAKELEVEL and MAKEFLAGS would make this one print
+    # "Entering directory" lines around the recipe: it runs as a make of its own.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
     done = subprocess.run(
-        ["make", "-n", "-B", "VENV=/nonexistent/venv", *targets],
+        ["make", "-n", "-B", "--no-print-directory", "VENV=/nonexistent/venv", *targets],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
