@@ -2,18 +2,20 @@
 
 SQLite has no LISTEN/NOTIFY, but every process writing a database file runs on
 the host that holds it. Each store on that file binds a Unix datagram socket in
-a directory named after the file (its device and inode, so every path to it
-agrees), and after each committed batch sends the keys of the sagas it changed
-to every other socket there: a JSON array of `[facade, request_id]` pairs (as
-PostgreSQL's payloads, split alike), after the sender's sequence number. Its
-own subscribers hear of its writes directly.
+a directory beside it (`<file>-feed`, as SQLite keeps `<file>-wal`; where that
+path is too long for a socket's, one in the temporary directory named after the
+file's device and inode), and after each committed batch sends the keys of the
+sagas it changed to every other socket there: a JSON array of
+`[facade, request_id]` pairs (as PostgreSQL's payloads, split alike), after the
+sender's sequence number. Its own subscribers hear of its writes directly.
 
 Datagrams are never waited for: a receiver whose queue is full (the kernel
 keeps a few datagrams per socket) loses one, and its sender goes on. The
 receiver sees the sequence number jump and tells its subscribers of a gap, as
 PostgreSQL's feed does when its connection drops; they read again what
 matters. A socket whose process is gone refuses datagrams: its file is removed
-by the next sender.
+by the next sender, and the directory by the last store to close. A store that
+cannot bind its socket there runs without the feed (its waits read the store).
 """
 
 from __future__ import annotations
@@ -41,14 +43,22 @@ __all__ = ["HostChangeFeed", "changed_sagas", "feed_directory"]
 log = logging.getLogger("orchestrator.store.sql")
 
 _DIRECTORY_PREFIX: Final = "orchestrator-feed-"
+_DIRECTORY_SUFFIX: Final = "-feed"
 _SUFFIX: Final = ".sock"
+_NAME_LENGTH: Final = 19
+"""The longest socket name: `<pid, at most 7 digits>.<6 hex digits>.sock`."""
 _RECEIVE_BYTES: Final = 65536
 _UNIX_PATH_MAX: Final = 107
 
 
 def feed_directory(database: str) -> Path:
-    """The directory of the sockets of every store on the SQLite file `database`."""
-    found = os.stat(database)
+    """The directory of the sockets of every store on the SQLite file `database`: beside it,
+    unless a socket's path there would be too long (then in the temporary directory)."""
+    real = os.path.realpath(database)
+    beside = Path(f"{real}{_DIRECTORY_SUFFIX}")
+    if len(str(beside)) + 1 + _NAME_LENGTH <= _UNIX_PATH_MAX:
+        return beside
+    found = os.stat(real)
     digest = hashlib.sha256(f"{found.st_dev}:{found.st_ino}".encode()).hexdigest()[:16]
     base = Path(tempfile.gettempdir())
     if len(str(base)) > _UNIX_PATH_MAX - 60:
@@ -90,7 +100,7 @@ class HostChangeFeed:
         if self._socket is not None:
             return
         directory = feed_directory(self._database)
-        path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{_SUFFIX}"
+        path = directory / f"{os.getpid()}.{uuid.uuid4().hex[:6]}{_SUFFIX}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -104,6 +114,17 @@ class HostChangeFeed:
                     if attempt == 2:
                         raise
             asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            log.warning(
+                "SQLite change feed off: cannot bind a socket in %s (%s); waits and watches "
+                "read the store instead",
+                directory,
+                exc.strerror or exc,
+            )
+            return
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
