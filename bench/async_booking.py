@@ -461,7 +461,13 @@ def find_broker_pid(url: str) -> int | None:
 def broker_settings(url: str, prefix: str) -> dict[str, Any]:
     """deployment/local/app.yaml's broker section, on `url` with topic prefix `prefix`."""
     local = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))
-    return {**local["broker"], "url": url, "topic_prefix": prefix}
+    broker = {**local["broker"], "url": url, "topic_prefix": prefix}
+    if is_nats(url):  # queue length limits are RabbitMQ's (x-max-length)
+        broker["topics"] = {
+            topic: {k: v for k, v in settings.items() if k != "max_length"}
+            for topic, settings in broker.get("topics", {}).items()
+        }
+    return broker
 
 
 def concurrency_of(broker: dict[str, Any], topic: str) -> int:
