@@ -154,9 +154,18 @@ class NatsLink:
         self._on_state(False)
 
     async def _abandon(self, client: Client) -> None:
+        task = asyncio.current_task()
         with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-            async with asyncio.timeout(5):
-                await client.close()
+            try:
+                async with asyncio.timeout(5):
+                    await client.close()
+            except asyncio.CancelledError:
+                # After the server died, nats-py may await the close waiter of a
+                # socket its own (cancelled) reconnect attempt opened: that raises
+                # CancelledError though nobody cancelled us. Only a real
+                # cancellation of this task goes on.
+                if task is not None and task.cancelling():
+                    raise
 
     async def _on_error(self, exc: Exception, client: Client, failures: list[str]) -> None:
         described = self.describe(exc)
