@@ -161,17 +161,22 @@ class HostChangeFeed:
         sock, directory = self._socket, self._directory
         if sock is None or directory is None:
             return
+        own = str(self._path)
+        try:
+            peers = [
+                entry.path
+                for entry in os.scandir(directory)
+                if entry.name.endswith(_SUFFIX) and entry.path != own
+            ]
+        except OSError:
+            return
+        if not peers:
+            return  # alone on the file (one process): nobody to tell, nothing to encode
         datagrams = []
         for payload in notification_payloads(keys):
             self._sequence += 1
             datagrams.append(f"{self._sequence}\n{payload}".encode())
-        try:
-            peers = [entry.path for entry in os.scandir(directory) if entry.name.endswith(_SUFFIX)]
-        except OSError:
-            return
         for peer in peers:
-            if peer == str(self._path):
-                continue
             self._send(sock, peer, datagrams)
 
     def _send(self, sock: socket.socket, peer: str, datagrams: list[bytes]) -> None:
