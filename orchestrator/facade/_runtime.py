@@ -210,8 +210,9 @@ class SagaRuntime:
         )
         if existing is None:
             self.metrics.started.inc()
-            started = Position(SagaState.RUNNING, payload, (StepState.RUNNING,), (None,))
-            self._positions.put(request_id, started, self._clock())
+            if self.kind != "sync":  # only hops are checked against a position
+                started = Position(SagaState.RUNNING, payload, (StepState.RUNNING,), (None,))
+                self._positions.put(request_id, started, self._clock())
             self._changed(request_id)
             return None
         if existing.payload_hash != digest:
