@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Self, TypeVar
 
 from google.protobuf import json_format
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from orchestrator import tracing
+from orchestrator._proto_json import message_dict, message_json
 from orchestrator.context import Context
 from orchestrator.dto import Rollback
 from orchestrator.errors import FailedPrecondition
@@ -41,10 +41,6 @@ SyncCompensation = SyncNode[RequestT, ResponseT]
 """`async def undo(request_id, ctx)`: undoes its step, given the Context as the saga left it."""
 
 _NODE_PARAMS = ("request_id", "ctx")
-
-
-def _json(message: Message) -> str:
-    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), sort_keys=True)
 
 
 class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
@@ -116,7 +112,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
                 f"saga {runtime.name}", {"saga.request_id": request_id, "saga.kind": "sync"}
             ),
         ):
-            existing = await runtime.begin(request_id, _json(request))
+            existing = await runtime.begin(request_id, message_json(request))
             if existing is not None:
                 return await self._replay(existing)
             ctx = Context(request_id, request, response or self.response_type(), runtime.name)
@@ -175,11 +171,11 @@ class _ContextCarrier(Generic[RequestT, ResponseT]):
 
     def data(self) -> str:
         """The response as the steps built it so far."""
-        return _json(self.ctx.response)
+        return message_json(self.ctx.response)
 
     def rollback_data(self) -> dict[str, Any]:
         """The request and the response so far, as JSON objects."""
         return {
-            "request": MessageToDict(self.ctx.request, preserving_proto_field_name=True),
-            "response": MessageToDict(self.ctx.response, preserving_proto_field_name=True),
+            "request": message_dict(self.ctx.request),
+            "response": message_dict(self.ctx.response),
         }
