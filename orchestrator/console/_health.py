@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator
 from orchestrator.store import SagaState
 
@@ -86,14 +87,15 @@ async def health_of(orchestrator: Orchestrator) -> Health:
         store_announces=store.announces_changes,
         running=counts.get(SagaState.RUNNING, 0),
         compensating=counts.get(SagaState.COMPENSATING, 0),
-        in_flight=_in_flight(metrics.sagas_in_flight),
+        in_flight=_in_flight(metrics),
         steps=step_latencies(metrics.step_seconds),
     )
 
 
-def _in_flight(gauge: MetricWrapperBase) -> list[InFlight]:
+def _in_flight(metrics: Metrics) -> list[InFlight]:
     found = []
-    for metric in gauge.collect():
+    metrics.flush()
+    for metric in metrics.sagas_in_flight.collect():
         for sample in metric.samples:
             found.append(
                 InFlight(sample.labels["facade"], sample.labels["kind"], int(sample.value))
