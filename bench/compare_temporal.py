@@ -436,8 +436,8 @@ def start_servers(
         ports["ours"],
         ports["order"],
         ports["payment"],
+        broker=common.MEMORY_BROKER if broker is None else broker,
         store=args.store,
-        **({"broker": broker} if broker is not None else {}),
     )
     processes["ours"] = common.start_process(
         "ours", [python, "main.py"], log_dir, common.child_environment(ORCH_CONFIG=str(config_path))

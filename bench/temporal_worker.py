@@ -42,6 +42,7 @@ from temporalio.client import Client
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 if not workflow.unsafe.in_sandbox():  # the sandbox re-imports this module, the path set
     ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +244,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Poll the task queue until SIGINT or SIGTERM."""
     client = await Client.connect(args.address, namespace=args.namespace)
     activities = BookingActivities(args.order, args.payment)
-    options = {"workflow_runner": UnsandboxedWorkflowRunner()} if args.unsandboxed else {}
+    runner = UnsandboxedWorkflowRunner() if args.unsandboxed else SandboxedWorkflowRunner()
     worker = Worker(
         client,
         task_queue=args.task_queue,
@@ -256,7 +257,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_cached_workflows=args.max_cached_workflows,
         workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(args.pollers),
         activity_task_poller_behavior=PollerBehaviorSimpleMaximum(args.pollers),
-        **options,
+        workflow_runner=runner,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
