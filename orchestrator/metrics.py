@@ -3,13 +3,6 @@
 Every Orchestrator owns a `Metrics` with its own registry, so several can
 live in one process (tests do) without clashing in prometheus-client's
 global registry.
-
-The counts a saga changes on its way (started, completed, in flight, admitted,
-compensated) are plain numbers on the hot path, added to their Prometheus
-children when the registry is read (a scrape, the console, a test): every
-prometheus-client update takes a lock, and a saga made six of them. Under a
-supervisor (prometheus-client's multiprocess mode, where each worker's values
-live in files the supervisor reads) they go to the children at once.
 """
 
 from __future__ import annotations
@@ -17,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
 from prometheus_client import (
@@ -29,9 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
 __all__ = [
     "METRICS_PATH",
@@ -51,62 +40,12 @@ METRICS_PATH: Final = "/metrics"
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class Changes(Protocol):
-    """What the hot path does to a count: a Prometheus child, or a `_Tally` of one."""
-
-    def inc(self, amount: float = 1) -> None:
-        """Add `amount`."""
-
-    def dec(self, amount: float = 1) -> None:
-        """Take `amount` away (gauges only)."""
-
-
-class _Tally:
-    """A count's changes since the registry was last read, added to its child then."""
-
-    __slots__ = ("_child", "_delta")
-
-    def __init__(self, child: Any) -> None:
-        self._child = child
-        self._delta: float = 0
-
-    def inc(self, amount: float = 1) -> None:
-        self._delta += amount
-
-    def dec(self, amount: float = 1) -> None:
-        self._delta -= amount
-
-    def flush(self) -> None:
-        if self._delta:
-            delta, self._delta = self._delta, 0
-            self._child.inc(delta)
-
-
-class _Flush(Collector):
-    """Registered first in the registry, so every read of it adds the tallies first."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> Iterable[Metric]:
-        return ()
-
-    def collect(self) -> Iterable[Metric]:
-        self._metrics.flush()
-        return ()
-
-
 class Metrics:
     """The saga, step and broker metrics, labelled by facade, kind, step and topic."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._tallies: list[_Tally] = []
-        # Each worker's values must reach its files as they change.
-        self._tallied = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if self._tallied:
-            r.register(_Flush(self))
         self.sagas_started = Counter(
             "orchestrator_sagas_started", "Sagas started.", ["facade", "kind"], registry=r
         )
@@ -228,21 +167,6 @@ class Metrics:
         """The metrics of one facade, with its labels bound once."""
         return FacadeMetrics(self, facade, kind)
 
-    def flush(self) -> None:
-        """Add the counts changed since the last read to their Prometheus children (reading
-        the registry does it; a reader of one metric's `collect()` calls this first)."""
-        for tally in self._tallies:
-            tally.flush()
-
-    def counted(self, child: Any) -> Changes:
-        """`child` (a counter's or a gauge's) as the hot path changes it: a tally added to
-        it whenever the registry is read, or the child itself under a supervisor."""
-        if not self._tallied:
-            return child  # type: ignore[no-any-return]
-        tally = _Tally(child)
-        self._tallies.append(tally)
-        return tally
-
     def exposition(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)
@@ -255,13 +179,12 @@ class FacadeMetrics:
         self._metrics = metrics
         self._facade = facade
         self._kind = kind
-        counted = metrics.counted
-        self.started = counted(metrics.sagas_started.labels(facade, kind))
-        self.completed = counted(metrics.sagas_completed.labels(facade, kind))
-        self.compensated = counted(metrics.sagas_compensated.labels(facade, kind))
-        self.compensation_failed = counted(metrics.sagas_compensation_failed.labels(facade, kind))
-        self.in_flight = counted(metrics.sagas_in_flight.labels(facade, kind))
-        self.admitted = counted(metrics.calls_in_flight.labels(facade))
+        self.started = metrics.sagas_started.labels(facade, kind)
+        self.completed = metrics.sagas_completed.labels(facade, kind)
+        self.compensated = metrics.sagas_compensated.labels(facade, kind)
+        self.compensation_failed = metrics.sagas_compensation_failed.labels(facade, kind)
+        self.in_flight = metrics.sagas_in_flight.labels(facade, kind)
+        self.admitted = metrics.calls_in_flight.labels(facade)
         self._steps: dict[str, Any] = {}
 
     def failed(self, code: str) -> None:

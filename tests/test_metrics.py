@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from main import BookingApp
@@ -136,48 +135,3 @@ async def test_metrics_are_served_in_the_prometheus_text_format(app: BookingApp)
 async def test_other_paths_are_not_found(app: BookingApp) -> None:
     status, _ = await http_get(app.server.metrics_port, "/other")
     assert status == "HTTP/1.1 404 Not Found"
-
-
-def test_counts_changed_on_a_sagas_way_are_in_the_next_read_of_the_registry() -> None:
-    metrics = Metrics()
-    facade = metrics.for_facade("SyncBooking", "sync")
-    facade.started.inc()
-    facade.in_flight.inc()
-    labels = {"facade": "SyncBooking", "kind": "sync"}
-    assert sample(metrics, "orchestrator_sagas_started_total", **labels) == 1
-    assert sample(metrics, "orchestrator_sagas_in_flight", **labels) == 1
-    facade.started.inc()
-    facade.in_flight.dec()
-    assert sample(metrics, "orchestrator_sagas_started_total", **labels) == 2
-    assert sample(metrics, "orchestrator_sagas_in_flight", **labels) == 0
-    assert b'orchestrator_sagas_started_total{facade="SyncBooking",kind="sync"} 2.0' in (
-        metrics.exposition()
-    )
-
-
-def counter_value(counter: Counter, **labels: str) -> float:
-    """The child's value read from the metric alone (not through the registry)."""
-    for metric in counter.collect():
-        for found in metric.samples:
-            if found.name.endswith("_total") and found.labels == labels:
-                return found.value
-    return 0.0
-
-
-def test_a_count_waits_for_a_read_of_the_registry_to_reach_its_child() -> None:
-    metrics = Metrics()
-    metrics.for_facade("SyncBooking", "sync").started.inc()
-    labels = {"facade": "SyncBooking", "kind": "sync"}
-    assert counter_value(metrics.sagas_started, **labels) == 0
-    metrics.flush()
-    assert counter_value(metrics.sagas_started, **labels) == 1
-
-
-def test_under_a_supervisor_counts_reach_their_child_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A worker's values are files its supervisor reads: nothing may wait for a read here.
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
-    metrics = Metrics()
-    metrics.for_facade("SyncBooking", "sync").started.inc()
-    assert counter_value(metrics.sagas_started, facade="SyncBooking", kind="sync") == 1

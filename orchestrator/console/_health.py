@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from orchestrator.metrics import Metrics
 from orchestrator.registry import Orchestrator
 from orchestrator.store import SagaState
 
@@ -87,15 +86,14 @@ async def health_of(orchestrator: Orchestrator) -> Health:
         store_announces=store.announces_changes,
         running=counts.get(SagaState.RUNNING, 0),
         compensating=counts.get(SagaState.COMPENSATING, 0),
-        in_flight=_in_flight(metrics),
+        in_flight=_in_flight(metrics.sagas_in_flight),
         steps=step_latencies(metrics.step_seconds),
     )
 
 
-def _in_flight(metrics: Metrics) -> list[InFlight]:
+def _in_flight(gauge: MetricWrapperBase) -> list[InFlight]:
     found = []
-    metrics.flush()
-    for metric in metrics.sagas_in_flight.collect():
+    for metric in gauge.collect():
         for sample in metric.samples:
             found.append(
                 InFlight(sample.labels["facade"], sample.labels["kind"], int(sample.value))
