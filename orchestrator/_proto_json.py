@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Final
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
@@ -47,11 +47,11 @@ _AS_STRING: Final = frozenset(
 )
 """Scalars protobuf's JSON mapping writes as strings (64-bit integers)."""
 
-_plain: dict[Descriptor, bool] = {}
+_plain: dict[Any, bool] = {}
 """Whether each message type seen has only plain scalar fields."""
 
 
-def _is_plain(descriptor: Descriptor) -> bool:
+def _is_plain(descriptor: Any) -> bool:
     plain = _plain.get(descriptor)
     if plain is None:
         plain = (
