@@ -35,8 +35,13 @@ from bench.common import TARGETS, Target, booking_stubs, mean, percentile
 from pb import booking_pb2
 
 REFUSED: Final = "RESOURCE_EXHAUSTED"
-"""The status of a call the target refused (admission control)."""
-OVERLOAD_CODES: Final = frozenset({REFUSED, "DEADLINE_EXCEEDED"})
+"""A call the target refused by admission control: RESOURCE_EXHAUSTED with the
+`grpc-retry-pushback-ms` trailer (the framework's, and the baselines' that refuse)."""
+PUSHBACK_TRAILER: Final = "grpc-retry-pushback-ms"
+UNPACED: Final = "RESOURCE_EXHAUSTED(no pushback)"
+"""RESOURCE_EXHAUSTED without the trailer: gRPC itself refused the call (its queue of calls
+not yet handed to the application was too long), not the target's admission control."""
+OVERLOAD_CODES: Final = frozenset({REFUSED, UNPACED, "DEADLINE_EXCEEDED"})
 """What overload looks like to a caller: figures of a run, not failures of the bench."""
 LATE_SECONDS: Final = 0.020
 """A call started later than this after its scheduled time started late."""
@@ -233,10 +238,12 @@ async def timed_call(
         )
     except grpc.aio.AioRpcError as exc:
         if counted:
-            run.errors[exc.code().name] += 1
-            run.details.setdefault(
-                exc.code().name, f"after {ms(time.monotonic() - due)}: {exc.details()!r}"
-            )
+            code = exc.code().name
+            trailers = exc.trailing_metadata() or ()
+            if code == REFUSED and all(key != PUSHBACK_TRAILER for key, _ in trailers):
+                code = UNPACED
+            run.errors[code] += 1
+            run.details.setdefault(code, f"after {ms(time.monotonic() - due)}: {exc.details()!r}")
         return False
     answered = time.monotonic()
     run.answered += run.in_window(answered)
