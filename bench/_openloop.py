@@ -14,14 +14,16 @@ call it was: past capacity, what the target sustains. Its refusals, other
 errors and latencies are those of the calls scheduled inside the window, a
 latency running from the call's scheduled start, so time the generator itself
 lost is never hidden. How late the generator started calls (its lag) is
-reported: a run where half the calls started more than 20 ms late fell behind
-its schedule (it offered less than asked) and is flagged; one where a tenth
-did kept the rate in bursts (the machine did not give it the CPU on time).
+reported: a run where half the calls started more than 20 ms late, or that
+started them at less than 90% of the rate asked, fell behind its schedule (it
+offered less than asked) and is flagged; one where a tenth started late kept
+the rate in bursts (the machine did not give the generator the CPU on time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -117,8 +119,9 @@ class OpenLoopRun(Run):
 
     @property
     def behind(self) -> bool:
-        """True when the generator did not keep its schedule (half its calls started late)."""
-        return percentile(self.lags, 0.5) > LATE_SECONDS
+        """True when the generator did not keep its schedule: half its calls started late, or
+        it started them at less than 90% of the rate asked."""
+        return percentile(self.lags, 0.5) > LATE_SECONDS or self.offered_rate < 0.9 * self.rate
 
     @property
     def bursty(self) -> bool:
@@ -303,14 +306,21 @@ def summarize_open(results: Sequence[Run], leftovers: Mapping[str, int]) -> int:
     print(
         f"{what}/s framework/baseline: {ratio:.2f}; {latency} p99 framework"
         f" {ms(p99['framework'])}, baseline {ms(p99['baseline'])}"
-        f" (both offered {mean([run.rate for run in runs]):g}/s)"
+        f" (each asked for {mean([run.rate for run in runs]):g}/s)"
     )
     status = 0
     if behind := sum(run.behind for run in runs):
         print(f"!!! the load generator fell behind its schedule in {behind} runs !!!")
         status = 1
     if failed := sum(run.failed for run in runs):
-        print(f"!!! {failed} calls failed otherwise than by overload, or were held back !!!")
+        codes = collections.Counter[str]()
+        for run in runs:
+            codes.update({k: n for k, n in run.errors.items() if k not in OVERLOAD_CODES})
+        detail = ", ".join(f"{code}={n}" for code, n in sorted(codes.items()))
+        print(
+            f"!!! {failed} calls failed otherwise than by overload ({detail or 'none'}),"
+            " or were held back !!!"
+        )
         status = 1
     if backlogged := sum(bool(run.backlog) for run in runs):
         print(f"!!! {backlogged} runs left a backlog the next run shared the machine with !!!")
