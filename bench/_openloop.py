@@ -74,6 +74,7 @@ class OpenLoopRun(Run):
     (`answered`, whichever call it was); its refusals, errors and latencies are those of the
     calls scheduled inside the window (`latencies`: from their scheduled start)."""
 
+    unit_name: str = ""  # its summary gives the CPU per answered call
     rate: float = 0.0
     window: tuple[float, float] = (math.inf, -math.inf)
     """The window's first scheduled start and its end (time.monotonic)."""
