@@ -41,8 +41,8 @@ REFUSED: Final = "RESOURCE_EXHAUSTED"
 `grpc-retry-pushback-ms` trailer (the framework's, and the baselines' that refuse)."""
 PUSHBACK_TRAILER: Final = "grpc-retry-pushback-ms"
 UNPACED: Final = "RESOURCE_EXHAUSTED(no pushback)"
-"""RESOURCE_EXHAUSTED without the trailer: gRPC itself refused the call (its queue of calls
-not yet handed to the application was too long), not the target's admission control."""
+"""RESOURCE_EXHAUSTED without the trailer: gRPC itself refused the call (too many calls not
+yet handed to the application, say), not the target's admission control."""
 OVERLOAD_CODES: Final = frozenset({REFUSED, UNPACED, "DEADLINE_EXCEEDED"})
 """What overload looks like to a caller: figures of a run, not failures of the bench."""
 LATE_SECONDS: Final = 0.020
