@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 PROTOS := $(wildcard pb/*.proto orchestrator/proto/*.proto)
 
-.PHONY: run test lint typecheck docs proto bench bench-async clean browser
+.PHONY: run test lint typecheck docs proto bench bench-async bench-throttling clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench: $(INSTALLED)
 
 bench-async: $(INSTALLED)
 	$(PY) bench/async_booking.py
+
+bench-throttling: $(INSTALLED)
+	$(PY) bench/throttling_booking.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -29,7 +29,7 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,17 +58,18 @@ UNIT_PRICE: Final = 100  # node.booking.UNIT_PRICE, not imported: the baseline u
 ORDER_QUEUE: Final = "create_order"
 PAYMENT_QUEUE: Final = "create_payment"
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
+Paid = Callable[[str, int, int], None]
+"""`paid(request_id, order_id, payment_id)`: told of each saga whose payment was taken."""
 
 log = logging.getLogger("baseline_async")
 
 
-def topology(prefix: str) -> tuple[list[str], list[str]]:
-    """The queues and exchanges the baseline declares under `prefix`, to delete them after."""
-    queues = [
-        f"{prefix}{name}{suffix}"
-        for name in (ORDER_QUEUE, PAYMENT_QUEUE)
-        for suffix in ("", ".dlq")
-    ]
+def topology(
+    prefix: str, names: tuple[str, str] = (ORDER_QUEUE, PAYMENT_QUEUE)
+) -> tuple[list[str], list[str]]:
+    """The queues (of the two hops `names`) and exchanges the baseline declares under `prefix`,
+    to delete them after."""
+    queues = [f"{prefix}{name}{suffix}" for name in names for suffix in ("", ".dlq")]
     return queues, [f"{prefix}exchange", f"{prefix}exchange.dlx"]
 
 
@@ -95,13 +96,18 @@ class Saga:
         order: order_pb2_grpc.OrderServiceAsyncStub,
         payment: payment_pb2_grpc.PaymentServiceAsyncStub,
         timeout_seconds: float,
+        *,
+        names: tuple[str, str] = (ORDER_QUEUE, PAYMENT_QUEUE),
+        paid: Paid | None = None,
     ) -> None:
         self._exchange = exchange
-        self._order_queue = f"{prefix}{ORDER_QUEUE}"
-        self._payment_queue = f"{prefix}{PAYMENT_QUEUE}"
+        self._names = names
+        self._order_queue = f"{prefix}{names[0]}"
+        self._payment_queue = f"{prefix}{names[1]}"
         self._order = order
         self._payment = payment
         self._timeout = timeout_seconds
+        self._paid = paid
 
     async def publish(self, queue: str, body: dict[str, Any], message_id: str) -> None:
         """Publish persistently and mandatory; returns once RabbitMQ confirmed it."""
@@ -123,7 +129,7 @@ class Saga:
             "order_id": 0,
             "payment_id": 0,
         }
-        await self.publish(self._order_queue, body, f"{request_id}:0:{ORDER_QUEUE}")
+        await self.publish(self._order_queue, body, f"{request_id}:0:{self._names[0]}")
 
     async def create_order(self, message: AbstractIncomingMessage) -> None:
         """Hop 1: create the order, publish to hop 2 (confirmed), then ack."""
@@ -138,7 +144,7 @@ class Saga:
                 timeout=self._timeout,
             )
             body["order_id"] = order.OrderID
-            await self.publish(self._payment_queue, body, f"{request_id}:1:{PAYMENT_QUEUE}")
+            await self.publish(self._payment_queue, body, f"{request_id}:1:{self._names[1]}")
         except Exception:
             log.exception("create_order failed for %s, requeueing", request_id)
             await message.nack(requeue=True)
@@ -146,11 +152,11 @@ class Saga:
         await message.ack()
 
     async def create_payment(self, message: AbstractIncomingMessage) -> None:
-        """Hop 2: take the payment, then ack."""
+        """Hop 2: take the payment, then ack (and tell `paid`)."""
         body = json.loads(message.body)
         request_id = body["request_id"]
         try:
-            await self._payment.CreatePayment(
+            payment = await self._payment.CreatePayment(
                 payment_pb2.CreatePaymentRequest(
                     RequestID=request_id,
                     OrderID=body["order_id"],
@@ -165,6 +171,8 @@ class Saga:
             await message.nack(requeue=True)
             return
         await message.ack()
+        if self._paid is not None:
+            self._paid(request_id, body["order_id"], payment.PaymentID)
 
 
 class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
@@ -191,9 +199,16 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
         return booking_pb2.BookingASyncResponse(RequestID=request_id)
 
 
-async def declare(channel: AbstractChannel, prefix: str, delivery_limit: int) -> AbstractExchange:
-    """Declare the framework's topology under `prefix`; return the main exchange."""
-    (order_queue, order_dlq, payment_queue, payment_dlq), (name, dlx_name) = topology(prefix)
+async def declare(
+    channel: AbstractChannel,
+    prefix: str,
+    delivery_limit: int,
+    names: tuple[str, str] = (ORDER_QUEUE, PAYMENT_QUEUE),
+    first_max_length: int | None = None,
+) -> AbstractExchange:
+    """Declare the framework's topology under `prefix` (the first queue holding at most
+    `first_max_length` messages, as a topic's `max_length`); return the main exchange."""
+    (order_queue, order_dlq, payment_queue, payment_dlq), (name, dlx_name) = topology(prefix, names)
     exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
     dlx = await channel.declare_exchange(dlx_name, aio_pika.ExchangeType.DIRECT, durable=True)
     arguments: dict[str, Any] = {
@@ -203,8 +218,14 @@ async def declare(channel: AbstractChannel, prefix: str, delivery_limit: int) ->
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
-    for queue_name, dlq_name in ((order_queue, order_dlq), (payment_queue, payment_dlq)):
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+    limit = {} if first_max_length is None else {"x-max-length": first_max_length}
+    for queue_name, dlq_name, extra in (
+        (order_queue, order_dlq, limit),
+        (payment_queue, payment_dlq, {}),
+    ):
+        queue = await channel.declare_queue(
+            queue_name, durable=True, arguments={**arguments, **extra}
+        )
         await queue.bind(exchange, routing_key=queue_name)
         dlq = await channel.declare_queue(
             dlq_name, durable=True, arguments={"x-queue-type": "quorum"}
@@ -213,8 +234,16 @@ async def declare(channel: AbstractChannel, prefix: str, delivery_limit: int) ->
     return exchange
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Declare, consume and serve until SIGINT or SIGTERM."""
+async def serve(
+    args: argparse.Namespace,
+    *,
+    names: tuple[str, str] = (ORDER_QUEUE, PAYMENT_QUEUE),
+    first_max_length: int | None = None,
+    paid: Paid | None = None,
+    servicer: Callable[[Saga], booking_pb2_grpc.BookingServiceServicer] = BaselineBooking,
+) -> int:
+    """Declare (the hops' queues `names`), consume and serve `servicer(saga)` until SIGINT or
+    SIGTERM; `paid` is told of each payment taken."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -226,24 +255,28 @@ async def serve(args: argparse.Namespace) -> int:
     )
     try:
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await declare(publish_channel, args.prefix, args.delivery_limit)
+        exchange = await declare(
+            publish_channel, args.prefix, args.delivery_limit, names, first_max_length
+        )
         saga = Saga(
             exchange,
             args.prefix,
             order_pb2_grpc.OrderServiceStub(order_channel),
             payment_pb2_grpc.PaymentServiceStub(payment_channel),
             args.timeout_seconds,
+            names=names,
+            paid=paid,
         )
         for queue_name, prefetch, handler in (
-            (ORDER_QUEUE, args.order_prefetch, saga.create_order),
-            (PAYMENT_QUEUE, args.payment_prefetch, saga.create_payment),
+            (names[0], args.order_prefetch, saga.create_order),
+            (names[1], args.payment_prefetch, saga.create_payment),
         ):
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
             queue = await channel.get_queue(f"{args.prefix}{queue_name}", ensure=False)
             await queue.consume(handler)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
-        booking_pb2_grpc.add_BookingServiceServicer_to_server(BaselineBooking(saga), server)
+        booking_pb2_grpc.add_BookingServiceServicer_to_server(servicer(saga), server)
         health = HealthServicer()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -261,9 +294,9 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the arguments and serve on uvloop."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def baseline_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of a baseline on aio-pika (this one's, and the throttling one's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--order", required=True, help="host:port of the OrderService")
@@ -275,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--payment-prefetch", type=int, default=64, help="create_payment prefetch")
     parser.add_argument("--delivery-limit", type=int, default=5, help="x-delivery-limit")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments and serve on uvloop."""
+    parser = baseline_parser(__doc__.splitlines()[0] if __doc__ else None)
     add_processes_options(parser)
     args = parser.parse_args(argv)
     return as_processes(args, argv, lambda: uvloop.run(serve(args)))

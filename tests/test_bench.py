@@ -1,0 +1,135 @@
+"""Smoke tests of the booking benches: each script, closed loop and open loop, end to end.
+
+Every case runs a bench as users do (`python bench/<script>.py`, a subprocess
+with a hard timeout) for one tiny pair of runs, so the whole file takes about a
+minute: its figures are never judged, only that the bench ran both targets,
+printed its summary and ended with status 0 (no failed call, no lost saga, no
+message left, a load generator that kept its schedule), and that the broker
+benches deleted their queues. The broker is the benches' own (`$RABBITMQ_URL`,
+else the local RabbitMQ), not a fixture's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+import aiormq
+import pytest
+
+from bench._broker import rabbitmq_layout
+from bench.common import DEFAULT_RABBITMQ_URL
+from topic import CREATE_ORDER, CREATE_PAYMENT, THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(150)]
+
+ROOT = Path(__file__).resolve().parent.parent
+HARD_TIMEOUT_SECONDS = 100.0
+"""A bench still running then is stopped (SIGTERM: it stops its servers, deletes its queues)."""
+TINY = ["--seconds", "1", "--warmup", "0.2", "--pairs", "1"]
+RATE = 40
+HOPS = {
+    "async": (CREATE_ORDER, CREATE_PAYMENT),
+    "throttling": (THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT),
+}
+"""The saga's queues of each broker bench (both targets name them after the topics)."""
+
+
+def run_bench(script: str, *args: str) -> str:
+    """Run `bench/<script>.py` with `args`; its output, once it exited with status 0."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=HARD_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        pytest.fail(f"{script} {args} still ran after {HARD_TIMEOUT_SECONDS:g}s:\n{output}")
+    assert process.returncode == 0, f"{script} {args} exited {process.returncode}:\n{output}"
+    return output
+
+
+async def queues_left(prefixes: tuple[str, str], hops: tuple[str, str]) -> list[str]:
+    """The queues of both targets' topologies that still exist."""
+    topology, _ = rabbitmq_layout(prefixes, hops)
+    left = []
+    connection = await aio_pika.connect(os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL)
+    async with connection:
+        for queue in topology.queues:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                continue  # the failed declare closed the channel
+            left.append(queue)
+            await channel.close()
+    return left
+
+
+def check_cleaned_up(script: str, output: str) -> None:
+    """A broker bench deleted the queues of both its prefixes (named in its first line)."""
+    if script not in HOPS:
+        return
+    found = re.search(r" prefixes=(\S+),(\S+)", output.splitlines()[0])
+    assert found, output
+    prefixes = (found.group(1), found.group(2))
+    assert asyncio.run(queues_left(prefixes, HOPS[script])) == []
+
+
+@pytest.mark.parametrize("script", ["sync_booking", "async_booking", "throttling_booking"])
+def test_closed_loop(script: str) -> None:
+    """Both targets ran and the summary ends with the ratio of their throughputs."""
+    output = run_bench(script, *TINY, "--concurrency", "8")
+    lines = output.splitlines()
+    unit = "bookings" if script == "sync_booking" else "sagas"
+    for target in ("framework", "baseline"):
+        run = next(line for line in lines if line.startswith(f"{target} run 1: "))
+        assert re.match(rf"{target} run 1: \d+ {unit}/s p50=[\d.]+ms p99=[\d.]+ms", run), run
+        assert any(line.startswith(f"{target} mean: ") for line in lines), output
+    assert any(line.startswith("  cpus: bench ") for line in lines), output
+    ratio = re.fullmatch(r"ratio=(\d+\.\d\d)", lines[-1])
+    assert ratio and float(ratio.group(1)) > 0, output
+    check_cleaned_up(script.removesuffix("_booking"), output)
+
+
+@pytest.mark.parametrize("script", ["sync_booking", "async_booking", "throttling_booking"])
+def test_open_loop(script: str) -> None:
+    """At a rate well under capacity both targets answer what they are offered, on schedule,
+    and the summary compares what they answered, not an invented ratio."""
+    output = run_bench(script, *TINY, "--rate", str(RATE))
+    lines = output.splitlines()
+    assert lines[0].startswith(f"rate={RATE}/s call_timeout=10 "), output
+    for target in ("framework", "baseline"):
+        run = next(line for line in lines if line.startswith(f"{target} run 1: "))
+        figures = re.match(
+            rf"{target} run 1: offered (\d+)/s answered (\d+)/s refused 0/s errors=0"
+            r" latency p50=[\d.]+ms p90=[\d.]+ms p99=[\d.]+ms max=[\d.]+ms$",
+            run,
+        )
+        assert figures, run
+        assert RATE * 0.8 <= int(figures.group(1)) <= RATE * 1.2, run
+        assert int(figures.group(2)) >= RATE / 2, run
+    assert sum(line.startswith(f"  schedule: asked {RATE}/s") for line in lines) == 2, output
+    what = "completed" if script == "async_booking" else "answered"
+    if what == "completed":
+        completed = [line for line in lines if re.match(r"  sagas: completed \d+/s, ", line)]
+        assert len(completed) == 2, output
+    assert any(line.startswith(f"{what}/s framework/baseline: ") for line in lines), output
+    ratio = re.fullmatch(rf"{what}_ratio=(\d+\.\d\d)", lines[-1])
+    assert ratio and float(ratio.group(1)) > 0, output
+    check_cleaned_up(script.removesuffix("_booking"), output)
