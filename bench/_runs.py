@@ -295,10 +295,11 @@ def summarize_closed(
             f"{target} mean: {means[target]:.0f} {unit}/s"
             f" (p50 per run: {p50s} ms; p99 per run: {p99s} ms{cpu_text}{broker_text})"
         )
+    cpu_ratio = None
     if cpu_means["framework"] and cpu_means["baseline"]:
+        cpu_ratio = cpu_means["framework"] / cpu_means["baseline"]
         print(
-            f"server cpu per {singular}, framework/baseline:"
-            f" {cpu_means['framework'] / cpu_means['baseline']:.2f}"
+            f"server cpu per {singular}, framework/baseline: {cpu_ratio:.2f}"
             " (steadier than throughput on a shared machine)"
         )
     status = 0
@@ -310,6 +311,8 @@ def summarize_closed(
         status = 1
     status = max(status, report_leftovers(leftovers))
     ratio = means["framework"] / means["baseline"] if means["baseline"] else 0.0
+    if cpu_ratio is not None:
+        print(f"cpu_ratio={cpu_ratio:.3f}")  # for bench/ab.py --key cpu_ratio
     print(f"ratio={ratio:.2f}")
     return status
 
