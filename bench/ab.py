@@ -1,7 +1,7 @@
 """A/B: one bench's figure at two revisions of the project, runs alternating in one invocation.
 
 Each revision is checked out (``git worktree``, detached) into a temporary directory,
-the bench script of this checkout is copied there (the same bench on both sides), and it
+this checkout's bench/ is copied there (the same benches on both sides), and it
 runs in each in turn, importing the project from there: A, B, A, B, for ``--pairs``
 pairs, with this checkout's virtual environment. The figure is the bench's last
 ``key=value`` line (``--key`` picks another line of that form). Alternating cancels
@@ -65,8 +65,8 @@ def run(tree: Path, bench: Sequence[str], key: str | None) -> tuple[str, float]:
     """Run the bench in `tree` and return its figure."""
     python = str(ROOT / ".venv" / "bin" / "python")
     script, *options = bench
-    if tree != ROOT:  # the same bench on both sides: this checkout's
-        shutil.copyfile(ROOT / script, tree / script)
+    if tree != ROOT:  # the same benches on both sides: this checkout's
+        shutil.copytree(ROOT / "bench", tree / "bench", dirs_exist_ok=True)
     done = subprocess.run(
         [python, str(tree / script), *options],
         check=False,
