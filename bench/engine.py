@@ -1,17 +1,20 @@
-"""The engine's own cost: a sync saga through the facade and its store, without gRPC.
+"""The engine's own cost: a saga through its facade and its store, without gRPC.
 
-A 2-step sync facade whose nodes only set the response's fields (each after
-one `await asyncio.sleep(0)`, as a call would yield) runs on a `SagaKit`
+A 2-step facade whose nodes only set a field (each after one
+`await asyncio.sleep(0)`, as a call would yield) runs on a `SagaKit`
 orchestrator (the in-memory broker, the store named by ``--store``: a fresh
 SQLite file per run by default, as users run it), 64 callers at once. The
 baseline is the same two nodes awaited by hand. What the facade adds, per
-saga, is then the engine: the idempotent begin, the journal's three durable
-writes, retries and timeouts, metrics, the change feed. The figures are this
+saga, is then the engine: the idempotent begin, the journal's durable
+writes, retries and timeouts, metrics, the change feed; with
+``--facade throttling`` also the hops through the (in-memory) broker, the
+journal's check of each hop and the caller's wait for the saga's end. The figures are this
 process's CPU time over the sagas run (every thread included: SQLite's
 checkpoints run on one), so they stay comparable on a busy machine where
 throughput does not.
 
-    .venv/bin/python bench/engine.py [--sagas 6000] [--runs 3] [--store sqlite|memory|URL]
+    .venv/bin/python bench/engine.py [--facade sync|throttling] [--sagas 6000] [--runs 3]
+        [--store sqlite|memory|URL]
 
 The last line is always ``cpu_per_saga_us=X`` (the median of the framework's
 runs); ``bench/ab.py`` compares it between two revisions.
@@ -34,11 +37,18 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import uvloop  # noqa: E402
 
-from orchestrator import Context, Orchestrator, SyncFacade  # noqa: E402
+from orchestrator import (  # noqa: E402
+    AsyncFacadeContext,
+    Context,
+    Orchestrator,
+    SyncFacade,
+    ThrottlingFacade,
+)
 from orchestrator.testing import SagaKit  # noqa: E402
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse  # noqa: E402
 
 FACADE = "SyncBooking"
+THROTTLING = "ThrottlingBooking"
 Booking = Context[BookingRequest, BookingSyncResponse]
 
 
@@ -54,11 +64,36 @@ async def create_payment(request_id: str, ctx: Booking) -> None:
     ctx.response.PaymentID = 9
 
 
+class BookingDTO(AsyncFacadeContext):
+    """The throttling saga's DTO."""
+
+    product_id: int = 1
+    order_id: int = 0
+    payment_id: int = 0
+
+
+async def order_hop(dto: BookingDTO) -> BookingDTO:
+    """Yield once and record an order."""
+    await asyncio.sleep(0)
+    dto.order_id = 7
+    return dto
+
+
+async def payment_hop(dto: BookingDTO) -> BookingDTO:
+    """Yield once and record a payment."""
+    await asyncio.sleep(0)
+    dto.payment_id = 9
+    return dto
+
+
 def register(orchestrator: Orchestrator) -> None:
-    """The booking saga's shape: two nodes, no compensations."""
+    """The booking saga's shape, both kinds: two nodes, no compensations."""
     flow = SyncFacade(request=BookingRequest, response=BookingSyncResponse)
     flow.use(create_order).use(create_payment)
     orchestrator.register_sync_facade(FACADE, flow)
+    throttled = ThrottlingFacade(dto=BookingDTO)
+    throttled.use("engine_order", order_hop).use("engine_payment", payment_hop)
+    orchestrator.register_throttling_facade(THROTTLING, throttled)
 
 
 async def callers(count: int, sagas: int, saga: Callable[[int], Awaitable[object]]) -> float:
@@ -78,8 +113,13 @@ async def framework_run(store_url: str, tag: str, args: argparse.Namespace) -> f
     """CPU microseconds per saga through the facade, after a warm-up of as many sagas."""
     async with SagaKit(register, store_url=store_url, timeout=120) as kit:
         flow = kit.orchestrator.get_sync_facade(FACADE)
+        throttled = kit.orchestrator.get_throttling_facade(THROTTLING)
 
         def saga(phase: str) -> Callable[[int], Awaitable[object]]:
+            if args.facade == "throttling":
+                return lambda n: throttled.run(
+                    f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
+                )
             return lambda n: flow.run(f"{tag}-{phase}-{n}", BookingRequest(ProductID=1))
 
         await callers(args.concurrency, args.sagas, saga("warm"))
@@ -127,6 +167,9 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--facade", choices=("sync", "throttling"), default="sync", help="the facade's kind"
+    )
     parser.add_argument("--sagas", type=int, default=6000, help="sagas per run (and warm-up)")
     parser.add_argument("--runs", type=int, default=3, help="framework+baseline runs")
     parser.add_argument("--concurrency", type=int, default=64, help="callers at once")
