@@ -21,7 +21,7 @@ from orchestrator.facade.sync import SyncFacade
 from orchestrator.facade.throttling import ThrottlingFacade
 from orchestrator.registry import Orchestrator
 from orchestrator.retry import caller_deadline
-from orchestrator.store import SagaState, StepEnded
+from orchestrator.store import SagaRecord, SagaState, StepEnded
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.databases import StoreOpener
 from tests.support.fake_store import FakeSagaStore
@@ -408,4 +408,34 @@ async def test_a_caller_on_one_replica_wakes_at_once_when_another_replica_ends_i
         assert loop.time() - written < 0.5
     finally:
         saga.payment_gate.set()
+        await orchestrator.close()
+
+
+async def test_a_caller_waiting_for_the_end_reads_the_whole_saga_only_once_it_ended(
+    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    whole_reads: list[asyncio.Task[object] | None] = []
+    read_whole = store.get
+
+    async def counted_get(facade: str, request_id: str) -> SagaRecord | None:
+        whole_reads.append(asyncio.current_task())
+        return await read_whole(facade, request_id)
+
+    monkeypatch.setattr(store, "get", counted_get)
+    saga = Saga()
+    saga.payment_gate = asyncio.Event()
+    try:
+        flow = await started(orchestrator, saga)
+        caller = asyncio.create_task(booked(flow, "r-reads"))
+        await saga.held_at_payment("r-reads")
+        await asyncio.sleep(0.1)  # the order's end has woken the caller by now
+        assert caller not in whole_reads  # its saga's position said RUNNING: wait on
+
+        saga.payment_gate.set()
+        await caller
+
+        assert whole_reads.count(caller) == 1  # the end, read once
+    finally:
         await orchestrator.close()

@@ -43,7 +43,9 @@ async def wait_for_end(runtime: SagaRuntime, request_id: str) -> SagaRecord:
         deadline = min(deadline, caller - min(ANSWER_MARGIN_SECONDS, max(left, 0) / 4))
     try:
         async with asyncio.timeout_at(deadline):
-            return await runtime.wait_until(request_id, lambda saga: saga.finished)
+            return await runtime.wait_until(
+                request_id, lambda saga: saga.finished, past_running=True
+            )
     except TimeoutError:
         waited = loop.time() - now
         raise DeadlineExceeded(

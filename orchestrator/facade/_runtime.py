@@ -504,7 +504,13 @@ class SagaRuntime:
             if not waiters:
                 del self._waiters[request_id]
 
-    async def wait_until(self, request_id: str, done: Callable[[SagaRecord], bool]) -> SagaRecord:
+    async def wait_until(
+        self,
+        request_id: str,
+        done: Callable[[SagaRecord], bool],
+        *,
+        past_running: bool = False,
+    ) -> SagaRecord:
         """The saga once `done(saga)` holds (the caller bounds the wait).
 
         The saga is read again only when it changed: this replica's writes wake
@@ -513,13 +519,22 @@ class SagaRuntime:
         and a gap in that feed. A store that announces nothing right now (one
         without a feed, or one whose feed is down) is read again once a second
         for a saga run here, and every 0.01 s backing off to 0.2 s for one run
-        elsewhere.
+        elsewhere. With `past_running` (`done` never holds for a RUNNING saga:
+        waiting for its end), each wake reads the saga's position first, and the
+        whole record only once it left RUNNING.
         """
         with self._watching(request_id) as changed:
             delay = 0.01
             while True:
                 # Cleared before the read: a write landing during it wakes the next wait.
                 changed.clear()
+                if past_running and self.store.announces_changes:
+                    position = await self.store.position(self.name, request_id)
+                    if position is None:
+                        raise KeyError(f"no saga {self.name}/{request_id}")
+                    if position.state == SagaState.RUNNING:
+                        await changed.wait()
+                        continue
                 saga = await self.store.get(self.name, request_id)
                 if saga is None:
                     raise KeyError(f"no saga {self.name}/{request_id}")

@@ -191,7 +191,9 @@ class FacadeBase(abc.ABC):
         """The saga of `request_id` once it has reached a final state (COMPLETED,
         COMPENSATED or COMPENSATION_FAILED); bound the wait with `asyncio.timeout`.
         KeyError when there is no such saga."""
-        return await self.runtime.wait_until(request_id, lambda saga: saga.finished)
+        return await self.runtime.wait_until(
+            request_id, lambda saga: saga.finished, past_running=True
+        )
 
     # --- what the engine asks of each kind (see FacadeKind) -------------------------------
 

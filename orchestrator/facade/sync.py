@@ -121,7 +121,7 @@ class SyncFacade(FacadeBase, Generic[RequestT, ResponseT]):
     async def _replay(self, saga: SagaRecord) -> ResponseT:
         """The outcome of a request run before: its response, or its failure."""
         saga = await self.runtime.wait_until(
-            saga.request_id, lambda s: s.state != SagaState.RUNNING
+            saga.request_id, lambda s: s.state != SagaState.RUNNING, past_running=True
         )
         if saga.state == SagaState.COMPLETED:
             return json_format.ParseDict(json.loads(saga.data or "{}"), self.response_type())

@@ -47,6 +47,7 @@ from orchestrator.store.records import (
     IN_PROCESS_KINDS,
     CompensationState,
     NewSaga,
+    Position,
     SagaPage,
     SagaRecord,
     SagaState,
@@ -153,6 +154,11 @@ class InMemorySagaStore(SagaStore):
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, or None."""
         return self._sagas.get((facade, request_id))
+
+    async def position(self, facade: str, request_id: str) -> Position | None:
+        """Where the saga stands, or None."""
+        saga = self._sagas.get((facade, request_id))
+        return None if saga is None else Position.of(saga)
 
     async def list_sagas(
         self,
