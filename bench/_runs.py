@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 
-from bench._spy import add_py_spy_option, py_spy_binary, record
 from bench.common import (
     TARGETS,
     ConsoleWatcher,
@@ -228,21 +227,9 @@ async def alternate(
         watcher.start()
     for pair in range(1, args.pairs + 1):
         for target in TARGETS:
-            spy = None
-            if args.py_spy is not None and target == "framework" and pair == 1:
-                spy = asyncio.create_task(
-                    record(
-                        processes[target].popen.pid,
-                        args.py_spy,
-                        delay=args.warmup,
-                        seconds=args.seconds,
-                    )
-                )
             before = CpuSnapshot.take(pids)
             result = await run_one(target, pair)
             after = CpuSnapshot.take(pids)
-            if spy is not None:
-                await spy
             result.server_cpu = before.used(after, processes[target].popen.pid)
             if broker_pid is not None:
                 result.broker_cpu = before.used(after, broker_pid)
@@ -328,7 +315,7 @@ def add_run_options(
     parser: argparse.ArgumentParser, *, seconds: float, concurrency_help: str
 ) -> None:
     """The options every booking bench takes: run lengths, load (closed loop, or open loop
-    with `--rate`, bench/_openloop.py), upstream latency, profiles (cProfile, py-spy)."""
+    with `--rate`, bench/_openloop.py), upstream latency, profile."""
     parser.add_argument("--seconds", type=float, default=seconds, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help=concurrency_help)
@@ -348,7 +335,6 @@ def add_run_options(
         metavar="FILE",
         help="run the orchestrator under cProfile and write its stats to FILE",
     )
-    add_py_spy_option(parser)
     parser.add_argument(
         "--rate",
         type=float,
@@ -380,9 +366,6 @@ def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--rate must not be negative and --max-outstanding must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
-    if args.py_spy is not None:
-        args.py_spy = args.py_spy.resolve()
-        py_spy_binary()  # there, before anything starts
 
 
 def header_line(args: argparse.Namespace, channels: int, extra: str = "") -> str:
