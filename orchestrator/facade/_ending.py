@@ -1,8 +1,8 @@
 """A caller waiting for its saga's end: bounded by its deadline and the facade's max wait.
 
 Throttling callers (and inline ones whose saga failed) get the saga's outcome
-as a normal answer: the wait is `SagaRuntime.wait_until`, which reads the
-saga again only when a write to it is announced (this replica's at once, every
+as a normal answer: the wait is `SagaRuntime.ended`, which reads the saga's
+position again only when a write to it is announced (this replica's at once, every
 replica's through the store's change feed). It ends a little before the
 caller's gRPC deadline, so the caller hears DEADLINE_EXCEEDED from us, naming
 the saga, rather than from its own timer, and at the facade's
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from orchestrator.errors import DeadlineExceeded
 from orchestrator.retry import caller_deadline
-from orchestrator.store import SagaRecord
+from orchestrator.store import Position
 
 if TYPE_CHECKING:
     from orchestrator.facade._runtime import SagaRuntime
@@ -30,9 +30,10 @@ ANSWER_MARGIN_SECONDS: Final = 0.25
 of what the caller had)."""
 
 
-async def wait_for_end(runtime: SagaRuntime, request_id: str) -> SagaRecord:
-    """The saga of `request_id` once it reached a final state; DeadlineExceeded when the
-    caller's deadline (less a margin) or the facade's `max_wait_seconds` comes first."""
+async def wait_for_end(runtime: SagaRuntime, request_id: str) -> Position:
+    """Where the saga of `request_id` stands once it reached a final state; DeadlineExceeded
+    when the caller's deadline (less a margin) or the facade's `max_wait_seconds` comes
+    first."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     limit = runtime.policy.max_wait_seconds
@@ -43,9 +44,7 @@ async def wait_for_end(runtime: SagaRuntime, request_id: str) -> SagaRecord:
         deadline = min(deadline, caller - min(ANSWER_MARGIN_SECONDS, max(left, 0) / 4))
     try:
         async with asyncio.timeout_at(deadline):
-            return await runtime.wait_until(
-                request_id, lambda saga: saga.finished, past_running=True
-            )
+            return await runtime.ended(request_id)
     except TimeoutError:
         waited = loop.time() - now
         raise DeadlineExceeded(

@@ -550,6 +550,21 @@ class SagaRuntime:
                         await changed.wait()
                 delay = min(delay * 2, 0.2)
 
+    async def ended(self, request_id: str) -> Position:
+        """Where the saga stands once it reached a final state (the caller bounds the wait):
+        its position, read again on every wake as `wait_until` reads the record; while the
+        store announces nothing, `wait_until`'s polling."""
+        with self._watching(request_id) as changed:
+            while self.store.announces_changes:
+                changed.clear()
+                position = await self.store.position(self.name, request_id)
+                if position is None:
+                    raise KeyError(f"no saga {self.name}/{request_id}")
+                if position.finished:
+                    return position
+                await changed.wait()  # every change, and the feed dropping, sets it
+        return Position.of(await self.wait_until(request_id, lambda saga: saga.finished))
+
     async def recorded(self, request_id: str, within: float) -> Position | None:
         """Where the saga stands once it is recorded, waiting up to `within` seconds for its
         begin (a first hop is published before its saga's begin commits); None after that.

@@ -171,7 +171,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
             if runtime.kind == "inline":
                 return await self._run_inline(request_id, dto)
             await self._accept(request_id, dto)
-            return self._outcome(await wait_for_end(runtime, request_id))
+            return await self._outcome(request_id, await wait_for_end(runtime, request_id))
 
     async def _accept(self, request_id: str, dto: DtoT) -> None:
         runtime = self.runtime
@@ -244,8 +244,16 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         dto.rollback_topic = self._rollback_topic
         return dto
 
-    def _outcome(self, saga: SagaRecord) -> DtoT:
-        """The final DTO of a COMPLETED saga; the failure of any other end, raised."""
+    async def _outcome(self, request_id: str, ended: Position) -> DtoT:
+        """The final DTO of a COMPLETED saga (its last step's data, which the position
+        holds); the failure of any other end, raised, from the whole record."""
+        if ended.state == SagaState.COMPLETED:
+            data = next((data for data in reversed(ended.step_data) if data is not None), None)
+            if data is not None:
+                return self._dto.model_validate_json(data)
+        saga = await self.runtime.store.get(self.runtime.name, request_id)
+        if saga is None:
+            raise KeyError(f"no saga {self.runtime.name}/{request_id}")
         if saga.state == SagaState.COMPLETED:
             return self._dto.model_validate_json(saga.data)
         raise self.runtime.failure_of(saga)
@@ -267,7 +275,7 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
                     pass  # answered below, once its compensation has run
                 else:
                     return carrier.dto
-        return self._outcome(await wait_for_end(runtime, request_id))
+        return await self._outcome(request_id, await wait_for_end(runtime, request_id))
 
     # --- consuming hops ------------------------------------------------------------------
 

@@ -6,14 +6,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.store import InMemorySagaStore, SagaRecord
+from orchestrator.store import InMemorySagaStore, Position, SagaRecord
 from orchestrator.store.base import ChangeListener, GapListener
 
 __all__ = ["FakeSagaStore"]
 
 
 class FakeSagaStore(InMemorySagaStore):
-    """InMemorySagaStore that counts its reads and records the task of each; with
+    """InMemorySagaStore that counts its reads (and records the task of each `get`); with
     `feed=False`, a store that announces no changes (as one without a change feed)."""
 
     def __init__(self, *, feed: bool = True) -> None:
@@ -21,6 +21,8 @@ class FakeSagaStore(InMemorySagaStore):
         self._feed = feed
         self.gets = 0
         """How many times `get` was called (how often watchers polled)."""
+        self.position_reads = 0
+        """How many times `position` was called (how often callers waiting for an end read)."""
         self.readers: list[asyncio.Task[Any]] = []
         """The task of each `get` call, in order: a watch's server-side task."""
 
@@ -36,6 +38,11 @@ class FakeSagaStore(InMemorySagaStore):
         if self._feed:
             return super().subscribe_changes(changed, gap)
         return lambda: None
+
+    async def position(self, facade: str, request_id: str) -> Position | None:
+        """Where the saga stands, counting the read."""
+        self.position_reads += 1
+        return await super().position(facade, request_id)
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, counting the read and remembering who made it."""
