@@ -95,10 +95,24 @@ async def check_broker_of(url: str) -> None:
 
 def find_broker_pid(url: str) -> int | None:
     """The pid of the local process listening on `url`'s port, so its CPU can be counted."""
+    return local_listener_pid(url, 4222 if is_nats(url) else 5672)
+
+
+def find_database_pid(store: str) -> int | None:
+    """The pid of the local PostgreSQL server (its postmaster, whose children are the
+    connections' backends) that `--store` names; None for any other store."""
+    if not store.startswith("postgresql"):
+        return None
+    return local_listener_pid(store, 5432)
+
+
+def local_listener_pid(url: str, default_port: int) -> int | None:
+    """The pid of the process of this machine listening on `url`'s port (`default_port`
+    when it names none); None when `url` is not local or nobody listens."""
     parts = urlsplit(url)
     if parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
         return None
-    port = parts.port or (4222 if is_nats(url) else 5672)
+    port = parts.port or default_port
     inodes = {f"socket:[{inode}]" for inode in listening_sockets(port)}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

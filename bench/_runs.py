@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from bench._spy import add_py_spy_option, py_spy_binary, record
 from bench.common import (
     TARGETS,
     ConsoleWatcher,
@@ -91,6 +92,9 @@ class Run:
     """CPU seconds the target's processes used over the whole run (None off Linux)."""
     broker_cpu: float | None = None
     """CPU seconds the broker used over the whole run (None when it is not a local process)."""
+    database_cpu: float | None = None
+    """CPU seconds the store's database server used over the whole run, all its processes
+    (None unless the store is a local PostgreSQL)."""
     foreign_cpus: float | None = None
     """CPUs busy with processes other than the bench's (and the broker's), on average."""
 
@@ -110,7 +114,11 @@ class Run:
         """`; server 2938us/saga, broker 856us/saga`: the run's CPU per unit, where known."""
         figures = [
             f"{name} {cpu * 1e6:.0f}us/{self.unit_name}"
-            for name, seconds in (("server", self.server_cpu), ("broker", self.broker_cpu))
+            for name, seconds in (
+                ("server", self.server_cpu),
+                ("broker", self.broker_cpu),
+                ("database", self.database_cpu),
+            )
             if self.unit_name and (cpu := self.per_unit(seconds)) is not None
         ]
         return f"; {', '.join(figures)}" if figures else ""
@@ -216,6 +224,7 @@ async def alternate(
     run_one: Callable[[Target, int], Awaitable[Run]],
     *,
     broker_pid: int | None = None,
+    database_pid: int | None = None,
     console_address: str | None = None,
 ) -> list[Run]:
     """`args.pairs` pairs of runs, framework then baseline, each measured and printed as it
@@ -227,12 +236,26 @@ async def alternate(
         watcher.start()
     for pair in range(1, args.pairs + 1):
         for target in TARGETS:
+            spy = None
+            if args.py_spy is not None and target == "framework" and pair == 1:
+                spy = asyncio.create_task(
+                    record(
+                        processes[target].popen.pid,
+                        args.py_spy,
+                        delay=args.warmup,
+                        seconds=args.seconds,
+                    )
+                )
             before = CpuSnapshot.take(pids)
             result = await run_one(target, pair)
             after = CpuSnapshot.take(pids)
+            if spy is not None:
+                await spy
             result.server_cpu = before.used(after, processes[target].popen.pid)
             if broker_pid is not None:
                 result.broker_cpu = before.used(after, broker_pid)
+            if database_pid is not None:
+                result.database_cpu = before.used(after, database_pid)
             result.foreign_cpus = before.foreign_cpus(after)
             print(result.line(), flush=True)
             cpus = cpu_line(before, after, named_pids, result.foreign_cpus)
@@ -251,13 +274,18 @@ async def alternate(
 
 
 def named_pids_of(
-    processes: Mapping[str, Process], broker: tuple[str, int] | None
+    processes: Mapping[str, Process],
+    broker: tuple[str, int] | None,
+    database_pid: int | None = None,
 ) -> dict[str, int]:
-    """The pids whose CPU a run reports: the bench's, every server's, the broker's if local."""
+    """The pids whose CPU a run reports: the bench's, every server's, the broker's and the
+    store's database server's if local."""
     named = {"bench": os.getpid()}
     named.update((name, process.popen.pid) for name, process in processes.items())
     if broker is not None:
         named[broker[0]] = broker[1]
+    if database_pid is not None:
+        named["database"] = database_pid
     return named
 
 
@@ -273,11 +301,14 @@ def summarize_closed(
         means[target] = mean([len(result.latencies) / result.seconds for result in runs])
         cpu = [c for result in runs if (c := result.per_unit(result.server_cpu)) is not None]
         broker = [c for result in runs if (c := result.per_unit(result.broker_cpu)) is not None]
+        database = [c for result in runs if (c := result.per_unit(result.database_cpu)) is not None]
         cpu_means[target] = mean(cpu)
         p50s = ", ".join(f"{percentile(result.latencies, 0.50) * 1000:.1f}" for result in runs)
         p99s = ", ".join(f"{percentile(result.latencies, 0.99) * 1000:.1f}" for result in runs)
         cpu_text = f", server cpu {cpu_means[target] * 1e6:.0f}us/{singular}" if cpu else ""
         broker_text = f", broker cpu {mean(broker) * 1e6:.0f}us/{singular}" if broker else ""
+        if database:
+            broker_text += f", database cpu {mean(database) * 1e6:.0f}us/{singular}"
         print(
             f"{target} mean: {means[target]:.0f} {unit}/s"
             f" (p50 per run: {p50s} ms; p99 per run: {p99s} ms{cpu_text}{broker_text})"
@@ -315,7 +346,7 @@ def add_run_options(
     parser: argparse.ArgumentParser, *, seconds: float, concurrency_help: str
 ) -> None:
     """The options every booking bench takes: run lengths, load (closed loop, or open loop
-    with `--rate`, bench/_openloop.py), upstream latency, profile."""
+    with `--rate`, bench/_openloop.py), upstream latency, profiles (cProfile, py-spy)."""
     parser.add_argument("--seconds", type=float, default=seconds, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="uncounted time before each run")
     parser.add_argument("--concurrency", type=int, default=64, help=concurrency_help)
@@ -335,6 +366,7 @@ def add_run_options(
         metavar="FILE",
         help="run the orchestrator under cProfile and write its stats to FILE",
     )
+    add_py_spy_option(parser)
     parser.add_argument(
         "--rate",
         type=float,
@@ -366,6 +398,9 @@ def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--rate must not be negative and --max-outstanding must be positive")
     if args.profile is not None:
         args.profile = args.profile.resolve()
+    if args.py_spy is not None:
+        args.py_spy = args.py_spy.resolve()
+        py_spy_binary()  # there, before anything starts
 
 
 def header_line(args: argparse.Namespace, channels: int, extra: str = "") -> str:

@@ -25,7 +25,15 @@ from typing import Any
 
 import uvloop
 
-from bench._broker import Topology, check_broker_of, clean_up, find_broker_pid, is_nats, settle
+from bench._broker import (
+    Topology,
+    check_broker_of,
+    clean_up,
+    find_broker_pid,
+    find_database_pid,
+    is_nats,
+    settle,
+)
 from bench._openloop import OpenLoopRun, offer_rpc, summarize_open
 from bench._runs import (
     CallRun,
@@ -173,6 +181,8 @@ async def load_in_turn(
     processes: Mapping[str, Process],
     addresses: Mapping[str, str],
     broker_pid: int | None,
+    *,
+    database_pid: int | None = None,
 ) -> list[Run]:
     """Wait for every server, then run the targets in turn; SIGTERM cancels it."""
     main_task = asyncio.current_task()
@@ -187,11 +197,27 @@ async def load_in_turn(
         return await alternate(
             args,
             processes,
-            named_pids_of(processes, broker),
+            named_pids_of(processes, broker, database_pid),
             run_one,
             broker_pid=broker_pid,
+            database_pid=database_pid,
             console_address=addresses["console"] if args.console else None,
         )
+
+
+def local_servers(args: argparse.Namespace, bench: Bench) -> tuple[int | None, int | None, str]:
+    """The broker's and the store's database server's pids, where they run here (their CPU
+    is counted), and what the header line says of them."""
+    broker_pid = find_broker_pid(bench.url) if bench.url is not None else None
+    where = ""
+    if bench.url is not None:
+        where = f" broker={redact_url(bench.url)} " + (
+            f"(pid {broker_pid})" if broker_pid else "(not local: cpu not counted)"
+        )
+    database_pid = find_database_pid(args.store)
+    if database_pid is not None:
+        where += f" database=(pid {database_pid})"
+    return broker_pid, database_pid, where
 
 
 def run_bench(args: argparse.Namespace, bench: Bench) -> int:
@@ -216,15 +242,14 @@ def run_bench(args: argparse.Namespace, bench: Bench) -> int:
     status = 0
     try:
         start_servers(args, bench, processes, ports, log_dir)
-        broker_pid = find_broker_pid(bench.url) if bench.url is not None else None
-        where = ""
-        if bench.url is not None:
-            where = f" broker={redact_url(bench.url)} " + (
-                f"(pid {broker_pid})" if broker_pid else "(not local: cpu not counted)"
-            )
+        broker_pid, database_pid, where = local_servers(args, bench)
         print(header_line(args, channel_count(args.workers), bench.header + where), flush=True)
         try:
-            results = uvloop.run(load_in_turn(args, bench, processes, addresses, broker_pid))
+            results = uvloop.run(
+                load_in_turn(
+                    args, bench, processes, addresses, broker_pid, database_pid=database_pid
+                )
+            )
         finally:
             signal.signal(signal.SIGTERM, terminate)  # closing the loop reset it
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -247,8 +247,10 @@ def resolve_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     share one store, so a journal in memory becomes a SQLite file."""
     if args.workers < 0:
         parser.error("--workers must not be negative")
-    if args.workers != 1 and args.profile is not None:
-        parser.error("--profile profiles one orchestrator process: use it with --workers 1")
+    if args.workers != 1 and (args.profile is not None or args.py_spy is not None):
+        parser.error(
+            "--profile and --py-spy profile one orchestrator process: use them with --workers 1"
+        )
     args.workers = worker_count(args.workers)
     if args.workers > 1 and args.store in ("memory", "none"):
         args.store = "sqlite"

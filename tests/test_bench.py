@@ -133,3 +133,16 @@ def test_open_loop(script: str) -> None:
     ratio = re.fullmatch(rf"{what}_ratio=(\d+\.\d\d)", lines[-1])
     assert ratio and float(ratio.group(1)) > 0, output
     check_cleaned_up(script.removesuffix("_booking"), output)
+
+
+def test_py_spy_samples_the_framework_during_its_first_measured_run(tmp_path: Path) -> None:
+    """`--py-spy FILE` leaves py-spy's collapsed stacks of the orchestrator's event loop in
+    FILE and its busiest functions in FILE.txt."""
+    profile = tmp_path / "sync.spy"
+    output = run_bench("sync_booking", *TINY, "--concurrency", "8", "--py-spy", str(profile))
+    assert f"py-spy: {profile} (summary: {profile}.txt)" in output
+    stacks = profile.read_text().splitlines()
+    assert stacks and all(re.fullmatch(r".+ \d+", line) for line in stacks)
+    summary = (tmp_path / "sync.spy.txt").read_text()
+    assert re.match(r"\d+ samples of the thread holding the GIL", summary)
+    assert "SyncFacade.run (orchestrator/facade/sync.py)" in summary
