@@ -14,6 +14,7 @@ import asyncio
 import importlib.util
 import time
 from collections.abc import Sequence
+from typing import Final
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import URL
@@ -28,7 +29,13 @@ from orchestrator.store.sql._records import POSITION, position, records, records
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
 
-__all__ = ["PostgresBackend", "PostgresWriter"]
+__all__ = ["POOL_SIZE", "PostgresBackend", "PostgresWriter"]
+
+POOL_SIZE: Final = 10
+"""Connections a store keeps to PostgreSQL: the writer's, and its readers' (each reads a row or
+two and gives its connection back); a change feed has one more of its own. With SQLAlchemy's
+default overflow, a burst of reads (a hop's check for each of 64 sagas in flight) opened and
+closed connections by the dozen, each a server process started and stopped."""
 
 
 class PostgresBackend(Backend):
@@ -45,8 +52,12 @@ class PostgresBackend(Backend):
         super().__init__(url.set(drivername="postgresql+asyncpg"))
 
     def engine(self) -> AsyncEngine:
-        """An asyncpg engine that hides statement parameters in its errors."""
-        return create_async_engine(self.url, hide_parameters=True)
+        """An asyncpg engine that hides statement parameters in its errors, with a pool of
+        `POOL_SIZE` connections and no overflow: a read waits for a connection of the pool
+        rather than opening one of its own (PostgreSQL starts a process per connection)."""
+        return create_async_engine(
+            self.url, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=0
+        )
 
     def writer(self, engine: AsyncEngine, options: WriterOptions) -> PostgresWriter:
         """The writer task on `engine`'s connections."""
