@@ -80,6 +80,9 @@ class PostgresWriter(Writer):
         self._last_commit = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # A read is one statement: no transaction around it (no BEGIN, no ROLLBACK when its
+        # connection goes back to the pool), on the same pool.
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._position_query = text(POSITION.format(":f", ":r"))
         self._get_query = records_query(
             sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
@@ -105,15 +108,16 @@ class PostgresWriter(Writer):
             await asyncio.wait([task])
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
-        """The saga, read on a connection of the engine."""
-        async with self._engine.connect() as conn:
+        """The saga, read on a connection of the engine, outside any transaction."""
+        async with self._reads.connect() as conn:
             result = await conn.execute(self._get_query, {"b_facade": facade, "b_id": request_id})
             found = records(result)
         return found[0] if found else None
 
     async def position(self, facade: str, request_id: str) -> Position | None:
-        """Where the saga stands, read on a connection of the engine."""
-        async with self._engine.connect() as conn:
+        """Where the saga stands, read on a connection of the engine, outside any
+        transaction."""
+        async with self._reads.connect() as conn:
             result = await conn.execute(self._position_query, {"f": facade, "r": request_id})
             return position(result.all())
 
