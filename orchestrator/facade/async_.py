@@ -300,6 +300,11 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
     async def _handle_hop(self, step: StepDefinition, dto: DtoT, delivery: Delivery) -> None:
         runtime = self.runtime
         request_id = dto.request_id
+        if step.index == 0 and (starting := self._starting.get(request_id)) is not None:
+            # Begun on this replica, its first hop published before its begin commits: wait
+            # for that begin here (which leaves the saga's position in memory) rather than
+            # reading the store until the begin is there.
+            await asyncio.wait([starting])
         saga = await runtime.position(request_id)
         verdict, reason = _verdict(saga, step.index, delivery)
         if saga is not None and verdict in (_Verdict.DEAD_LETTER, _Verdict.DROP):
