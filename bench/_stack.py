@@ -93,6 +93,8 @@ class Bench:
     unit: str = "bookings"
     """What a closed-loop run counts per second."""
     header: str = ""
+    sagas: Mapping[str, Any] | None = None
+    """The framework's `sagas` section, when not the defaults."""
     """Appended to the first line."""
 
 
@@ -113,6 +115,7 @@ def start_servers(
         ports["order"],
         ports["payment"],
         broker=bench.broker,
+        sagas=bench.sagas,
         store=args.store,
         console_port=ports["console"] if args.console else 0,
     )

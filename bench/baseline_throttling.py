@@ -12,8 +12,9 @@ under the baseline's prefix, with the same prefetch, and the first holds at
 most ``--max-length`` messages (``x-max-length``, ``reject-publish``): a first hop
 the queue refuses is RESOURCE_EXHAUSTED with the framework's
 ``grpc-retry-pushback-ms`` trailer, as the framework's admission control
-answers. A wait longer than the caller's deadline or ``--max-wait-seconds`` is
-DEADLINE_EXCEEDED (the saga goes on). There is no compensation: a hop that
+answers, and so is a call past ``--max-in-flight`` calls in progress (the
+framework's ``max_in_flight``). A wait longer than the caller's deadline or
+``--max-wait-seconds`` is DEADLINE_EXCEEDED (the saga goes on). There is no compensation: a hop that
 keeps failing is requeued up to the delivery limit, then dead-lettered, and
 its caller gets DEADLINE_EXCEEDED (the bench's bookings never fail).
 
@@ -80,16 +81,27 @@ class Waiters:
 class BaselineThrottling(booking_pb2_grpc.BookingServiceServicer):
     """HandleThrottlingBooking: publish the first hop, answer with the saga's outcome."""
 
-    def __init__(self, saga: Saga, waiters: Waiters, max_wait_seconds: float) -> None:
+    def __init__(
+        self, saga: Saga, waiters: Waiters, max_wait_seconds: float, max_in_flight: int
+    ) -> None:
         self._saga = saga
         self._waiters = waiters
         self._max_wait = max_wait_seconds
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
 
     async def HandleThrottlingBooking(
         self, request: booking_pb2.BookingRequest, context: ServicerContext
     ) -> booking_pb2.BookingSyncResponse:
         """Start the saga and wait for its payment, the caller's deadline at most."""
         request_id = request_id_of(context)
+        if self._max_in_flight and self._in_flight >= self._max_in_flight:
+            context.set_trailing_metadata(((RETRY_PUSHBACK_TRAILER, str(PUSHBACK_MS)),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._in_flight} calls in progress: try again in {PUSHBACK_MS / 1000:g}s",
+            )
+        self._in_flight += 1
         outcome = self._waiters.expect(request_id)  # before publishing: it may finish first
         try:
             try:
@@ -114,6 +126,7 @@ class BaselineThrottling(booking_pb2_grpc.BookingServiceServicer):
                     f"the saga did not end within {wait:.3g}s; it goes on",
                 )
         finally:
+            self._in_flight -= 1
             self._waiters.forget(request_id)
         return booking_pb2.BookingSyncResponse(
             RequestID=request_id, OrderID=order_id, PaymentID=payment_id
@@ -132,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=180.0,
         help="how long a call waits for its saga at most (sagas.max_wait_seconds)",
     )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=0,
+        help="calls in progress at most, past which a call is refused (sagas max_in_flight; "
+        "default: no limit)",
+    )
     args = parser.parse_args(argv)
     args.reuse_port = False
     waiters = Waiters()
@@ -141,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             names=NAMES,
             first_max_length=args.max_length,
             paid=waiters.paid,
-            servicer=lambda saga: BaselineThrottling(saga, waiters, args.max_wait_seconds),
+            servicer=lambda saga: BaselineThrottling(
+                saga, waiters, args.max_wait_seconds, args.max_in_flight
+            ),
         )
     )
 

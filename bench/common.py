@@ -374,6 +374,7 @@ def framework_config(
     payment_port: int,
     *,
     broker: Mapping[str, Any] = MEMORY_BROKER,
+    sagas: Mapping[str, Any] | None = None,
     store: str = "memory",
     console_port: int = 0,
 ) -> None:
@@ -381,8 +382,9 @@ def framework_config(
 
     `store` is `memory` (the journal in process memory: nothing written to disk;
     `none` is another name for it), `sqlite` (a fresh SQLite file beside the
-    config, as in the embedded default), or a store URL. With `console_port`
-    the saga console is served on it (off otherwise).
+    config, as in the embedded default), or a store URL; `sagas` the `sagas` section (the
+    defaults without it). With `console_port` the saga console is served on it (off
+    otherwise).
     """
     config = {
         "grpc": {"host": HOST, "port": port, "shutdown_grace_seconds": 2},
@@ -396,6 +398,8 @@ def framework_config(
         "log_level": "WARNING",
         "log_format": "text",
     }
+    if sagas is not None:
+        config["sagas"] = dict(sagas)
     if console_port:
         config["ui"] = {"enabled": True, "host": HOST, "port": console_port}
     if store == "sqlite":

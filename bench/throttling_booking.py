@@ -6,11 +6,11 @@ outcome. It starts, as subprocesses on free ports: the demo Order and Payment
 upstreams, the framework (``python main.py`` on a temporary config:
 deployment/local/app.yaml's broker section, so ``throttling_create_order`` and
 ``throttling_create_payment`` at concurrency 8 and the first at
-``max_length`` 1000, on ``$RABBITMQ_URL`` with a unique topic prefix; the
-default ``sagas`` settings, so no ``max_in_flight`` and a 180 s wait at most)
-and ``bench/baseline_throttling.py``: the same flow by hand on aio-pika, with
-the same topology, confirms, prefetch and queue length limit (the async
-baseline's code), its own prefix.
+``max_length`` 1000, on ``$RABBITMQ_URL`` with a unique topic prefix; its
+``sagas`` section, so ``max_in_flight`` 128 and a 180 s wait at most) and
+``bench/baseline_throttling.py``: the same flow by hand on aio-pika, with the
+same topology, confirms, prefetch, queue length limit and calls in progress at
+most (the async baseline's code), its own prefix.
 
 Then it loads the framework and the baseline in turn (F, B, F, B by default)
 from this process: N callers on one channel, each in a loop calling
@@ -47,11 +47,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import yaml
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
 from bench._broker import (  # noqa: E402
+    LOCAL_CONFIG,
     baseline_options,
     broker_settings,
     concurrency_of,
@@ -80,8 +83,12 @@ from topic import THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT  # noqa: E4
 
 METHOD: Final = "HandleThrottlingBooking"
 HOPS: Final = (THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT)
-SAGAS: Final = SagaSettings()
-"""The framework's `sagas` settings in the bench: the defaults (its config has no section)."""
+SAGAS_SECTION: Final[dict[str, Any]] = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))[
+    "sagas"
+]
+SAGAS: Final = SagaSettings.model_validate(SAGAS_SECTION)
+"""The framework's `sagas` settings in the bench: deployment/local/app.yaml's (ThrottlingBooking's
+`max_in_flight`)."""
 
 
 def admission(broker: Mapping[str, Any]) -> tuple[int, int | None]:
@@ -140,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def baseline(ports: Mapping[str, int]) -> list[str]:
         options = baseline_options(args.url, prefixes[1], broker, HOPS)
         options["--max-wait-seconds"] = str(SAGAS.max_wait_of(THROTTLING_BOOKING))
+        options["--max-in-flight"] = str(max_in_flight)
         if max_length is not None:
             options["--max-length"] = str(max_length)
         return [str(BENCH_DIR / "baseline_throttling.py"), *upstream_argv(ports), *pairs(options)]
@@ -149,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Bench(
             name="throttling-booking",
             broker=broker,
+            sagas=SAGAS_SECTION,
             url=args.url,
             topology=topology,
             baseline=baseline,
