@@ -29,7 +29,7 @@ from orchestrator.store.sql._records import POSITION, position, records, records
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
 
-__all__ = ["POOL_SIZE", "POSTGRES_COMMIT_INTERVAL", "PostgresBackend", "PostgresWriter"]
+__all__ = ["POOL_SIZE", "PostgresBackend", "PostgresWriter"]
 
 POOL_SIZE: Final = 10
 """Connections a store keeps to PostgreSQL: the writer's, and its readers' (each reads a row or
@@ -38,16 +38,11 @@ default overflow, a burst of reads (a hop's check for each of 64 sagas in flight
 closed connections by the dozen, each a server process started and stopped."""
 
 
-POSTGRES_COMMIT_INTERVAL: Final = 0.005
-"""Commits at most one per so many seconds under load: a write after a quiet spell commits at
-once, and under load each transaction (its round trips, its WAL flush, its NOTIFY) carries
-the writes of every saga that wrote meanwhile."""
-
-
 class PostgresBackend(Backend):
-    """A PostgreSQL database through asyncpg, commits paced (`POSTGRES_COMMIT_INTERVAL`)."""
+    """A PostgreSQL database through asyncpg; it paces itself (writes queue while a
+    transaction's round trip is under way), so commits are not paced by default."""
 
-    commit_interval = POSTGRES_COMMIT_INTERVAL
+    commit_interval = 0.0
 
     def __init__(self, url: URL) -> None:
         if importlib.util.find_spec("asyncpg") is None:

@@ -153,8 +153,7 @@ class SqlSagaStore(SagaStore):
     ) -> None:
         """`max_batch` caps the writes per transaction (1 turns group commit off);
         `commit_interval` paces commits, at most one per so many seconds (None: the
-        backend's default: `SQLITE_COMMIT_INTERVAL` on SQLite, `POSTGRES_COMMIT_INTERVAL` on
-        PostgreSQL).
+        backend's default, `SQLITE_COMMIT_INTERVAL` on SQLite and none on PostgreSQL).
         `announce_changes`: announce every saga write and hear every replica's (NOTIFY
         and LISTEN on PostgreSQL, datagrams between the processes on a SQLite file);
         off, this store neither announces nor hears."""
