@@ -576,9 +576,13 @@ def test_the_console_is_usable_with_the_keyboard_alone(
     request_id = booked["plain"]
     keys = tab.page.keyboard
     tab.goto(f"{service.console}/login")
-    keys.type(READ_TOKEN)  # the token field has the focus
+    # The token field takes the focus by itself (autofocus), once the page is in place.
+    tab.page.wait_for_function("document.activeElement && document.activeElement.id === 'token'")
+    keys.type(READ_TOKEN)
     with tab.page.expect_navigation():
         keys.press("Enter")
+    tab.page.wait_for_load_state("load")
+    assert not tab.page.url.endswith("/login"), "signed in"
 
     keys.press("Tab")
     assert tab.page.evaluate("document.activeElement.textContent") == "Skip to content"

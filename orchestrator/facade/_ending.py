@@ -1,8 +1,8 @@
 """A caller waiting for its saga's end: bounded by its deadline and the facade's max wait.
 
 Throttling callers (and inline ones whose saga failed) get the saga's outcome
-as a normal answer: the wait is `SagaRuntime.ended`, which reads the saga's
-position again only when a write to it is announced (this replica's at once, every
+as a normal answer: the wait is `ended`, which reads the saga's position
+again only when a write to it is announced (this replica's at once, every
 replica's through the store's change feed). It ends a little before the
 caller's gRPC deadline, so the caller hears DEADLINE_EXCEEDED from us, naming
 the saga, rather than from its own timer, and at the facade's
@@ -23,7 +23,7 @@ from orchestrator.store import Position
 if TYPE_CHECKING:
     from orchestrator.facade._runtime import SagaRuntime
 
-__all__ = ["ANSWER_MARGIN_SECONDS", "wait_for_end"]
+__all__ = ["ANSWER_MARGIN_SECONDS", "ended", "wait_for_end"]
 
 ANSWER_MARGIN_SECONDS: Final = 0.25
 """Left of the caller's deadline when the wait gives up: time to answer it (at most a quarter
@@ -44,7 +44,7 @@ async def wait_for_end(runtime: SagaRuntime, request_id: str) -> Position:
         deadline = min(deadline, caller - min(ANSWER_MARGIN_SECONDS, max(left, 0) / 4))
     try:
         async with asyncio.timeout_at(deadline):
-            return await runtime.ended(request_id)
+            return await ended(runtime, request_id)
     except TimeoutError:
         waited = loop.time() - now
         raise DeadlineExceeded(
@@ -52,3 +52,19 @@ async def wait_for_end(runtime: SagaRuntime, request_id: str) -> Position:
             f"(at most {limit:g}s): it goes on; GetSaga or WatchSaga tell its end, and the "
             "same request waits on it again"
         ) from None
+
+
+async def ended(runtime: SagaRuntime, request_id: str) -> Position:
+    """Where the saga stands once it reached a final state (the caller bounds the wait): its
+    position, read again on every wake as `SagaRuntime.wait_until` reads the record (never
+    the whole record); while the store announces nothing, `wait_until`'s polling."""
+    with runtime.watching(request_id) as changed:
+        while runtime.store.announces_changes:
+            changed.clear()
+            position = await runtime.store.position(runtime.name, request_id)
+            if position is None:
+                raise KeyError(f"no saga {runtime.name}/{request_id}")
+            if position.finished:
+                return position
+            await changed.wait()  # every change, and the feed dropping, sets it
+    return Position.of(await runtime.wait_until(request_id, lambda saga: saga.finished))

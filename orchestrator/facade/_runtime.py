@@ -493,7 +493,9 @@ class SagaRuntime:
                 event.set()
 
     @contextlib.contextmanager
-    def _watching(self, request_id: str) -> Iterator[asyncio.Event]:
+    def watching(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set on every write to the saga heard here (this replica's, and every
+        replica's through the change feed), for as long as the block runs."""
         event = asyncio.Event()
         waiters = self._waiters.setdefault(request_id, set())
         waiters.add(event)
@@ -523,7 +525,7 @@ class SagaRuntime:
         waiting for its end), each wake reads the saga's position first, and the
         whole record only once it left RUNNING.
         """
-        with self._watching(request_id) as changed:
+        with self.watching(request_id) as changed:
             delay = 0.01
             while True:
                 # Cleared before the read: a write landing during it wakes the next wait.
@@ -550,28 +552,13 @@ class SagaRuntime:
                         await changed.wait()
                 delay = min(delay * 2, 0.2)
 
-    async def ended(self, request_id: str) -> Position:
-        """Where the saga stands once it reached a final state (the caller bounds the wait):
-        its position, read again on every wake as `wait_until` reads the record; while the
-        store announces nothing, `wait_until`'s polling."""
-        with self._watching(request_id) as changed:
-            while self.store.announces_changes:
-                changed.clear()
-                position = await self.store.position(self.name, request_id)
-                if position is None:
-                    raise KeyError(f"no saga {self.name}/{request_id}")
-                if position.finished:
-                    return position
-                await changed.wait()  # every change, and the feed dropping, sets it
-        return Position.of(await self.wait_until(request_id, lambda saga: saga.finished))
-
     async def recorded(self, request_id: str, within: float) -> Position | None:
         """Where the saga stands once it is recorded, waiting up to `within` seconds for its
         begin (a first hop is published before its saga's begin commits); None after that.
         Woken as `wait_until` is; a store that announces nothing is read every 0.05 s."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        with self._watching(request_id) as changed:
+        with self.watching(request_id) as changed:
             while True:
                 changed.clear()
                 position = await self.store.position(self.name, request_id)
