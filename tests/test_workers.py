@@ -22,6 +22,7 @@ import grpc
 import pytest
 import yaml
 
+from bench.common import listeners
 from orchestrator.config import BrokerSettings, Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
@@ -170,6 +171,10 @@ async def workers(tmp_path: Path, broker: BrokerSettings) -> AsyncIterator[Worke
         with start_main(config=config, cwd=tmp_path) as supervisor:
             target = f"127.0.0.1:{port}"
             await asyncio.to_thread(wait_serving, target, supervisor, timeout=STARTUP_SECONDS)
+            # One worker answering is not both: wait until each has bound the port.
+            async with asyncio.timeout(STARTUP_SECONDS):
+                while listeners(port) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             yield Workers(supervisor, target, metrics_port, upstreams)
             await asyncio.to_thread(supervisor.stop, signal.SIGTERM, timeout=30)
     finally:
