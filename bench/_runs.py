@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from bench._spy import add_py_spy_option, py_spy_binary, record
+from bench._spy import add_py_spy_option, py_spy_binary, record, spy_output
 from bench.common import (
     TARGETS,
     ConsoleWatcher,
@@ -237,11 +237,11 @@ async def alternate(
     for pair in range(1, args.pairs + 1):
         for target in TARGETS:
             spy = None
-            if args.py_spy is not None and target == "framework" and pair == 1:
+            if args.py_spy is not None and pair == 1:
                 spy = asyncio.create_task(
                     record(
                         processes[target].popen.pid,
-                        args.py_spy,
+                        spy_output(args.py_spy, target),
                         delay=args.warmup,
                         seconds=args.seconds,
                     )

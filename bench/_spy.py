@@ -6,7 +6,9 @@ CPU and moves its hot spots; py-spy samples the running process from outside
 without stopping it), so the run it profiles is measured almost as it would be.
 With ``--py-spy FILE`` the first framework run's measured window is recorded into
 FILE (py-spy's ``raw`` format: collapsed stacks, one per line, what flamegraph.pl
-and speedscope read) and its busiest functions summarized into FILE.txt.
+and speedscope read) and its busiest functions summarized into FILE.txt; the first
+baseline run's into FILE.baseline and FILE.baseline.txt, so the two can be compared
+(`python bench/_spy.py FILE FILE.baseline`: samples per unit of work, by library).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def add_py_spy_option(parser: argparse.ArgumentParser) -> None:
         help="sample the framework with py-spy during its first measured run: collapsed "
         "stacks in FILE, the busiest functions in FILE.txt (py-spy is in the bench extra)",
     )
+
+
+def spy_output(path: Path, target: str) -> Path:
+    """Where `target`'s profile goes: `path` for the framework, `path`.baseline for the
+    baseline."""
+    return path if target == "framework" else path.with_name(path.name + ".baseline")
 
 
 def py_spy_binary() -> str:
@@ -116,3 +124,73 @@ def _function(frame: str) -> str:
         return frame
     path = match["path"].removeprefix(f"{ROOT}/")
     return f"{match['name']} ({_LIBRARY.sub('', path)})"
+
+
+def by_library(collapsed: str) -> collections.Counter[str]:
+    """Own samples by where the sampled frame's code lives: a library's top-level package
+    (`aiormq`, `grpc`, ...), the standard library as `stdlib`, this repository's code by its
+    top-level package and module (`orchestrator/facade`), anything else as it is named."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        counts[_library(stack.rsplit(";", 1)[-1])] += int(count)
+    return counts
+
+
+def _library(frame: str) -> str:
+    match = _FRAME.match(frame)
+    if match is None:
+        return frame
+    # py-spy names a file from its sys.path entry: `aiormq/channel.py`, `orchestrator/...`.
+    parts = _LIBRARY.sub("", match["path"].removeprefix(f"{ROOT}/")).split("/")
+    top = parts[0].removesuffix(".py")
+    if top in sys.stdlib_module_names:
+        return "stdlib"
+    if top == "orchestrator" and len(parts) > 1:
+        return f"{top}/{parts[1].removesuffix('.py')}"
+    return top
+
+
+def compare(framework: Path, baseline: Path, units: tuple[float, float]) -> str:
+    """Microseconds of GIL-holding time per unit of work (a booking, a saga), by library,
+    for the framework against the baseline: where the framework's extra CPU goes.
+    `units` is how many each did while sampled (its rate times the run's length)."""
+    sides = [by_library(framework.read_text()), by_library(baseline.read_text())]
+    per_unit = [1e6 / SAMPLES_PER_SECOND / count for count in units]
+    names = sorted(
+        set(sides[0]) | set(sides[1]),
+        key=lambda name: -(sides[0][name] * per_unit[0] - sides[1][name] * per_unit[1]),
+    )
+    lines = [f"{'us/unit':>30} {'framework':>10} {'baseline':>10} {'extra':>8}"]
+    totals = [0.0, 0.0]
+    for name in names:
+        here, there = sides[0][name] * per_unit[0], sides[1][name] * per_unit[1]
+        totals[0] += here
+        totals[1] += there
+        if max(here, there) >= 5:
+            lines.append(f"{name[:30]:>30} {here:10.0f} {there:10.0f} {here - there:+8.0f}")
+    lines.append(f"{'all':>30} {totals[0]:10.0f} {totals[1]:10.0f} {totals[0] - totals[1]:+8.0f}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """`python bench/_spy.py FILE FILE.baseline --units N M`: the comparison."""
+    parser = argparse.ArgumentParser(description=compare.__doc__)
+    parser.add_argument("framework", type=Path)
+    parser.add_argument("baseline", type=Path)
+    parser.add_argument(
+        "--units",
+        type=float,
+        nargs=2,
+        required=True,
+        metavar=("FRAMEWORK", "BASELINE"),
+        help="how many bookings or sagas each did while sampled (rate x seconds)",
+    )
+    args = parser.parse_args()
+    print(compare(args.framework, args.baseline, tuple(args.units)), end="")
+
+
+if __name__ == "__main__":
+    main()

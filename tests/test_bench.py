@@ -135,14 +135,19 @@ def test_open_loop(script: str) -> None:
     check_cleaned_up(script.removesuffix("_booking"), output)
 
 
-def test_py_spy_samples_the_framework_during_its_first_measured_run(tmp_path: Path) -> None:
+def test_py_spy_samples_the_framework_and_the_baseline_during_their_first_measured_runs(
+    tmp_path: Path,
+) -> None:
     """`--py-spy FILE` leaves py-spy's collapsed stacks of the orchestrator's event loop in
-    FILE and its busiest functions in FILE.txt."""
+    FILE and its busiest functions in FILE.txt, and the baseline's in FILE.baseline(.txt)."""
     profile = tmp_path / "sync.spy"
     output = run_bench("sync_booking", *TINY, "--concurrency", "8", "--py-spy", str(profile))
-    assert f"py-spy: {profile} (summary: {profile}.txt)" in output
-    stacks = profile.read_text().splitlines()
-    assert stacks and all(re.fullmatch(r".* \d+", line) for line in stacks), stacks[:5]
-    summary = (tmp_path / "sync.spy.txt").read_text()
-    assert re.match(r"\d+ samples of the thread holding the GIL", summary)
-    assert "SyncFacade.run (orchestrator/facade/sync.py)" in summary
+    baseline = tmp_path / "sync.spy.baseline"
+    for stacks_file in (profile, baseline):
+        assert f"py-spy: {stacks_file} (summary: {stacks_file}.txt)" in output
+        stacks = stacks_file.read_text().splitlines()
+        assert stacks and all(re.fullmatch(r".* \d+", line) for line in stacks), stacks[:5]
+        summary = Path(f"{stacks_file}.txt").read_text()
+        assert re.match(r"\d+ samples of the thread holding the GIL", summary)
+    assert "SyncFacade.run (orchestrator/facade/sync.py)" in (tmp_path / "sync.spy.txt").read_text()
+    assert "baseline_sync.py" in (tmp_path / "sync.spy.baseline.txt").read_text()
