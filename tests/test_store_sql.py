@@ -155,6 +155,37 @@ async def test_a_bad_write_fails_alone_and_spares_its_batch(
     assert step.state == StepState.RUNNING  # its step's end was rolled back with it
 
 
+async def test_writes_go_on_after_postgresql_drops_the_writer_s_connections(
+    store: SqlSagaStore, store_url: str
+) -> None:
+    if is_sqlite(store_url):
+        pytest.skip("PostgreSQL's server-side connections")
+    await run_saga(store, "before")
+    # Every connection of the store's pool, ended by the server (a restart, a failover,
+    # an administrator); the change feed's is spared.
+    await execute(
+        store_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid != pg_backend_pid() AND application_name != 'orchestrator-listen'",
+    )
+    outcomes = []
+    for attempt in range(5):
+        try:
+            outcomes.append(await begin(store, f"after-{attempt}"))
+        except Exception as exc:
+            outcomes.append(exc)
+        if outcomes[-1] is True:
+            break
+    # A write on a dropped connection fails (its caller hears of it); the writer then takes
+    # a fresh connection, and nothing half-done was committed.
+    assert outcomes[-1] is True, outcomes
+    assert all(outcome is True or "connection" in str(outcome).lower() for outcome in outcomes)
+    await run_saga(store, "later")
+    recorded = [f"after-{n}" for n, outcome in enumerate(outcomes) if outcome is True]
+    listed = sorted(ids(await store.list_sagas(page_size=100)))
+    assert listed == sorted(["before", "later", *recorded])
+
+
 async def test_a_write_cancelled_by_its_caller_spares_the_others(store: SqlSagaStore) -> None:
     tasks = [asyncio.create_task(run_saga(store, f"r{i}")) for i in range(10)]
     await asyncio.sleep(0)

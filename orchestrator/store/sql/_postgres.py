@@ -19,16 +19,27 @@ same transaction, so that row is what concurrent writers queue on.
 
 Claims and operators' writes (`_operator`) follow a round's statements, one op
 at a time.
+
+A batch's transaction runs on the asyncpg connection under the SQLAlchemy
+connection the writer checked out of its pool, its statements prepared with `$n`
+parameters (asyncpg caches them per connection): through SQLAlchemy, each
+statement had cost more CPU than asyncpg's own work for it (its execution layer,
+the greenlet hop, the result). Their errors reach the writer as SQLAlchemy's
+(`DBAPIError`), a lost connection invalidated, as SQLAlchemy would have raised
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import TextClause, text
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.store.base import CLAIM_BATCH
@@ -56,7 +67,7 @@ from orchestrator.store.sql._ops import (
 )
 from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
 
-__all__ = ["apply_batch"]
+__all__ = ["Connection", "apply_batch", "connection", "fetch", "forget_if_lost"]
 
 _Key = tuple[str, str]
 _C = TypeVar("_C")
@@ -68,10 +79,86 @@ def _unnest(**columns: str) -> str:
     return f"unnest({arrays}) AS c({', '.join(columns)})"
 
 
+_PARAMETER: Final = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+class _Statement:
+    """A statement as asyncpg takes it: its `:name` parameters numbered `$n`, bound in the
+    order of `names` (for a set-based statement, each an array, one per column)."""
+
+    __slots__ = ("fetches", "names", "returns", "sql")
+
+    def __init__(self, sql: str) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match[1] not in names:
+                names.append(match[1])
+            return f"${names.index(match[1]) + 1}"
+
+        self.sql = _PARAMETER.sub(number, sql)
+        self.names = tuple(names)
+        self.returns = " RETURNING " in sql
+        """Whether it returns the keys of the rows it wrote."""
+        self.fetches = self.returns or sql.startswith("SELECT ")
+        """Whether it returns rows at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """The writer's connection: SQLAlchemy's, and the asyncpg connection under it, which
+    runs the batch's transaction."""
+
+    sa: AsyncConnection
+    driver: Any
+
+
+async def connection(conn: AsyncConnection) -> Connection:
+    """The asyncpg connection under `conn` (checked out of SQLAlchemy's pool)."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    if driver is None:  # only after the connection was invalidated
+        raise RuntimeError("the PostgreSQL connection is gone")
+    return Connection(conn, driver)
+
+
+async def fetch(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
+    """The rows of `sql` (`$n` parameters) run on the asyncpg connection under `conn`, outside
+    any transaction (`conn` is in AUTOCOMMIT): a point read, without SQLAlchemy's execution
+    layer. Errors are raised as SQLAlchemy raises them; a connection found lost is dropped
+    with every pooled one opened before it (see `forget_if_lost`)."""
+    raw = await connection(conn)
+    try:
+        rows: list[Any] = await raw.driver.fetch(sql, *args)
+    except Exception as exc:
+        await forget_if_lost(raw)
+        raise _wrapped(exc, raw) from exc
+    return rows
+
+
+async def forget_if_lost(conn: Connection) -> None:
+    """When the asyncpg connection is closed (the server ended it), have SQLAlchemy learn it as
+    it would by itself, from a statement of its own: it then drops this connection, and every
+    pooled one opened before it (a server restart ended them all)."""
+    if conn.driver.is_closed():
+        with contextlib.suppress(DBAPIError, OSError):
+            await conn.sa.exec_driver_sql("SELECT 1")
+
+
+def _wrapped(exc: Exception, conn: Connection) -> StatementError:
+    return DBAPIError.instance(
+        None,
+        None,
+        exc,
+        Exception,
+        hide_parameters=True,
+        connection_invalidated=conn.driver.is_closed(),
+    )
+
+
 _KEYS: Final = {"f": "text", "r": "text"}
 _MATCH: Final = "s.facade = c.f AND s.request_id = c.r"
 
-_BEGIN: Final = text(
+_BEGIN: Final = _Statement(
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
     " error_code, error_reason, created_at, updated_at, deadline_at)"
     " SELECT c.f, c.r, c.kind, 'RUNNING', c.payload, c.hash, '', c.owner, '', '', c.at, c.at,"
@@ -93,48 +180,48 @@ _STEP_START_SQL: Final = (
     " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
     + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
 )
-_STEP_START: Final = text(_STEP_START_SQL)
+_STEP_START: Final = _Statement(_STEP_START_SQL)
 _NOTIFY_SQL: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
-_STEP_START_AND_NOTIFY: Final = text(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
+_STEP_START_AND_NOTIFY: Final = _Statement(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
 """A round's step starts and the batch's announcement in one round trip: a data-modifying
 WITH runs to completion whether or not the query reads it."""
-_STEP_RESTARTED: Final = text(
+_STEP_RESTARTED: Final = _Statement(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     " RETURNING s.facade, s.request_id"
 )
-_STEP_PENDING: Final = text(
+_STEP_PENDING: Final = _Statement(
     "UPDATE saga_steps s SET state = 'PENDING', error = c.reason FROM "
     + _unnest(**_KEYS, idx="int", reason="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
     " RETURNING s.facade, s.request_id"
 )
-_TOUCH: Final = text(
+_TOUCH: Final = _Statement(
     "UPDATE sagas s SET updated_at = c.at FROM "
     + _unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH}"
 )
-_STEP_DONE: Final = text(
+_STEP_DONE: Final = _Statement(
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", data="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
     " RETURNING s.facade, s.request_id"
 )
-_STEP_FAILED: Final = text(
+_STEP_FAILED: Final = _Statement(
     "UPDATE saga_steps s SET state = 'FAILED', finished_at = c.at, error = c.reason,"
     " data = coalesce(c.data, s.data) FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     " RETURNING s.facade, s.request_id"
 )
-_COMPLETE: Final = text(
+_COMPLETE: Final = _Statement(
     "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
     + _unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
 )
-_FAIL: Final = text(
+_FAIL: Final = _Statement(
     "UPDATE sagas s SET state = c.state, error_code = c.code, error_reason = c.reason,"
     " deadline_at = c.deadline, updated_at = c.at FROM "
     + _unnest(
@@ -147,24 +234,24 @@ _FAIL: Final = text(
     )
     + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
 )
-_UNDO: Final = text(
+_UNDO: Final = _Statement(
     "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
     + _unnest(**_KEYS, idx="int")
     + f" WHERE {_MATCH} AND s.idx = c.idx"
 )
-_COMPENSATION_ENDED: Final = text(
+_COMPENSATION_ENDED: Final = _Statement(
     "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
     " error_reason = CASE c.error WHEN '' THEN s.error_reason ELSE c.error END FROM "
     + _unnest(**_KEYS, state="text", at="timestamptz", error="text")
     + f" WHERE {_MATCH} AND s.state = 'COMPENSATING' RETURNING s.facade, s.request_id"
 )
-_UNDONE: Final = text(
+_UNDONE: Final = _Statement(
     "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
     " compensation_error = c.error FROM "
     + _unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx"
 )
-_HEARTBEAT: Final = text(
+_HEARTBEAT: Final = _Statement(
     "INSERT INTO replicas (owner, heartbeat_at) SELECT c.owner, c.at FROM "
     + _unnest(owner="text", at="timestamptz")
     + " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
@@ -172,30 +259,29 @@ _HEARTBEAT: Final = text(
 # Claims: the candidates are read first (each kind ordered and limited), then taken by one
 # compare-and-set on the owner and deadline each was read with. A concurrent claimer moves
 # both, so a row it took no longer matches, and each stalled saga goes to one claimer.
-_ORPHANS: Final = text(
+_ORPHANS: Final = _Statement(
     "SELECT s.facade, s.request_id, s.owner, s.deadline_at FROM sagas s"
     " LEFT OUTER JOIN replicas r ON r.owner = s.owner"
     f" WHERE ({RUNNING_ONLY}) AND s.{IN_PROCESS_ONLY} AND s.owner != :me"
     " AND (r.owner IS NULL OR r.heartbeat_at < :stale) ORDER BY s.created_at LIMIT :limit"
 )
-_EXPIRED: Final = text(
+_EXPIRED: Final = _Statement(
     "SELECT facade, request_id, owner, deadline_at FROM sagas"
     f" WHERE ({OPEN_ONLY}) AND deadline_at < :now ORDER BY deadline_at LIMIT :limit"
 )
-_CLAIM: Final = text(
+_CLAIM: Final = _Statement(
     "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
     + _unnest(**_KEYS, owner="text", deadline="timestamptz")
     + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
     f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
 )
 
-_NOTIFY: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest($1::text[]) AS p"
-"""The announcement on its own, when the batch's last round started no step; sent on the
-asyncpg connection itself, which costs less CPU than a statement through SQLAlchemy."""
+_NOTIFY: Final = _Statement(_NOTIFY_SQL)
+"""The announcement on its own, when the batch's last round started no step."""
 
 
 async def apply_batch(
-    conn: AsyncConnection, ops: Sequence[Op], *, announce: bool = True
+    conn: Connection, ops: Sequence[Op], *, announce: bool = True
 ) -> dict[Op, object]:
     """Apply `ops` in `conn`'s transaction; each op's outcome (not yet committed).
 
@@ -208,26 +294,45 @@ async def apply_batch(
     announced = False
     for number, round_ops in enumerate(grouped, 1):
         announced = await _apply_round(
-            conn, round_ops, outcomes, changed, announce=announce and number == len(grouped)
+            conn,
+            round_ops,
+            outcomes,
+            changed,
+            announce=announce and number == len(grouped),
         )
     if announce and changed and not announced:
-        # In the transaction SQLAlchemy began on this very connection.
-        driver = (await conn.get_raw_connection()).driver_connection
-        if driver is None:  # only after the connection was invalidated
-            raise RuntimeError("the PostgreSQL connection is gone")
-        await driver.execute(_NOTIFY, notification_payloads(sorted(changed)))
+        await _run(conn, _NOTIFY, [notification_payloads(sorted(changed))])
     return outcomes
 
 
+async def _run(
+    conn: Connection, statement: _Statement, args: Sequence[Any]
+) -> tuple[int, list[Any]]:
+    """Run `statement` on the asyncpg connection: how many rows it touched, and the rows it
+    returned. A failure is raised as SQLAlchemy raises it (`connection_invalidated` when the
+    connection is lost)."""
+    driver = conn.driver
+    try:
+        if statement.fetches:
+            rows = await driver.fetch(statement.sql, *args)
+            return len(rows), rows
+        status: str = await driver.execute(statement.sql, *args)
+        count = status.rsplit(" ", 1)[-1]
+        return (int(count) if count.isdigit() else 0), []
+    except Exception as exc:
+        raise _wrapped(exc, conn) from exc
+
+
 async def _rows(
-    conn: AsyncConnection, statement: TextClause, rows: list[dict[str, Any]]
+    connection: Connection, statement: _Statement, rows: list[dict[str, Any]]
 ) -> set[_Key]:
     """Run a set-based statement over `rows` (one array per column); the keys it returned."""
     if not rows:
         return set()
-    arrays = {name: [row[name] for row in rows] for name in rows[0]}
-    result = await conn.execute(statement, arrays)
-    return {(facade, request_id) for facade, request_id in result} if result.returns_rows else set()
+    _, returned = await _run(
+        connection, statement, [[row[name] for row in rows] for name in statement.names]
+    )
+    return {(facade, request_id) for facade, request_id in returned}
 
 
 def _key(op: ApplyOp | BeginOp) -> _Key:
@@ -237,7 +342,7 @@ def _key(op: ApplyOp | BeginOp) -> _Key:
 
 
 async def _apply_round(
-    conn: AsyncConnection,
+    conn: Connection,
     ops: list[Op],
     outcomes: dict[Op, object],
     changed: set[_Key],
@@ -402,19 +507,21 @@ async def _apply_round(
 
 
 async def _start_steps(
-    conn: AsyncConnection, starts: list[dict[str, object]], announce: set[_Key] | None
+    conn: Connection, starts: list[dict[str, object]], announce: set[_Key] | None
 ) -> None:
     """Insert the `starts` steps; with `announce`, NOTIFY those sagas in the same statement."""
     if announce is None:
         await _rows(conn, _STEP_START, starts)
         return
-    arrays: dict[str, object] = {name: [row[name] for row in starts] for name in starts[0]}
-    arrays["payloads"] = notification_payloads(sorted(announce))
-    await conn.execute(_STEP_START_AND_NOTIFY, arrays)
+    columns: dict[str, list[Any]] = {name: [row[name] for row in starts] for name in starts[0]}
+    columns["payloads"] = notification_payloads(sorted(announce))
+    await _run(
+        conn, _STEP_START_AND_NOTIFY, [columns[name] for name in _STEP_START_AND_NOTIFY.names]
+    )
 
 
 async def _upkeep(
-    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+    conn: Connection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
 ) -> None:
     """A round's heartbeats and claims; the sagas claimed go to `changed`."""
     beats = sorted((op for op in ops if isinstance(op, HeartbeatOp)), key=lambda op: op.owner)
@@ -425,7 +532,7 @@ async def _upkeep(
 
 
 async def _one_by_one(
-    conn: AsyncConnection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
+    conn: Connection, ops: list[Op], outcomes: dict[Op, object], changed: set[_Key]
 ) -> None:
     """The round's claims and operators' writes, each by statements of its own; the sagas
     they moved go to `changed`."""
@@ -442,38 +549,39 @@ async def _one_by_one(
                 changed.add((other.facade, other.request_id))
 
 
-async def _engine(conn: AsyncConnection, op: ApplyOp) -> bool:
+async def _engine(conn: Connection, op: ApplyOp) -> bool:
     """One of the engine's changes, as a batch of its own (an operator's move that is one);
     announced with the batch it belongs to."""
     outcomes = await apply_batch(conn, [op], announce=False)
     return outcomes[op] is True
 
 
-async def _claim(conn: AsyncConnection, op: ClaimOp) -> list[tuple[_Key, bool]]:
+async def _claim(conn: Connection, op: ClaimOp) -> list[tuple[_Key, bool]]:
     found: dict[_Key, tuple[bool, str, datetime | None]] = {}
+    values: dict[str, object] = {
+        "me": op.owner,
+        "now": op.at,
+        "stale": op.stale_before,
+        "limit": CLAIM_BATCH,
+    }
     for statement, expired in ((_EXPIRED, True), (_ORPHANS, False)):
-        result = await conn.execute(
-            statement,
-            {"me": op.owner, "now": op.at, "stale": op.stale_before, "limit": CLAIM_BATCH},
-        )
-        for facade, request_id, owner, deadline in result:
+        _, rows = await _run(conn, statement, [values[name] for name in statement.names])
+        for facade, request_id, owner, deadline in rows:
             found.setdefault((facade, request_id), (expired, owner, deadline))
     candidates = sorted(found.items())[:CLAIM_BATCH]
     if not candidates:
         return []
-    result = await conn.execute(
-        _CLAIM,
-        {
-            "me": op.owner,
-            "hold": op.hold_until,
-            "now": op.at,
-            "f": [key[0] for key, _ in candidates],
-            "r": [key[1] for key, _ in candidates],
-            "owner": [owner for _, (_, owner, _) in candidates],
-            "deadline": [deadline for _, (_, _, deadline) in candidates],
-        },
-    )
-    taken = {(facade, request_id) for facade, request_id in result}
+    values = {
+        "me": op.owner,
+        "hold": op.hold_until,
+        "now": op.at,
+        "f": [key[0] for key, _ in candidates],
+        "r": [key[1] for key, _ in candidates],
+        "owner": [owner for _, (_, owner, _) in candidates],
+        "deadline": [deadline for _, (_, _, deadline) in candidates],
+    }
+    _, rows = await _run(conn, _CLAIM, [values[name] for name in _CLAIM.names])
+    taken = {(facade, request_id) for facade, request_id in rows}
     return [(key, expired) for key, (expired, _, _) in candidates if key in taken]
 
 
@@ -501,7 +609,7 @@ def _followed(ops: Sequence[ApplyOp], moved: set[_Key]) -> None:
 
 
 async def run_postgres(
-    conn: AsyncConnection, op: OperatorOp, engine: Callable[[ApplyOp], Awaitable[bool]]
+    conn: Connection, op: OperatorOp, engine: Callable[[ApplyOp], Awaitable[bool]]
 ) -> object:
     """Carry out `op`'s plan on PostgreSQL, in `conn`'s transaction at `op.at`; `engine`
     applies one of the engine's changes."""
@@ -512,13 +620,16 @@ async def run_postgres(
             if isinstance(step, Engine):
                 done = Done(int(await engine(step.op)))
             else:
-                result = await conn.execute(_text(step.sql, lock=step.lock), step.params)
-                done = Done(result.rowcount, result.all() if result.returns_rows else ())
+                statement = _statement(step.sql, lock=step.lock)
+                count, rows = await _run(
+                    conn, statement, [step.params[name] for name in statement.names]
+                )
+                done = Done(count, rows)
             step = steps.send(done)
     except StopIteration as stop:
         return stop.value
 
 
 @functools.cache
-def _text(sql: str, *, lock: bool) -> TextClause:
-    return text(f"{sql} FOR UPDATE" if lock else sql)
+def _statement(sql: str, *, lock: bool) -> _Statement:
+    return _Statement(f"{sql} FOR UPDATE" if lock else sql)

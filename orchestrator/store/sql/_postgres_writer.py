@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from orchestrator.store.records import Position, SagaRecord
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
-from orchestrator.store.sql._postgres import apply_batch
+from orchestrator.store.sql._postgres import apply_batch, connection, forget_if_lost
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
@@ -166,18 +166,34 @@ class PostgresWriter(Writer):
         self.hand_over(written)
 
     async def _transaction(self, ops: Sequence[Op]) -> dict[Op, object]:
-        """Apply `ops` in one transaction and return each op's outcome once committed."""
+        """Apply `ops` in one transaction and return each op's outcome once committed.
+
+        The transaction is asyncpg's own, on the connection under SQLAlchemy's (its
+        statements go there, see `_postgres`); SQLAlchemy's connection stays outside
+        any transaction, so returning it to the pool rolls nothing back."""
         stage = "connect"
         try:
             async with self._engine.connect() as conn:
-                await conn.begin()
-                stage = "execute"
-                outcomes = await apply_batch(conn, ops, announce=self._announce)
-                stage = "commit"
-                await conn.commit()
+                raw = await connection(conn)
+                transaction = None
+                try:
+                    transaction = raw.driver.transaction()
+                    await transaction.start()
+                    stage = "execute"
+                    outcomes = await apply_batch(raw, ops, announce=self._announce)
+                    stage = "commit"
+                    await transaction.commit()
+                except BaseException:
+                    if raw.driver.is_closed():
+                        await forget_if_lost(raw)
+                    elif stage == "execute" and transaction is not None:
+                        await transaction.rollback()
+                    raise
                 return outcomes
         except Exception as exc:
-            lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+            lost = (isinstance(exc, DBAPIError) and exc.connection_invalidated) or isinstance(
+                exc, OSError
+            )
             # Only a failed statement may be one op's fault. No connection or a lost one
             # fail the whole batch: retrying op by op would multiply the wait for nothing.
             # A failed COMMIT is not retried either: it may have committed.
