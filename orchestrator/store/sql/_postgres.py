@@ -67,7 +67,7 @@ from orchestrator.store.sql._ops import (
 )
 from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
 
-__all__ = ["Connection", "apply_batch", "connection", "fetch", "forget_if_lost"]
+__all__ = ["Connection", "apply_batch", "as_dbapi_error", "connection", "fetch", "forget_if_lost"]
 
 _Key = tuple[str, str]
 _C = TypeVar("_C")
@@ -131,7 +131,7 @@ async def fetch(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
         rows: list[Any] = await raw.driver.fetch(sql, *args)
     except Exception as exc:
         await forget_if_lost(raw)
-        raise _wrapped(exc, raw) from exc
+        raise as_dbapi_error(exc, raw) from exc
     return rows
 
 
@@ -144,7 +144,8 @@ async def forget_if_lost(conn: Connection) -> None:
             await conn.sa.exec_driver_sql("SELECT 1")
 
 
-def _wrapped(exc: Exception, conn: Connection) -> StatementError:
+def as_dbapi_error(exc: Exception, conn: Connection) -> StatementError:
+    """`exc`, raised by asyncpg on `conn`, as SQLAlchemy would have raised it."""
     return DBAPIError.instance(
         None,
         None,
@@ -320,7 +321,7 @@ async def _run(
         count = status.rsplit(" ", 1)[-1]
         return (int(count) if count.isdigit() else 0), []
     except Exception as exc:
-        raise _wrapped(exc, conn) from exc
+        raise as_dbapi_error(exc, conn) from exc
 
 
 async def _rows(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -24,7 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from orchestrator.store.records import Position, SagaRecord
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
-from orchestrator.store.sql._postgres import apply_batch, connection, forget_if_lost
+from orchestrator.store.sql._postgres import (
+    apply_batch,
+    as_dbapi_error,
+    connection,
+    fetch,
+    forget_if_lost,
+)
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
@@ -83,7 +89,7 @@ class PostgresWriter(Writer):
         # A read is one statement: no transaction around it (no BEGIN, no ROLLBACK when its
         # connection goes back to the pool), on the same pool.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._position_query = text(POSITION.format(":f", ":r"))
+        self._position_query = POSITION.format("$1", "$2")
         self._get_query = records_query(
             sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
         )
@@ -118,8 +124,7 @@ class PostgresWriter(Writer):
         """Where the saga stands, read on a connection of the engine, outside any
         transaction."""
         async with self._reads.connect() as conn:
-            result = await conn.execute(self._position_query, {"f": facade, "r": request_id})
-            return position(result.all())
+            return position(await fetch(conn, self._position_query, facade, request_id))
 
     async def _write_loop(self) -> None:
         batch: list[Op] = []
@@ -183,11 +188,13 @@ class PostgresWriter(Writer):
                     outcomes = await apply_batch(raw, ops, announce=self._announce)
                     stage = "commit"
                     await transaction.commit()
-                except BaseException:
+                except BaseException as exc:
                     if raw.driver.is_closed():
                         await forget_if_lost(raw)
                     elif stage == "execute" and transaction is not None:
                         await transaction.rollback()
+                    if isinstance(exc, Exception) and _from_driver(exc):
+                        raise as_dbapi_error(exc, raw) from exc
                     raise
                 return outcomes
         except Exception as exc:
@@ -198,3 +205,9 @@ class PostgresWriter(Writer):
             # fail the whole batch: retrying op by op would multiply the wait for nothing.
             # A failed COMMIT is not retried either: it may have committed.
             raise BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
+
+
+def _from_driver(exc: Exception) -> bool:
+    """Whether asyncpg raised `exc` itself (a statement's errors come wrapped already); asyncpg
+    is an optional dependency, so its classes are not imported here."""
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg.")
