@@ -1,16 +1,22 @@
-"""The PostgreSQL backend of the SQL store: asyncpg through SQLAlchemy, a writer task,
-and the change feed.
+"""The PostgreSQL backend of the SQL store: a writer task on asyncpg, and the change feed.
 
 The writer is a task: what was queued while a transaction's round trip was
 under way (up to `max_batch`) is the next transaction, a few set-based
 statements (`_postgres`). Each transaction that changed sagas also NOTIFYs
 their keys, and each store LISTENs on a connection of its own (`_listen`):
 replicas sharing the database hear of each other's writes as they commit.
+
+SQLAlchemy keeps the pool, the migrations and the listing queries; the hot path
+(the writer's transactions, a saga's position) runs on the asyncpg connection
+under a connection checked out of that pool, without SQLAlchemy's execution
+layer, which cost more CPU per statement than asyncpg's own work. Errors still
+reach callers as SQLAlchemy's `DBAPIError`s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import time
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ from orchestrator.store.records import Position, SagaRecord
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
 from orchestrator.store.sql._postgres import (
+    Connection,
     apply_batch,
     as_dbapi_error,
     connection,
@@ -86,6 +93,7 @@ class PostgresWriter(Writer):
         self._last_commit = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._connection: Connection | None = None
         # A read is one statement: no transaction around it (no BEGIN, no ROLLBACK when its
         # connection goes back to the pool), on the same pool.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -112,6 +120,7 @@ class PostgresWriter(Writer):
             self._closing = True
             self._wake.set()
             await asyncio.wait([task])
+        await self._release()
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
         """The saga, read on a connection of the engine, outside any transaction."""
@@ -173,30 +182,32 @@ class PostgresWriter(Writer):
     async def _transaction(self, ops: Sequence[Op]) -> dict[Op, object]:
         """Apply `ops` in one transaction and return each op's outcome once committed.
 
-        The transaction is asyncpg's own, on the connection under SQLAlchemy's (its
-        statements go there, see `_postgres`); SQLAlchemy's connection stays outside
-        any transaction, so returning it to the pool rolls nothing back."""
+        The transaction is asyncpg's own, on the writer's connection (see `_held`); its
+        statements go there (see `_postgres`)."""
         stage = "connect"
         try:
-            async with self._engine.connect() as conn:
-                raw = await connection(conn)
-                transaction = None
-                try:
-                    transaction = raw.driver.transaction()
-                    await transaction.start()
-                    stage = "execute"
-                    outcomes = await apply_batch(raw, ops, announce=self._announce)
-                    stage = "commit"
-                    await transaction.commit()
-                except BaseException as exc:
-                    if raw.driver.is_closed():
-                        await forget_if_lost(raw)
-                    elif stage == "execute" and transaction is not None:
+            raw = await self._held()
+            transaction = None
+            try:
+                transaction = raw.driver.transaction()
+                await transaction.start()
+                stage = "execute"
+                outcomes = await apply_batch(raw, ops, announce=self._announce)
+                stage = "commit"
+                await transaction.commit()
+            except BaseException as exc:
+                usable = not raw.driver.is_closed()
+                if usable and stage == "execute" and transaction is not None:
+                    try:
                         await transaction.rollback()
-                    if isinstance(exc, Exception) and _from_driver(exc):
-                        raise as_dbapi_error(exc, raw) from exc
-                    raise
-                return outcomes
+                    except Exception:
+                        usable = False  # in a state nobody should inherit
+                if not usable:
+                    await self._drop(raw)
+                if isinstance(exc, Exception) and _from_driver(exc):
+                    raise as_dbapi_error(exc, raw) from exc
+                raise
+            return outcomes
         except Exception as exc:
             lost = (isinstance(exc, DBAPIError) and exc.connection_invalidated) or isinstance(
                 exc, OSError
@@ -205,6 +216,36 @@ class PostgresWriter(Writer):
             # fail the whole batch: retrying op by op would multiply the wait for nothing.
             # A failed COMMIT is not retried either: it may have committed.
             raise BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
+
+    async def _held(self) -> Connection:
+        """The writer's connection, checked out of the pool once and kept between batches
+        (a checkout per batch cost more CPU than a small batch's statements); SQLAlchemy's
+        connection stays outside any transaction, so it holds nothing between them."""
+        if self._connection is None:
+            conn = await self._engine.connect()
+            try:
+                self._connection = await connection(conn)
+            except BaseException:
+                await conn.close()
+                raise
+        return self._connection
+
+    async def _drop(self, raw: Connection) -> None:
+        """Stop using the writer's connection: lost (the server ended it), SQLAlchemy drops it
+        and every pooled one opened before it; merely unusable, just it."""
+        if raw.driver.is_closed():
+            await forget_if_lost(raw)
+        else:
+            with contextlib.suppress(DBAPIError, OSError):
+                await raw.sa.invalidate()
+        await self._release()
+
+    async def _release(self) -> None:
+        """Give the writer's connection back to the pool (which drops it if it was lost)."""
+        held, self._connection = self._connection, None
+        if held is not None:
+            with contextlib.suppress(DBAPIError, OSError):
+                await held.sa.close()
 
 
 def _from_driver(exc: Exception) -> bool:
