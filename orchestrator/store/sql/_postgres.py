@@ -67,7 +67,7 @@ from orchestrator.store.sql._ops import (
 )
 from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
 
-__all__ = ["Connection", "apply_batch", "as_dbapi_error", "connection", "fetch", "forget_if_lost"]
+__all__ = ["Connection", "apply_batch", "as_dbapi_error", "connection", "forget_if_lost"]
 
 _Key = tuple[str, str]
 _C = TypeVar("_C")
@@ -119,20 +119,6 @@ async def connection(conn: AsyncConnection) -> Connection:
     if driver is None:  # only after the connection was invalidated
         raise RuntimeError("the PostgreSQL connection is gone")
     return Connection(conn, driver)
-
-
-async def fetch(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
-    """The rows of `sql` (`$n` parameters) run on the asyncpg connection under `conn`, outside
-    any transaction (`conn` is in AUTOCOMMIT): a point read, without SQLAlchemy's execution
-    layer. Errors are raised as SQLAlchemy raises them; a connection found lost is dropped
-    with every pooled one opened before it (see `forget_if_lost`)."""
-    raw = await connection(conn)
-    try:
-        rows: list[Any] = await raw.driver.fetch(sql, *args)
-    except Exception as exc:
-        await forget_if_lost(raw)
-        raise as_dbapi_error(exc, raw) from exc
-    return rows
 
 
 async def forget_if_lost(conn: Connection) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import importlib.util
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import bindparam
 from sqlalchemy.engine import URL
@@ -35,20 +35,25 @@ from orchestrator.store.sql._postgres import (
     apply_batch,
     as_dbapi_error,
     connection,
-    fetch,
     forget_if_lost,
 )
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
 
-__all__ = ["POOL_SIZE", "PostgresBackend", "PostgresWriter"]
+__all__ = ["CLOSE_SECONDS", "POOL_SIZE", "READ_POOL_SIZE", "PostgresBackend", "PostgresWriter"]
 
 POOL_SIZE: Final = 10
-"""Connections a store keeps to PostgreSQL: the writer's, and its readers' (each reads a row or
-two and gives its connection back); a change feed has one more of its own. With SQLAlchemy's
-default overflow, a burst of reads (a hop's check for each of 64 sagas in flight) opened and
-closed connections by the dozen, each a server process started and stopped."""
+"""Connections a store keeps to PostgreSQL at most, in two pools: its point reads' (see
+`READ_POOL_SIZE`), and SQLAlchemy's (the writer's, the listing queries', the migrations'); a
+change feed has one more of its own. Neither pool overflows: with SQLAlchemy's default
+overflow, a burst of reads (a hop's check for each of 64 sagas in flight) opened and closed
+connections by the dozen, each a server process started and stopped."""
+CLOSE_SECONDS: Final = 5.0
+"""How long closing the store waits for point reads in progress."""
+READ_POOL_SIZE: Final = 6
+"""Of `POOL_SIZE`, the connections of the point reads (a saga's position, a saga by its key):
+an asyncpg pool of their own, without SQLAlchemy's checkout and execution layers."""
 
 
 class PostgresBackend(Backend):
@@ -69,12 +74,14 @@ class PostgresBackend(Backend):
         `POOL_SIZE` connections and no overflow: a read waits for a connection of the pool
         rather than opening one of its own (PostgreSQL starts a process per connection)."""
         return create_async_engine(
-            self.url, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=0
+            self.url, hide_parameters=True, pool_size=POOL_SIZE - READ_POOL_SIZE, max_overflow=0
         )
 
     def writer(self, engine: AsyncEngine, options: WriterOptions) -> PostgresWriter:
-        """The writer task on `engine`'s connections."""
-        return PostgresWriter(engine, options)
+        """The writer task on `engine`'s connections, point reads on a pool of their own."""
+        return PostgresWriter(
+            engine, options, dsn=self.url.set(drivername="postgresql").render_as_string(False)
+        )
 
     def change_feed(self) -> PgChangeFeed:
         """LISTENing on a plain asyncpg connection of its own."""
@@ -84,9 +91,11 @@ class PostgresBackend(Backend):
 class PostgresWriter(Writer):
     """A task applying each batch in one transaction of set-based statements."""
 
-    def __init__(self, engine: AsyncEngine, options: WriterOptions) -> None:
+    def __init__(self, engine: AsyncEngine, options: WriterOptions, *, dsn: str) -> None:
         super().__init__(options)
         self._engine = engine
+        self._dsn = dsn
+        self._read_pool: Any = None  # an asyncpg.Pool (asyncpg is an optional dependency)
         self._announce = options.announce
         self._queue: list[Op] = []
         self._wake = asyncio.Event()
@@ -94,16 +103,18 @@ class PostgresWriter(Writer):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._connection: Connection | None = None
-        # A read is one statement: no transaction around it (no BEGIN, no ROLLBACK when its
-        # connection goes back to the pool), on the same pool.
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._position_query = POSITION.format("$1", "$2")
-        self._get_query = records_query(
+        compiled = records_query(
             sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
-        )
+        ).compile(dialect=engine.dialect)
+        self._get_query = str(compiled)
+        self._get_order = compiled.positiontup or ()
 
     async def open(self) -> None:
-        """Start the writer task."""
+        """Open the point reads' pool, and start the writer task."""
+        import asyncpg  # type: ignore[import-untyped]  # optional: imported once it is needed
+
+        self._read_pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=READ_POOL_SIZE)
         self._closing = False
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
         self._task = asyncio.create_task(self._write_loop(), name="saga-store-writer")
@@ -121,19 +132,41 @@ class PostgresWriter(Writer):
             self._wake.set()
             await asyncio.wait([task])
         await self._release()
+        pool, self._read_pool = self._read_pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+            except TimeoutError:
+                pool.terminate()  # a read that outlived the store: it fails
 
     async def get(self, facade: str, request_id: str) -> SagaRecord | None:
-        """The saga, read on a connection of the engine, outside any transaction."""
-        async with self._reads.connect() as conn:
-            result = await conn.execute(self._get_query, {"b_facade": facade, "b_id": request_id})
-            found = records(result)
+        """The saga, read on a connection of the point reads' pool, outside any transaction."""
+        values = {"b_facade": facade, "b_id": request_id}
+        found = records(await self._read(self._get_query, *(values[n] for n in self._get_order)))
         return found[0] if found else None
 
     async def position(self, facade: str, request_id: str) -> Position | None:
-        """Where the saga stands, read on a connection of the engine, outside any
+        """Where the saga stands, read on a connection of the point reads' pool, outside any
         transaction."""
-        async with self._reads.connect() as conn:
-            return position(await fetch(conn, self._position_query, facade, request_id))
+        return position(await self._read(self._position_query, facade, request_id))
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        pool = self._read_pool
+        if pool is None:
+            raise RuntimeError("the saga store is not running (start() it; is it closed?)")
+        async with pool.acquire() as conn:
+            try:
+                rows: list[Any] = await conn.fetch(sql, *args)
+            except Exception as exc:
+                if conn.is_closed():
+                    # The server ended it, and likely the others opened before it with it (a
+                    # restart): each is replaced when next taken, rather than failing a read.
+                    await pool.expire_connections()
+                if not _from_driver(exc):
+                    raise
+                # As SQLAlchemy reports a database's failure.
+                raise DBAPIError.instance(None, None, exc, Exception, hide_parameters=True) from exc
+        return rows
 
     async def _write_loop(self) -> None:
         batch: list[Op] = []
