@@ -21,26 +21,15 @@ Claims and operators' writes (`_operator`) follow a round's statements, one op
 at a time.
 
 A batch's transaction runs on the asyncpg connection under the SQLAlchemy
-connection the writer checked out of its pool, its statements prepared with `$n`
-parameters (asyncpg caches them per connection): through SQLAlchemy, each
-statement had cost more CPU than asyncpg's own work for it (its execution layer,
-the greenlet hop, the result). Their errors reach the writer as SQLAlchemy's
-(`DBAPIError`), a lost connection invalidated, as SQLAlchemy would have raised
-them.
+connection the writer checked out of its pool (`_asyncpg`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, TypeVar
-
-from sqlalchemy.exc import DBAPIError, StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.store.base import CLAIM_BATCH
 from orchestrator.store.changes import (
@@ -51,6 +40,7 @@ from orchestrator.store.changes import (
     StepRestarted,
 )
 from orchestrator.store.records import SagaState
+from orchestrator.store.sql._asyncpg import Connection, Statement, run
 from orchestrator.store.sql._listen import CHANNEL, notification_payloads
 from orchestrator.store.sql._operator import Done, Engine, plan
 from orchestrator.store.sql._ops import (
@@ -67,7 +57,7 @@ from orchestrator.store.sql._ops import (
 )
 from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
 
-__all__ = ["Connection", "apply_batch", "as_dbapi_error", "connection", "forget_if_lost"]
+__all__ = ["apply_batch"]
 
 _Key = tuple[str, str]
 _C = TypeVar("_C")
@@ -79,73 +69,10 @@ def _unnest(**columns: str) -> str:
     return f"unnest({arrays}) AS c({', '.join(columns)})"
 
 
-_PARAMETER: Final = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
-
-
-class _Statement:
-    """A statement as asyncpg takes it: its `:name` parameters numbered `$n`, bound in the
-    order of `names` (for a set-based statement, each an array, one per column)."""
-
-    __slots__ = ("fetches", "names", "returns", "sql")
-
-    def __init__(self, sql: str) -> None:
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match[1] not in names:
-                names.append(match[1])
-            return f"${names.index(match[1]) + 1}"
-
-        self.sql = _PARAMETER.sub(number, sql)
-        self.names = tuple(names)
-        self.returns = " RETURNING " in sql
-        """Whether it returns the keys of the rows it wrote."""
-        self.fetches = self.returns or sql.startswith("SELECT ")
-        """Whether it returns rows at all."""
-
-
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """The writer's connection: SQLAlchemy's, and the asyncpg connection under it, which
-    runs the batch's transaction."""
-
-    sa: AsyncConnection
-    driver: Any
-
-
-async def connection(conn: AsyncConnection) -> Connection:
-    """The asyncpg connection under `conn` (checked out of SQLAlchemy's pool)."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    if driver is None:  # only after the connection was invalidated
-        raise RuntimeError("the PostgreSQL connection is gone")
-    return Connection(conn, driver)
-
-
-async def forget_if_lost(conn: Connection) -> None:
-    """When the asyncpg connection is closed (the server ended it), have SQLAlchemy learn it as
-    it would by itself, from a statement of its own: it then drops this connection, and every
-    pooled one opened before it (a server restart ended them all)."""
-    if conn.driver.is_closed():
-        with contextlib.suppress(DBAPIError, OSError):
-            await conn.sa.exec_driver_sql("SELECT 1")
-
-
-def as_dbapi_error(exc: Exception, conn: Connection) -> StatementError:
-    """`exc`, raised by asyncpg on `conn`, as SQLAlchemy would have raised it."""
-    return DBAPIError.instance(
-        None,
-        None,
-        exc,
-        Exception,
-        hide_parameters=True,
-        connection_invalidated=conn.driver.is_closed(),
-    )
-
-
 _KEYS: Final = {"f": "text", "r": "text"}
 _MATCH: Final = "s.facade = c.f AND s.request_id = c.r"
 
-_BEGIN: Final = _Statement(
+_BEGIN: Final = Statement(
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
     " error_code, error_reason, created_at, updated_at, deadline_at)"
     " SELECT c.f, c.r, c.kind, 'RUNNING', c.payload, c.hash, '', c.owner, '', '', c.at, c.at,"
@@ -167,48 +94,48 @@ _STEP_START_SQL: Final = (
     " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
     + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
 )
-_STEP_START: Final = _Statement(_STEP_START_SQL)
+_STEP_START: Final = Statement(_STEP_START_SQL)
 _NOTIFY_SQL: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
-_STEP_START_AND_NOTIFY: Final = _Statement(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
+_STEP_START_AND_NOTIFY: Final = Statement(f"WITH started AS ({_STEP_START_SQL}) {_NOTIFY_SQL}")
 """A round's step starts and the batch's announcement in one round trip: a data-modifying
 WITH runs to completion whether or not the query reads it."""
-_STEP_RESTARTED: Final = _Statement(
+_STEP_RESTARTED: Final = Statement(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     " RETURNING s.facade, s.request_id"
 )
-_STEP_PENDING: Final = _Statement(
+_STEP_PENDING: Final = Statement(
     "UPDATE saga_steps s SET state = 'PENDING', error = c.reason FROM "
     + _unnest(**_KEYS, idx="int", reason="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
     " RETURNING s.facade, s.request_id"
 )
-_TOUCH: Final = _Statement(
+_TOUCH: Final = Statement(
     "UPDATE sagas s SET updated_at = c.at FROM "
     + _unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH}"
 )
-_STEP_DONE: Final = _Statement(
+_STEP_DONE: Final = Statement(
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", data="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
     " RETURNING s.facade, s.request_id"
 )
-_STEP_FAILED: Final = _Statement(
+_STEP_FAILED: Final = Statement(
     "UPDATE saga_steps s SET state = 'FAILED', finished_at = c.at, error = c.reason,"
     " data = coalesce(c.data, s.data) FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     " RETURNING s.facade, s.request_id"
 )
-_COMPLETE: Final = _Statement(
+_COMPLETE: Final = Statement(
     "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
     + _unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
 )
-_FAIL: Final = _Statement(
+_FAIL: Final = Statement(
     "UPDATE sagas s SET state = c.state, error_code = c.code, error_reason = c.reason,"
     " deadline_at = c.deadline, updated_at = c.at FROM "
     + _unnest(
@@ -221,24 +148,24 @@ _FAIL: Final = _Statement(
     )
     + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
 )
-_UNDO: Final = _Statement(
+_UNDO: Final = Statement(
     "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
     + _unnest(**_KEYS, idx="int")
     + f" WHERE {_MATCH} AND s.idx = c.idx"
 )
-_COMPENSATION_ENDED: Final = _Statement(
+_COMPENSATION_ENDED: Final = Statement(
     "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
     " error_reason = CASE c.error WHEN '' THEN s.error_reason ELSE c.error END FROM "
     + _unnest(**_KEYS, state="text", at="timestamptz", error="text")
     + f" WHERE {_MATCH} AND s.state = 'COMPENSATING' RETURNING s.facade, s.request_id"
 )
-_UNDONE: Final = _Statement(
+_UNDONE: Final = Statement(
     "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
     " compensation_error = c.error FROM "
     + _unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
     + f" WHERE {_MATCH} AND s.idx = c.idx"
 )
-_HEARTBEAT: Final = _Statement(
+_HEARTBEAT: Final = Statement(
     "INSERT INTO replicas (owner, heartbeat_at) SELECT c.owner, c.at FROM "
     + _unnest(owner="text", at="timestamptz")
     + " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
@@ -246,24 +173,24 @@ _HEARTBEAT: Final = _Statement(
 # Claims: the candidates are read first (each kind ordered and limited), then taken by one
 # compare-and-set on the owner and deadline each was read with. A concurrent claimer moves
 # both, so a row it took no longer matches, and each stalled saga goes to one claimer.
-_ORPHANS: Final = _Statement(
+_ORPHANS: Final = Statement(
     "SELECT s.facade, s.request_id, s.owner, s.deadline_at FROM sagas s"
     " LEFT OUTER JOIN replicas r ON r.owner = s.owner"
     f" WHERE ({RUNNING_ONLY}) AND s.{IN_PROCESS_ONLY} AND s.owner != :me"
     " AND (r.owner IS NULL OR r.heartbeat_at < :stale) ORDER BY s.created_at LIMIT :limit"
 )
-_EXPIRED: Final = _Statement(
+_EXPIRED: Final = Statement(
     "SELECT facade, request_id, owner, deadline_at FROM sagas"
     f" WHERE ({OPEN_ONLY}) AND deadline_at < :now ORDER BY deadline_at LIMIT :limit"
 )
-_CLAIM: Final = _Statement(
+_CLAIM: Final = Statement(
     "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
     + _unnest(**_KEYS, owner="text", deadline="timestamptz")
     + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
     f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
 )
 
-_NOTIFY: Final = _Statement(_NOTIFY_SQL)
+_NOTIFY: Final = Statement(_NOTIFY_SQL)
 """The announcement on its own, when the batch's last round started no step."""
 
 
@@ -288,35 +215,17 @@ async def apply_batch(
             announce=announce and number == len(grouped),
         )
     if announce and changed and not announced:
-        await _run(conn, _NOTIFY, [notification_payloads(sorted(changed))])
+        await run(conn, _NOTIFY, [notification_payloads(sorted(changed))])
     return outcomes
 
 
-async def _run(
-    conn: Connection, statement: _Statement, args: Sequence[Any]
-) -> tuple[int, list[Any]]:
-    """Run `statement` on the asyncpg connection: how many rows it touched, and the rows it
-    returned. A failure is raised as SQLAlchemy raises it (`connection_invalidated` when the
-    connection is lost)."""
-    driver = conn.driver
-    try:
-        if statement.fetches:
-            rows = await driver.fetch(statement.sql, *args)
-            return len(rows), rows
-        status: str = await driver.execute(statement.sql, *args)
-        count = status.rsplit(" ", 1)[-1]
-        return (int(count) if count.isdigit() else 0), []
-    except Exception as exc:
-        raise as_dbapi_error(exc, conn) from exc
-
-
 async def _rows(
-    connection: Connection, statement: _Statement, rows: list[dict[str, Any]]
+    connection: Connection, statement: Statement, rows: list[dict[str, Any]]
 ) -> set[_Key]:
     """Run a set-based statement over `rows` (one array per column); the keys it returned."""
     if not rows:
         return set()
-    _, returned = await _run(
+    _, returned = await run(
         connection, statement, [[row[name] for row in rows] for name in statement.names]
     )
     return {(facade, request_id) for facade, request_id in returned}
@@ -502,7 +411,7 @@ async def _start_steps(
         return
     columns: dict[str, list[Any]] = {name: [row[name] for row in starts] for name in starts[0]}
     columns["payloads"] = notification_payloads(sorted(announce))
-    await _run(
+    await run(
         conn, _STEP_START_AND_NOTIFY, [columns[name] for name in _STEP_START_AND_NOTIFY.names]
     )
 
@@ -552,7 +461,7 @@ async def _claim(conn: Connection, op: ClaimOp) -> list[tuple[_Key, bool]]:
         "limit": CLAIM_BATCH,
     }
     for statement, expired in ((_EXPIRED, True), (_ORPHANS, False)):
-        _, rows = await _run(conn, statement, [values[name] for name in statement.names])
+        _, rows = await run(conn, statement, [values[name] for name in statement.names])
         for facade, request_id, owner, deadline in rows:
             found.setdefault((facade, request_id), (expired, owner, deadline))
     candidates = sorted(found.items())[:CLAIM_BATCH]
@@ -567,7 +476,7 @@ async def _claim(conn: Connection, op: ClaimOp) -> list[tuple[_Key, bool]]:
         "owner": [owner for _, (_, owner, _) in candidates],
         "deadline": [deadline for _, (_, _, deadline) in candidates],
     }
-    _, rows = await _run(conn, _CLAIM, [values[name] for name in _CLAIM.names])
+    _, rows = await run(conn, _CLAIM, [values[name] for name in _CLAIM.names])
     taken = {(facade, request_id) for facade, request_id in rows}
     return [(key, expired) for key, (expired, _, _) in candidates if key in taken]
 
@@ -608,7 +517,7 @@ async def run_postgres(
                 done = Done(int(await engine(step.op)))
             else:
                 statement = _statement(step.sql, lock=step.lock)
-                count, rows = await _run(
+                count, rows = await run(
                     conn, statement, [step.params[name] for name in statement.names]
                 )
                 done = Done(count, rows)
@@ -618,5 +527,5 @@ async def run_postgres(
 
 
 @functools.cache
-def _statement(sql: str, *, lock: bool) -> _Statement:
-    return _Statement(f"{sql} FOR UPDATE" if lock else sql)
+def _statement(sql: str, *, lock: bool) -> Statement:
+    return Statement(f"{sql} FOR UPDATE" if lock else sql)

@@ -28,15 +28,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.store.records import Position, SagaRecord
-from orchestrator.store.sql._listen import PgChangeFeed
-from orchestrator.store.sql._ops import BatchFailed, Op
-from orchestrator.store.sql._postgres import (
+from orchestrator.store.sql._asyncpg import (
     Connection,
-    apply_batch,
     as_dbapi_error,
     connection,
     forget_if_lost,
 )
+from orchestrator.store.sql._listen import PgChangeFeed
+from orchestrator.store.sql._ops import BatchFailed, Op
+from orchestrator.store.sql._postgres import apply_batch
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
