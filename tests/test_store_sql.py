@@ -156,19 +156,29 @@ async def test_a_bad_write_fails_alone_and_spares_its_batch(
     assert step.state == StepState.RUNNING  # its step's end was rolled back with it
 
 
-async def test_writes_go_on_after_postgresql_drops_the_writer_s_connections(
-    store: SqlSagaStore, store_url: str
-) -> None:
+@pytest.fixture
+def postgresql_url(store_url: str) -> str:
+    """The store's URL, for tests of PostgreSQL's server-side connections (skipped on SQLite)."""
     if is_sqlite(store_url):
         pytest.skip("PostgreSQL's server-side connections")
-    await run_saga(store, "before")
-    # Every connection of the store's pool, ended by the server (a restart, a failover,
-    # an administrator); the change feed's is spared.
+    return store_url
+
+
+async def end_the_stores_connections(url: str) -> None:
+    """PostgreSQL ends every connection of the store's pools (as a restart, a failover or an
+    administrator would); the change feed's is spared."""
     await execute(
-        store_url,
+        url,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
         " AND pid != pg_backend_pid() AND application_name != 'orchestrator-listen'",
     )
+
+
+async def test_writes_go_on_after_postgresql_drops_the_writer_s_connections(
+    store: SqlSagaStore, postgresql_url: str
+) -> None:
+    await run_saga(store, "before")
+    await end_the_stores_connections(postgresql_url)
     outcomes = []
     for attempt in range(5):
         try:
@@ -188,18 +198,12 @@ async def test_writes_go_on_after_postgresql_drops_the_writer_s_connections(
 
 
 async def test_reads_go_on_after_postgresql_drops_the_store_s_connections(
-    store: SqlSagaStore, store_url: str
+    store: SqlSagaStore, postgresql_url: str
 ) -> None:
-    if is_sqlite(store_url):
-        pytest.skip("PostgreSQL's server-side connections")
     await run_saga(store, "before")
     # Every pooled connection in use at once, so that each is one the server then ends.
     await asyncio.gather(*(store.position(FACADE, "before") for _ in range(20)))
-    await execute(
-        store_url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND pid != pg_backend_pid() AND application_name != 'orchestrator-listen'",
-    )
+    await end_the_stores_connections(postgresql_url)
     outcomes: list[object] = []
     for _ in range(5):
         try:

@@ -158,7 +158,7 @@ class PostgresWriter(Writer):
             try:
                 rows: list[Any] = await conn.fetch(sql, *args)
             except Exception as exc:
-                if conn.is_closed():
+                if _closed(conn):
                     # The server ended it, and likely the others opened before it with it (a
                     # restart): each is replaced when next taken, rather than failing a read.
                     await pool.expire_connections()
@@ -285,3 +285,12 @@ def _from_driver(exc: Exception) -> bool:
     """Whether asyncpg raised `exc` itself (a statement's errors come wrapped already); asyncpg
     is an optional dependency, so its classes are not imported here."""
     return isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg.")
+
+
+def _closed(conn: Any) -> bool:
+    """Whether a pooled asyncpg connection is closed; one the pool already took back from
+    under its user (it does so with a connection that broke) counts as closed."""
+    try:
+        return bool(conn.is_closed())
+    except Exception:  # asyncpg's InterfaceError: "released back to the pool"
+        return True
