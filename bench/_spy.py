@@ -81,7 +81,8 @@ async def record(pid: int, output: Path, *, delay: float, seconds: float) -> Non
     )
     _, errors = await spy.communicate()
     if spy.returncode != 0:
-        print(f"  py-spy failed ({spy.returncode}): {errors.decode(errors='replace')[-500:]}")
+        detail = errors.decode(errors="replace")[-500:]
+        print(f"  py-spy failed on {output} ({spy.returncode}): {detail}", flush=True)
         return
     print(f"  py-spy: {output} (summary: {write_summary(output)})", flush=True)
 
