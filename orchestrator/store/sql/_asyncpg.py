@@ -76,15 +76,11 @@ async def forget_if_lost(conn: Connection) -> None:
             await conn.sa.exec_driver_sql("SELECT 1")
 
 
-def as_dbapi_error(exc: Exception, conn: Connection) -> StatementError:
-    """`exc`, raised by asyncpg on `conn`, as SQLAlchemy would have raised it."""
+def as_dbapi_error(exc: Exception, *, lost: bool) -> StatementError:
+    """`exc`, raised by asyncpg, as SQLAlchemy would have raised it (`connection_invalidated`
+    when the connection was `lost`)."""
     return DBAPIError.instance(
-        None,
-        None,
-        exc,
-        Exception,
-        hide_parameters=True,
-        connection_invalidated=conn.driver.is_closed(),
+        None, None, exc, Exception, hide_parameters=True, connection_invalidated=lost
     )
 
 
@@ -101,4 +97,4 @@ async def run(conn: Connection, statement: Statement, args: Sequence[Any]) -> tu
         count = status.rsplit(" ", 1)[-1]
         return (int(count) if count.isdigit() else 0), []
     except Exception as exc:
-        raise as_dbapi_error(exc, conn) from exc
+        raise as_dbapi_error(exc, lost=driver.is_closed()) from exc

@@ -158,14 +158,14 @@ class PostgresWriter(Writer):
             try:
                 rows: list[Any] = await conn.fetch(sql, *args)
             except Exception as exc:
-                if _closed(conn):
+                lost = _closed(conn)
+                if lost:
                     # The server ended it, and likely the others opened before it with it (a
                     # restart): each is replaced when next taken, rather than failing a read.
                     await pool.expire_connections()
                 if not _from_driver(exc):
                     raise
-                # As SQLAlchemy reports a database's failure.
-                raise DBAPIError.instance(None, None, exc, Exception, hide_parameters=True) from exc
+                raise as_dbapi_error(exc, lost=lost) from exc
         return rows
 
     async def _write_loop(self) -> None:
@@ -238,7 +238,7 @@ class PostgresWriter(Writer):
                 if not usable:
                     await self._drop(raw)
                 if isinstance(exc, Exception) and _from_driver(exc):
-                    raise as_dbapi_error(exc, raw) from exc
+                    raise as_dbapi_error(exc, lost=raw.driver.is_closed()) from exc
                 raise
             return outcomes
         except Exception as exc:
