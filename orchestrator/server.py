@@ -82,6 +82,7 @@ class OrchestratorServer:
         self.settings = settings
         self._access = AccessPolicy(access or AccessSettings())
         worker = current_worker()
+        self._worker = worker is not None
         # A supervised worker shares the port with the others, and its supervisor serves
         # every worker's metrics (see orchestrator.workers).
         self._metrics_server = (
@@ -144,17 +145,9 @@ class OrchestratorServer:
             ],
             self._server,
         )
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            if self.settings.tls is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                credentials = server_credentials(self.settings.tls)
-                self.port = self._server.add_secure_port(address, credentials)
-        except RuntimeError:  # grpc's "Failed to bind": the port is taken, or not ours
-            self.port = 0
-        if not self.port:
-            raise StartupError(f"grpc.port: cannot listen on {address}: {_UNBINDABLE}")
+        if not self._worker:
+            # Bound before anything starts: a port in use stops startup before it connects.
+            self._bind()
         if not self._access.enforced:
             log.warning(
                 "access control is off: no tokens or client certificates are configured, so "
@@ -178,6 +171,11 @@ class OrchestratorServer:
                 raise StartupError(
                     f"metrics.port: cannot listen on {self._metrics_address}: {exc.strerror or exc}"
                 ) from None
+        if self._worker:
+            # grpc listens as soon as it binds, and the kernel hands a listening worker its
+            # share of new connections: bound only now, a worker (re)starting takes none
+            # until it can answer them.
+            self._bind()
         broker = self.orchestrator.broker
         broker.add_health_listener(self._on_broker_health)
         self.orchestrator.on_saturation(self._on_saturation)
@@ -195,6 +193,19 @@ class OrchestratorServer:
             },
         )
         return self.port
+
+    def _bind(self) -> None:
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            if self.settings.tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                credentials = server_credentials(self.settings.tls)
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken, or not ours
+            self.port = 0
+        if not self.port:
+            raise StartupError(f"grpc.port: cannot listen on {address}: {_UNBINDABLE}")
 
     async def stop(self, grace: float | None = None) -> None:
         """Turn NOT_SERVING, let in-flight calls finish within `grace`, then close the broker."""

@@ -23,10 +23,13 @@ import pytest
 import yaml
 
 from bench.common import listeners
-from orchestrator.config import BrokerSettings, Settings, load_settings
+from orchestrator import Orchestrator
+from orchestrator.broker import InMemoryBroker
+from orchestrator.config import BrokerSettings, GrpcSettings, Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
-from orchestrator.workers import WORKER_METADATA, worker_count
+from orchestrator.server import OrchestratorServer
+from orchestrator.workers import WORKER_ENV, WORKER_METADATA, worker_count
 from pb import booking_pb2, booking_pb2_grpc
 from tests.support.app_fixtures import BOOKING_TOPICS, Upstreams
 from tests.support.broker_fixtures import delete_topology, make_settings
@@ -96,6 +99,43 @@ def test_the_embedded_default_with_workers_stops_at_once_naming_the_broker() -> 
 
     assert result.returncode == 2, result.stderr
     assert "configuration error" in result.stderr and "memory://" in result.stderr
+
+
+class _SlowBroker(InMemoryBroker):
+    """An embedded broker whose start waits until `connected` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.connected.wait()
+        await super().start()
+
+
+async def test_a_worker_listens_only_once_its_orchestrator_has_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel hands every listening worker its share of new connections: one listening
+    # while it still connects would hold those callers until it is done.
+    monkeypatch.setenv(WORKER_ENV, "0")
+    broker, port = _SlowBroker(), free_port()
+    server = OrchestratorServer(
+        Orchestrator(broker),
+        GrpcSettings(host="127.0.0.1", port=port, drain_seconds=0, shutdown_grace_seconds=0),
+        [],
+    )
+    starting = asyncio.create_task(server.start())
+    try:
+        await asyncio.sleep(0.3)
+        assert not starting.done() and listeners(port) == 0
+        broker.connected.set()
+        async with asyncio.timeout(10):
+            assert await starting == port
+        assert listeners(port) == 1
+    finally:
+        starting.cancel()
+        await server.stop(0)
 
 
 # --- two workers on one port -----------------------------------------------------------------
@@ -228,7 +268,8 @@ async def test_two_workers_serve_one_killed_mid_load_is_restarted_and_every_saga
     pool = channels(workers.target, 12)
     try:
         # Both serve: a dozen connections reach both workers.
-        await asyncio.gather(*(book(workers, pool, f"warm-{i}", "Sync") for i in range(12)))
+        warm = await asyncio.gather(*(book(workers, pool, f"warm-{i}", "Sync") for i in range(12)))
+        assert set(warm) == {"OK"}, warm
         first = pids(workers.served_by)
         assert len(first) == 2, workers.served_by
 
