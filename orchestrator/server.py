@@ -74,15 +74,19 @@ class OrchestratorServer:
         ui: UiSettings | None = None,
     ) -> None:
         self.orchestrator = orchestrator
-        self._ui = ui if ui is not None and ui.enabled else None
+        worker = current_worker()
+        self._worker = worker is not None
+        # Of a supervisor's workers, the first serves the console: its sign-in sessions live
+        # in one process, and what it shows and does goes through the store they share.
+        console_here = worker is None or worker.index == 0
+        self._ui = ui if ui is not None and ui.enabled and console_here else None
         if self._ui is not None:
             _console_server()  # fails now, not once the orchestrator has started
         self.console: ConsoleServer | None = None
-        """The console's server, once started (None when `ui` is off)."""
+        """The console's server, once started (None when `ui` is off, and on every supervised
+        worker but the first)."""
         self.settings = settings
         self._access = AccessPolicy(access or AccessSettings())
-        worker = current_worker()
-        self._worker = worker is not None
         # A supervised worker shares the port with the others, and its supervisor serves
         # every worker's metrics (see orchestrator.workers).
         self._metrics_server = (

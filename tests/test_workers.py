@@ -222,6 +222,12 @@ async def workers(tmp_path: Path, broker: BrokerSettings) -> AsyncIterator[Worke
         await payment.stop(None)
 
 
+def http_status(url: str) -> int:
+    """The HTTP status of a GET of `url`."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return int(response.status)
+
+
 def channels(target: str, count: int) -> list[grpc.aio.Channel]:
     """`count` channels, each on a connection of its own (the kernel spreads connections)."""
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -332,6 +338,29 @@ async def test_two_workers_serve_one_killed_mid_load_is_restarted_and_every_saga
         if line.startswith("orchestrator_sagas_started_total")
     ]
     assert sum(started) >= 12 + len(ids)
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(200)
+async def test_with_the_console_on_worker_0_alone_serves_it_and_both_workers_serve_grpc(
+    tmp_path: Path, broker: BrokerSettings
+) -> None:
+    ui_port = free_port()
+    ui = {"enabled": True, "host": "127.0.0.1", "port": ui_port}
+    config, port, _ = workers_config(tmp_path, "127.0.0.1:1", "127.0.0.1:1", broker, ui=ui)
+    with start_main(config=config, cwd=tmp_path) as supervisor:
+        await asyncio.to_thread(
+            wait_serving, f"127.0.0.1:{port}", supervisor, timeout=STARTUP_SECONDS
+        )
+        async with asyncio.timeout(STARTUP_SECONDS):
+            while listeners(port) < 2 and supervisor.returncode is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert supervisor.returncode is None, supervisor.output()
+        status = await asyncio.to_thread(http_status, f"http://127.0.0.1:{ui_port}/health")
+        assert status == 200 and listeners(ui_port) == 1
+        served = [line for line in supervisor.output().splitlines() if "console served" in line]
+        assert len(served) == 1 and "worker=0/" in served[0], served
+        await asyncio.to_thread(supervisor.stop, signal.SIGTERM, timeout=30)
 
 
 @pytest.mark.broker
