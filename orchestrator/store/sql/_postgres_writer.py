@@ -6,11 +6,12 @@ statements (`_postgres`). Each transaction that changed sagas also NOTIFYs
 their keys, and each store LISTENs on a connection of its own (`_listen`):
 replicas sharing the database hear of each other's writes as they commit.
 
-SQLAlchemy keeps the pool, the migrations and the listing queries; the hot path
-(the writer's transactions, a saga's position) runs on the asyncpg connection
-under a connection checked out of that pool, without SQLAlchemy's execution
-layer, which cost more CPU per statement than asyncpg's own work. Errors still
-reach callers as SQLAlchemy's `DBAPIError`s.
+SQLAlchemy keeps its pool, the migrations and the listing queries; the hot path
+runs on asyncpg itself, without SQLAlchemy's execution layer, which cost more
+CPU per statement than asyncpg's own work: the writer's transactions on the
+asyncpg connection under one checked out of SQLAlchemy's pool, and point reads
+(a saga's position, a saga by its key) on an asyncpg pool of their own
+(`READ_POOL_SIZE`). Errors still reach callers as SQLAlchemy's `DBAPIError`s.
 """
 
 from __future__ import annotations

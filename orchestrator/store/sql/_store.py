@@ -19,11 +19,11 @@ change feed, one per database:
   other connection of the process ever holds the write lock. Point reads use
   that connection too.
 - PostgreSQL (`_postgres_writer`): the writer is a task, and a batch is a few
-  set-based statements (`_postgres`), run with point reads on asyncpg itself,
-  under connections of SQLAlchemy's pool. Each transaction that changed sagas also
-  NOTIFYs their keys, and each store LISTENs on a connection of its own
-  (`_listen`): replicas sharing the database hear of each other's writes as
-  they commit (`subscribe_changes`, `announces_changes`). On SQLite the
+  set-based statements (`_postgres`), run on asyncpg itself under a connection
+  of SQLAlchemy's pool; point reads go to an asyncpg pool of their own. Each
+  transaction that changed sagas also NOTIFYs their keys, and each store
+  LISTENs on a connection of its own (`_listen`): replicas sharing the
+  database hear of each other's writes as they commit (`subscribe_changes`, `announces_changes`). On SQLite the
   processes writing the file tell each other with Unix datagrams instead
   (`_host_feed`).
 
