@@ -23,9 +23,9 @@ change feed, one per database:
   of SQLAlchemy's pool; point reads go to an asyncpg pool of their own. Each
   transaction that changed sagas also NOTIFYs their keys, and each store
   LISTENs on a connection of its own (`_listen`): replicas sharing the
-  database hear of each other's writes as they commit (`subscribe_changes`, `announces_changes`). On SQLite the
-  processes writing the file tell each other with Unix datagrams instead
-  (`_host_feed`).
+  database hear of each other's writes as they commit (`subscribe_changes`,
+  `announces_changes`). On SQLite the processes writing the file tell each
+  other with Unix datagrams instead (`_host_feed`).
 
 Operators' writes (`act`, keeping and settling dead letters) go through the
 same writer, so on SQLite too one connection writes: rare, they are ops of
