@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -151,10 +152,13 @@ def store_url(store: str, directory: Path, run: int) -> str:
 async def main(args: argparse.Namespace) -> None:
     framework: list[float] = []
     baseline: list[float] = []
+    # Request ids of this invocation alone: a store given by URL keeps earlier runs' sagas,
+    # and a request id seen before would be answered from the journal, not run.
+    invocation = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as directory:
         for run in range(1, args.runs + 1):
             url = store_url(args.store, Path(directory), run)
-            framework.append(await framework_run(url, f"r{run}", args))
+            framework.append(await framework_run(url, f"{invocation}-r{run}", args))
             baseline.append(await baseline_run(args))
             print(
                 f"run {run}: framework {framework[-1]:.0f} us/saga,"
