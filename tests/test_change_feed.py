@@ -22,6 +22,7 @@ import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator.proto import saga_pb2, saga_pb2_grpc
 from orchestrator.status import SagaStatusService, saga_grpc_service
@@ -229,6 +230,58 @@ async def test_a_refused_write_announces_nothing(replicas: Replicas) -> None:
     unsubscribe()
 
     assert (FACADE, refused_id) not in heard
+
+
+async def test_a_listener_of_others_writes_hears_another_replicas_and_not_its_stores_own(
+    replicas: Replicas,
+) -> None:
+    others: list[tuple[str, str]] = []
+    every: list[tuple[str, str]] = []
+    stop_others = replicas.a.subscribe_changes(lambda f, r: others.append((f, r)), others_only=True)
+    stop_every = replicas.a.subscribe_changes(lambda f, r: every.append((f, r)))
+    mine, theirs = new_id(), new_id()
+
+    assert await replicas.a.begin(new_saga(mine)) is None
+    assert await replicas.b.begin(new_saga(theirs)) is None
+    # Notifications arrive in commit order: once B's is heard, A's own was too.
+    await until(lambda: (FACADE, theirs) in every, "heard B's begin")
+    stop_others()
+    stop_every()
+
+    assert (FACADE, mine) in every
+    assert others == [(FACADE, theirs)]
+
+
+async def test_a_stores_own_writes_are_told_apart_again_once_its_writer_reconnects(
+    replicas: Replicas, postgres_url: str
+) -> None:
+    others: list[tuple[str, str]] = []
+    every: list[tuple[str, str]] = []
+    stop_others = replicas.a.subscribe_changes(lambda f, r: others.append((f, r)), others_only=True)
+    stop_every = replicas.a.subscribe_changes(lambda f, r: every.append((f, r)))
+    assert await replicas.a.begin(new_saga(new_id())) is None
+    # PostgreSQL ends A's writing connection (not its feed's): the writer takes a new one.
+    writer_pid = feed_of(replicas.a).writer_pid
+    assert writer_pid is not None
+    await terminate_listeners(postgres_url, {writer_pid})
+    mine = new_id()
+    for _ in range(5):  # the first write after it may fail on the ended connection
+        try:
+            await replicas.a.begin(new_saga(mine))
+            break
+        except DBAPIError:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("A's writer did not reconnect")
+    theirs = new_id()
+    assert await replicas.b.begin(new_saga(theirs)) is None
+    await until(lambda: (FACADE, theirs) in every, "heard B's begin")
+    stop_others()
+    stop_every()
+
+    assert feed_of(replicas.a).writer_pid not in (None, writer_pid)
+    assert (FACADE, mine) in every
+    assert others == [(FACADE, theirs)]
 
 
 async def test_a_batch_announces_every_saga_it_changed(replicas: Replicas) -> None:

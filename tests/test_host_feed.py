@@ -69,6 +69,23 @@ async def test_a_store_hears_another_stores_writes_and_its_own(
     assert heard == [(FACADE, "h1"), (FACADE, "h1")]
 
 
+async def test_a_listener_of_others_writes_hears_another_stores_and_not_its_stores_own(
+    stores: tuple[SqlSagaStore, SqlSagaStore],
+) -> None:
+    a, b = stores
+    others: list[tuple[str, str]] = []
+    a.subscribe_changes(lambda f, r: others.append((f, r)), others_only=True)
+
+    await a.begin(new_saga("h-mine"))
+    await b.begin(new_saga("h-theirs"))
+    await until(lambda: bool(others), "heard the other store's begin")
+    await a.apply(FACADE, "h-theirs", StepRestarted(0))
+    await b.apply(FACADE, "h-mine", StepRestarted(0))
+    await until(lambda: len(others) == 2, "heard the other store's restart")
+
+    assert others == [(FACADE, "h-theirs"), (FACADE, "h-mine")]
+
+
 async def test_refused_writes_are_not_announced(
     stores: tuple[SqlSagaStore, SqlSagaStore],
 ) -> None:

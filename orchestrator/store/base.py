@@ -60,7 +60,11 @@ class SagaStore(abc.ABC):
         return False
 
     def subscribe_changes(
-        self, changed: ChangeListener, gap: GapListener | None = None
+        self,
+        changed: ChangeListener,
+        gap: GapListener | None = None,
+        *,
+        others_only: bool = False,
     ) -> Callable[[], None]:
         """Hear of committed writes, this replica's and others', where the store can tell.
 
@@ -69,6 +73,12 @@ class SagaStore(abc.ABC):
         (the feed dropped, or came back): re-read whatever matters. Both must
         be quick and must not raise. Returns a function that unsubscribes. This
         default has no feed: nothing is ever called.
+
+        With `others_only`, the writes this store object made itself are left
+        out where its feed tells them apart (the SQL stores': on PostgreSQL by
+        the notifying connection, on SQLite by the announcing process): for a
+        listener that hears of those from the writer directly, as the engine
+        does. A store that cannot tell (the in-memory one) tells it every write.
         """
         return _nothing
 

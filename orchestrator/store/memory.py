@@ -86,10 +86,16 @@ class InMemorySagaStore(SagaStore):
         return True
 
     def subscribe_changes(
-        self, changed: ChangeListener, gap: GapListener | None = None
+        self,
+        changed: ChangeListener,
+        gap: GapListener | None = None,
+        *,
+        others_only: bool = False,
     ) -> Callable[[], None]:
         """Call `changed(facade, request_id)` after every write to a saga (there are no gaps:
-        `gap` is never called); returns a function that unsubscribes."""
+        `gap` is never called); returns a function that unsubscribes. Every write is told,
+        `others_only` or not: several orchestrators in a process may share this store, and
+        it cannot tell whose a write is."""
         return self._subscribers.subscribe(changed, gap)
 
     def _announce(self, key: _Key) -> None:

@@ -32,11 +32,15 @@ class FakeSagaStore(InMemorySagaStore):
         return self._feed
 
     def subscribe_changes(
-        self, changed: ChangeListener, gap: GapListener | None = None
+        self,
+        changed: ChangeListener,
+        gap: GapListener | None = None,
+        *,
+        others_only: bool = False,
     ) -> Callable[[], None]:
         """The in-memory store's announcements, or (without a feed) none."""
         if self._feed:
-            return super().subscribe_changes(changed, gap)
+            return super().subscribe_changes(changed, gap, others_only=others_only)
         return lambda: None
 
     async def position(self, facade: str, request_id: str) -> Position | None:

@@ -89,11 +89,13 @@ class HostChangeFeed:
         """This store's socket, once started."""
         return str(self._path or "")
 
-    def subscribe(self, changed: ChangeListener, gap: GapListener | None) -> Callable[[], None]:
+    def subscribe(
+        self, changed: ChangeListener, gap: GapListener | None, *, others_only: bool = False
+    ) -> Callable[[], None]:
         """Call `changed(facade, request_id)` for every saga written on the file (this
-        process's writes included) and `gap()` when announcements may have been missed;
-        returns a function that unsubscribes."""
-        return self._subscribers.subscribe(changed, gap)
+        store's writes included, unless `others_only`) and `gap()` when announcements may
+        have been missed; returns a function that unsubscribes."""
+        return self._subscribers.subscribe(changed, gap, others_only=others_only)
 
     def start(self) -> None:
         """Bind this store's socket and hear the others' on the running event loop."""
@@ -157,7 +159,7 @@ class HostChangeFeed:
         if not keys:
             return
         for facade, request_id in keys:
-            self._subscribers.changed(facade, request_id)
+            self._subscribers.changed(facade, request_id, own=True)
         sock, directory = self._socket, self._directory
         if sock is None or directory is None:
             return

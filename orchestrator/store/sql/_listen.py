@@ -118,11 +118,19 @@ class PgChangeFeed:
         """Listening connections opened so far: 1 plus the reconnections."""
         self.announcements = 0
         """Sagas announced to this feed so far."""
+        self.writer_pid: int | None = None
+        """The server process of this store's writing connection, while it holds one: what
+        it announces is this store's own (see `subscribe`'s `others_only`). Set by the
+        writer; unset before its connection is given up, so a process number PostgreSQL
+        reuses for another connection is never taken for this store's."""
 
-    def subscribe(self, changed: ChangeListener, gap: GapListener | None) -> Callable[[], None]:
-        """Call `changed(facade, request_id)` for every announced saga and `gap()` when the
-        feed drops or comes back; returns a function that unsubscribes."""
-        return self._subscribers.subscribe(changed, gap)
+    def subscribe(
+        self, changed: ChangeListener, gap: GapListener | None, *, others_only: bool = False
+    ) -> Callable[[], None]:
+        """Call `changed(facade, request_id)` for every announced saga (with `others_only`,
+        those not announced by `writer_pid`) and `gap()` when the feed drops or comes back;
+        returns a function that unsubscribes."""
+        return self._subscribers.subscribe(changed, gap, others_only=others_only)
 
     def start(self) -> None:
         """Start listening in the background; the first connection is made there, so a
@@ -201,7 +209,7 @@ class PgChangeFeed:
                 async with asyncio.timeout(self._ping_interval):
                     await conn.execute("SELECT 1")
 
-    def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         try:
             keys = parse_payload(payload)
         except ValueError as exc:
@@ -210,8 +218,9 @@ class PgChangeFeed:
             self._gapped()
             return
         self.announcements += len(keys)
+        own = pid == self.writer_pid
         for facade, request_id in keys:
-            self._subscribers.changed(facade, request_id)
+            self._subscribers.changed(facade, request_id, own=own)
 
     def _gapped(self) -> None:
         self._subscribers.gapped()

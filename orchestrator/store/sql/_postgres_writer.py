@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import importlib.util
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from sqlalchemy import bindparam
@@ -114,6 +114,9 @@ class PostgresWriter(Writer):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._connection: Connection | None = None
+        self.connected: Callable[[int | None], None] | None = None
+        """Told the server process of each connection the writer takes to write on, and
+        None before it gives one up (the change feed tells this store's writes by it)."""
         self._position_query = POSITION.format("$1", "$2")
         compiled = records_query(
             sagas.c.facade == bindparam("b_facade"), sagas.c.request_id == bindparam("b_id")
@@ -274,6 +277,8 @@ class PostgresWriter(Writer):
             except BaseException:
                 await conn.close()
                 raise
+            if self.connected is not None:
+                self.connected(self._connection.driver.get_server_pid())
         return self._connection
 
     async def _drop(self, raw: Connection) -> None:
@@ -289,6 +294,8 @@ class PostgresWriter(Writer):
     async def _release(self) -> None:
         """Give the writer's connection back to the pool (which drops it if it was lost)."""
         held, self._connection = self._connection, None
+        if held is not None and self.connected is not None:
+            self.connected(None)
         if held is not None:
             with contextlib.suppress(DBAPIError, OSError):
                 await held.sa.close()

@@ -108,7 +108,7 @@ from orchestrator.store.sql._ops import (
     SettleDeadLetterOp,
     UnsettleDeadLetterOp,
 )
-from orchestrator.store.sql._postgres_writer import PostgresBackend
+from orchestrator.store.sql._postgres_writer import PostgresBackend, PostgresWriter
 from orchestrator.store.sql._records import decode_token, encode_token, records, records_query
 from orchestrator.store.sql._schema import dead_letters, sagas
 from orchestrator.store.sql._sqlite import SqliteBackend
@@ -212,6 +212,8 @@ class SqlSagaStore(SagaStore):
         feed = self.change_feed
         if isinstance(feed, HostChangeFeed):
             writer.written = lambda written: feed.announce(changed_sagas(written.outcomes))
+        elif isinstance(feed, PgChangeFeed) and isinstance(writer, PostgresWriter):
+            writer.connected = lambda pid: setattr(feed, "writer_pid", pid)
         if feed is not None:
             feed.start()
 
@@ -222,13 +224,18 @@ class SqlSagaStore(SagaStore):
         return self.change_feed is not None and self.change_feed.live
 
     def subscribe_changes(
-        self, changed: ChangeListener, gap: GapListener | None = None
+        self,
+        changed: ChangeListener,
+        gap: GapListener | None = None,
+        *,
+        others_only: bool = False,
     ) -> Callable[[], None]:
-        """Hear of every replica's committed saga writes (see `SagaStore.subscribe_changes`);
-        with `announce_changes` off, nothing is ever called."""
+        """Hear of every replica's committed saga writes (see `SagaStore.subscribe_changes`;
+        with `others_only`, every other replica's and process's); with `announce_changes`
+        off, nothing is ever called."""
         if self.change_feed is None:
             return super().subscribe_changes(changed, gap)
-        return self.change_feed.subscribe(changed, gap)
+        return self.change_feed.subscribe(changed, gap, others_only=others_only)
 
     async def close(self) -> None:
         """Apply every queued write, stop the writer and the listener, and disconnect."""
