@@ -15,13 +15,14 @@ from orchestrator.broker.memory import InMemoryBroker
 from orchestrator.config import BrokerSettings, SagaSettings
 from orchestrator.dto import AsyncFacadeContext, Rollback
 from orchestrator.errors import DeadlineExceeded, FailedPrecondition, SagaError, SagaFailed
+from orchestrator.facade import _ending as ending
 from orchestrator.facade import async_ as async_facade
 from orchestrator.facade.async_ import AsyncFacade
 from orchestrator.facade.sync import SyncFacade
 from orchestrator.facade.throttling import ThrottlingFacade
 from orchestrator.registry import Orchestrator
 from orchestrator.retry import caller_deadline
-from orchestrator.store import SagaRecord, SagaState, StepEnded
+from orchestrator.store import Position, SagaRecord, SagaState, StepEnded
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.databases import StoreOpener
 from tests.support.fake_store import FakeSagaStore
@@ -439,4 +440,55 @@ async def test_a_caller_waiting_for_its_sagas_end_reads_only_the_sagas_position(
         assert booked_dto.payment_id == 11  # the last step's data, which the position holds
         assert caller not in whole_reads
     finally:
+        await orchestrator.close()
+
+
+async def test_a_caller_whose_saga_only_this_replica_writes_reads_its_position_once(
+    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    position_reads: list[asyncio.Task[object] | None] = []
+    read_position = store.position
+
+    async def counted_position(facade: str, request_id: str) -> Position | None:
+        position_reads.append(asyncio.current_task())
+        return await read_position(facade, request_id)
+
+    monkeypatch.setattr(store, "position", counted_position)
+    try:
+        flow = await started(orchestrator, Saga())
+        caller = asyncio.create_task(booked(flow, "r-once"))
+
+        assert (await caller).payment_id == 11
+        # Its first look; then each write of this replica told it where the saga stood,
+        # and the store's feed left out the announcements of those same writes.
+        assert position_reads.count(caller) == 1
+    finally:
+        await orchestrator.close()
+
+
+async def test_a_write_the_feed_never_told_is_seen_at_the_next_recheck(
+    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ending, "RECHECK_SECONDS", 0.2)
+    store = await open_store()
+    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
+    saga = Saga()
+    saga.payment_gate = asyncio.Event()
+    try:
+        flow = await started(orchestrator, saga)
+        waiting = asyncio.create_task(booked(flow, "r-untold"))
+        await saga.held_at_payment("r-untold")
+        # Written through this orchestrator's own store object, not its engine: the feed
+        # takes it for the engine's own and tells the engine nothing (as for two
+        # orchestrators sharing one store object).
+        body = OrderDTO(request_id="r-untold", product_id=1, order_id=10, payment_id=55)
+        assert await store.apply(
+            "Booking", "r-untold", StepEnded(1, body.model_dump_json(), complete=True)
+        )
+
+        assert (await waiting).payment_id == 55
+    finally:
+        saga.payment_gate.set()
         await orchestrator.close()

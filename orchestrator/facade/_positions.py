@@ -74,11 +74,15 @@ class Positions:
         if len(self._kept) > self._capacity:
             self._kept.popitem(last=False)
 
-    def applied(self, request_id: str, change: Change, now: float) -> None:
-        """The journal applied `change`: move the kept position along, if one is kept."""
-        entry = self._kept.get(request_id)
-        if entry is not None:
-            self.put(request_id, advanced(entry[1], change), now)
+    def applied(self, request_id: str, change: Change, now: float) -> Position | None:
+        """The journal applied `change`: move the kept position along, if one is kept (and
+        trusted at `now`); the position it moved to (finished or not), or None."""
+        kept = self.get(request_id, now)
+        if kept is None:
+            return None
+        position = advanced(kept, change)
+        self.put(request_id, position, now)
+        return position
 
     def forget(self, request_id: str) -> None:
         """Drop what is kept of `request_id` (a refused write showed it was out of date)."""

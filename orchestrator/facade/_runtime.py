@@ -47,6 +47,7 @@ from orchestrator.facade._admission import Admission
 from orchestrator.facade._compensation import Compensation
 from orchestrator.facade._operations import Operations
 from orchestrator.facade._positions import Positions
+from orchestrator.facade._watch import Watch
 from orchestrator.facade.definition import SagaDefinition, StepDefinition
 from orchestrator.metrics import FacadeMetrics
 from orchestrator.request_id import check_request_id
@@ -171,8 +172,8 @@ class SagaRuntime:
         )
         """Whether a new call is taken on this replica (`max_in_flight`, a full first topic)."""
         # Callers of this replica waiting on a saga, by request id: this replica's writes
-        # wake them, and the store's change feed (`listen`) every replica's.
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        # wake them, and the store's change feed (`listen`) every other replica's.
+        self._waiters: dict[str, set[Watch]] = {}
 
     @property
     def kind(self) -> str:
@@ -180,10 +181,10 @@ class SagaRuntime:
         return self.definition.kind
 
     def listen(self) -> Callable[[], None]:
-        """Hear of every replica's writes to this facade's sagas through the store's change
-        feed (`SagaStore.subscribe_changes`), waking the callers waiting on them; returns a
-        function that stops it."""
-        return self.store.subscribe_changes(self._heard, self._wake_all)
+        """Hear of every other replica's writes to this facade's sagas through the store's
+        change feed (`SagaStore.subscribe_changes`), waking the callers waiting on them
+        (this replica's own writes wake them directly); returns a function that stops it."""
+        return self.store.subscribe_changes(self._heard, self._wake_all, others_only=True)
 
     # --- beginning ---------------------------------------------------------------------
 
@@ -210,10 +211,11 @@ class SagaRuntime:
         )
         if existing is None:
             self.metrics.started.inc()
+            started = None
             if self.kind != "sync":  # only hops are checked against a position
                 started = Position(SagaState.RUNNING, payload, (StepState.RUNNING,), (None,))
                 self._positions.put(request_id, started, self._clock())
-            self._changed(request_id)
+            self._changed(request_id, started)
             return None
         if existing.payload_hash != digest:
             raise self._another_request(request_id)
@@ -343,11 +345,12 @@ class SagaRuntime:
             assert not isinstance(change, _OPERATOR_CHANGES)
             applied = await self.store.apply(self.name, request_id, change)
         if applied:
+            position = None
             if isinstance(change, _OPERATOR_CHANGES):
                 self._positions.forget(request_id)
             else:
-                self._positions.applied(request_id, change, self._clock())
-            self._changed(request_id)
+                position = self._positions.applied(request_id, change, self._clock())
+            self._changed(request_id, position)
             return True
         self._positions.forget(request_id)
         kind = type(change).__name__
@@ -477,32 +480,34 @@ class SagaRuntime:
 
     # --- waiting on a saga -------------------------------------------------------------
 
-    def _changed(self, request_id: str) -> None:
-        for event in self._waiters.get(request_id, ()):
-            event.set()
+    def _changed(self, request_id: str, position: Position | None) -> None:
+        """This replica wrote the saga, leaving it at `position` when known."""
+        for watch in self._waiters.get(request_id, ()):
+            watch.wrote(position)
         self._on_change(self.name, request_id)
 
     def _heard(self, facade: str, request_id: str) -> None:
         if facade == self.name:
-            for event in self._waiters.get(request_id, ()):
-                event.set()
+            for watch in self._waiters.get(request_id, ()):
+                watch.heard()
 
     def _wake_all(self) -> None:
         for waiters in self._waiters.values():
-            for event in waiters:
-                event.set()
+            for watch in waiters:
+                watch.heard()
 
     @contextlib.contextmanager
-    def watching(self, request_id: str) -> Iterator[asyncio.Event]:
-        """An event set on every write to the saga heard here (this replica's, and every
-        replica's through the change feed), for as long as the block runs."""
-        event = asyncio.Event()
+    def watching(self, request_id: str, *, before_begin: bool = False) -> Iterator[Watch]:
+        """A `Watch` of the saga: woken on every write to it heard here (this replica's, and
+        every other replica's through the change feed), for as long as the block runs;
+        `before_begin` when the caller has not begun the saga yet (see `Watch`)."""
+        watch = Watch(before_begin=before_begin)
         waiters = self._waiters.setdefault(request_id, set())
-        waiters.add(event)
+        waiters.add(watch)
         try:
-            yield event
+            yield watch
         finally:
-            waiters.discard(event)
+            waiters.discard(watch)
             if not waiters:
                 del self._waiters[request_id]
 
@@ -525,7 +530,8 @@ class SagaRuntime:
         waiting for its end), each wake reads the saga's position first, and the
         whole record only once it left RUNNING.
         """
-        with self.watching(request_id) as changed:
+        with self.watching(request_id) as watch:
+            changed = watch.event
             delay = 0.01
             while True:
                 # Cleared before the read: a write landing during it wakes the next wait.
@@ -558,7 +564,8 @@ class SagaRuntime:
         Woken as `wait_until` is; a store that announces nothing is read every 0.05 s."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        with self.watching(request_id) as changed:
+        with self.watching(request_id) as watch:
+            changed = watch.event
             while True:
                 changed.clear()
                 position = await self.store.position(self.name, request_id)

@@ -170,8 +170,12 @@ class AsyncFacade(FacadeBase, Generic[DtoT]):
         with runtime.admission.admit():
             if runtime.kind == "inline":
                 return await self._run_inline(request_id, dto)
-            await self._accept(request_id, dto)
-            return await self._outcome(request_id, await wait_for_end(runtime, request_id))
+            # Watched from before the begin: this replica's own writes then tell the wait
+            # where the saga stands, and only the others' are read (see `Watch`).
+            with runtime.watching(request_id, before_begin=True) as watch:
+                await self._accept(request_id, dto)
+                ended = await wait_for_end(runtime, request_id, watch)
+            return await self._outcome(request_id, ended)
 
     async def _accept(self, request_id: str, dto: DtoT) -> None:
         runtime = self.runtime
