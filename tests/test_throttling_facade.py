@@ -22,7 +22,7 @@ from orchestrator.facade.sync import SyncFacade
 from orchestrator.facade.throttling import ThrottlingFacade
 from orchestrator.registry import Orchestrator
 from orchestrator.retry import caller_deadline
-from orchestrator.store import Position, SagaRecord, SagaState, StepEnded
+from orchestrator.store import SagaState, SagaStore, StepEnded
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse
 from tests.support.databases import StoreOpener
 from tests.support.fake_store import FakeSagaStore
@@ -107,6 +107,40 @@ async def started(orchestrator: Orchestrator, saga: Saga) -> ThrottlingFacade[Or
 async def booked(flow: ThrottlingFacade[OrderDTO], request_id: str, product: int = 1) -> OrderDTO:
     async with asyncio.timeout(BOUND):
         return await flow.run(request_id, OrderDTO(request_id=request_id, product_id=product))
+
+
+async def caller_held_at_payment(
+    orchestrator: Orchestrator, saga: Saga, request_id: str
+) -> asyncio.Task[OrderDTO]:
+    """A caller of the throttling facade, once its saga is at its payment step (which waits
+    for `saga.payment_gate`)."""
+    flow = await started(orchestrator, saga)
+    waiting = asyncio.create_task(booked(flow, request_id))
+    await saga.held_at_payment(request_id)
+    return waiting
+
+
+async def pay_through(store: SagaStore, request_id: str, *, payment_id: int) -> None:
+    """End a saga held at its payment step with a write of `store`'s own, not of the engine's
+    (as another replica would end it)."""
+    body = OrderDTO(request_id=request_id, product_id=1, order_id=10, payment_id=payment_id)
+    ended = StepEnded(1, body.model_dump_json(), complete=True)
+    assert await store.apply("Booking", request_id, ended)
+
+
+def readers(
+    monkeypatch: pytest.MonkeyPatch, store: SagaStore, method: str
+) -> list[asyncio.Task[object] | None]:
+    """The task of each call of `store`'s read `method` from now on, in order."""
+    tasks: list[asyncio.Task[object] | None] = []
+    read = getattr(store, method)
+
+    async def counted(facade: str, request_id: str) -> object:
+        tasks.append(asyncio.current_task())
+        return await read(facade, request_id)
+
+    monkeypatch.setattr(store, method, counted)
+    return tasks
 
 
 async def test_run_returns_the_dto_the_last_node_left(orchestrator: Orchestrator) -> None:
@@ -224,8 +258,7 @@ async def test_the_wait_wakes_on_another_replicas_write_heard_through_the_store_
     await asyncio.sleep(0.5)  # a poll every 0.2 s would read the saga twice meanwhile
     assert store.position_reads == reads
     # Another replica finishes the hop: a write this replica's engine did not make.
-    body = OrderDTO(request_id="t7", product_id=1, order_id=10, payment_id=99)
-    assert await store.apply("Booking", "t7", StepEnded(1, body.model_dump_json(), complete=True))
+    await pay_through(store, "t7", payment_id=99)
 
     assert (await waiting).payment_id == 99
     assert store.position_reads == reads + 1
@@ -390,17 +423,12 @@ async def test_a_caller_on_one_replica_wakes_at_once_when_another_replica_ends_i
     saga = Saga()
     saga.payment_gate = asyncio.Event()
     try:
-        flow = await started(orchestrator, saga)
-        waiting = asyncio.create_task(booked(flow, "r1"))
-        await saga.held_at_payment("r1")
+        waiting = await caller_held_at_payment(orchestrator, saga, "r1")
         await asyncio.sleep(0.1)  # the caller waits: its last read is behind it
         loop = asyncio.get_running_loop()
 
         # The other replica ends the saga: its store's write, not this replica's engine.
-        body = OrderDTO(request_id="r1", product_id=1, order_id=10, payment_id=77)
-        assert await there.apply(
-            "Booking", "r1", StepEnded(1, body.model_dump_json(), complete=True)
-        )
+        await pay_through(there, "r1", payment_id=77)
         written = loop.time()
         answer = await waiting
 
@@ -412,83 +440,57 @@ async def test_a_caller_on_one_replica_wakes_at_once_when_another_replica_ends_i
         await orchestrator.close()
 
 
+@pytest.fixture
+async def on_sql(broker: InMemoryBroker, open_store: StoreOpener) -> AsyncIterator[Orchestrator]:
+    """An orchestrator on a SQL store (SQLite, PostgreSQL), with its change feed."""
+    orchestrator = Orchestrator(broker, store=await open_store(), heartbeat_seconds=60)
+    yield orchestrator
+    await orchestrator.close()
+
+
 async def test_a_caller_waiting_for_its_sagas_end_reads_only_the_sagas_position(
-    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+    on_sql: Orchestrator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = await open_store()
-    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
-    whole_reads: list[asyncio.Task[object] | None] = []
-    read_whole = store.get
-
-    async def counted_get(facade: str, request_id: str) -> SagaRecord | None:
-        whole_reads.append(asyncio.current_task())
-        return await read_whole(facade, request_id)
-
-    monkeypatch.setattr(store, "get", counted_get)
+    whole_reads = readers(monkeypatch, on_sql.store, "get")
     saga = Saga()
     saga.payment_gate = asyncio.Event()
-    try:
-        flow = await started(orchestrator, saga)
-        caller = asyncio.create_task(booked(flow, "r-reads"))
-        await saga.held_at_payment("r-reads")
-        await asyncio.sleep(0.1)  # the order's end has woken the caller by now
-        assert caller not in whole_reads  # its saga's position said RUNNING: wait on
+    caller = await caller_held_at_payment(on_sql, saga, "r-reads")
+    await asyncio.sleep(0.1)  # the order's end has woken the caller by now
+    assert caller not in whole_reads  # its saga's position said RUNNING: wait on
 
-        saga.payment_gate.set()
-        booked_dto = await caller
+    saga.payment_gate.set()
+    booked_dto = await caller
 
-        assert booked_dto.payment_id == 11  # the last step's data, which the position holds
-        assert caller not in whole_reads
-    finally:
-        await orchestrator.close()
+    assert booked_dto.payment_id == 11  # the last step's data, which the position holds
+    assert caller not in whole_reads
 
 
 async def test_a_caller_whose_saga_only_this_replica_writes_reads_its_position_once(
-    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+    on_sql: Orchestrator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = await open_store()
-    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
-    position_reads: list[asyncio.Task[object] | None] = []
-    read_position = store.position
+    position_reads = readers(monkeypatch, on_sql.store, "position")
+    flow = await started(on_sql, Saga())
+    caller = asyncio.create_task(booked(flow, "r-once"))
 
-    async def counted_position(facade: str, request_id: str) -> Position | None:
-        position_reads.append(asyncio.current_task())
-        return await read_position(facade, request_id)
-
-    monkeypatch.setattr(store, "position", counted_position)
-    try:
-        flow = await started(orchestrator, Saga())
-        caller = asyncio.create_task(booked(flow, "r-once"))
-
-        assert (await caller).payment_id == 11
-        # Its first look; then each write of this replica told it where the saga stood,
-        # and the store's feed left out the announcements of those same writes.
-        assert position_reads.count(caller) == 1
-    finally:
-        await orchestrator.close()
+    assert (await caller).payment_id == 11
+    # The begin's check that the request is new; then each write of this replica told the
+    # wait where the saga stood, and the store's feed left those writes out.
+    assert position_reads.count(caller) == 1
 
 
 async def test_a_write_the_feed_never_told_is_seen_at_the_next_recheck(
-    broker: InMemoryBroker, open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+    on_sql: Orchestrator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ending, "RECHECK_SECONDS", 0.2)
-    store = await open_store()
-    orchestrator = Orchestrator(broker, store=store, heartbeat_seconds=60)
     saga = Saga()
     saga.payment_gate = asyncio.Event()
     try:
-        flow = await started(orchestrator, saga)
-        waiting = asyncio.create_task(booked(flow, "r-untold"))
-        await saga.held_at_payment("r-untold")
+        waiting = await caller_held_at_payment(on_sql, saga, "r-untold")
         # Written through this orchestrator's own store object, not its engine: the feed
         # takes it for the engine's own and tells the engine nothing (as for two
         # orchestrators sharing one store object).
-        body = OrderDTO(request_id="r-untold", product_id=1, order_id=10, payment_id=55)
-        assert await store.apply(
-            "Booking", "r-untold", StepEnded(1, body.model_dump_json(), complete=True)
-        )
+        await pay_through(on_sql.store, "r-untold", payment_id=55)
 
         assert (await waiting).payment_id == 55
     finally:
         saga.payment_gate.set()
-        await orchestrator.close()
