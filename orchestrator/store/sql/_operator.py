@@ -54,7 +54,7 @@ from orchestrator.store.sql._ops import (
     SettleDeadLetterOp,
     UnsettleDeadLetterOp,
 )
-from orchestrator.store.sql._schema import dead_letters, saga_actions
+from orchestrator.store.sql._schema import dead_letters, saga_actions, state_is
 
 __all__ = [
     "Done",
@@ -71,11 +71,12 @@ __all__ = [
 
 _KEY: Final = "facade = :f AND request_id = :r"
 _RETRIED: Final = (
-    f"UPDATE sagas SET deadline_at = :deadline, updated_at = :at WHERE {_KEY} AND state = 'RUNNING'"
+    "UPDATE sagas SET deadline_at = :deadline, updated_at = :at"
+    f" WHERE {_KEY} AND {state_is('RUNNING')}"
 )
 _COMPENSATION_RETRIED: Final = (
     "UPDATE sagas SET state = 'COMPENSATING', deadline_at = :deadline, updated_at = :at"
-    f" WHERE {_KEY} AND state = 'COMPENSATION_FAILED'"
+    f" WHERE {_KEY} AND {state_is('COMPENSATION_FAILED')}"
 )
 _UNDO_AGAIN: Final = (
     "UPDATE saga_steps SET compensation = 'PENDING', compensated_at = NULL,"
@@ -89,7 +90,7 @@ _RESOLVE_STEP: Final = (
 )
 _RESOLVE: Final = (
     "UPDATE sagas SET state = 'RESOLVED', deadline_at = NULL, updated_at = :at"
-    f" WHERE {_KEY} AND state = :expect"
+    f" WHERE {_KEY} AND (state || '') = :expect"  # by its key: see `state_is`
 )
 _SAGA: Final = f"SELECT 1 FROM sagas WHERE {_KEY}"
 _ACTION: Final = (

@@ -55,7 +55,7 @@ from orchestrator.store.sql._ops import (
     ended_reason,
     rounds,
 )
-from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY
+from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY, state_is
 
 __all__ = ["apply_batch"]
 
@@ -133,7 +133,7 @@ _STEP_FAILED: Final = Statement(
 _COMPLETE: Final = Statement(
     "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
     + _unnest(**_KEYS, at="timestamptz")
-    + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
+    + f" WHERE {_MATCH} AND {state_is('RUNNING', of='s')} RETURNING s.facade, s.request_id"
 )
 _FAIL: Final = Statement(
     "UPDATE sagas s SET state = c.state, error_code = c.code, error_reason = c.reason,"
@@ -146,7 +146,7 @@ _FAIL: Final = Statement(
         deadline="timestamptz",
         at="timestamptz",
     )
-    + f" WHERE {_MATCH} AND s.state = 'RUNNING' RETURNING s.facade, s.request_id"
+    + f" WHERE {_MATCH} AND {state_is('RUNNING', of='s')} RETURNING s.facade, s.request_id"
 )
 _UNDO: Final = Statement(
     "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
@@ -157,7 +157,8 @@ _COMPENSATION_ENDED: Final = Statement(
     "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
     " error_reason = CASE c.error WHEN '' THEN s.error_reason ELSE c.error END FROM "
     + _unnest(**_KEYS, state="text", at="timestamptz", error="text")
-    + f" WHERE {_MATCH} AND s.state = 'COMPENSATING' RETURNING s.facade, s.request_id"
+    + f" WHERE {_MATCH} AND {state_is('COMPENSATING', of='s')}"
+    " RETURNING s.facade, s.request_id"
 )
 _UNDONE: Final = Statement(
     "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
@@ -187,7 +188,7 @@ _CLAIM: Final = Statement(
     "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
     + _unnest(**_KEYS, owner="text", deadline="timestamptz")
     + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
-    f" AND ({OPEN_ONLY}) RETURNING s.facade, s.request_id"
+    f" AND {state_is('RUNNING', 'COMPENSATING', of='s')} RETURNING s.facade, s.request_id"
 )
 
 _NOTIFY: Final = Statement(_NOTIFY_SQL)

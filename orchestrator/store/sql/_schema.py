@@ -43,6 +43,7 @@ __all__ = [
     "saga_steps",
     "sagas",
     "sqlite_time",
+    "state_is",
 ]
 
 MAX_REQUEST_ID: Final = 128
@@ -57,6 +58,21 @@ OPEN_ONLY: Final = "state IN ('RUNNING', 'COMPENSATING')"
 """The deadline index's condition: sagas that have not reached an end."""
 WAITING_ONLY: Final = "state = 'WAITING'"
 """The dead-letter list's index condition: messages waiting for an operator."""
+
+
+def state_is(*states: str, of: str = "") -> str:
+    """A saga's state among `states`, in a statement that names the saga by its key.
+
+    Written as an expression (`state || ''`) that no index covers, so PostgreSQL
+    finds the row by its primary key and checks the state on that row. Compared
+    as the bare column, it made the listing index (facade, state, created_at,
+    request_id) look as good to the planner; and that index's RUNNING entries
+    include every saga's dead RUNNING versions until a vacuum clears them, so a
+    compare-and-set walked them all: 3.6 ms for one saga with 28 000 finished
+    sagas behind it, against 0.2 ms by the key. `of`: the table's alias.
+    """
+    column = f"{of}.state" if of else "state"
+    return f"({column} || '') IN ({', '.join(repr(state) for state in states)})"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
