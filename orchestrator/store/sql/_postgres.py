@@ -55,7 +55,13 @@ from orchestrator.store.sql._ops import (
     ended_reason,
     rounds,
 )
-from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_ONLY, state_is
+from orchestrator.store.sql._schema import (
+    IN_PROCESS_ONLY,
+    OPEN_ONLY,
+    OPEN_STATES,
+    RUNNING_ONLY,
+    state_is,
+)
 
 __all__ = ["apply_batch"]
 
@@ -188,7 +194,7 @@ _CLAIM: Final = Statement(
     "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
     + _unnest(**_KEYS, owner="text", deadline="timestamptz")
     + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
-    f" AND {state_is('RUNNING', 'COMPENSATING', of='s')} RETURNING s.facade, s.request_id"
+    f" AND {state_is(*OPEN_STATES, of='s')} RETURNING s.facade, s.request_id"
 )
 
 _NOTIFY: Final = Statement(_NOTIFY_SQL)

@@ -33,6 +33,7 @@ from orchestrator.store.records import IN_PROCESS_KINDS
 __all__ = [
     "IN_PROCESS_ONLY",
     "OPEN_ONLY",
+    "OPEN_STATES",
     "RUNNING_ONLY",
     "WAITING_ONLY",
     "UtcDateTime",
@@ -54,7 +55,9 @@ RUNNING_ONLY: Final = "state = 'RUNNING'"
 let the planners use a partial index)."""
 IN_PROCESS_ONLY: Final = "kind IN ({})".format(", ".join(f"'{k}'" for k in IN_PROCESS_KINDS))
 """Sagas run in their owner's process (`IN_PROCESS_KINDS`): orphaned when it stops."""
-OPEN_ONLY: Final = "state IN ('RUNNING', 'COMPENSATING')"
+OPEN_STATES: Final = ("RUNNING", "COMPENSATING")
+"""The states of a saga that has not reached an end."""
+OPEN_ONLY: Final = "state IN ({})".format(", ".join(f"'{state}'" for state in OPEN_STATES))
 """The deadline index's condition: sagas that have not reached an end."""
 WAITING_ONLY: Final = "state = 'WAITING'"
 """The dead-letter list's index condition: messages waiting for an operator."""
@@ -72,7 +75,8 @@ def state_is(*states: str, of: str = "") -> str:
     sagas behind it, against 0.2 ms by the key. `of`: the table's alias.
     """
     column = f"{of}.state" if of else "state"
-    return f"({column} || '') IN ({', '.join(repr(state) for state in states)})"
+    values = ", ".join(f"'{state}'" for state in states)
+    return f"({column} || '') IN ({values})"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
