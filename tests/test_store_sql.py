@@ -246,6 +246,82 @@ async def test_postgresql_finds_a_compare_and_set_s_saga_by_its_key(
     assert "ix_sagas_listing" not in plan, plan
 
 
+async def test_a_store_started_on_empty_tables_still_finds_rows_by_key_once_they_fill(
+    store: SqlSagaStore, postgresql_url: str
+) -> None:
+    # Batches of a dozen sagas, more than five times over: PostgreSQL may then keep, for the
+    # connection's life, a generic plan of each statement made while the tables were empty,
+    # which reads a whole table or index (as cheap as any other plan then).
+    for batch in range(8):
+        await asyncio.gather(*(run_saga(store, f"early-{batch}-{i}") for i in range(12)))
+    await fill_with_finished_sagas(postgresql_url, FILLED)
+    # A server process reports its statistics as a transaction ends at least a second after
+    # it last did (else after ten idle seconds): the writer's next write reports them all.
+    await asyncio.sleep(1.1)
+    await store.heartbeat("replica-a")
+    before = await work_done(postgresql_url, sagas=8 * 12 + FILLED)
+    for batch in range(2):
+        await asyncio.gather(*(run_saga(store, f"late-{batch}-{i}") for i in range(12)))
+        await asyncio.gather(*(store.get(FACADE, f"late-{batch}-{i}") for i in range(12)))
+    await store.close()  # its server processes end, and report what they read
+    after = await work_done(postgresql_url, sagas=10 * 12 + FILLED)
+
+    # Before: a pass over a table or one of its indexes with nearly every statement.
+    assert after.rows_scanned - before.rows_scanned < FILLED, (before, after)
+    assert after.index_blocks - before.index_blocks < after.index_size, (before, after)
+
+
+FILLED = 30_000
+
+
+@dataclass(frozen=True)
+class Work:
+    """What PostgreSQL counted of the sagas' and their steps' tables."""
+
+    rows_scanned: int
+    """Rows read by sequential scans."""
+    index_blocks: int
+    """Blocks read of the sagas' indexes other than the primary key."""
+    index_size: int
+    """Blocks those indexes hold now."""
+
+
+async def fill_with_finished_sagas(url: str, count: int) -> None:
+    """`count` COMPLETED two-step sagas, written behind the store's back."""
+    await execute(
+        url,
+        "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
+        " error_code, error_reason, created_at, updated_at)"
+        f" SELECT '{FACADE}', 'filled-' || n, 'sync', 'COMPLETED', '{{}}', 'hash', '', 'x', '',"
+        f" '', now(), now() FROM generate_series(1, {count}) AS n",
+    )
+    await execute(
+        url,
+        "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at,"
+        " error, compensation, compensation_error)"
+        f" SELECT '{FACADE}', 'filled-' || n, idx, 'step-' || idx, 'DONE', 1, now(), '', '', ''"
+        f" FROM generate_series(1, {count}) AS n, generate_series(0, 1) AS idx",
+    )
+
+
+async def work_done(url: str, *, sagas: int) -> Work:
+    """`Work` once PostgreSQL's statistics count `sagas` completed sagas."""
+    query = (
+        "SELECT (SELECT sum(seq_tup_read) FROM pg_stat_user_tables"
+        "        WHERE relname IN ('sagas', 'saga_steps')),"
+        " sum(idx_blks_hit + idx_blks_read), sum(pg_relation_size(indexrelid)) / 8192,"
+        " (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'sagas'),"
+        " (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'saga_steps')"
+        " FROM pg_statio_user_indexes WHERE relname = 'sagas' AND indexrelname != 'sagas_pkey'"
+    )
+    async with asyncio.timeout(15):
+        while True:
+            [(scanned, blocks, size, inserted, steps_ended)] = await execute(url, query)
+            if inserted >= sagas and steps_ended >= 2 * (sagas - FILLED):
+                return Work(int(scanned), int(blocks), int(size))
+            await asyncio.sleep(0.1)
+
+
 def example_arguments(statement: Statement) -> list[Any]:
     """A value of its type for each of `statement`'s parameters (an array where it takes one)."""
     now = datetime.now(UTC)

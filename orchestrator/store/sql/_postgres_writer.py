@@ -52,6 +52,17 @@ overflow, a burst of reads (a hop's check for each of 64 sagas in flight) opened
 connections by the dozen, each a server process started and stopped."""
 CLOSE_SECONDS: Final = 5.0
 """How long closing the store waits for point reads in progress."""
+PLANNED_PER_EXECUTION: Final = {"plan_cache_mode": "force_custom_plan"}
+"""The writer's and the point reads' sessions plan every execution of a statement anew.
+
+asyncpg prepares each statement once per connection, and after five executions PostgreSQL
+may keep a generic plan of it for the connection's life. Planned while the tables were
+nearly empty (a new database; nothing analyzes it when autovacuum is off), that plan read a
+whole table, or walked a whole index for the saga's key in a later column: no costlier than
+the primary key then, and a pass over every saga ever recorded with each batch once they
+pile up (`bench/sync_booking.py` on PostgreSQL: the database's CPU per booking went from
+about 270 to 1900 µs over four runs of one invocation). A plan made for each execution sees
+the tables as they are; planning costs the database some 20-30 µs a booking."""
 READ_POOL_SIZE: Final = 6
 """Of `POOL_SIZE`, the connections of the point reads (a saga's position, a saga by its key):
 an asyncpg pool of their own, without SQLAlchemy's checkout and execution layers."""
@@ -129,7 +140,11 @@ class PostgresWriter(Writer):
         import asyncpg  # type: ignore[import-untyped]  # optional: imported once it is needed
 
         self._read_pool = await asyncpg.create_pool(
-            self._dsn, min_size=1, max_size=READ_POOL_SIZE, reset=_session_kept
+            self._dsn,
+            min_size=1,
+            max_size=READ_POOL_SIZE,
+            reset=_session_kept,
+            server_settings=PLANNED_PER_EXECUTION,
         )
         self._closing = False
         self._wake = asyncio.Event()  # bound to the loop that runs the writer
@@ -273,10 +288,13 @@ class PostgresWriter(Writer):
         if self._connection is None:
             conn = await self._engine.connect()
             try:
-                self._connection = await connection(conn)
+                held = await connection(conn)
+                for name, value in PLANNED_PER_EXECUTION.items():
+                    await held.driver.execute(f"SET {name} = {value}")
             except BaseException:
                 await conn.close()
                 raise
+            self._connection = held
             if self.connected is not None:
                 self.connected(self._connection.driver.get_server_pid())
         return self._connection
@@ -298,7 +316,21 @@ class PostgresWriter(Writer):
             self.connected(None)
         if held is not None:
             with contextlib.suppress(DBAPIError, OSError):
+                if not held.driver.is_closed() and not await _planned_as_usual(held):
+                    await held.sa.invalidate()
                 await held.sa.close()
+
+
+async def _planned_as_usual(held: Connection) -> bool:
+    """Undo `PLANNED_PER_EXECUTION` on the writer's connection, which goes back to
+    SQLAlchemy's pool to serve the listing queries; whether it could be (if not, it must
+    not go back)."""
+    try:
+        for name in PLANNED_PER_EXECUTION:
+            await held.driver.execute(f"RESET {name}")
+    except Exception:
+        return False
+    return True
 
 
 def _from_driver(exc: Exception) -> bool:
