@@ -53,7 +53,7 @@ connections by the dozen, each a server process started and stopped."""
 CLOSE_SECONDS: Final = 5.0
 """How long closing the store waits for point reads in progress."""
 PLANNED_PER_EXECUTION: Final = {"plan_cache_mode": "force_custom_plan"}
-"""The writer's and the point reads' sessions plan every execution of a statement anew.
+"""Every session of the store plans each execution of a statement anew.
 
 asyncpg prepares each statement once per connection, and after five executions PostgreSQL
 may keep a generic plan of it for the connection's life. Planned while the tables were
@@ -62,7 +62,9 @@ whole table, or walked a whole index for the saga's key in a later column: no co
 the primary key then, and a pass over every saga ever recorded with each batch once they
 pile up (`bench/sync_booking.py` on PostgreSQL: the database's CPU per booking went from
 about 270 to 1900 µs over four runs of one invocation). A plan made for each execution sees
-the tables as they are; planning costs the database some 20-30 µs a booking."""
+the tables as they are; planning costs the database some 20-30 µs a booking. The listing
+queries (SQLAlchemy prepares them too) could keep such plans as well; they run far less
+often, so planning them each time costs next to nothing."""
 READ_POOL_SIZE: Final = 6
 """Of `POOL_SIZE`, the connections of the point reads (a saga's position, a saga by its key):
 an asyncpg pool of their own, without SQLAlchemy's checkout and execution layers."""
@@ -94,9 +96,14 @@ class PostgresBackend(Backend):
     def engine(self) -> AsyncEngine:
         """An asyncpg engine that hides statement parameters in its errors, with a pool of
         `POOL_SIZE` connections and no overflow: a read waits for a connection of the pool
-        rather than opening one of its own (PostgreSQL starts a process per connection)."""
+        rather than opening one of its own (PostgreSQL starts a process per connection);
+        its sessions plan each execution (`PLANNED_PER_EXECUTION`)."""
         return create_async_engine(
-            self.url, hide_parameters=True, pool_size=POOL_SIZE - READ_POOL_SIZE, max_overflow=0
+            self.url,
+            hide_parameters=True,
+            pool_size=POOL_SIZE - READ_POOL_SIZE,
+            max_overflow=0,
+            connect_args={"server_settings": PLANNED_PER_EXECUTION},
         )
 
     def writer(self, engine: AsyncEngine, options: WriterOptions) -> PostgresWriter:
@@ -288,13 +295,10 @@ class PostgresWriter(Writer):
         if self._connection is None:
             conn = await self._engine.connect()
             try:
-                held = await connection(conn)
-                for name, value in PLANNED_PER_EXECUTION.items():
-                    await held.driver.execute(f"SET {name} = {value}")
+                self._connection = await connection(conn)
             except BaseException:
                 await conn.close()
                 raise
-            self._connection = held
             if self.connected is not None:
                 self.connected(self._connection.driver.get_server_pid())
         return self._connection
@@ -316,21 +320,7 @@ class PostgresWriter(Writer):
             self.connected(None)
         if held is not None:
             with contextlib.suppress(DBAPIError, OSError):
-                if not held.driver.is_closed() and not await _planned_as_usual(held):
-                    await held.sa.invalidate()
                 await held.sa.close()
-
-
-async def _planned_as_usual(held: Connection) -> bool:
-    """Undo `PLANNED_PER_EXECUTION` on the writer's connection, which goes back to
-    SQLAlchemy's pool to serve the listing queries; whether it could be (if not, it must
-    not go back)."""
-    try:
-        for name in PLANNED_PER_EXECUTION:
-            await held.driver.execute(f"RESET {name}")
-    except Exception:
-        return False
-    return True
 
 
 def _from_driver(exc: Exception) -> bool:
