@@ -259,12 +259,12 @@ async def test_a_store_started_on_empty_tables_still_finds_rows_by_key_once_they
     # it last did (else after ten idle seconds): the writer's next write reports them all.
     await asyncio.sleep(1.1)
     await store.heartbeat("replica-a")
-    before = await work_done(postgresql_url, sagas=8 * 12 + FILLED)
+    before = await work_done(postgresql_url, recorded=FILLED + 8 * 12, steps_ended=2 * 8 * 12)
     for batch in range(2):
         await asyncio.gather(*(run_saga(store, f"late-{batch}-{i}") for i in range(12)))
         await asyncio.gather(*(store.get(FACADE, f"late-{batch}-{i}") for i in range(12)))
     await store.close()  # its server processes end, and report what they read
-    after = await work_done(postgresql_url, sagas=10 * 12 + FILLED)
+    after = await work_done(postgresql_url, recorded=FILLED + 10 * 12, steps_ended=2 * 10 * 12)
 
     # Before: a pass over a table or one of its indexes with nearly every statement.
     assert after.rows_scanned - before.rows_scanned < FILLED, (before, after)
@@ -304,8 +304,9 @@ async def fill_with_finished_sagas(url: str, count: int) -> None:
     )
 
 
-async def work_done(url: str, *, sagas: int) -> Work:
-    """`Work` once PostgreSQL's statistics count `sagas` completed sagas."""
+async def work_done(url: str, *, recorded: int, steps_ended: int) -> Work:
+    """`Work` once PostgreSQL's statistics count `recorded` sagas inserted and `steps_ended`
+    steps' rows updated."""
     query = (
         "SELECT (SELECT sum(seq_tup_read) FROM pg_stat_user_tables"
         "        WHERE relname IN ('sagas', 'saga_steps')),"
@@ -316,8 +317,8 @@ async def work_done(url: str, *, sagas: int) -> Work:
     )
     async with asyncio.timeout(15):
         while True:
-            [(scanned, blocks, size, inserted, steps_ended)] = await execute(url, query)
-            if inserted >= sagas and steps_ended >= 2 * (sagas - FILLED):
+            [(scanned, blocks, size, inserted, updated)] = await execute(url, query)
+            if inserted >= recorded and updated >= steps_ended:
                 return Work(int(scanned), int(blocks), int(size))
             await asyncio.sleep(0.1)
 
