@@ -266,9 +266,11 @@ async def test_a_store_started_on_empty_tables_still_finds_rows_by_key_once_they
     await store.close()  # its server processes end, and report what they read
     after = await work_done(postgresql_url, recorded=FILLED + 10 * 12, steps_ended=2 * 10 * 12)
 
-    # Before: a pass over a table or one of its indexes with nearly every statement.
+    # Before: a pass over a table or one of its indexes with nearly every statement (10 000
+    # index blocks and more). What the writes themselves touch is a few hundred blocks, even
+    # counting the early rounds' should PostgreSQL report those late.
     assert after.rows_scanned - before.rows_scanned < FILLED, (before, after)
-    assert after.index_blocks - before.index_blocks < after.index_size, (before, after)
+    assert after.index_blocks - before.index_blocks < 2 * after.index_size, (before, after)
 
 
 FILLED = 30_000
