@@ -19,6 +19,7 @@ import collections
 import math
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Final
@@ -81,8 +82,15 @@ async def record(pid: int, output: Path, *, delay: float, seconds: float) -> Non
     )
     _, errors = await spy.communicate()
     if spy.returncode != 0:
+        # `--nonblocking` reads the process while it runs, and py-spy can die of what it
+        # read half-changed (SIGSEGV): the profile is lost, the bench's figures are not.
+        how = (
+            f"killed by {signal.Signals(-spy.returncode).name}"
+            if spy.returncode < 0
+            else f"exit {spy.returncode}"
+        )
         detail = errors.decode(errors="replace")[-500:]
-        print(f"  py-spy failed on {output} ({spy.returncode}): {detail}", flush=True)
+        print(f"  py-spy failed on {output} ({how}): {detail}", flush=True)
         return
     print(f"  py-spy: {output} (summary: {write_summary(output)})", flush=True)
 
