@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any, Final, Protocol
 
 from prometheus_client import (
@@ -21,6 +22,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from orchestrator._loop_metrics import LoopCounter, LoopGauge, LoopHistogram
+from orchestrator.workers import METRICS_DIR_ENV
 
 __all__ = [
     "METRICS_PATH",
@@ -46,10 +50,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.sagas_started = Counter(
+        # The families every saga updates: plain numbers made into samples when collected
+        # (`_loop_metrics`), unless a supervisor reads each worker's values from its files.
+        multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
+        counter = Counter if multiprocess else LoopCounter
+        histogram = Histogram if multiprocess else LoopHistogram
+        self.sagas_started = counter(
             "orchestrator_sagas_started", "Sagas started.", ["facade", "kind"], registry=r
         )
-        self.sagas_completed = Counter(
+        self.sagas_completed = counter(
             "orchestrator_sagas_completed",
             "Sagas whose every step succeeded.",
             ["facade", "kind"],
@@ -75,14 +84,14 @@ class Metrics:
         )
         # Gauge modes matter only under a supervisor (prometheus_client's multiprocess mode):
         # what is in flight sums over the live workers; the broker link is each worker's.
-        self.sagas_in_flight = Gauge(
+        self.sagas_in_flight = _in_flight_gauge(
+            multiprocess,
             "orchestrator_sagas_in_flight",
             "Sync runs, and async hops, in progress on this replica.",
             ["facade", "kind"],
-            registry=r,
-            multiprocess_mode="livesum",
+            r,
         )
-        self.step_seconds = Histogram(
+        self.step_seconds = histogram(
             "orchestrator_step_duration_seconds",
             "Time a step (node) took, success or failure.",
             ["facade", "step"],
@@ -147,13 +156,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
-        self.calls_in_flight = Gauge(
+        self.calls_in_flight = _in_flight_gauge(
+            multiprocess,
             "orchestrator_calls_in_flight",
             "Calls of a facade admitted and not yet answered on this replica (sync runs, "
             "throttling and inline callers waiting): what max_in_flight bounds.",
             ["facade"],
-            registry=r,
-            multiprocess_mode="livesum",
+            r,
         )
         self.calls_refused = Counter(
             "orchestrator_calls_refused",
@@ -170,6 +179,21 @@ class Metrics:
     def exposition(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _in_flight_gauge(
+    multiprocess: bool,
+    name: str,
+    documentation: str,
+    labelnames: list[str],
+    registry: CollectorRegistry,
+) -> Gauge | LoopGauge:
+    """A gauge of what is in flight; under a supervisor, summed over the live workers."""
+    if multiprocess:
+        return Gauge(
+            name, documentation, labelnames, registry=registry, multiprocess_mode="livesum"
+        )
+    return LoopGauge(name, documentation, labelnames, registry=registry)
 
 
 class FacadeMetrics:

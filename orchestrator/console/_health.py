@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from orchestrator.registry import Orchestrator
 from orchestrator.store import SagaState
@@ -91,7 +91,7 @@ async def health_of(orchestrator: Orchestrator) -> Health:
     )
 
 
-def _in_flight(gauge: MetricWrapperBase) -> list[InFlight]:
+def _in_flight(gauge: Collector) -> list[InFlight]:
     found = []
     for metric in gauge.collect():
         for sample in metric.samples:
@@ -101,7 +101,7 @@ def _in_flight(gauge: MetricWrapperBase) -> list[InFlight]:
     return sorted(found, key=lambda row: (row.facade, row.kind))
 
 
-def step_latencies(histogram: MetricWrapperBase) -> list[StepLatency]:
+def step_latencies(histogram: Collector) -> list[StepLatency]:
     """Count, mean and quantiles of each (facade, step) of the step duration histogram."""
     buckets: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     counts: dict[tuple[str, str], float] = {}
