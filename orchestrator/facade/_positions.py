@@ -20,7 +20,6 @@ the saga's position at once.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from typing import Final
 
@@ -112,6 +111,5 @@ def advanced(position: Position, change: Change) -> Position:
         if change.data is not None:
             data[change.index] = change.data
         state = change.then
-    return dataclasses.replace(
-        position, state=state, step_states=tuple(states), step_data=tuple(data)
-    )
+    # Made directly: `dataclasses.replace` walks the fields in Python, on every write.
+    return Position(state, position.payload, tuple(states), tuple(data))
