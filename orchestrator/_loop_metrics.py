@@ -79,6 +79,7 @@ class _Family(Collector, Generic[ChildT]):
         name: str,
         documentation: str,
         labelnames: Sequence[str],
+        *,
         registry: CollectorRegistry,
     ) -> None:
         self._name = name
@@ -117,22 +118,16 @@ class _Family(Collector, Generic[ChildT]):
     def _add(self, family: Metric, key: tuple[str, ...], child: ChildT) -> None: ...
 
 
-class LoopCounter(_Family[_Value]):
-    """A counter (`<name>_total`, `<name>_created`) with prometheus_client's
-    `labels(...).inc()`."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
+class _NumberFamily(_Family[_Value]):
+    """A family whose children are one number each."""
 
     def _child(self) -> _Value:
         return _Value()
+
+
+class LoopCounter(_NumberFamily):
+    """A counter (`<name>_total`, `<name>_created`) with prometheus_client's
+    `labels(...).inc()`."""
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -142,21 +137,8 @@ class LoopCounter(_Family[_Value]):
         family.add_metric(key, child.value, created=child.created)
 
 
-class LoopGauge(_Family[_Value]):
+class LoopGauge(_NumberFamily):
     """A gauge with prometheus_client's `labels(...).inc()` and `.dec()`."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _child(self) -> _Value:
-        return _Value()
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -183,7 +165,7 @@ class LoopHistogram(_Family[_Buckets]):
         if list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: buckets must be increasing, not {tuple(buckets)}")
         self._bounds = bounds if bounds and bounds[-1] == math.inf else (*bounds, math.inf)
-        super().__init__(name, documentation, labelnames, registry)
+        super().__init__(name, documentation, labelnames, registry=registry)
 
     def _child(self) -> _Buckets:
         return _Buckets(self._bounds)
