@@ -13,8 +13,15 @@ process's CPU time over the sagas run (every thread included: SQLite's
 checkpoints run on one), so they stay comparable on a busy machine where
 throughput does not.
 
+With ``--broker amqp://...`` (``--facade throttling`` only) the hops go through
+RabbitMQ instead: the orchestrator runs on a `RabbitMQBroker`, and the baseline
+is the same two hops written by hand on aio-pika (bench/_engine_amqp.py), both
+in this process, their queues under a prefix of the invocation and deleted at
+the end. The difference is then the broker layer and the journal, without
+gRPC, upstreams or a second process.
+
     .venv/bin/python bench/engine.py [--facade sync|throttling] [--sagas 6000] [--runs 3]
-        [--store sqlite|memory|URL]
+        [--store sqlite|memory|URL] [--broker amqp://guest:guest@127.0.0.1:5672/]
 
 The last line is always ``cpu_per_saga_us=X`` (the median of the framework's
 runs); ``bench/ab.py`` compares it between two revisions.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +39,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
@@ -38,6 +47,8 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import uvloop  # noqa: E402
 
+from bench._engine_amqp import framework, hand_written  # noqa: E402
+from bench._spy import add_py_spy_option, compare, record, spy_output  # noqa: E402
 from orchestrator import (  # noqa: E402
     AsyncFacadeContext,
     Context,
@@ -50,6 +61,8 @@ from pb.booking_pb2 import BookingRequest, BookingSyncResponse  # noqa: E402
 
 FACADE = "SyncBooking"
 THROTTLING = "ThrottlingBooking"
+HOPS: Final = ("engine_order", "engine_payment")
+"""The throttling saga's two topics (with `--broker`, the hand-written queues' names too)."""
 Booking = Context[BookingRequest, BookingSyncResponse]
 
 
@@ -93,51 +106,112 @@ def register(orchestrator: Orchestrator) -> None:
     flow.use(create_order).use(create_payment)
     orchestrator.register_sync_facade(FACADE, flow)
     throttled = ThrottlingFacade(dto=BookingDTO)
-    throttled.use("engine_order", order_hop).use("engine_payment", payment_hop)
+    throttled.use(HOPS[0], order_hop).use(HOPS[1], payment_hop)
     orchestrator.register_throttling_facade(THROTTLING, throttled)
 
 
-async def callers(count: int, sagas: int, saga: Callable[[int], Awaitable[object]]) -> float:
-    """Run `sagas` sagas with `count` callers at once; the CPU seconds it took."""
+Saga = Callable[[int], Awaitable[object]]
+"""Runs the saga numbered n to its end."""
+SPY_DELAY: Final = 1.0
+"""Seconds into the measured phase before py-spy attaches."""
+
+
+async def callers(count: int, sagas: int, saga: Saga, done: list[int] | None = None) -> float:
+    """Run `sagas` sagas with `count` callers at once; the CPU seconds it took. Each saga
+    ended is counted in `done[0]`."""
     numbers = iter(range(sagas))
+    done = done if done is not None else [0]
 
     async def caller() -> None:
         for number in numbers:
             await saga(number)
+            done[0] += 1
 
     started = time.process_time()
     await asyncio.gather(*(caller() for _ in range(count)))
     return time.process_time() - started
 
 
-async def framework_run(store_url: str, tag: str, args: argparse.Namespace) -> float:
+async def measure(
+    args: argparse.Namespace, saga: Callable[[str], Saga], *, warm: bool, spy: Path | None
+) -> float:
+    """CPU microseconds per saga of `saga("run")`, after `saga("warm")` as many times if
+    `warm`; with `spy`, sampled by py-spy into `spy` for part of the measured phase."""
+    sagas: int = args.sagas
+    if warm:
+        await callers(args.concurrency, sagas, saga("warm"))
+    if spy is None:
+        return await callers(args.concurrency, sagas, saga("run")) * 1e6 / sagas
+    done = [0]
+    running = asyncio.create_task(callers(args.concurrency, sagas, saga("run"), done))
+    await asyncio.sleep(SPY_DELAY)
+    first, started = done[0], time.monotonic()
+    await record(os.getpid(), spy, delay=0, seconds=args.spy_seconds)
+    if running.done():
+        print(f"  py-spy outlasted the run: {spy}'s units are an estimate", flush=True)
+    # The sagas ended while py-spy sampled, scaled to its duration (spawning it took a while).
+    units = (done[0] - first) * args.spy_seconds / (time.monotonic() - started)
+    spy.with_name(spy.name + ".units").write_text(f"{units:.0f}\n")
+    return await running * 1e6 / sagas
+
+
+def prefixes(tag: str) -> tuple[str, str]:
+    """The framework's and the hand-written saga's queue prefixes in the run `tag`."""
+    return f"engine.{tag}.f.", f"engine.{tag}.b."
+
+
+async def framework_run(
+    store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
+) -> float:
     """CPU microseconds per saga through the facade, after a warm-up of as many sagas."""
+    if args.broker is not None:
+        return await framework_amqp_run(store_url, tag, args, spy)
     async with SagaKit(register, store_url=store_url, timeout=120) as kit:
         flow = kit.orchestrator.get_sync_facade(FACADE)
         throttled = kit.orchestrator.get_throttling_facade(THROTTLING)
 
-        def saga(phase: str) -> Callable[[int], Awaitable[object]]:
+        def saga(phase: str) -> Saga:
             if args.facade == "throttling":
                 return lambda n: throttled.run(
                     f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
                 )
             return lambda n: flow.run(f"{tag}-{phase}-{n}", BookingRequest(ProductID=1))
 
-        await callers(args.concurrency, args.sagas, saga("warm"))
-        cpu = await callers(args.concurrency, args.sagas, saga("run"))
-    return cpu / args.sagas * 1e6
+        return await measure(args, saga, warm=True, spy=spy)
 
 
-async def baseline_run(args: argparse.Namespace) -> float:
-    """CPU microseconds per saga of the two nodes awaited by hand."""
+async def framework_amqp_run(
+    store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
+) -> float:
+    """CPU microseconds per throttling saga on RabbitMQ, after a warm-up of as many sagas."""
+    prefix, _ = prefixes(tag)
+    async with framework(args.broker, prefix, store_url, args.prefetch, register) as orchestrator:
+        throttled = orchestrator.get_throttling_facade(THROTTLING)
+
+        def saga(phase: str) -> Saga:
+            return lambda n: throttled.run(
+                f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
+            )
+
+        return await measure(args, saga, warm=True, spy=spy)
+
+
+async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> float:
+    """CPU microseconds per saga of the baseline: the two nodes awaited by hand, or with
+    `--broker` the two hops written by hand on aio-pika."""
+    if args.broker is not None:
+        _, prefix = prefixes(tag)
+        async with hand_written(args.broker, prefix, HOPS, args.prefetch) as run:
+            return await measure(
+                args, lambda phase: lambda n: run(f"{tag}-{phase}-{n}"), warm=True, spy=spy
+            )
 
     async def saga(number: int) -> None:
         ctx = Context(str(number), BookingRequest(ProductID=1), BookingSyncResponse(), FACADE)
         await create_order(ctx.request_id, ctx)
         await create_payment(ctx.request_id, ctx)
 
-    cpu = await callers(args.concurrency, args.sagas, saga)
-    return cpu / args.sagas * 1e6
+    return await measure(args, lambda phase: saga, warm=False, spy=spy)
 
 
 def store_url(store: str, directory: Path, run: int) -> str:
@@ -149,6 +223,16 @@ def store_url(store: str, directory: Path, run: int) -> str:
     return store
 
 
+def print_comparison(spy: Path) -> None:
+    """Where the framework's extra time went, by library, per saga (both profiles taken)."""
+    baseline = spy_output(spy, "baseline")
+    sides = [spy, baseline]
+    units_files = [side.with_name(side.name + ".units") for side in sides]
+    if all(side.exists() for side in sides + units_files):
+        first, second = (float(units.read_text()) for units in units_files)
+        print(compare(spy, baseline, (first, second)), flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     framework: list[float] = []
     baseline: list[float] = []
@@ -158,13 +242,19 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as directory:
         for run in range(1, args.runs + 1):
             url = store_url(args.store, Path(directory), run)
-            framework.append(await framework_run(url, f"{invocation}-r{run}", args))
-            baseline.append(await baseline_run(args))
+            tag = f"{invocation}-r{run}"
+            if args.broker is not None:
+                print(f"run {run} prefixes={','.join(prefixes(tag))}", flush=True)
+            spy = args.py_spy if run == 1 else None
+            framework.append(await framework_run(url, tag, args, spy))
+            baseline.append(await baseline_run(tag, args, spy and spy_output(spy, "baseline")))
             print(
                 f"run {run}: framework {framework[-1]:.0f} us/saga,"
                 f" baseline {baseline[-1]:.0f} us/saga",
                 flush=True,
             )
+    if args.py_spy is not None:
+        print_comparison(args.py_spy)
     print(f"baseline_cpu_per_saga_us={statistics.median(baseline):.0f}")
     print(f"cpu_per_saga_us={statistics.median(framework):.0f}")
 
@@ -180,7 +270,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--store", default="sqlite", help="memory, sqlite (a fresh file per run) or a URL"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--broker",
+        help="an amqp:// URL: the throttling saga's hops through RabbitMQ, against the same "
+        "hops by hand on aio-pika (default: the in-memory broker, against the nodes awaited)",
+    )
+    parser.add_argument(
+        "--prefetch", type=int, default=32, help="with --broker: each queue's prefetch"
+    )
+    add_py_spy_option(parser)
+    parser.add_argument(
+        "--spy-seconds", type=float, default=4.0, help="with --py-spy: seconds sampled"
+    )
+    args = parser.parse_args(argv)
+    if args.broker is not None and (
+        args.facade != "throttling" or not args.broker.startswith("amqp")
+    ):
+        parser.error("--broker takes an amqp:// URL, with --facade throttling")
+    return args
 
 
 if __name__ == "__main__":

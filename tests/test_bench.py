@@ -30,6 +30,7 @@ from topic import CREATE_ORDER, CREATE_PAYMENT, THROTTLING_CREATE_ORDER, THROTTL
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(150)]
 
 ROOT = Path(__file__).resolve().parent.parent
+BROKER_URL = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
 HARD_TIMEOUT_SECONDS = 100.0
 """A bench still running then is stopped (SIGTERM: it stops its servers, deletes its queues)."""
 TINY = ["--seconds", "1", "--warmup", "0.2", "--pairs", "1"]
@@ -70,10 +71,15 @@ def run_bench(script: str, *args: str) -> str:
 async def queues_left(prefixes: tuple[str, str], hops: tuple[str, str]) -> list[str]:
     """The queues of both targets' topologies that still exist."""
     topology, _ = rabbitmq_layout(prefixes, hops)
+    return await existing(topology.queues)
+
+
+async def existing(queues: list[str]) -> list[str]:
+    """Those of `queues` that exist on the benches' RabbitMQ."""
     left = []
-    connection = await aio_pika.connect(os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL)
+    connection = await aio_pika.connect(BROKER_URL)
     async with connection:
-        for queue in topology.queues:
+        for queue in queues:
             channel = await connection.channel()
             try:
                 await channel.declare_queue(queue, passive=True)
@@ -160,3 +166,47 @@ def test_py_spy_samples_the_framework_and_the_baseline_during_their_first_measur
     if f"py-spy failed on {baseline} " not in output:
         assert f"py-spy: {baseline} (summary: {baseline}.txt)" in output, output
         assert "baseline_sync.py" in (tmp_path / "sync.spy.baseline.txt").read_text()
+
+
+def test_the_engine_bench_compares_the_facade_with_its_nodes_awaited_by_hand() -> None:
+    """`engine.py` (in-memory broker, SQLite store) prints each run's two figures and ends
+    with the framework's median, the line `ab.py` reads."""
+    output = run_bench("engine", "--facade", "throttling", "--sagas", "200", "--runs", "1")
+    assert re.search(r"^run 1: framework \d+ us/saga, baseline \d+ us/saga$", output, re.M)
+    assert re.search(r"\ncpu_per_saga_us=\d+\n$", output), output
+
+
+def test_the_engine_bench_through_rabbitmq_deletes_both_sides_queues() -> None:
+    """`engine.py --broker` runs the throttling saga on RabbitMQ against the same hops written
+    by hand, then deletes the queues of both (named by their prefixes in the run's line)."""
+    output = run_bench(
+        "engine", "--facade", "throttling", "--broker", BROKER_URL, "--sagas", "200", "--runs", "1"
+    )
+    assert re.search(r"^run 1: framework \d+ us/saga, baseline \d+ us/saga$", output, re.M)
+    found = re.search(r"^run 1 prefixes=(\S+),(\S+)$", output, re.M)
+    assert found, output
+    queues = [
+        f"{prefix}{hop}{suffix}"
+        for prefix in found.groups()
+        for hop in ("engine_order", "engine_payment")
+        for suffix in ("", ".dlq")
+    ]
+    assert asyncio.run(existing(queues)) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--broker", BROKER_URL], ["--facade", "throttling", "--broker", "nats://127.0.0.1:4222"]],
+    ids=["sync facade", "nats"],
+)
+def test_the_engine_bench_refuses_a_broker_it_cannot_run_on(args: list[str]) -> None:
+    """`--broker` is RabbitMQ's, for the throttling facade: anything else is a usage error."""
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "engine.py"), *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused
+    assert "--broker takes an amqp:// URL, with --facade throttling" in refused.stderr
