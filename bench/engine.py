@@ -145,6 +145,9 @@ async def measure(
     done = [0]
     running = asyncio.create_task(callers(args.concurrency, sagas, saga("run"), done))
     await asyncio.sleep(SPY_DELAY)
+    if running.done():
+        print(f"  py-spy: the run ended before it attached, nothing in {spy}", flush=True)
+        return await running * 1e6 / sagas
     first, started = done[0], time.monotonic()
     await record(os.getpid(), spy, delay=0, seconds=args.spy_seconds)
     if running.done():
@@ -224,18 +227,24 @@ def store_url(store: str, directory: Path, run: int) -> str:
 
 
 def print_comparison(spy: Path) -> None:
-    """Where the framework's extra time went, by library, per saga (both profiles taken)."""
+    """Where the framework's extra time went, by library, per saga (when both sides were
+    sampled while sagas ended)."""
     baseline = spy_output(spy, "baseline")
     sides = [spy, baseline]
     units_files = [side.with_name(side.name + ".units") for side in sides]
-    if all(side.exists() for side in sides + units_files):
-        first, second = (float(units.read_text()) for units in units_files)
+    if not all(side.exists() for side in sides + units_files):
+        return
+    first, second = (float(units.read_text()) for units in units_files)
+    if first and second:
         print(compare(spy, baseline, (first, second)), flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:
     framework: list[float] = []
     baseline: list[float] = []
+    if args.py_spy is not None:  # an earlier invocation's counts would pass for this one's
+        for side in (args.py_spy, spy_output(args.py_spy, "baseline")):
+            side.with_name(side.name + ".units").unlink(missing_ok=True)
     # Request ids of this invocation alone: a store given by URL keeps earlier runs' sagas,
     # and a request id seen before would be answered from the journal, not run.
     invocation = uuid.uuid4().hex[:8]

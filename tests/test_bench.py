@@ -210,3 +210,20 @@ def test_the_engine_bench_refuses_a_broker_it_cannot_run_on(args: list[str]) -> 
     )
     assert refused.returncode == 2, refused
     assert "--broker takes an amqp:// URL, with --facade throttling" in refused.stderr
+
+
+def test_the_engine_bench_samples_both_sides_and_compares_them_per_saga(tmp_path: Path) -> None:
+    """`engine.py --py-spy FILE` samples the framework's and the baseline's first measured
+    runs (here both through RabbitMQ, long enough to be sampled) and prints the comparison by
+    library, per saga."""
+    profile = tmp_path / "engine.spy"
+    args = ["--facade", "throttling", "--broker", BROKER_URL, "--sagas", "4000", "--runs", "1"]
+    for _ in range(SPY_ATTEMPTS):
+        output = run_bench("engine", *args, "--py-spy", str(profile), "--spy-seconds", "1")
+        if "(killed by " not in output:
+            break
+    for side in (profile, tmp_path / "engine.spy.baseline"):
+        assert f"py-spy: {side} (summary: {side}.txt)" in output, output
+        assert float((tmp_path / f"{side.name}.units").read_text()) > 0
+    assert re.search(r"^ +orchestrator/facade +\d+ +0 +\+\d+$", output, re.M), output
+    assert re.search(r"^ +all +\d+ +\d+ +[+-]\d+$", output, re.M), output
