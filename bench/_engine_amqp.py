@@ -1,8 +1,8 @@
 """bench/engine.py on RabbitMQ: the throttling saga's hops through a real broker, in process.
 
 The framework side is an `Orchestrator` on a `RabbitMQBroker` (quorum queues,
-publisher confirms, the topics' prefetch) and the store, its topics under a
-prefix of this invocation. The hand-written side is the same two hops on
+publisher confirms, the topics' prefetch), its topics under a prefix of this
+invocation. The hand-written side is the same two hops on
 aio-pika, as `bench/baseline_throttling.py` writes them, without gRPC: a
 caller registers a future and publishes the first hop (persistent,
 ``mandatory``, confirmed); the first consumer parses the JSON, runs the node,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import aio_pika
@@ -25,10 +25,8 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.baseline_async import declare, topology
 from bench.common import delete_topology
-from orchestrator import Orchestrator
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings
-from orchestrator.store import store_from_url
 
 DELIVERY_LIMIT: Final = 5
 """deployment/local/app.yaml's `delivery_limit`."""
@@ -37,19 +35,10 @@ Saga = Callable[[str], Awaitable[object]]
 """Runs the saga of a request id to its end."""
 
 
-@contextlib.asynccontextmanager
-async def framework(
-    url: str,
-    prefix: str,
-    store_url: str,
-    concurrency: int,
-    register: Callable[[Orchestrator], None],
-) -> AsyncIterator[Orchestrator]:
-    """An orchestrator on RabbitMQ at `url` (topics under `prefix`, each consumed with
-    prefetch `concurrency`) and the store at `store_url`; its topology deleted after."""
-    store = store_from_url(store_url)
-    await store.start()
-    broker = RabbitMQBroker(
+def rabbitmq_broker(url: str, prefix: str, concurrency: int) -> RabbitMQBroker:
+    """The framework's broker: RabbitMQ at `url`, topics under `prefix`, each consumed with
+    prefetch `concurrency`."""
+    return RabbitMQBroker(
         BrokerSettings(
             url=url,
             topic_prefix=prefix,
@@ -57,15 +46,15 @@ async def framework(
             delivery_limit=DELIVERY_LIMIT,
         )
     )
-    orchestrator = Orchestrator(broker, store=store)
-    register(orchestrator)
-    topics: frozenset[str] = frozenset()
+
+
+@contextlib.asynccontextmanager
+async def deleted_after(url: str, prefix: str, topics: Sequence[str]) -> AsyncIterator[None]:
+    """Delete the framework's topology under `prefix` (`topics`' queues, their dead-letter
+    queues, both exchanges) when the block ends; raise if a queue still held messages."""
     try:
-        await orchestrator.start()
-        topics = broker.declared_topics
-        yield orchestrator
+        yield
     finally:
-        await orchestrator.close()  # and its store
         queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
         left = await delete_topology(
             url, queues, [f"{prefix}orchestrator", f"{prefix}orchestrator.dlx"]

@@ -1,9 +1,9 @@
 """The engine's own cost: a saga through its facade and its store, without gRPC.
 
 A 2-step facade whose nodes only set a field (each after one
-`await asyncio.sleep(0)`, as a call would yield) runs on a `SagaKit`
-orchestrator (the in-memory broker, the store named by ``--store``: a fresh
-SQLite file per run by default, as users run it), 64 callers at once. The
+`await asyncio.sleep(0)`, as a call would yield) runs on an orchestrator built
+as users build one (the in-memory broker, the store named by ``--store``: a
+fresh SQLite file per run by default, as users run it), 64 callers at once. The
 baseline is the same two nodes awaited by hand. What the facade adds, per
 saga, is then the engine: the idempotent begin, the journal's durable
 writes, retries and timeouts, metrics, the change feed; with
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -47,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import uvloop  # noqa: E402
 
-from bench._engine_amqp import framework, hand_written  # noqa: E402
+from bench._engine_amqp import deleted_after, hand_written, rabbitmq_broker  # noqa: E402
 from bench._spy import add_py_spy_option, compare, record, spy_output  # noqa: E402
 from orchestrator import (  # noqa: E402
     AsyncFacadeContext,
@@ -56,7 +57,9 @@ from orchestrator import (  # noqa: E402
     SyncFacade,
     ThrottlingFacade,
 )
-from orchestrator.testing import SagaKit  # noqa: E402
+from orchestrator.broker import Broker, InMemoryBroker  # noqa: E402
+from orchestrator.config import BrokerSettings  # noqa: E402
+from orchestrator.store import store_from_url  # noqa: E402
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse  # noqa: E402
 
 FACADE = "SyncBooking"
@@ -163,15 +166,36 @@ def prefixes(tag: str) -> tuple[str, str]:
     return f"engine.{tag}.f.", f"engine.{tag}.b."
 
 
+@contextlib.asynccontextmanager
+async def orchestrator_on(broker: Broker, store_url: str) -> AsyncIterator[Orchestrator]:
+    """An orchestrator as users build one (no test kit: no faults armed, the default
+    heartbeat and dead-letter rounds) on `broker` and the store at `store_url`, with the
+    engine's facades; closed, with its store, when the block ends."""
+    store = store_from_url(store_url)
+    await store.start()
+    orchestrator = Orchestrator(broker, store=store)
+    try:
+        register(orchestrator)
+        await orchestrator.start()
+        yield orchestrator
+    finally:
+        await orchestrator.close()
+
+
 async def framework_run(
     store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
 ) -> float:
     """CPU microseconds per saga through the facade, after a warm-up of as many sagas."""
-    if args.broker is not None:
-        return await framework_amqp_run(store_url, tag, args, spy)
-    async with SagaKit(register, store_url=store_url, timeout=120) as kit:
-        flow = kit.orchestrator.get_sync_facade(FACADE)
-        throttled = kit.orchestrator.get_throttling_facade(THROTTLING)
+    async with contextlib.AsyncExitStack() as stack:
+        if args.broker is None:
+            broker: Broker = InMemoryBroker(BrokerSettings())
+        else:
+            prefix, _ = prefixes(tag)
+            broker = rabbitmq_broker(args.broker, prefix, args.prefetch)
+            await stack.enter_async_context(deleted_after(args.broker, prefix, HOPS))
+        orchestrator = await stack.enter_async_context(orchestrator_on(broker, store_url))
+        flow = orchestrator.get_sync_facade(FACADE)
+        throttled = orchestrator.get_throttling_facade(THROTTLING)
 
         def saga(phase: str) -> Saga:
             if args.facade == "throttling":
@@ -179,22 +203,6 @@ async def framework_run(
                     f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
                 )
             return lambda n: flow.run(f"{tag}-{phase}-{n}", BookingRequest(ProductID=1))
-
-        return await measure(args, saga, warm=True, spy=spy)
-
-
-async def framework_amqp_run(
-    store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
-) -> float:
-    """CPU microseconds per throttling saga on RabbitMQ, after a warm-up of as many sagas."""
-    prefix, _ = prefixes(tag)
-    async with framework(args.broker, prefix, store_url, args.prefetch, register) as orchestrator:
-        throttled = orchestrator.get_throttling_facade(THROTTLING)
-
-        def saga(phase: str) -> Saga:
-            return lambda n: throttled.run(
-                f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
-            )
 
         return await measure(args, saga, warm=True, spy=spy)
 
