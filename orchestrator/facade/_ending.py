@@ -34,6 +34,9 @@ RECHECK_SECONDS: Final = 1.0
 position is read again, so an announcement the feed lost without noticing (a store object
 shared by two orchestrators, whose writes each takes for its own) costs that much, never
 the whole wait."""
+_EARLY_SECONDS: Final = 0.005
+"""How early a recheck's timer may fire and still count as on time (the loop's clock
+resolution)."""
 
 
 async def wait_for_end(
@@ -74,17 +77,48 @@ async def ended(runtime: SagaRuntime, request_id: str, watch: Watch) -> Position
     needs no read (see `Watch`). While the store announces nothing, it is
     `SagaRuntime.wait_until`'s polling.
     """
-    while runtime.store.announces_changes:
-        position = watch.take()
-        if position is None:
-            position = await runtime.store.position(runtime.name, request_id)
-            if position is None:
-                raise KeyError(f"no saga {runtime.name}/{request_id}")
-        if position.finished:
-            return position
+    if runtime.store.announces_changes:
+        loop = asyncio.get_running_loop()
+        recheck = _Recheck(loop, watch)
         try:
-            async with asyncio.timeout(RECHECK_SECONDS):
-                await watch.event.wait()  # every write heard, and the feed dropping
-        except TimeoutError:
-            watch.heard()  # a write the feed never told: read again
+            while runtime.store.announces_changes:
+                position = watch.take()
+                if position is None:
+                    position = await runtime.store.position(runtime.name, request_id)
+                    if position is None:
+                        raise KeyError(f"no saga {runtime.name}/{request_id}")
+                if position.finished:
+                    return position
+                recheck.since = loop.time()
+                await watch.event.wait()  # every write heard, the feed dropping, a recheck
+        finally:
+            recheck.cancel()
     return Position.of(await runtime.wait_until(request_id, lambda saga: saga.finished))
+
+
+class _Recheck:
+    """Wakes a watch that heard nothing for `RECHECK_SECONDS` as if it heard a write, so its
+    waiter reads the saga again. One timer for the whole wait, moved on only when it fires:
+    a timer per wait for a wake (the wait is woken once per write, several times a saga)
+    would cost more than the rest of the wait."""
+
+    __slots__ = ("_handle", "_loop", "_watch", "since")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watch: Watch) -> None:
+        self._loop = loop
+        self._watch = watch
+        self.since = loop.time()
+        """When the waiter last began to wait (a recheck is due `RECHECK_SECONDS` after)."""
+        self._handle = loop.call_at(self.since + RECHECK_SECONDS, self._due)
+
+    def _due(self) -> None:
+        now = self._loop.time()
+        # A timer may fire up to the loop's clock resolution early: that counts as on time.
+        if now >= self.since + RECHECK_SECONDS - _EARLY_SECONDS:
+            self._watch.heard()  # a write the feed never told: read again
+            self.since = now
+        self._handle = self._loop.call_at(self.since + RECHECK_SECONDS, self._due)
+
+    def cancel(self) -> None:
+        """Stop: the wait is over."""
+        self._handle.cancel()
