@@ -113,8 +113,8 @@ def register(orchestrator: Orchestrator) -> None:
     orchestrator.register_throttling_facade(THROTTLING, throttled)
 
 
-Saga = Callable[[int], Awaitable[object]]
-"""Runs the saga numbered n to its end."""
+Saga = Callable[[], Awaitable[object]]
+"""Runs one saga, of a new request id, to its end."""
 SPY_DELAY: Final = 1.0
 """Seconds into the measured phase before py-spy attaches."""
 
@@ -126,8 +126,8 @@ async def callers(count: int, sagas: int, saga: Saga, done: list[int] | None = N
     done = done if done is not None else [0]
 
     async def caller() -> None:
-        for number in numbers:
-            await saga(number)
+        for _ in numbers:
+            await saga()
             done[0] += 1
 
     started = time.process_time()
@@ -135,18 +135,16 @@ async def callers(count: int, sagas: int, saga: Saga, done: list[int] | None = N
     return time.process_time() - started
 
 
-async def measure(
-    args: argparse.Namespace, saga: Callable[[str], Saga], *, warm: bool, spy: Path | None
-) -> float:
-    """CPU microseconds per saga of `saga("run")`, after `saga("warm")` as many times if
-    `warm`; with `spy`, sampled by py-spy into `spy` for part of the measured phase."""
+async def measure(args: argparse.Namespace, saga: Saga, *, warm: bool, spy: Path | None) -> float:
+    """CPU microseconds per saga of `--sagas` sagas, after as many uncounted if `warm`;
+    with `spy`, sampled by py-spy into `spy` for part of the measured phase."""
     sagas: int = args.sagas
     if warm:
-        await callers(args.concurrency, sagas, saga("warm"))
+        await callers(args.concurrency, sagas, saga)
     if spy is None:
-        return await callers(args.concurrency, sagas, saga("run")) * 1e6 / sagas
+        return await callers(args.concurrency, sagas, saga) * 1e6 / sagas
     done = [0]
-    running = asyncio.create_task(callers(args.concurrency, sagas, saga("run"), done))
+    running = asyncio.create_task(callers(args.concurrency, sagas, saga, done))
     await asyncio.sleep(SPY_DELAY)
     if running.done():
         print(f"  py-spy: the run ended before it attached, nothing in {spy}", flush=True)
@@ -159,6 +157,13 @@ async def measure(
     units = (done[0] - first) * args.spy_seconds / (time.monotonic() - started)
     spy.with_name(spy.name + ".units").write_text(f"{units:.0f}\n")
     return await running * 1e6 / sagas
+
+
+def new_request_id() -> str:
+    """A request id as the framework makes one for a caller that sends none (a UUID4): random
+    keys, spread over the journal's indexes as users' ids are (ids that sort together, such as
+    `run-1`, `run-2`, ..., share index pages and cost the journal less: bench/README.md)."""
+    return str(uuid.uuid4())
 
 
 def prefixes(tag: str) -> tuple[str, str]:
@@ -185,7 +190,8 @@ async def orchestrator_on(broker: Broker, store_url: str) -> AsyncIterator[Orche
 async def framework_run(
     store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
 ) -> float:
-    """CPU microseconds per saga through the facade, after a warm-up of as many sagas."""
+    """CPU microseconds per saga through the facade, after a warm-up of as many sagas (on
+    RabbitMQ, under the prefixes of the run `tag`)."""
     async with contextlib.AsyncExitStack() as stack:
         if args.broker is None:
             broker: Broker = InMemoryBroker(BrokerSettings())
@@ -197,13 +203,14 @@ async def framework_run(
         flow = orchestrator.get_sync_facade(FACADE)
         throttled = orchestrator.get_throttling_facade(THROTTLING)
 
-        def saga(phase: str) -> Saga:
-            if args.facade == "throttling":
-                return lambda n: throttled.run(
-                    f"{tag}-{phase}-{n}", BookingDTO(request_id=f"{tag}-{phase}-{n}")
-                )
-            return lambda n: flow.run(f"{tag}-{phase}-{n}", BookingRequest(ProductID=1))
+        def throttling() -> Awaitable[object]:
+            request_id = new_request_id()
+            return throttled.run(request_id, BookingDTO(request_id=request_id))
 
+        def sync() -> Awaitable[object]:
+            return flow.run(new_request_id(), BookingRequest(ProductID=1))
+
+        saga = throttling if args.facade == "throttling" else sync
         return await measure(args, saga, warm=True, spy=spy)
 
 
@@ -213,16 +220,14 @@ async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> 
     if args.broker is not None:
         _, prefix = prefixes(tag)
         async with hand_written(args.broker, prefix, HOPS, args.prefetch) as run:
-            return await measure(
-                args, lambda phase: lambda n: run(f"{tag}-{phase}-{n}"), warm=True, spy=spy
-            )
+            return await measure(args, lambda: run(new_request_id()), warm=True, spy=spy)
 
-    async def saga(number: int) -> None:
-        ctx = Context(str(number), BookingRequest(ProductID=1), BookingSyncResponse(), FACADE)
+    async def saga() -> None:
+        ctx = Context(new_request_id(), BookingRequest(ProductID=1), BookingSyncResponse(), FACADE)
         await create_order(ctx.request_id, ctx)
         await create_payment(ctx.request_id, ctx)
 
-    return await measure(args, lambda phase: saga, warm=False, spy=spy)
+    return await measure(args, saga, warm=False, spy=spy)
 
 
 def store_url(store: str, directory: Path, run: int) -> str:
@@ -253,8 +258,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.py_spy is not None:  # an earlier invocation's counts would pass for this one's
         for side in (args.py_spy, spy_output(args.py_spy, "baseline")):
             side.with_name(side.name + ".units").unlink(missing_ok=True)
-    # Request ids of this invocation alone: a store given by URL keeps earlier runs' sagas,
-    # and a request id seen before would be answered from the journal, not run.
+    # Queue prefixes of this invocation alone (request ids are new UUIDs: a store given by
+    # URL keeps earlier runs' sagas, and a request id seen before would be answered from the
+    # journal, not run).
     invocation = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as directory:
         for run in range(1, args.runs + 1):
