@@ -33,7 +33,7 @@ from typing import Any, Final
 import grpc
 
 from bench._runs import Load, Run, report_leftovers
-from bench.common import TARGETS, Target, booking_stubs, mean, percentile
+from bench.common import TARGETS, Target, booking_stubs, mean, new_request_id, percentile
 from pb import booking_pb2
 
 REFUSED: Final = "RESOURCE_EXHAUSTED"
@@ -263,7 +263,7 @@ async def offer_rpc(run: OpenLoopRun, address: str, method: str, run_id: str, lo
 
         async def call(k: int, due: float, counted: bool) -> None:
             rpc = getattr(stubs[k % len(stubs)], method)
-            request_id = f"{run_id}-{k}"
+            request_id = new_request_id(run_id)
             if await timed_call(
                 run, rpc, request_id, due, counted=counted, call_timeout=load.call_timeout
             ):

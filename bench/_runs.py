@@ -30,6 +30,7 @@ from bench.common import (
     booking_stubs,
     channel_count,
     mean,
+    new_request_id,
     noisy_note,
     percentile,
 )
@@ -181,10 +182,8 @@ async def call_loop(result: CallRun, address: str, method: str, run_id: str, loa
 
         async def caller(worker: int) -> None:
             rpc = getattr(stubs[worker % len(stubs)], method)
-            call = 0
             while (started := clock()) < window_end:
-                metadata = (("x-request-id", f"{run_id}-{worker}-{call}"),)
-                call += 1
+                metadata = (("x-request-id", new_request_id(run_id)),)
                 try:
                     await rpc(request, metadata=metadata, timeout=load.call_timeout)
                 except grpc.aio.AioRpcError as exc:

@@ -84,6 +84,7 @@ from bench.common import (  # noqa: E402
     add_store_option,
     add_workers_option,
     booking_stubs,
+    new_request_id,
     percentile,
     resolve_workers,
 )
@@ -191,10 +192,8 @@ async def load_sagas(
 
         async def caller(worker: int) -> None:
             stub = stubs[worker % len(stubs)]
-            call = 0
             while (started := clock()) < window_end:
-                request_id = f"{run_id}-{worker}-{call}"
-                call += 1
+                request_id = new_request_id(run_id)
                 completion = feed.expect(request_id)  # before submitting: it may finish first
                 try:
                     await stub.HandleAsyncBooking(
@@ -230,7 +229,7 @@ async def offer_sagas(
     async with booking_stubs(address, load.channels) as stubs:
 
         async def call(k: int, due: float, counted: bool) -> None:
-            request_id = f"{run_id}-{k}"
+            request_id = new_request_id(run_id)
             completion = feed.expect(request_id)  # before submitting: it may finish first
             try:
                 if not await timed_call(

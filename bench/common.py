@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,3 +547,10 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM handler: unwind like Ctrl+C, through the bench's cleanup."""
     raise KeyboardInterrupt
+
+
+def new_request_id(run_id: str) -> str:
+    """A request id of the run `run_id`: that id, then a random UUID's hex, so that the
+    journal's writes spread over its indexes as users' random ids do (ids that sort together
+    share index pages and cost the journal less: bench/README.md, "Request ids")."""
+    return f"{run_id}-{uuid.uuid4().hex}"

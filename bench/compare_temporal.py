@@ -155,10 +155,8 @@ async def closed_loop(
     clock = time.perf_counter
 
     async def caller(worker: int) -> None:
-        call = 0
         while (started := clock()) < result.window[1]:
-            request_id = f"{run_id}-{worker}-{call}"
-            call += 1
+            request_id = common.new_request_id(run_id)
             cause = None
             try:
                 async with asyncio.timeout(CALL_TIMEOUT_SECONDS):

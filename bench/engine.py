@@ -50,6 +50,7 @@ import uvloop  # noqa: E402
 
 from bench._engine_amqp import deleted_after, hand_written, rabbitmq_broker  # noqa: E402
 from bench._spy import add_py_spy_option, compare, record, spy_output  # noqa: E402
+from bench.common import new_request_id  # noqa: E402
 from orchestrator import (  # noqa: E402
     AsyncFacadeContext,
     Context,
@@ -159,13 +160,6 @@ async def measure(args: argparse.Namespace, saga: Saga, *, warm: bool, spy: Path
     return await running * 1e6 / sagas
 
 
-def new_request_id() -> str:
-    """A request id as the framework makes one for a caller that sends none (a UUID4): random
-    keys, spread over the journal's indexes as users' ids are (ids that sort together, such as
-    `run-1`, `run-2`, ..., share index pages and cost the journal less: bench/README.md)."""
-    return str(uuid.uuid4())
-
-
 def prefixes(tag: str) -> tuple[str, str]:
     """The framework's and the hand-written saga's queue prefixes in the run `tag`."""
     return f"engine.{tag}.f.", f"engine.{tag}.b."
@@ -204,11 +198,11 @@ async def framework_run(
         throttled = orchestrator.get_throttling_facade(THROTTLING)
 
         def throttling() -> Awaitable[object]:
-            request_id = new_request_id()
+            request_id = new_request_id(tag)
             return throttled.run(request_id, BookingDTO(request_id=request_id))
 
         def sync() -> Awaitable[object]:
-            return flow.run(new_request_id(), BookingRequest(ProductID=1))
+            return flow.run(new_request_id(tag), BookingRequest(ProductID=1))
 
         saga = throttling if args.facade == "throttling" else sync
         return await measure(args, saga, warm=True, spy=spy)
@@ -220,10 +214,11 @@ async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> 
     if args.broker is not None:
         _, prefix = prefixes(tag)
         async with hand_written(args.broker, prefix, HOPS, args.prefetch) as run:
-            return await measure(args, lambda: run(new_request_id()), warm=True, spy=spy)
+            return await measure(args, lambda: run(new_request_id(tag)), warm=True, spy=spy)
 
     async def saga() -> None:
-        ctx = Context(new_request_id(), BookingRequest(ProductID=1), BookingSyncResponse(), FACADE)
+        request = BookingRequest(ProductID=1)
+        ctx = Context(new_request_id(tag), request, BookingSyncResponse(), FACADE)
         await create_order(ctx.request_id, ctx)
         await create_payment(ctx.request_id, ctx)
 
@@ -258,9 +253,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.py_spy is not None:  # an earlier invocation's counts would pass for this one's
         for side in (args.py_spy, spy_output(args.py_spy, "baseline")):
             side.with_name(side.name + ".units").unlink(missing_ok=True)
-    # Queue prefixes of this invocation alone (request ids are new UUIDs: a store given by
-    # URL keeps earlier runs' sagas, and a request id seen before would be answered from the
-    # journal, not run).
+    # Request ids and queue prefixes of this invocation alone: a store given by URL keeps
+    # earlier runs' sagas, and a request id seen before would be answered from the journal.
     invocation = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as directory:
         for run in range(1, args.runs + 1):
