@@ -1,15 +1,15 @@
 """bench/engine.py on RabbitMQ: the throttling saga's hops through a real broker, in process.
 
 The framework side is an `Orchestrator` on a `RabbitMQBroker` (quorum queues,
-publisher confirms, the topics' prefetch), its topics under a prefix of this
-invocation. The hand-written side is the same two hops on
-aio-pika, as `bench/baseline_throttling.py` writes them, without gRPC: a
-caller registers a future and publishes the first hop (persistent,
-``mandatory``, confirmed); the first consumer parses the JSON, runs the node,
-publishes the second hop (confirmed) and acks; the second runs its node, acks
-and resolves the caller's future. Both run in this one process, so its CPU
-time per saga is the broker layer's cost with nothing else in it: no gRPC, no
-upstreams, no second process to schedule.
+publisher confirms, the topics' prefetch), its topics under a prefix of the
+run. The hand-written side is the same two hops on aio-pika, as
+`bench/baseline_throttling.py` writes them, without gRPC: a caller registers a
+future and publishes the first hop (persistent, ``mandatory``, confirmed); the
+first consumer parses the JSON, runs the node, publishes the second hop
+(confirmed) and acks; the second runs its node, acks and resolves the caller's
+future. Both run in this one process, so its CPU time per saga is the broker
+layer's cost with nothing else in it: no gRPC, no upstreams, no second process
+to schedule.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from orchestrator.config import BrokerSettings
 DELIVERY_LIMIT: Final = 5
 """deployment/local/app.yaml's `delivery_limit`."""
 
-Saga = Callable[[str], Awaitable[object]]
-"""Runs the saga of a request id to its end."""
+Run = Callable[[str], Awaitable[object]]
+"""Runs the hand-written saga of a request id to its end."""
 
 
 def rabbitmq_broker(url: str, prefix: str, concurrency: int) -> RabbitMQBroker:
@@ -51,16 +51,17 @@ def rabbitmq_broker(url: str, prefix: str, concurrency: int) -> RabbitMQBroker:
 @contextlib.asynccontextmanager
 async def deleted_after(url: str, prefix: str, topics: Sequence[str]) -> AsyncIterator[None]:
     """Delete the framework's topology under `prefix` (`topics`' queues, their dead-letter
-    queues, both exchanges) when the block ends; raise if a queue still held messages."""
+    queues, both exchanges) when the block ends; then, if the block raised nothing, raise if
+    a queue still held messages (a saga lost or left half-done)."""
+    queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
     try:
         yield
     finally:
-        queues = [f"{prefix}{topic}{suffix}" for topic in topics for suffix in ("", ".dlq")]
         left = await delete_topology(
             url, queues, [f"{prefix}orchestrator", f"{prefix}orchestrator.dlx"]
         )
-        if left:
-            raise RuntimeError(f"the framework's queues held messages at the end: {left}")
+    if left:
+        raise RuntimeError(f"the framework's queues held messages at the end: {left}")
 
 
 class HandWritten:
@@ -68,7 +69,7 @@ class HandWritten:
 
     def __init__(
         self, exchange: aio_pika.abc.AbstractExchange, prefix: str, names: tuple[str, str]
-    ):
+    ) -> None:
         self._exchange = exchange
         self._first = f"{prefix}{names[0]}"
         self._second = f"{prefix}{names[1]}"
@@ -116,9 +117,10 @@ class HandWritten:
 @contextlib.asynccontextmanager
 async def hand_written(
     url: str, prefix: str, names: tuple[str, str], concurrency: int
-) -> AsyncIterator[Saga]:
+) -> AsyncIterator[Run]:
     """The hand-written saga on RabbitMQ at `url`, its queues (`names` under `prefix`)
-    consumed with prefetch `concurrency`; its topology deleted after."""
+    consumed with prefetch `concurrency`; its topology deleted after (and, if the block
+    raised nothing, an error if a queue still held messages)."""
     connection = await aio_pika.connect_robust(url, timeout=10)
     try:
         publishing = await connection.channel(publisher_confirms=True)
@@ -133,5 +135,5 @@ async def hand_written(
     finally:
         await connection.close()
         left = await delete_topology(url, *topology(prefix, names))
-        if left:
-            raise RuntimeError(f"the hand-written queues held messages at the end: {left}")
+    if left:
+        raise RuntimeError(f"the hand-written queues held messages at the end: {left}")

@@ -98,9 +98,9 @@ async def ended(runtime: SagaRuntime, request_id: str, watch: Watch) -> Position
 
 class _Recheck:
     """Wakes a watch that heard nothing for `RECHECK_SECONDS` as if it heard a write, so its
-    waiter reads the saga again. One timer for the whole wait, moved on only when it fires:
-    a timer per wait for a wake (the wait is woken once per write, several times a saga)
-    would cost more than the rest of the wait."""
+    waiter reads the saga again. One timer for the whole wait, moved on only when it fires,
+    rather than a timer made and cancelled at every wake (once per write heard, several
+    times a saga; `asyncio.timeout` costs about 5 µs each time)."""
 
     __slots__ = ("_handle", "_loop", "_watch", "since")
 
