@@ -23,7 +23,7 @@ from typing import Any, Final
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.baseline_async import declare, topology
+from bench.baseline_async import declare, publish, topology
 from bench.common import delete_topology
 from orchestrator.broker.rabbitmq import RabbitMQBroker
 from orchestrator.config import BrokerSettings
@@ -75,22 +75,13 @@ class HandWritten:
         self._second = f"{prefix}{names[1]}"
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
-    async def _publish(self, queue: str, body: dict[str, Any], message_id: str) -> None:
-        message = aio_pika.Message(
-            json.dumps(body).encode(),
-            message_id=message_id,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        await self._exchange.publish(message, routing_key=queue, mandatory=True)
-
     async def run(self, request_id: str) -> dict[str, Any]:
         """Publish the saga's first hop and wait for its last one's end."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             body = {"request_id": request_id, "product_id": 1, "order_id": 0, "payment_id": 0}
-            await self._publish(self._first, body, f"{request_id}:0")
+            await publish(self._exchange, self._first, body, f"{request_id}:0")
             return await future
         finally:
             self._waiting.pop(request_id, None)
@@ -100,7 +91,7 @@ class HandWritten:
         body = json.loads(message.body)
         await asyncio.sleep(0)
         body["order_id"] = 7
-        await self._publish(self._second, body, f"{body['request_id']}:1")
+        await publish(self._exchange, self._second, body, f"{body['request_id']}:1")
         await message.ack()
 
     async def second_hop(self, message: AbstractIncomingMessage) -> None:

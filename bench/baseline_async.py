@@ -86,6 +86,20 @@ def metadata(request_id: str, step: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id), ("x-idempotency-key", f"{request_id}:{step}"))
 
 
+async def publish(
+    exchange: AbstractExchange, queue: str, body: dict[str, Any], message_id: str
+) -> None:
+    """Publish `body` as JSON to `queue` through `exchange`, persistently and mandatory;
+    returns once RabbitMQ confirmed it (the exchange's channel has publisher confirms)."""
+    message = aio_pika.Message(
+        json.dumps(body).encode(),
+        message_id=message_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    await exchange.publish(message, routing_key=queue, mandatory=True)
+
+
 class Saga:
     """The two hops of the saga and the publishing they share."""
 
@@ -111,13 +125,7 @@ class Saga:
 
     async def publish(self, queue: str, body: dict[str, Any], message_id: str) -> None:
         """Publish persistently and mandatory; returns once RabbitMQ confirmed it."""
-        message = aio_pika.Message(
-            json.dumps(body).encode(),
-            message_id=message_id,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        await self._exchange.publish(message, routing_key=queue, mandatory=True)
+        await publish(self._exchange, queue, body, message_id)
 
     async def start(self, request_id: str, request: booking_pb2.BookingRequest) -> None:
         """Publish the saga's first message."""
