@@ -72,9 +72,11 @@ UNUSED_UPSTREAMS = UpstreamPorts(order=50051, payment=50052)
 
 
 def write_config(path: Path, upstreams: UpstreamPorts, **grpc_overrides: Any) -> Path:
-    """app.yaml with a free gRPC port, a 5 s grace, no embedded upstreams, no console, and
+    """app.yaml with a free gRPC port, a 5 s grace, no embedded upstreams, no console, its
+    SQLite store beside the config (not in the repository, where main.py runs), and
     `grpc_overrides`."""
     config = yaml.safe_load((ROOT / "app.yaml").read_text(encoding="utf-8"))
+    config["store"]["url"] = f"sqlite+aiosqlite:///{path.parent / 'orchestrator.db'}"
     config["grpc"].update(port=free_port(), shutdown_grace_seconds=GRACE_SECONDS)
     config["grpc"].update(grpc_overrides)
     config["embedded_upstreams"] = {}
