@@ -1,6 +1,7 @@
 """Saga store benchmark: group commit against one transaction per write.
 
-Synthetic sagas, 64 at once by default, each making the store writes of a
+Synthetic sagas, 64 at once by default, each with a random request id (as
+users' are: `common.new_request_id`) and making the store writes of a
 2-step sync saga as the sync facade makes them (its begin with step 0 started;
 step 0's end with step 1 started; step 1's end with the saga COMPLETED, the
 last two compare-and-set `apply`s: three durable writes), run against
@@ -27,9 +28,11 @@ alone.
 
 Per run: sagas/s, writes/s, the mean saga's latency, the store's CPU per saga
 (this process's CPU time, every thread included, over the sagas
-finished; a PostgreSQL server's own CPU is not in it) and the mean writes per
-transaction. The last line is always ``ratio=X.XX``: the batched runs' mean
-writes/s over the baseline's.
+finished; a PostgreSQL server's own CPU is not in it), the mean writes per
+transaction and the bytes written to storage per saga (Linux's count for this
+process: SQLite's WAL and checkpoints; a PostgreSQL server writes its own).
+The last line is always ``ratio=X.XX``: the batched runs' mean writes/s over
+the baseline's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench.common import new_request_id  # noqa: E402
 from orchestrator.store import NewSaga, StepEnded  # noqa: E402
 from orchestrator.store.sql import SqlSagaStore  # noqa: E402
 
@@ -70,6 +74,8 @@ class RunResult:
     latencies: list[float]
     ops: int
     transactions: int
+    written: int
+    """Bytes this process had written to storage (the kernel's count, /proc/self/io)."""
 
     @property
     def sagas_per_second(self) -> float:
@@ -90,7 +96,18 @@ class RunResult:
             f"{self.label}: {self.sagas_per_second:8.0f} sagas/s {self.writes_per_second:8.0f}"
             f" writes/s  saga latency {mean_ms:6.2f} ms  store cpu {self.cpu_us_per_saga:6.0f}"
             f" us/saga  {batch:5.1f} writes/transaction"
+            f"  {self.written / max(self.sagas, 1) / 1024:5.1f} KiB written/saga"
         )
+
+
+def bytes_written() -> int:
+    """What this process has written to storage so far, as Linux counts it (0 elsewhere)."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return 0
+    counts = dict(line.split(": ") for line in lines)
+    return int(counts.get("write_bytes", 0))
 
 
 async def synthetic_saga(store: SqlSagaStore, request_id: str) -> None:
@@ -142,26 +159,34 @@ async def run(
     latencies: list[float] = []
     marks: dict[str, Any] = {}
 
-    async def caller(n: int) -> None:
-        i = 0
+    async def caller() -> None:
         while (began := loop.time()) < window_end:
-            await synthetic_saga(store, f"{run_id}-{n}-{i}")
-            i += 1
+            await synthetic_saga(store, new_request_id(run_id))
             done = loop.time()
             if began >= window_start and done <= window_end:
                 latencies.append(done - began)
 
     async def meter() -> None:
         await asyncio.sleep(window_start - loop.time())
-        marks["start"] = (time.process_time(), store.stats.ops, store.stats.transactions)
+        marks["start"] = (
+            time.process_time(),
+            store.stats.ops,
+            store.stats.transactions,
+            bytes_written(),
+        )
         await asyncio.sleep(window_end - loop.time())
-        marks["end"] = (time.process_time(), store.stats.ops, store.stats.transactions)
+        marks["end"] = (
+            time.process_time(),
+            store.stats.ops,
+            store.stats.transactions,
+            bytes_written(),
+        )
 
     try:
-        await asyncio.gather(meter(), *(caller(n) for n in range(concurrency)))
+        await asyncio.gather(meter(), *(caller() for _ in range(concurrency)))
     finally:
         await store.close()
-    (cpu0, ops0, tx0), (cpu1, ops1, tx1) = marks["start"], marks["end"]
+    (cpu0, ops0, tx0, written0), (cpu1, ops1, tx1, written1) = marks["start"], marks["end"]
     return RunResult(
         label=label,
         sagas=len(latencies),
@@ -170,6 +195,7 @@ async def run(
         latencies=latencies,
         ops=ops1 - ops0,
         transactions=tx1 - tx0,
+        written=written1 - written0,
     )
 
 
@@ -201,13 +227,17 @@ async def bench(args: argparse.Namespace) -> int:
         print(
             f"{name} mean: {statistics.fmean(r.writes_per_second for r in results):.0f} writes/s,"
             f" {statistics.fmean(r.cpu_us_per_saga for r in results):.0f} us store cpu/saga,"
-            f" {1e6 / statistics.fmean(r.sagas_per_second for r in results):.0f} us wall/saga"
+            f" {1e6 / statistics.fmean(r.sagas_per_second for r in results):.0f} us wall/saga,"
+            f" {statistics.fmean(r.written / max(r.sagas, 1) for r in results) / 1024:.1f}"
+            " KiB written/saga"
         )
     ratio = statistics.fmean(r.writes_per_second for r in batched) / statistics.fmean(
         r.writes_per_second for r in baseline
     )
     # For bench/ab.py --key cpu_per_saga_us: the batched store's CPU, steadier than its rate.
     print(f"cpu_per_saga_us={statistics.fmean(r.cpu_us_per_saga for r in batched):.0f}")
+    written = statistics.fmean(r.written / max(r.sagas, 1) for r in batched) / 1024
+    print(f"kib_written_per_saga={written:.1f}")
     print(f"ratio={ratio:.2f}")
     return 0
 
