@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 REPLICAS = 4
-HEAD = "0003"
+HEAD = "0004"
 GRACE = timedelta(seconds=300)
 OPEN = {"RUNNING", "COMPENSATING"}
 FINISHED = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
@@ -191,8 +191,10 @@ async def _new_contents(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]
         "saga_steps": sorted(
             await _rows(
                 engine,
-                f"SELECT facade, request_id, {', '.join(STEP_COLUMNS)}, compensation,"
-                " compensated_at, compensation_error FROM saga_steps",
+                "SELECT sagas.facade, sagas.request_id, "
+                + ", ".join(f"steps.{column}" for column in STEP_COLUMNS)
+                + ", steps.compensation, steps.compensated_at, steps.compensation_error"
+                " FROM saga_steps AS steps JOIN sagas ON sagas.id = steps.saga_id",
             )
         ),
         "replicas": sorted(await _rows(engine, "SELECT owner, heartbeat_at FROM replicas")),
@@ -301,7 +303,8 @@ async def test_an_old_database_is_upgraded_each_saga_keyed_by_its_facade_and_own
     order = '{"order_id": "o-1"}'
     steps = await _rows(
         engine,
-        "SELECT idx, name, state, attempts, error, data FROM saga_steps"
+        "SELECT idx, name, steps.state, attempts, error, steps.data FROM saga_steps AS steps"
+        " JOIN sagas ON sagas.id = steps.saga_id"
         " WHERE facade = 'SyncBooking' AND request_id = 'compensated-1' ORDER BY idx",
     )
     assert steps == [
@@ -327,7 +330,8 @@ async def test_the_two_sagas_sharing_a_request_id_stay_two_sagas(
     assert sagas[0][2] != sagas[1][2]
     steps = await _rows(
         engine,
-        "SELECT facade, idx, name FROM saga_steps WHERE request_id = 'shared-1' ORDER BY 1, 2",
+        "SELECT facade, idx, name FROM saga_steps AS steps JOIN sagas ON sagas.id = steps.saga_id"
+        " WHERE request_id = 'shared-1' ORDER BY 1, 2",
     )
     assert steps == [
         ("AsyncBooking", 0, "create_order"),
@@ -361,6 +365,29 @@ async def test_open_sagas_get_a_deadline_and_finished_ones_none(
             assert deadline is None, (facade, request_id)
         else:
             assert started + GRACE <= deadline <= ended + GRACE, (facade, request_id)
+
+
+async def test_sagas_are_numbered_in_the_order_they_were_created_and_new_ones_after_them(
+    old_database: str, engine: AsyncEngine
+) -> None:
+    await upgrade(engine)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data,"
+                " owner, error_code, error_reason, created_at, updated_at)"
+                " SELECT 'SyncBooking', 'after-the-upgrade', kind, state, payload, payload_hash,"
+                " data, owner, error_code, error_reason, created_at, updated_at FROM sagas"
+                " WHERE request_id = 'running-1'"
+            )
+        )
+
+    numbered = await _rows(engine, "SELECT id, created_at, request_id FROM sagas ORDER BY id")
+    old = [row for row in numbered if row[2] != "after-the-upgrade"]
+    assert [row[0] for row in old] == list(range(1, len(OLD_KEYS) + 1))
+    assert [row[1] for row in old] == sorted(row[1] for row in old)
+    assert numbered[-1][0] == len(OLD_KEYS) + 1
+    assert numbered[-1][2] == "after-the-upgrade"
 
 
 @pytest.mark.parametrize("origin", ["fresh", "old"])
@@ -424,7 +451,7 @@ async def test_replicas_upgrading_one_database_at_once_upgrade_it_once(
     logs = "".join(err.decode() for _, err in outputs)
     assert [out.decode() for out, _ in outputs] == [f"reached {HEAD}\n"] * REPLICAS, logs
     ran = re.findall(r"Running upgrade (\w*) -> (\w+)", logs)
-    upgrades = [("0001", "0002"), ("0002", "0003")]
+    upgrades = [("0001", "0002"), ("0002", "0003"), ("0003", "0004")]
     assert ran == ([("", "0001"), *upgrades] if origin == "fresh" else upgrades)
     keys = set(await _rows(engine, "SELECT facade, request_id FROM sagas"))
     assert keys == (OLD_KEYS if origin == "old" else set())

@@ -70,6 +70,8 @@ __all__ = [
 ]
 
 _KEY: Final = "facade = :f AND request_id = :r"
+_STEP_KEY: Final = f"saga_id = (SELECT id FROM sagas WHERE {_KEY})"
+"""A saga's steps, found by their saga's number (see `_schema`)."""
 _RETRIED: Final = (
     "UPDATE sagas SET deadline_at = :deadline, updated_at = :at"
     f" WHERE {_KEY} AND {state_is('RUNNING')}"
@@ -80,13 +82,13 @@ _COMPENSATION_RETRIED: Final = (
 )
 _UNDO_AGAIN: Final = (
     "UPDATE saga_steps SET compensation = 'PENDING', compensated_at = NULL,"
-    f" compensation_error = '' WHERE {_KEY} AND compensation = 'FAILED'"
+    f" compensation_error = '' WHERE {_STEP_KEY} AND compensation = 'FAILED'"
 )
 # A current step exists only while its saga is RUNNING (the journal's invariant): it is
 # what a resolution of a RUNNING saga contends on, as the engine's changes do.
 _RESOLVE_STEP: Final = (
     "UPDATE saga_steps SET state = 'FAILED', finished_at = :at, error = :reason"
-    f" WHERE {_KEY} AND state IN ('RUNNING', 'PENDING')"
+    f" WHERE {_STEP_KEY} AND state IN ('RUNNING', 'PENDING')"
 )
 _RESOLVE: Final = (
     "UPDATE sagas SET state = 'RESOLVED', deadline_at = NULL, updated_at = :at"

@@ -15,7 +15,9 @@ nothing; a heartbeat is no saga's change.
 Each compare-and-set first updates the row of the saga's current step (its
 condition is the step's state), RETURNING the sagas it matched; only those
 go on to their saga row. Every way out of RUNNING ends the current step in the
-same transaction, so that row is what concurrent writers queue on.
+same transaction, so that row is what concurrent writers queue on. Steps are
+keyed by their saga's number: a step's statement joins its keys to `sagas`
+for it (`_STEPS_OF`).
 
 Claims and operators' writes (`_operator`) follow a round's statements, one op
 at a time.
@@ -77,6 +79,9 @@ def _unnest(**columns: str) -> str:
 
 _KEYS: Final = {"f": "text", "r": "text"}
 _MATCH: Final = "s.facade = c.f AND s.request_id = c.r"
+_STEPS_OF: Final = "JOIN sagas g ON g.facade = c.f AND g.request_id = c.r WHERE s.saga_id = g.id"
+"""After `FROM unnest(...)` in an update of `saga_steps s`: the steps of the keys' sagas."""
+_STEP_RETURNING: Final = " RETURNING g.facade, g.request_id"
 
 _BEGIN: Final = Statement(
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
@@ -95,10 +100,11 @@ _BEGIN: Final = Statement(
     + " ON CONFLICT (facade, request_id) DO NOTHING RETURNING facade, request_id"
 )
 _STEP_START_SQL: Final = (
-    "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
+    "INSERT INTO saga_steps (saga_id, idx, name, state, attempts, started_at, error,"
     " compensation, compensation_error)"
-    " SELECT c.f, c.r, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
+    " SELECT g.id, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
     + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
+    + " JOIN sagas g ON g.facade = c.f AND g.request_id = c.r"
 )
 _STEP_START: Final = Statement(_STEP_START_SQL)
 _NOTIFY_SQL: Final = f"SELECT pg_notify('{CHANNEL}', p) FROM unnest(CAST(:payloads AS text[])) AS p"
@@ -109,14 +115,14 @@ _STEP_RESTARTED: Final = Statement(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz")
-    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
-    " RETURNING s.facade, s.request_id"
+    + f" {_STEPS_OF} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
+    + _STEP_RETURNING
 )
 _STEP_PENDING: Final = Statement(
     "UPDATE saga_steps s SET state = 'PENDING', error = c.reason FROM "
     + _unnest(**_KEYS, idx="int", reason="text")
-    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
-    " RETURNING s.facade, s.request_id"
+    + f" {_STEPS_OF} AND s.idx = c.idx AND s.state = 'RUNNING'"
+    + _STEP_RETURNING
 )
 _TOUCH: Final = Statement(
     "UPDATE sagas s SET updated_at = c.at FROM "
@@ -126,15 +132,15 @@ _TOUCH: Final = Statement(
 _STEP_DONE: Final = Statement(
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", data="text")
-    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state = 'RUNNING'"
-    " RETURNING s.facade, s.request_id"
+    + f" {_STEPS_OF} AND s.idx = c.idx AND s.state = 'RUNNING'"
+    + _STEP_RETURNING
 )
 _STEP_FAILED: Final = Statement(
     "UPDATE saga_steps s SET state = 'FAILED', finished_at = c.at, error = c.reason,"
     " data = coalesce(c.data, s.data) FROM "
     + _unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
-    + f" WHERE {_MATCH} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
-    " RETURNING s.facade, s.request_id"
+    + f" {_STEPS_OF} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
+    + _STEP_RETURNING
 )
 _COMPLETE: Final = Statement(
     "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
@@ -157,7 +163,7 @@ _FAIL: Final = Statement(
 _UNDO: Final = Statement(
     "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
     + _unnest(**_KEYS, idx="int")
-    + f" WHERE {_MATCH} AND s.idx = c.idx"
+    + f" {_STEPS_OF} AND s.idx = c.idx"
 )
 _COMPENSATION_ENDED: Final = Statement(
     "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
@@ -170,7 +176,7 @@ _UNDONE: Final = Statement(
     "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
     " compensation_error = c.error FROM "
     + _unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
-    + f" WHERE {_MATCH} AND s.idx = c.idx"
+    + f" {_STEPS_OF} AND s.idx = c.idx"
 )
 _HEARTBEAT: Final = Statement(
     "INSERT INTO replicas (owner, heartbeat_at) SELECT c.owner, c.at FROM "

@@ -70,8 +70,7 @@ SQLITE_GET: Final = (
     + ", ".join(f"s.{name}" for name in _SAGA_COLUMNS)
     + ", "
     + ", ".join(f"st.{name}" for name in _STEP_COLUMNS)
-    + " FROM sagas s LEFT OUTER JOIN saga_steps st"
-    " ON st.facade = s.facade AND st.request_id = s.request_id"
+    + " FROM sagas s LEFT OUTER JOIN saga_steps st ON st.saga_id = s.id"
     " WHERE s.facade = ? AND s.request_id = ? ORDER BY st.idx"
 )
 """A saga and its steps on SQLite's own driver (read on the event loop: a point lookup)."""
@@ -79,7 +78,7 @@ SQLITE_GET: Final = (
 
 POSITION: Final = (
     "SELECT s.state, s.payload, st.state, st.data FROM sagas s"
-    " JOIN saga_steps st ON st.facade = s.facade AND st.request_id = s.request_id"
+    " JOIN saga_steps st ON st.saga_id = s.id"
     " WHERE s.facade = {} AND s.request_id = {} ORDER BY st.idx"
 )
 """Where a saga stands (see `Position`), with the backend's placeholders put in."""
@@ -113,12 +112,7 @@ def records_query(*criteria: ColumnElement[bool], limit: int | None = None) -> S
     step_columns = [saga_steps.c[name].label(f"step_{name}") for name in _STEP_COLUMNS]
     return (
         select(*(s.c[name] for name in _SAGA_COLUMNS), *step_columns)
-        .select_from(
-            s.outerjoin(
-                saga_steps,
-                (saga_steps.c.facade == s.c.facade) & (saga_steps.c.request_id == s.c.request_id),
-            )
-        )
+        .select_from(s.outerjoin(saga_steps, saga_steps.c.saga_id == s.c.id))
         .order_by(s.c.created_at.desc(), s.c.facade.desc(), s.c.request_id.desc(), saga_steps.c.idx)
     )
 

@@ -1,7 +1,12 @@
 """The saga store's tables, as the latest migration leaves them.
 
-A saga is keyed by `(facade, request_id)`: the same request id sent to two
-facades is two sagas. Its steps are keyed by the saga's key and their index.
+A saga is named by `(facade, request_id)`: the same request id sent to two
+facades is two sagas. Its row also has a number (`id`), given in the order
+sagas begin, and its steps are keyed by that number and their index: the
+steps of sagas begun together share index pages whatever their request ids,
+so a commit writes a saga's steps into pages other sagas' writes dirty too,
+where a key starting with a random request id would put each saga's steps in
+a page of their own, written again at each of its commits.
 The schema is created and upgraded by the migrations in `_migrations`
 (Alembic); these definitions are what the store's statements are built on,
 and a test checks that the migrations produce exactly them.
@@ -13,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Dialect,
@@ -24,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeEngine
@@ -118,13 +125,18 @@ def sqlite_time(at: datetime) -> str:
     return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+_SAGA_NUMBER: Final = BigInteger().with_variant(Integer(), "sqlite")
+"""A saga's number: SQLite's row id (a column of type INTEGER that is the primary key is
+the row id itself), BIGSERIAL on PostgreSQL."""
+
 metadata = MetaData()
 
 sagas = Table(
     "sagas",
     metadata,
-    Column("facade", String(MAX_NAME), primary_key=True),
-    Column("request_id", String(MAX_REQUEST_ID), primary_key=True),
+    Column("id", _SAGA_NUMBER, primary_key=True, autoincrement=True),
+    Column("facade", String(MAX_NAME), nullable=False),
+    Column("request_id", String(MAX_REQUEST_ID), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("state", String(32), nullable=False),
     Column("payload", Text, nullable=False),
@@ -141,6 +153,8 @@ sagas = Table(
     # By when the saga must have reached an end (RUNNING), or finished compensating
     # (COMPENSATING); past it, recovery drives it to one. NULL: no deadline.
     Column("deadline_at", UtcDateTime, nullable=True),
+    # How the engine, the operators and the API name a saga.
+    UniqueConstraint("facade", "request_id", name="uq_sagas_key"),
     # list_sagas by facade (and state), newest first, keyset on (created_at, request_id).
     Index("ix_sagas_listing", "facade", "state", "created_at", "request_id"),
     # list_sagas without a facade: the default admin view would otherwise sort the table.
@@ -166,8 +180,9 @@ sagas = Table(
 saga_steps = Table(
     "saga_steps",
     metadata,
-    Column("facade", String(MAX_NAME), primary_key=True),
-    Column("request_id", String(MAX_REQUEST_ID), primary_key=True),
+    # Its saga's `id`. No foreign key: a step is written only in a transaction that finds
+    # its saga by its key, and sagas are never deleted; a check would cost a lookup more.
+    Column("saga_id", _SAGA_NUMBER, primary_key=True, autoincrement=False),
     Column("idx", Integer, primary_key=True, autoincrement=False),
     Column("name", String(MAX_NAME), nullable=False),
     Column("state", String(16), nullable=False),

@@ -4,7 +4,9 @@ Each op is a few prepared statements (sqlite3 caches them) inside the
 writer's transaction, in queue order, at the transaction's one time `at` (as
 `sqlite_time` writes it). Each compare-and-set first updates the row of the
 saga's current step (its condition is the step's state); only then does the
-saga's row follow.
+saga's row follow. A step's statement finds its saga's number by the saga's
+key (`_STEP_KEY`, a subquery SQLite runs once per statement), so its
+parameters are the key, as the saga's statements' are.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from orchestrator.store.sql._schema import IN_PROCESS_ONLY, OPEN_ONLY, RUNNING_O
 __all__ = ["apply_op"]
 
 _KEY: Final = "facade = ? AND request_id = ?"
+_SAGA_NUMBER: Final = f"(SELECT id FROM sagas WHERE {_KEY})"
+_STEP_KEY: Final = f"saga_id = {_SAGA_NUMBER}"
 _BEGIN: Final = (
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
     " error_code, error_reason, created_at, updated_at, deadline_at)"
@@ -46,25 +50,25 @@ _BEGIN: Final = (
     " ON CONFLICT (facade, request_id) DO NOTHING"
 )
 _STEP_START: Final = (
-    "INSERT INTO saga_steps (facade, request_id, idx, name, state, attempts, started_at, error,"
-    " compensation, compensation_error) VALUES (?, ?, ?, ?, 'RUNNING', 1, ?, '', '', '')"
+    "INSERT INTO saga_steps (saga_id, idx, name, state, attempts, started_at, error,"
+    f" compensation, compensation_error) VALUES ({_SAGA_NUMBER}, ?, ?, 'RUNNING', 1, ?, '', '', '')"
 )
 _STEP_RESTARTED: Final = (
     "UPDATE saga_steps SET state = 'RUNNING', attempts = attempts + 1, started_at = ?,"
     " finished_at = NULL, error = '', data = NULL"
-    f" WHERE {_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
+    f" WHERE {_STEP_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
 )
 _STEP_PENDING: Final = (
-    f"UPDATE saga_steps SET state = 'PENDING', error = ? WHERE {_KEY} AND idx = ?"
+    f"UPDATE saga_steps SET state = 'PENDING', error = ? WHERE {_STEP_KEY} AND idx = ?"
     " AND state = 'RUNNING'"
 )
 _STEP_DONE: Final = (
     "UPDATE saga_steps SET state = 'DONE', finished_at = ?, data = ?"
-    f" WHERE {_KEY} AND idx = ? AND state = 'RUNNING'"
+    f" WHERE {_STEP_KEY} AND idx = ? AND state = 'RUNNING'"
 )
 _STEP_FAILED: Final = (
     "UPDATE saga_steps SET state = 'FAILED', finished_at = ?, error = ?, data = coalesce(?, data)"
-    f" WHERE {_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
+    f" WHERE {_STEP_KEY} AND idx = ? AND state IN ('RUNNING', 'PENDING')"
 )
 _TOUCH: Final = f"UPDATE sagas SET updated_at = ? WHERE {_KEY}"
 _COMPLETE: Final = (
@@ -75,18 +79,18 @@ _FAIL: Final = (
     "UPDATE sagas SET state = ?, error_code = ?, error_reason = ?, deadline_at = ?,"
     f" updated_at = ? WHERE {_KEY} AND state = 'RUNNING'"
 )
-_UNDO: Final = f"UPDATE saga_steps SET compensation = 'PENDING' WHERE {_KEY} AND idx = ?"
+_UNDO: Final = f"UPDATE saga_steps SET compensation = 'PENDING' WHERE {_STEP_KEY} AND idx = ?"
 _COMPENSATION_ENDED: Final = (
     "UPDATE sagas SET state = ?1, deadline_at = NULL, updated_at = ?2,"
     " error_reason = CASE ?3 WHEN '' THEN error_reason ELSE ?3 END"
     " WHERE facade = ?4 AND request_id = ?5 AND state = 'COMPENSATING'"
 )
 _UNDONE: Final = (
-    f"UPDATE saga_steps SET compensation = 'DONE', compensated_at = ? WHERE {_KEY} AND idx = ?"
+    f"UPDATE saga_steps SET compensation = 'DONE', compensated_at = ? WHERE {_STEP_KEY} AND idx = ?"
 )
 _UNDO_FAILED: Final = (
     "UPDATE saga_steps SET compensation = 'FAILED', compensated_at = ?, compensation_error = ?"
-    f" WHERE {_KEY} AND idx = ?"
+    f" WHERE {_STEP_KEY} AND idx = ?"
 )
 _HEARTBEAT: Final = (
     "INSERT INTO replicas (owner, heartbeat_at) VALUES (?, ?)"
