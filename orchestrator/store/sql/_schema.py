@@ -1,12 +1,11 @@
 """The saga store's tables, as the latest migration leaves them.
 
 A saga is named by `(facade, request_id)`: the same request id sent to two
-facades is two sagas. Its row also has a number (`id`), given in the order
-sagas begin, and its steps are keyed by that number and their index: the
-steps of sagas begun together share index pages whatever their request ids,
-so a commit writes a saga's steps into pages other sagas' writes dirty too,
-where a key starting with a random request id would put each saga's steps in
-a page of their own, written again at each of its commits.
+facades is two sagas. Its row also has a number (`id`), given as sagas begin,
+and its steps are keyed by that number and their index, so the steps of the
+sagas in flight share index pages whatever their request ids (keyed by a
+random request id, each saga's steps had a page of their own, written again
+at each of its commits).
 The schema is created and upgraded by the migrations in `_migrations`
 (Alembic); these definitions are what the store's statements are built on,
 and a test checks that the migrations produce exactly them.
