@@ -30,6 +30,7 @@ from orchestrator.store import InMemorySagaStore, NewSaga, StepEnded, StepFailed
 from orchestrator.store.records import SagaState
 from orchestrator.store.sql import SqlSagaStore
 from orchestrator.store.sql._listen import (
+    CHANNEL,
     MAX_PAYLOAD_BYTES,
     PgChangeFeed,
     notification_payloads,
@@ -296,6 +297,29 @@ async def test_a_batch_announces_every_saga_it_changed(replicas: Replicas) -> No
 
     assert created == [None] * len(ids)
     assert replicas.b.stats.largest_batch > 1
+
+
+async def test_a_batchs_payloads_stay_under_postgresqls_limit_with_the_longest_keys(
+    replicas: Replicas, postgres_url: str
+) -> None:
+    # Request ids of 128 characters at their longest as JSON: four UTF-8 bytes each, or a
+    # control character escaped in six. The happy path's batch builds its payloads in SQL.
+    ids = [f"{n:04d}" + ("\U0001f600" if n % 2 else "\x01") * 124 for n in range(120)]
+    payloads: list[str] = []
+    dsn = make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+    listener = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: payloads.append(args[3]))
+        created = await asyncio.gather(*(replicas.b.begin(new_saga(i)) for i in ids))
+        heard = lambda: {key for p in payloads for key in parse_payload(p)}  # noqa: E731
+        await until(lambda: {(FACADE, i) for i in ids} <= heard(), "heard every saga")
+    finally:
+        await listener.close()
+
+    assert created == [None] * len(ids)
+    assert replicas.b.stats.largest_batch > 1
+    assert len(payloads) > 1
+    assert all(len(payload.encode()) <= MAX_PAYLOAD_BYTES for payload in payloads)
 
 
 async def test_a_store_without_announcements_leaves_watchers_polling(postgres_url: str) -> None:

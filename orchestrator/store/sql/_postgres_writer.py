@@ -38,6 +38,7 @@ from orchestrator.store.sql._asyncpg import (
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
 from orchestrator.store.sql._postgres import apply_batch
+from orchestrator.store.sql._postgres_one import apply_in_one, fits_one_statement
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
 from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
@@ -254,12 +255,17 @@ class PostgresWriter(Writer):
         """Apply `ops` in one transaction and return each op's outcome once committed.
 
         The transaction is asyncpg's own, on the writer's connection (see `_held`); its
-        statements go there (see `_postgres`)."""
+        statements go there (see `_postgres`). A batch of the happy path alone is one
+        statement, committed by itself (see `_postgres_one`)."""
         stage = "connect"
         try:
             raw = await self._held()
             transaction = None
             try:
+                if fits_one_statement(ops):
+                    # The happy path's batch: one statement, its own transaction.
+                    stage = "execute"
+                    return await apply_in_one(raw, ops, announce=self._announce)
                 transaction = raw.driver.transaction()
                 await transaction.start()
                 stage = "execute"
