@@ -44,6 +44,7 @@ from orchestrator.store.sql import _sqlite as sql_sqlite
 from orchestrator.store.sql._asyncpg import Statement
 from orchestrator.store.sql._migrate import alembic_config
 from orchestrator.store.sql._ops import JournalBroken, Op
+from orchestrator.store.sql._postgres_writer import PostgresWriter
 
 if TYPE_CHECKING:
     from tests.support.databases import StoreOpener
@@ -222,6 +223,32 @@ async def test_reads_go_on_after_postgresql_drops_the_store_s_connections(
     position = outcomes[-1]
     assert isinstance(position, Position), outcomes
     assert position.state == SagaState.COMPLETED
+
+
+async def test_on_postgresql_a_batch_of_begins_and_step_ends_is_one_statement(
+    store: SqlSagaStore, postgresql_url: str
+) -> None:
+    await run_saga(store, "opened")  # the writer's connection is up
+    writer = store._running()
+    assert isinstance(writer, PostgresWriter)
+    assert writer._connection is not None
+    statements: list[str] = []
+    writer._connection.driver.add_query_logger(lambda record: statements.append(record.query))
+    request_ids = [f"together-{i:02d}" for i in range(24)]
+
+    await asyncio.gather(*(begin(store, request_id) for request_id in request_ids))
+    ends = [StepEnded(0, "{}", complete=True) for _ in request_ids]
+    applied = await asyncio.gather(
+        *(store.apply(FACADE, r, end) for r, end in zip(request_ids, ends, strict=True))
+    )
+
+    assert applied == [True] * len(request_ids)
+    # Each batch one statement of its own: no BEGIN, no COMMIT, no statement per kind.
+    assert statements, "the writer ran nothing"
+    assert all(sql.startswith("WITH b AS") for sql in statements), statements
+    assert len(statements) < 2 * len(request_ids)
+    for request_id in request_ids:
+        assert (await get(store, request_id)).state == SagaState.COMPLETED
 
 
 @pytest.mark.parametrize(
