@@ -20,6 +20,13 @@ itself, in payloads as `notification_payloads` makes them.
 
 Like a failed COMMIT on the general path, a connection lost while the
 statement runs leaves it unknown whether it committed.
+
+What it costs the database: the store's sessions plan every execution anew
+(`_postgres_writer.PLANNED_PER_EXECUTION`), and this statement takes about
+380 µs to plan against some 200 for the general path's statements. With 64
+sagas in flight the database spends about 7% more per saga and the
+orchestrator a third less; with 8, the database's extra is about what the
+orchestrator saves (bench/README.md).
 """
 
 from __future__ import annotations
@@ -143,7 +150,7 @@ def fits_one_statement(ops: Sequence[Op]) -> bool:
 async def apply_in_one(
     conn: Connection, ops: Sequence[Op], *, announce: bool = True
 ) -> dict[Op, object]:
-    """Apply `ops` (they must `fit_one_statement`) by one statement outside any explicit
+    """Apply `ops` (they must fit: `fits_one_statement`) by one statement outside any explicit
     transaction: committed once it returns. Each op's outcome, as `apply_batch` gives it."""
     begins = sorted((op for op in ops if isinstance(op, BeginOp)), key=lambda op: op.key)
     ends = sorted((op for op in ops if isinstance(op, ApplyOp)), key=lambda op: op.key)
