@@ -65,15 +65,16 @@ from orchestrator.store.sql._schema import (
     state_is,
 )
 
-__all__ = ["apply_batch"]
+__all__ = ["apply_batch", "unnest"]
 
 _Key = tuple[str, str]
 _C = TypeVar("_C")
 
 
-def _unnest(**columns: str) -> str:
-    """`unnest(CAST(:a AS t[]), ...) AS c(a, ...)`: a table from one bound array per column."""
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
+def unnest(prefix: str = "", **columns: str) -> str:
+    """`unnest(CAST(:a AS t[]), ...) AS c(a, ...)`: a table from one bound array per column,
+    each bound as `:<prefix><column>` (a prefix keeps two such tables of one statement apart)."""
+    arrays = ", ".join(f"CAST(:{prefix}{name} AS {kind}[])" for name, kind in columns.items())
     return f"unnest({arrays}) AS c({', '.join(columns)})"
 
 
@@ -88,7 +89,7 @@ _BEGIN: Final = Statement(
     " error_code, error_reason, created_at, updated_at, deadline_at)"
     " SELECT c.f, c.r, c.kind, 'RUNNING', c.payload, c.hash, '', c.owner, '', '', c.at, c.at,"
     " c.deadline FROM "
-    + _unnest(
+    + unnest(
         **_KEYS,
         kind="text",
         payload="text",
@@ -103,7 +104,7 @@ _STEP_START_SQL: Final = (
     "INSERT INTO saga_steps (saga_id, idx, name, state, attempts, started_at, error,"
     " compensation, compensation_error)"
     " SELECT g.id, c.idx, c.name, 'RUNNING', 1, c.at, '', '', '' FROM "
-    + _unnest(**_KEYS, idx="int", name="text", at="timestamptz")
+    + unnest(**_KEYS, idx="int", name="text", at="timestamptz")
     + " JOIN sagas g ON g.facade = c.f AND g.request_id = c.r"
 )
 _STEP_START: Final = Statement(_STEP_START_SQL)
@@ -114,43 +115,43 @@ WITH runs to completion whether or not the query reads it."""
 _STEP_RESTARTED: Final = Statement(
     "UPDATE saga_steps s SET state = 'RUNNING', attempts = s.attempts + 1, started_at = c.at,"
     " finished_at = NULL, error = '', data = NULL FROM "
-    + _unnest(**_KEYS, idx="int", at="timestamptz")
+    + unnest(**_KEYS, idx="int", at="timestamptz")
     + f" {_STEPS_OF} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     + _STEP_RETURNING
 )
 _STEP_PENDING: Final = Statement(
     "UPDATE saga_steps s SET state = 'PENDING', error = c.reason FROM "
-    + _unnest(**_KEYS, idx="int", reason="text")
+    + unnest(**_KEYS, idx="int", reason="text")
     + f" {_STEPS_OF} AND s.idx = c.idx AND s.state = 'RUNNING'"
     + _STEP_RETURNING
 )
 _TOUCH: Final = Statement(
     "UPDATE sagas s SET updated_at = c.at FROM "
-    + _unnest(**_KEYS, at="timestamptz")
+    + unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH}"
 )
 _STEP_DONE: Final = Statement(
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data FROM "
-    + _unnest(**_KEYS, idx="int", at="timestamptz", data="text")
+    + unnest(**_KEYS, idx="int", at="timestamptz", data="text")
     + f" {_STEPS_OF} AND s.idx = c.idx AND s.state = 'RUNNING'"
     + _STEP_RETURNING
 )
 _STEP_FAILED: Final = Statement(
     "UPDATE saga_steps s SET state = 'FAILED', finished_at = c.at, error = c.reason,"
     " data = coalesce(c.data, s.data) FROM "
-    + _unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
+    + unnest(**_KEYS, idx="int", at="timestamptz", reason="text", data="text")
     + f" {_STEPS_OF} AND s.idx = c.idx AND s.state IN ('RUNNING', 'PENDING')"
     + _STEP_RETURNING
 )
 _COMPLETE: Final = Statement(
     "UPDATE sagas s SET state = 'COMPLETED', deadline_at = NULL, updated_at = c.at FROM "
-    + _unnest(**_KEYS, at="timestamptz")
+    + unnest(**_KEYS, at="timestamptz")
     + f" WHERE {_MATCH} AND {state_is('RUNNING', of='s')} RETURNING s.facade, s.request_id"
 )
 _FAIL: Final = Statement(
     "UPDATE sagas s SET state = c.state, error_code = c.code, error_reason = c.reason,"
     " deadline_at = c.deadline, updated_at = c.at FROM "
-    + _unnest(
+    + unnest(
         **_KEYS,
         state="text",
         code="text",
@@ -162,25 +163,25 @@ _FAIL: Final = Statement(
 )
 _UNDO: Final = Statement(
     "UPDATE saga_steps s SET compensation = 'PENDING' FROM "
-    + _unnest(**_KEYS, idx="int")
+    + unnest(**_KEYS, idx="int")
     + f" {_STEPS_OF} AND s.idx = c.idx"
 )
 _COMPENSATION_ENDED: Final = Statement(
     "UPDATE sagas s SET state = c.state, deadline_at = NULL, updated_at = c.at,"
     " error_reason = CASE c.error WHEN '' THEN s.error_reason ELSE c.error END FROM "
-    + _unnest(**_KEYS, state="text", at="timestamptz", error="text")
+    + unnest(**_KEYS, state="text", at="timestamptz", error="text")
     + f" WHERE {_MATCH} AND {state_is('COMPENSATING', of='s')}"
     " RETURNING s.facade, s.request_id"
 )
 _UNDONE: Final = Statement(
     "UPDATE saga_steps s SET compensation = c.state, compensated_at = c.at,"
     " compensation_error = c.error FROM "
-    + _unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
+    + unnest(**_KEYS, idx="int", state="text", at="timestamptz", error="text")
     + f" {_STEPS_OF} AND s.idx = c.idx"
 )
 _HEARTBEAT: Final = Statement(
     "INSERT INTO replicas (owner, heartbeat_at) SELECT c.owner, c.at FROM "
-    + _unnest(owner="text", at="timestamptz")
+    + unnest(owner="text", at="timestamptz")
     + " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
 )
 # Claims: the candidates are read first (each kind ordered and limited), then taken by one
@@ -198,7 +199,7 @@ _EXPIRED: Final = Statement(
 )
 _CLAIM: Final = Statement(
     "UPDATE sagas s SET owner = :me, deadline_at = :hold, updated_at = :now FROM "
-    + _unnest(**_KEYS, owner="text", deadline="timestamptz")
+    + unnest(**_KEYS, owner="text", deadline="timestamptz")
     + f" WHERE {_MATCH} AND s.owner = c.owner AND s.deadline_at IS NOT DISTINCT FROM c.deadline"
     f" AND {state_is(*OPEN_STATES, of='s')} RETURNING s.facade, s.request_id"
 )

@@ -41,6 +41,7 @@ from orchestrator.store.changes import StepEnded
 from orchestrator.store.sql._asyncpg import Connection, Statement, run
 from orchestrator.store.sql._listen import CHANNEL, MAX_PAYLOAD_BYTES
 from orchestrator.store.sql._ops import ApplyOp, BeginOp, JournalBroken, Op
+from orchestrator.store.sql._postgres import unnest
 from orchestrator.store.sql._schema import state_is
 
 __all__ = ["apply_in_one", "fits_one_statement"]
@@ -54,23 +55,19 @@ characters each, at most about 1550 bytes as JSON even with every character esca
 under PostgreSQL's limit."""
 
 
-def _unnest(**columns: str) -> str:
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
-    return f"unnest({arrays}) AS c({', '.join(name.split('_', 1)[1] for name in columns)})"
-
-
 _WRITES: Final = (
     "WITH b AS (SELECT * FROM "
-    + _unnest(
-        b_f="text",
-        b_r="text",
-        b_kind="text",
-        b_payload="text",
-        b_hash="text",
-        b_owner="text",
-        b_at="timestamptz",
-        b_deadline="timestamptz",
-        b_first="text",
+    + unnest(
+        "b_",
+        f="text",
+        r="text",
+        kind="text",
+        payload="text",
+        hash="text",
+        owner="text",
+        at="timestamptz",
+        deadline="timestamptz",
+        first="text",
     )
     + "), begun AS ("
     "INSERT INTO sagas (facade, request_id, kind, state, payload, payload_hash, data, owner,"
@@ -79,14 +76,15 @@ _WRITES: Final = (
     " ON CONFLICT (facade, request_id) DO NOTHING"
     " RETURNING id, facade, request_id"
     "), e AS (SELECT * FROM "
-    + _unnest(
-        e_f="text",
-        e_r="text",
-        e_idx="int",
-        e_at="timestamptz",
-        e_data="text",
-        e_complete="bool",
-        e_next="text",
+    + unnest(
+        "e_",
+        f="text",
+        r="text",
+        idx="int",
+        at="timestamptz",
+        data="text",
+        complete="bool",
+        next="text",
     )
     + "), done AS ("
     "UPDATE saga_steps s SET state = 'DONE', finished_at = c.at, data = c.data"
