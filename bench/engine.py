@@ -48,9 +48,10 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the rep
 
 import uvloop  # noqa: E402
 
+from bench._broker import find_database_pid  # noqa: E402
 from bench._engine_amqp import deleted_after, hand_written, rabbitmq_broker  # noqa: E402
 from bench._spy import add_py_spy_option, compare, record, spy_output  # noqa: E402
-from bench.common import new_request_id  # noqa: E402
+from bench.common import new_request_id, tree_cpu_seconds  # noqa: E402
 from orchestrator import (  # noqa: E402
     AsyncFacadeContext,
     Context,
@@ -136,14 +137,29 @@ async def callers(count: int, sagas: int, saga: Saga, done: list[int] | None = N
     return time.process_time() - started
 
 
-async def measure(args: argparse.Namespace, saga: Saga, *, warm: bool, spy: Path | None) -> float:
+async def measure(
+    args: argparse.Namespace,
+    saga: Saga,
+    *,
+    warm: bool,
+    spy: Path | None,
+    database: list[float] | None = None,
+) -> float:
     """CPU microseconds per saga of `--sagas` sagas, after as many uncounted if `warm`;
-    with `spy`, sampled by py-spy into `spy` for part of the measured phase."""
+    with `spy`, sampled by py-spy into `spy` for part of the measured phase. With
+    `database` (and a local PostgreSQL store), the database server's CPU microseconds per
+    saga over the measured phase are appended to it."""
     sagas: int = args.sagas
     if warm:
         await callers(args.concurrency, sagas, saga)
     if spy is None:
-        return await callers(args.concurrency, sagas, saga) * 1e6 / sagas
+        server = args.database_pid if database is not None else None
+        before = None if server is None else tree_cpu_seconds(server)
+        cpu = await callers(args.concurrency, sagas, saga) * 1e6 / sagas
+        after = None if server is None else tree_cpu_seconds(server)
+        if database is not None and before is not None and after is not None:
+            database.append((after - before) * 1e6 / sagas)
+        return cpu
     done = [0]
     running = asyncio.create_task(callers(args.concurrency, sagas, saga, done))
     await asyncio.sleep(SPY_DELAY)
@@ -182,10 +198,15 @@ async def orchestrator_on(broker: Broker, store_url: str) -> AsyncIterator[Orche
 
 
 async def framework_run(
-    store_url: str, tag: str, args: argparse.Namespace, spy: Path | None
+    store_url: str,
+    tag: str,
+    args: argparse.Namespace,
+    spy: Path | None,
+    database: list[float] | None = None,
 ) -> float:
     """CPU microseconds per saga through the facade, after a warm-up of as many sagas (on
-    RabbitMQ, under the prefixes of the run `tag`)."""
+    RabbitMQ, under the prefixes of the run `tag`); the database's appended to `database`
+    (see `measure`)."""
     async with contextlib.AsyncExitStack() as stack:
         if args.broker is None:
             broker: Broker = InMemoryBroker(BrokerSettings())
@@ -205,7 +226,7 @@ async def framework_run(
             return flow.run(new_request_id(tag), BookingRequest(ProductID=1))
 
         saga = throttling if args.facade == "throttling" else sync
-        return await measure(args, saga, warm=True, spy=spy)
+        return await measure(args, saga, warm=True, spy=spy, database=database)
 
 
 async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> float:
@@ -250,6 +271,8 @@ def print_comparison(spy: Path) -> None:
 async def main(args: argparse.Namespace) -> None:
     framework: list[float] = []
     baseline: list[float] = []
+    database: list[float] = []
+    args.database_pid = find_database_pid(args.store)
     if args.py_spy is not None:  # an earlier invocation's counts would pass for this one's
         for side in (args.py_spy, spy_output(args.py_spy, "baseline")):
             side.with_name(side.name + ".units").unlink(missing_ok=True)
@@ -263,15 +286,18 @@ async def main(args: argparse.Namespace) -> None:
             if args.broker is not None:
                 print(f"run {run} prefixes={','.join(prefixes(tag))}", flush=True)
             spy = args.py_spy if run == 1 else None
-            framework.append(await framework_run(url, tag, args, spy))
+            framework.append(await framework_run(url, tag, args, spy, database))
             baseline.append(await baseline_run(tag, args, spy and spy_output(spy, "baseline")))
             print(
                 f"run {run}: framework {framework[-1]:.0f} us/saga,"
-                f" baseline {baseline[-1]:.0f} us/saga",
+                f" baseline {baseline[-1]:.0f} us/saga"
+                + (f", database {database[-1]:.0f} us/saga" if len(database) == run else ""),
                 flush=True,
             )
     if args.py_spy is not None:
         print_comparison(args.py_spy)
+    if database:
+        print(f"database_cpu_per_saga_us={statistics.median(database):.0f}")
     print(f"baseline_cpu_per_saga_us={statistics.median(baseline):.0f}")
     print(f"cpu_per_saga_us={statistics.median(framework):.0f}")
 

@@ -176,6 +176,25 @@ def test_the_engine_bench_compares_the_facade_with_its_nodes_awaited_by_hand() -
     assert re.search(r"\ncpu_per_saga_us=\d+\n$", output), output
 
 
+def test_the_engine_bench_on_postgresql_gives_the_database_s_cpu_per_saga(
+    postgres_url: str,
+) -> None:
+    """With a local PostgreSQL store, `engine.py` gives the database server's CPU per saga too
+    (its processes', over the framework's measured sagas): in each run's line, and as a
+    figure of its own before the last line, so `ab.py --also` can compare it."""
+    output = run_bench("engine", "--store", postgres_url, "--sagas", "200", "--runs", "1")
+    run = re.search(
+        r"^run 1: framework \d+ us/saga, baseline \d+ us/saga, database (\d+) us/saga$",
+        output,
+        re.M,
+    )
+    assert run, output
+    assert int(run[1]) > 0, output
+    assert re.search(r"\ndatabase_cpu_per_saga_us=\d+\n(.+\n)?cpu_per_saga_us=\d+\n$", output), (
+        output
+    )
+
+
 def test_the_engine_bench_through_rabbitmq_deletes_both_sides_queues() -> None:
     """`engine.py --broker` runs the throttling saga on RabbitMQ against the same hops written
     by hand, then deletes the queues of both (named by their prefixes in the run's line)."""
@@ -227,3 +246,43 @@ def test_the_engine_bench_samples_both_sides_and_compares_them_per_saga(tmp_path
         assert float((tmp_path / f"{side.name}.units").read_text()) > 0
     assert re.search(r"^ +orchestrator/facade +\d+ +0 +\+\d+$", output, re.M), output
     assert re.search(r"^ +all +\d+ +\d+ +[+-]\d+$", output, re.M), output
+
+
+def test_ab_compares_every_figure_asked_for_pair_by_pair(tmp_path: Path) -> None:
+    """`ab.py --key K --also L` reads both figures of each run and summarizes each: both
+    sides' means and runs, the mean difference and how many pairs agree on its sign."""
+    counter = tmp_path / "runs"
+    bench = tmp_path / "figures.py"
+    bench.write_text(
+        "from pathlib import Path\n"
+        f"counter = Path({str(counter)!r})\n"
+        "n = int(counter.read_text()) if counter.exists() else 0\n"
+        "counter.write_text(str(n + 1))\n"
+        "print(f'cost={10 + n}')\n"  # A runs 0 and 2, B runs 1 and 3: B costs 1 more
+        "print(f'size={100 - n % 2}')\n"  # B is 1 smaller
+        "print('last=0')\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ab.py"),
+            "HEAD",
+            "WORKTREE",
+            "--pairs",
+            "2",
+            "--key",
+            "cost",
+            "--also",
+            "size",
+            "--",
+            str(bench),
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert "pair 1 HEAD: cost=10 size=100\npair 1 WORKTREE: cost=11 size=99\n" in done.stdout
+    assert "cost: B-A mean +1 (+9.1%), 2 of 2 pairs agree" in done.stdout, done.stdout
+    assert "size: B-A mean -1 (-1.0%), 2 of 2 pairs agree" in done.stdout, done.stdout
