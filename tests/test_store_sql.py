@@ -10,6 +10,7 @@ are in tests/test_store.py; the migrations themselves in tests/test_migrations.p
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from orchestrator.store import (
     StepState,
     store_from_url,
 )
+from orchestrator.store.sql import _plans as sql_plans
 from orchestrator.store.sql import _postgres as sql_postgres
 from orchestrator.store.sql import _sqlite as sql_sqlite
 from orchestrator.store.sql._asyncpg import Statement
@@ -300,6 +302,76 @@ async def test_a_store_started_on_empty_tables_still_finds_rows_by_key_once_they
     # counting the early rounds' should PostgreSQL report those late.
     assert after.rows_scanned - before.rows_scanned < FILLED, (before, after)
     assert after.index_blocks - before.index_blocks < 2 * after.index_size, (before, after)
+
+
+async def test_while_its_tables_are_small_the_writer_plans_each_execution(
+    store: SqlSagaStore, postgresql_url: str
+) -> None:
+    # Each statement more than five times: PostgreSQL could keep a generic plan by now.
+    for batch in range(8):
+        await asyncio.gather(*(run_saga(store, f"early-{batch}-{i}") for i in range(12)))
+
+    assert await on_the_writers_session(store, "SHOW plan_cache_mode") == "force_custom_plan"
+    assert await on_the_writers_session(store, GENERIC_PLANS_MADE) == 0
+
+
+@pytest.fixture
+def tables_sized_after_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer asks whether its tables have filled after every batch (from its first on:
+    ask for this fixture before the store)."""
+    monkeypatch.setattr(sql_plans, "CHECK_SECONDS", 0.0)
+
+
+async def test_once_its_tables_fill_its_writes_and_point_reads_keep_plans_that_find_by_key(
+    tables_sized_after_every_batch: None,
+    store: SqlSagaStore,
+    postgresql_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator.store.sql")
+    for batch in range(8):
+        await asyncio.gather(*(run_saga(store, f"early-{batch}-{i}") for i in range(12)))
+    await fill_with_finished_sagas(postgresql_url, FILLED)  # well past GENERIC_PLANS_FROM
+    await asyncio.sleep(1.1)  # statistics reported (see the test above)
+    await store.heartbeat("replica-a")
+    before = await work_done(postgresql_url, recorded=FILLED + 8 * 12, steps_ended=2 * 8 * 12)
+    for batch in range(8):
+        await asyncio.gather(*(run_saga(store, f"late-{batch}-{i}") for i in range(12)))
+        await asyncio.gather(*(store.position(FACADE, f"late-{batch}-{i}") for i in range(12)))
+
+    assert await on_the_writers_session(store, "SHOW plan_cache_mode") == "auto"
+    assert await on_the_writers_session(store, GENERIC_PLANS_MADE) > 0
+    assert await on_a_point_reads_session(store, "SHOW plan_cache_mode") == "auto"
+    assert "its tables have filled" in caplog.text
+    await store.close()
+    after = await work_done(postgresql_url, recorded=FILLED + 16 * 12, steps_ended=2 * 16 * 12)
+    # The generic plans find sagas by their key and steps by their saga's number: no pass
+    # over a table or a listing index (see the test above).
+    assert after.rows_scanned - before.rows_scanned < FILLED, (before, after)
+    assert after.index_blocks - before.index_blocks < 2 * after.index_size, (before, after)
+
+
+GENERIC_PLANS_MADE = (
+    "SELECT coalesce(sum(generic_plans), 0) FROM pg_prepared_statements"
+    " WHERE cardinality(parameter_types) > 0"  # one without parameters has only the one plan
+)
+
+
+async def on_the_writers_session(store: SqlSagaStore, query: str) -> Any:
+    """`query`'s value on the writer's own connection (between its batches)."""
+    writer = store._running()
+    assert isinstance(writer, PostgresWriter)
+    held = writer._connection
+    assert held is not None
+    return await held.driver.fetchval(query)
+
+
+async def on_a_point_reads_session(store: SqlSagaStore, query: str) -> Any:
+    """`query`'s value on a connection of the point reads' pool."""
+    writer = store._running()
+    assert isinstance(writer, PostgresWriter)
+    async with writer._read_pool.acquire() as conn:
+        return await conn.fetchval(query)
 
 
 FILLED = 30_000

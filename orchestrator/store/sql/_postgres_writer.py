@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -37,13 +38,16 @@ from orchestrator.store.sql._asyncpg import (
 )
 from orchestrator.store.sql._listen import PgChangeFeed
 from orchestrator.store.sql._ops import BatchFailed, Op
+from orchestrator.store.sql._plans import PLANNED_PER_EXECUTION, PLANS_KEPT, PlanGate
 from orchestrator.store.sql._postgres import apply_batch
 from orchestrator.store.sql._postgres_one import apply_in_one, fits_one_statement
 from orchestrator.store.sql._records import POSITION, position, records, records_query
 from orchestrator.store.sql._schema import sagas
-from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written
+from orchestrator.store.sql._writer import Backend, Halves, Writer, WriterOptions, Written, brief
 
 __all__ = ["CLOSE_SECONDS", "POOL_SIZE", "READ_POOL_SIZE", "PostgresBackend", "PostgresWriter"]
+
+log = logging.getLogger("orchestrator.store.sql")
 
 POOL_SIZE: Final = 10
 """Connections a store keeps to PostgreSQL at most, in two pools: its point reads' (see
@@ -53,19 +57,6 @@ overflow, a burst of reads (a hop's check for each of 64 sagas in flight) opened
 connections by the dozen, each a server process started and stopped."""
 CLOSE_SECONDS: Final = 5.0
 """How long closing the store waits for point reads in progress."""
-PLANNED_PER_EXECUTION: Final = {"plan_cache_mode": "force_custom_plan"}
-"""Every session of the store plans each execution of a statement anew.
-
-asyncpg prepares each statement once per connection, and after five executions PostgreSQL
-may keep a generic plan of it for the connection's life. Planned while the tables were
-nearly empty (a new database; nothing analyzes it when autovacuum is off), that plan read a
-whole table, or walked a whole index for the saga's key in a later column: no costlier than
-the primary key then, and a pass over every saga ever recorded with each batch once they
-pile up (`bench/sync_booking.py` on PostgreSQL: the database's CPU per booking went from
-about 270 to 1900 µs over four runs of one invocation). A plan made for each execution sees
-the tables as they are; planning costs the database some 20-30 µs a booking. The listing
-queries (SQLAlchemy prepares them too) could keep such plans as well; they run far less
-often, so planning them each time costs next to nothing."""
 READ_POOL_SIZE: Final = 6
 """Of `POOL_SIZE`, the connections of the point reads (a saga's position, a saga by its key):
 an asyncpg pool of their own, without SQLAlchemy's checkout and execution layers."""
@@ -98,7 +89,8 @@ class PostgresBackend(Backend):
         """An asyncpg engine that hides statement parameters in its errors, with a pool of
         `POOL_SIZE` connections and no overflow: a read waits for a connection of the pool
         rather than opening one of its own (PostgreSQL starts a process per connection);
-        its sessions plan each execution (`PLANNED_PER_EXECUTION`)."""
+        its sessions plan each execution (`_plans`: the writer's own connection changes
+        that once the tables have filled)."""
         return create_async_engine(
             self.url,
             hide_parameters=True,
@@ -133,6 +125,8 @@ class PostgresWriter(Writer):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._connection: Connection | None = None
+        self._plans = PlanGate()
+        self._keeping: Connection | None = None  # the writer's connection once it keeps plans
         self.connected: Callable[[int | None], None] | None = None
         """Told the server process of each connection the writer takes to write on, and
         None before it gives one up (the change feed tells this store's writes by it)."""
@@ -232,6 +226,8 @@ class PostgresWriter(Writer):
                 if batch:
                     await self._write(batch)
                 batch = []
+                if self._plans.due(time.monotonic()):
+                    await self._check_plans()
         finally:
             # Only on cancellation or a bug: nobody must wait forever.
             stopped = RuntimeError("the saga store writer stopped")
@@ -294,6 +290,32 @@ class PostgresWriter(Writer):
             # A failed COMMIT is not retried either: it may have committed.
             raise BatchFailed(exc, isolate=stage == "execute" and not lost) from exc
 
+    async def _check_plans(self) -> None:
+        """Ask whether the tables have filled (see `_plans`); once they have, the point reads'
+        new connections and the writer's keep their plans. A failed question is asked again
+        later: meanwhile every execution is planned, as before."""
+        raw = self._connection
+        if raw is None:
+            return
+        try:
+            if not await self._plans.ask(raw.driver, time.monotonic()):
+                return
+        except Exception as exc:
+            log.debug("saga store: could not size its tables: %s", brief(exc))
+            return
+        pool = self._read_pool
+        if pool is not None:
+            pool.set_connect_args(self._dsn, server_settings=PLANS_KEPT)
+            await pool.expire_connections()  # each replaced as it is next taken
+        log.info("saga store: its tables have filled; its writes and point reads keep their plans")
+        with contextlib.suppress(Exception):  # a lost connection: its successor is set
+            await self._keep_plans(raw)
+
+    async def _keep_plans(self, raw: Connection) -> None:
+        settings = ", ".join(f"{name} = {value}" for name, value in PLANS_KEPT.items())
+        await raw.driver.execute(f"SET {settings}")
+        self._keeping = raw
+
     async def _held(self) -> Connection:
         """The writer's connection, checked out of the pool once and kept between batches
         (a checkout per batch cost more CPU than a small batch's statements); SQLAlchemy's
@@ -307,6 +329,8 @@ class PostgresWriter(Writer):
                 raise
             if self.connected is not None:
                 self.connected(self._connection.driver.get_server_pid())
+            if self._plans.filled:
+                await self._keep_plans(self._connection)
         return self._connection
 
     async def _drop(self, raw: Connection) -> None:
@@ -326,6 +350,10 @@ class PostgresWriter(Writer):
             self.connected(None)
         if held is not None:
             with contextlib.suppress(DBAPIError, OSError):
+                if held is self._keeping:
+                    # Not for a listing query: its session keeps planning each execution.
+                    self._keeping = None
+                    await held.sa.invalidate()
                 await held.sa.close()
 
 
