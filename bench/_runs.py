@@ -294,6 +294,7 @@ def summarize_closed(
     """Print the closed-loop means, any failure, and `ratio=` last; return the exit status."""
     means: dict[Target, float] = {}
     cpu_means: dict[Target, float] = {}
+    database_means: dict[Target, float] = {}
     singular = unit.removesuffix("s")
     for target in TARGETS:
         runs = [result for result in results if result.target == target]
@@ -307,6 +308,7 @@ def summarize_closed(
         cpu_text = f", server cpu {cpu_means[target] * 1e6:.0f}us/{singular}" if cpu else ""
         broker_text = f", broker cpu {mean(broker) * 1e6:.0f}us/{singular}" if broker else ""
         if database:
+            database_means[target] = mean(database)
             broker_text += f", database cpu {mean(database) * 1e6:.0f}us/{singular}"
         print(
             f"{target} mean: {means[target]:.0f} {unit}/s"
@@ -328,6 +330,8 @@ def summarize_closed(
         status = 1
     status = max(status, report_leftovers(leftovers))
     ratio = means["framework"] / means["baseline"] if means["baseline"] else 0.0
+    if database_means.get("framework"):  # for bench/ab.py --also
+        print(f"database_cpu_per_{singular}_us={database_means['framework'] * 1e6:.0f}")
     if cpu_ratio is not None:
         print(f"cpu_ratio={cpu_ratio:.3f}")  # for bench/ab.py --key cpu_ratio
     print(f"ratio={ratio:.2f}")

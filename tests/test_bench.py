@@ -24,6 +24,7 @@ import aiormq
 import pytest
 
 from bench._broker import rabbitmq_layout
+from bench._runs import Run, summarize_closed
 from bench.common import DEFAULT_RABBITMQ_URL
 from topic import CREATE_ORDER, CREATE_PAYMENT, THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT
 
@@ -286,3 +287,27 @@ def test_ab_compares_every_figure_asked_for_pair_by_pair(tmp_path: Path) -> None
     assert "pair 1 HEAD: cost=10 size=100\npair 1 WORKTREE: cost=11 size=99\n" in done.stdout
     assert "cost: B-A mean +1 (+9.1%), 2 of 2 pairs agree" in done.stdout, done.stdout
     assert "size: B-A mean -1 (-1.0%), 2 of 2 pairs agree" in done.stdout, done.stdout
+
+
+def test_a_booking_bench_on_postgresql_ends_with_the_database_s_cpu_per_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before `cpu_ratio=` and `ratio=` (last), a closed-loop summary gives the framework's
+    database CPU per call as a figure of its own (`ab.py --also` reads it)."""
+    runs = [
+        Run(
+            target=target,
+            number=1,
+            seconds=1.0,
+            latencies=[0.1] * 10,
+            completed=10,
+            server_cpu=cpu,
+            database_cpu=database,
+        )
+        for target, cpu, database in (("framework", 0.012, 0.004), ("baseline", 0.010, None))
+    ]
+
+    assert summarize_closed(runs, {}) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["database_cpu_per_booking_us=400", "cpu_ratio=1.200", "ratio=1.00"]
