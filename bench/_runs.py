@@ -330,7 +330,11 @@ def summarize_closed(
         status = 1
     status = max(status, report_leftovers(leftovers))
     ratio = means["framework"] / means["baseline"] if means["baseline"] else 0.0
-    if database_means.get("framework"):  # for bench/ab.py --also
+    # Figures for bench/ab.py --also: each side's server CPU per call, the database's.
+    for target, cpu in cpu_means.items():
+        if cpu:
+            print(f"{target}_cpu_per_{singular}_us={cpu * 1e6:.0f}")
+    if database_means.get("framework"):
         print(f"database_cpu_per_{singular}_us={database_means['framework'] * 1e6:.0f}")
     if cpu_ratio is not None:
         print(f"cpu_ratio={cpu_ratio:.3f}")  # for bench/ab.py --key cpu_ratio

@@ -289,11 +289,11 @@ def test_ab_compares_every_figure_asked_for_pair_by_pair(tmp_path: Path) -> None
     assert "size: B-A mean -1 (-1.0%), 2 of 2 pairs agree" in done.stdout, done.stdout
 
 
-def test_a_booking_bench_on_postgresql_ends_with_the_database_s_cpu_per_call(
+def test_a_booking_bench_ends_with_each_side_s_cpu_per_call_and_the_database_s(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Before `cpu_ratio=` and `ratio=` (last), a closed-loop summary gives the framework's
-    database CPU per call as a figure of its own (`ab.py --also` reads it)."""
+    """Before `cpu_ratio=` and `ratio=` (last), a closed-loop summary gives each side's server
+    CPU per call and the framework's database's as figures of their own (`ab.py --also`)."""
     runs = [
         Run(
             target=target,
@@ -310,4 +310,10 @@ def test_a_booking_bench_on_postgresql_ends_with_the_database_s_cpu_per_call(
     assert summarize_closed(runs, {}) == 0
 
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-3:] == ["database_cpu_per_booking_us=400", "cpu_ratio=1.200", "ratio=1.00"]
+    assert lines[-5:] == [
+        "framework_cpu_per_booking_us=1200",
+        "baseline_cpu_per_booking_us=1000",
+        "database_cpu_per_booking_us=400",
+        "cpu_ratio=1.200",
+        "ratio=1.00",
+    ]
