@@ -312,8 +312,8 @@ class PostgresWriter(Writer):
             await self._keep_plans(raw)
 
     async def _keep_plans(self, raw: Connection) -> None:
-        settings = ", ".join(f"{name} = {value}" for name, value in PLANS_KEPT.items())
-        await raw.driver.execute(f"SET {settings}")
+        for name, value in PLANS_KEPT.items():  # SET takes one setting at a time
+            await raw.driver.execute(f"SET {name} = {value}")
         self._keeping = raw
 
     async def _held(self) -> Connection:
