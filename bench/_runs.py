@@ -421,5 +421,6 @@ def header_line(args: argparse.Namespace, channels: int, extra: str = "") -> str
         f"{load} seconds={args.seconds:g} warmup={args.warmup:g}"
         f" upstream_latency_ms={args.upstream_latency_ms:g} cpus={os.cpu_count()}"
         f" workers={args.workers} channels={channels} store={args.store}"
+        + (" baseline=journaled" if getattr(args, "journaled_baseline", False) else "")
         + (f" {extra}" if extra else "")
     )

@@ -34,6 +34,7 @@ from bench._broker import (
     is_nats,
     settle,
 )
+from bench._journal import journal_summary
 from bench._openloop import OpenLoopRun, offer_rpc, summarize_open
 from bench._runs import (
     CallRun,
@@ -143,9 +144,15 @@ def start_servers(
     processes["framework"] = start_process(
         "framework", framework_argv, log_dir, child_environment(ORCH_CONFIG=str(config_path))
     )
-    processes["baseline"] = start_process(
-        "baseline", [python, *bench.baseline(ports)], log_dir, env
-    )
+    baseline = [python, *bench.baseline(ports)]
+    if getattr(args, "journaled_baseline", False):
+        baseline += ["--journal", str(baseline_journal(log_dir))]
+    processes["baseline"] = start_process("baseline", baseline, log_dir, env)
+
+
+def baseline_journal(log_dir: Path) -> Path:
+    """The file of the baseline's journal (`--journaled-baseline`), beside the framework's."""
+    return log_dir / "baseline.db"
 
 
 def upstream_argv(ports: Mapping[str, int]) -> list[str]:
@@ -242,6 +249,7 @@ def run_bench(args: argparse.Namespace, bench: Bench) -> int:
     processes: dict[str, Process] = {}
     results: list[Run] = []
     leftovers: dict[str, int] | None = {}
+    journaled: dict[str, int] = {}
     status = 0
     try:
         start_servers(args, bench, processes, ports, log_dir)
@@ -265,6 +273,7 @@ def run_bench(args: argparse.Namespace, bench: Bench) -> int:
         # The servers first, so the upstreams see no call after they stop.
         stop_processes([processes[name] for name in TARGETS if name in processes])
         stop_processes([processes[name] for name in ("order", "payment") if name in processes])
+        journaled = journal_summary(baseline_journal(log_dir))
         shutil.rmtree(log_dir, ignore_errors=True)
         if bench.url is not None:
             leftovers = clean_up(bench.url, bench.topology)
@@ -272,11 +281,19 @@ def run_bench(args: argparse.Namespace, bench: Bench) -> int:
         return status
     if args.profile is not None:
         print(f"orchestrator profile: {args.profile} (summary: {args.profile}.txt)")
+    if getattr(args, "journaled_baseline", False):
+        print(journal_line(journaled))
     if args.rate:
         status = summarize_open(results, leftovers or {})
     else:
         status = summarize_closed(results, leftovers or {}, unit=bench.unit)
     return 1 if leftovers is None else status
+
+
+def journal_line(states: Mapping[str, int]) -> str:
+    """What the baseline's journal held at the end: its sagas, and how many in each state."""
+    held = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+    return f"baseline journal: {sum(states.values())} sagas ({held or 'none'})"
 
 
 def pairs(mapping: Mapping[str, str]) -> Sequence[str]:

@@ -81,6 +81,7 @@ from bench.common import (  # noqa: E402
     Process,
     Target,
     add_console_option,
+    add_journaled_baseline_option,
     add_store_option,
     add_workers_option,
     booking_stubs,
@@ -282,6 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleAsyncBooking sagas/s: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_journaled_baseline_option(parser)
     add_console_option(parser)
     add_workers_option(parser)
     add_run_options(parser, seconds=8.0, concurrency_help="sagas in flight (callers)")
@@ -302,6 +304,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--completion-timeout must be positive")
     resolve_workers(parser, args)
     args.url = args.broker or os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    if args.journaled_baseline and is_nats(args.url):
+        parser.error("--journaled-baseline: only the RabbitMQ baseline keeps a journal")
     return args
 
 

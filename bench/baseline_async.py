@@ -16,6 +16,13 @@ concurrency, manual acks. aiormq runs each delivery in a task of its own, so
 the publishes of independent deliveries are pipelined, never serialised.
 Connection, channels and stubs are made once at startup.
 
+With ``--journal FILE`` it keeps a saga journal by hand (bench/_journal.py):
+HandleAsyncBooking records the saga before publishing its first message (a
+request id already journaled publishes nothing); each consumer reads the saga's
+step first and acks a message for a saga not at its step without calling
+anything; a step's end is committed before the next message is published (or,
+after the last, before the ack).
+
     python bench/baseline_async.py --port 10001 --order 127.0.0.1:50051 \\
         --payment 127.0.0.1:50052 --amqp-url amqp://guest:guest@127.0.0.1:5672/ --prefix b.
 """
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench._journal import Journal, add_journal_option  # noqa: E402
 from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
@@ -113,8 +121,10 @@ class Saga:
         *,
         names: tuple[str, str] = (ORDER_QUEUE, PAYMENT_QUEUE),
         paid: Paid | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._exchange = exchange
+        self._journal = journal
         self._names = names
         self._order_queue = f"{prefix}{names[0]}"
         self._payment_queue = f"{prefix}{names[1]}"
@@ -128,7 +138,7 @@ class Saga:
         await publish(self._exchange, queue, body, message_id)
 
     async def start(self, request_id: str, request: booking_pb2.BookingRequest) -> None:
-        """Publish the saga's first message."""
+        """Publish the saga's first message (journaled first, with `--journal`)."""
         body = {
             "request_id": request_id,
             "product_id": request.ProductID,
@@ -137,12 +147,18 @@ class Saga:
             "order_id": 0,
             "payment_id": 0,
         }
+        if self._journal is not None and not self._journal.begin(request_id, json.dumps(body)):
+            return  # journaled before: its first message went out then
         await self.publish(self._order_queue, body, f"{request_id}:0:{self._names[0]}")
 
     async def create_order(self, message: AbstractIncomingMessage) -> None:
         """Hop 1: create the order, publish to hop 2 (confirmed), then ack."""
         body = json.loads(message.body)
         request_id = body["request_id"]
+        journal = self._journal
+        if journal is not None and journal.at(request_id) != 0:
+            await message.ack()  # no such saga, or past this step: nothing to do
+            return
         try:
             order = await self._order.CreateOrder(
                 order_pb2.CreateOrderRequest(
@@ -152,6 +168,8 @@ class Saga:
                 timeout=self._timeout,
             )
             body["order_id"] = order.OrderID
+            if journal is not None:
+                journal.step_done(request_id, 0, json.dumps(body), last=False)
             await self.publish(self._payment_queue, body, f"{request_id}:1:{self._names[1]}")
         except Exception:
             log.exception("create_order failed for %s, requeueing", request_id)
@@ -163,6 +181,10 @@ class Saga:
         """Hop 2: take the payment, then ack (and tell `paid`)."""
         body = json.loads(message.body)
         request_id = body["request_id"]
+        journal = self._journal
+        if journal is not None and journal.at(request_id) != 1:
+            await message.ack()  # no such saga, or past this step: nothing to do
+            return
         try:
             payment = await self._payment.CreatePayment(
                 payment_pb2.CreatePaymentRequest(
@@ -178,6 +200,9 @@ class Saga:
             log.exception("create_payment failed for %s, requeueing", request_id)
             await message.nack(requeue=True)
             return
+        if journal is not None:
+            body["payment_id"] = payment.PaymentID
+            journal.step_done(request_id, 1, json.dumps(body), last=True)
         await message.ack()
         if self._paid is not None:
             self._paid(request_id, body["order_id"], payment.PaymentID)
@@ -258,6 +283,9 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     order_channel = grpc.aio.insecure_channel(args.order)
     payment_channel = grpc.aio.insecure_channel(args.payment)
+    journal = None if args.journal is None else Journal(args.journal)
+    if journal is not None:
+        journal.start()
     connection = await aio_pika.connect(
         args.amqp_url, client_properties={"connection_name": "baseline_async"}
     )
@@ -274,6 +302,7 @@ async def serve(
             args.timeout_seconds,
             names=names,
             paid=paid,
+            journal=journal,
         )
         for queue_name, prefetch, handler in (
             (names[0], args.order_prefetch, saga.create_order),
@@ -299,6 +328,8 @@ async def serve(
         await connection.close()
         await order_channel.close(None)
         await payment_channel.close(None)
+        if journal is not None:
+            await journal.close()
     return 0
 
 
@@ -315,6 +346,7 @@ def baseline_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--order-prefetch", type=int, default=64, help="create_order prefetch")
     parser.add_argument("--payment-prefetch", type=int, default=64, help="create_payment prefetch")
     parser.add_argument("--delivery-limit", type=int, default=5, help="x-delivery-limit")
+    add_journal_option(parser)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     return parser
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 import uuid
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(ROOT))
 
+from bench._journal import Journal, add_journal_option  # noqa: E402
 from bench.common import add_processes_options, as_processes  # noqa: E402
 from pb import (  # noqa: E402
     booking_pb2,
@@ -52,10 +54,12 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
         order: order_pb2_grpc.OrderServiceAsyncStub,
         payment: payment_pb2_grpc.PaymentServiceAsyncStub,
         timeout_seconds: float,
+        journal: Journal | None = None,
     ) -> None:
         self._order = order
         self._payment = payment
         self._timeout = timeout_seconds
+        self._journal = journal
 
     async def HandleSyncBooking(
         self, request: booking_pb2.BookingRequest, context: ServicerContext
@@ -69,6 +73,9 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
         if not request_id:
             request_id = str(uuid.uuid4())
         count = request.Count or 1
+        journal = self._journal
+        if journal is not None and not journal.begin(request_id, _data(request, 0, 0)):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{request_id} was booked before")
         order = await self._order.CreateOrder(
             order_pb2.CreateOrderRequest(
                 RequestID=request_id, ProductID=request.ProductID, Count=count
@@ -79,6 +86,8 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
             ),
             timeout=self._timeout,
         )
+        if journal is not None:
+            journal.step_done(request_id, 0, _data(request, order.OrderID, 0), last=False)
         payment = await self._payment.CreatePayment(
             payment_pb2.CreatePaymentRequest(
                 RequestID=request_id,
@@ -92,6 +101,9 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
             ),
             timeout=self._timeout,
         )
+        if journal is not None:
+            data = _data(request, order.OrderID, payment.PaymentID)
+            journal.step_done(request_id, 1, data, last=True)
         return booking_pb2.BookingSyncResponse(
             RequestID=request_id, OrderID=order.OrderID, PaymentID=payment.PaymentID
         )
@@ -103,8 +115,24 @@ class BaselineBooking(booking_pb2_grpc.BookingServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the baseline only books in sync")
 
 
+def _data(request: booking_pb2.BookingRequest, order_id: int, payment_id: int) -> str:
+    """The booking as the journal keeps it: the request and the ids made so far, as JSON."""
+    return json.dumps(
+        {
+            "product_id": request.ProductID,
+            "count": request.Count or 1,
+            "fault_inject": request.FaultInject,
+            "order_id": order_id,
+            "payment_id": payment_id,
+        }
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM."""
+    journal = None if args.journal is None else Journal(args.journal)
+    if journal is not None:
+        journal.start()
     order_channel = grpc.aio.insecure_channel(args.order)
     payment_channel = grpc.aio.insecure_channel(args.payment)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if args.reuse_port else 0)])
@@ -113,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
             order_pb2_grpc.OrderServiceStub(order_channel),
             payment_pb2_grpc.PaymentServiceStub(payment_channel),
             args.timeout_seconds,
+            journal,
         ),
         server,
     )
@@ -132,6 +161,8 @@ async def serve(args: argparse.Namespace) -> int:
         await server.stop(1.0)
         await order_channel.close(None)
         await payment_channel.close(None)
+        if journal is not None:
+            await journal.close()
     return 0
 
 
@@ -144,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--payment", required=True, help="host:port of the PaymentService")
     parser.add_argument("--timeout-seconds", type=float, default=3.0)
     add_processes_options(parser)
+    add_journal_option(parser)
     args = parser.parse_args(argv)
     return as_processes(args, argv, lambda: uvloop.run(serve(args)))
 

@@ -420,6 +420,17 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_journaled_baseline_option(parser: argparse.ArgumentParser) -> None:
+    """`--journaled-baseline`: the baseline keeps a saga journal by hand (bench/_journal.py)."""
+    parser.add_argument(
+        "--journaled-baseline",
+        action="store_true",
+        help="the baseline records each saga and each step's end in a SQLite file of its own "
+        "before going on (bench/_journal.py), as hand-written code with the framework's "
+        "guarantee would: the framework against hand-written code that keeps a journal too",
+    )
+
+
 def add_console_option(parser: argparse.ArgumentParser) -> None:
     """`--console`: the framework serves its saga console, one live page of it open."""
     parser.add_argument(

@@ -52,6 +52,7 @@ from bench.common import (  # noqa: E402
     MEMORY_BROKER,
     UPSTREAM_TIMEOUT_SECONDS,
     add_console_option,
+    add_journaled_baseline_option,
     add_store_option,
     add_workers_option,
     framework_topology,
@@ -67,6 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HandleSyncBooking throughput: the framework against a hand-written baseline."
     )
     add_store_option(parser)
+    add_journaled_baseline_option(parser)
     add_console_option(parser)
     add_workers_option(parser)
     add_run_options(parser, seconds=10.0, concurrency_help="concurrent callers")

@@ -75,6 +75,7 @@ from bench.common import (  # noqa: E402
     BENCH_DIR,
     DEFAULT_RABBITMQ_URL,
     add_console_option,
+    add_journaled_baseline_option,
     add_store_option,
 )
 from facade import THROTTLING_BOOKING  # noqa: E402
@@ -119,6 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "baseline, on RabbitMQ."
     )
     add_store_option(parser)
+    add_journaled_baseline_option(parser)
     add_console_option(parser)
     add_run_options(parser, seconds=8.0, concurrency_help="callers, so sagas in flight")
     args = parser.parse_args(argv)

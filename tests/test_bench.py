@@ -24,6 +24,7 @@ import aiormq
 import pytest
 
 from bench._broker import rabbitmq_layout
+from bench._journal import Journal, journal_summary
 from bench._runs import Run, summarize_closed
 from bench.common import DEFAULT_RABBITMQ_URL
 from topic import CREATE_ORDER, CREATE_PAYMENT, THROTTLING_CREATE_ORDER, THROTTLING_CREATE_PAYMENT
@@ -317,3 +318,88 @@ def test_a_booking_bench_ends_with_each_side_s_cpu_per_call_and_the_database_s(
         "cpu_ratio=1.200",
         "ratio=1.00",
     ]
+
+
+@pytest.mark.parametrize("script", ["sync_booking", "async_booking"])
+def test_a_journaled_baseline_records_every_saga_it_ran_before_its_effects_go_on(
+    script: str,
+) -> None:
+    """With `--journaled-baseline` the baseline keeps its own SQLite journal, and every saga it
+    ran is in it, COMPLETED, when the bench ends."""
+    output = run_bench(script, *TINY, "--concurrency", "8", "--journaled-baseline")
+    lines = output.splitlines()
+    assert " baseline=journaled" in lines[0], output
+    held = next(line for line in lines if line.startswith("baseline journal: "))
+    counted = re.fullmatch(r"baseline journal: (\d+) sagas \((\d+) COMPLETED\)", held)
+    assert counted and counted.group(1) == counted.group(2) and int(counted.group(1)) > 0, held
+    check_cleaned_up(script.removesuffix("_booking"), output)
+
+
+def test_only_the_rabbitmq_baseline_keeps_a_journal() -> None:
+    """The NATS baseline has none: asking for it is refused before anything starts."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "async_booking.py"),
+            "--broker",
+            "nats://127.0.0.1:4222",
+            "--journaled-baseline",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "only the RabbitMQ baseline keeps a journal" in done.stderr
+
+
+def test_the_hand_written_journal_records_a_saga_once(tmp_path: Path) -> None:
+    """A request id begins one saga; beginning it again is refused."""
+
+    async def scenario() -> tuple[bool, bool]:
+        journal = Journal(tmp_path / "journal.db")
+        try:
+            return journal.begin("r-1", "{}"), journal.begin("r-1", "{}")
+        finally:
+            await journal.close()
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_the_hand_written_journal_moves_a_saga_one_step_at_a_time(tmp_path: Path) -> None:
+    """A step's end is recorded only at the step the saga is at; the last one completes it."""
+
+    async def scenario() -> list[object]:
+        journal = Journal(tmp_path / "journal.db")
+        try:
+            journal.begin("r-1", "{}")
+            return [
+                journal.step_done("r-1", 1, "{}", last=True),
+                journal.at("r-1"),
+                journal.step_done("r-1", 0, "{}", last=False),
+                journal.step_done("r-1", 0, "{}", last=False),
+                journal.at("r-1"),
+                journal.step_done("r-1", 1, "{}", last=True),
+                journal.at("r-1"),
+            ]
+        finally:
+            await journal.close()
+
+    assert asyncio.run(scenario()) == [False, 0, True, False, 1, True, None]
+    assert journal_summary(tmp_path / "journal.db") == {"COMPLETED": 1}
+
+
+def test_the_hand_written_journal_knows_no_saga_it_never_began(tmp_path: Path) -> None:
+    """A hop for a request id never begun finds nothing, and recording its step changes nothing."""
+
+    async def scenario() -> tuple[object, bool]:
+        journal = Journal(tmp_path / "journal.db")
+        try:
+            return journal.at("r-9"), journal.step_done("r-9", 0, "{}", last=False)
+        finally:
+            await journal.close()
+
+    assert asyncio.run(scenario()) == (None, False)
+    assert journal_summary(tmp_path / "journal.db") == {}
