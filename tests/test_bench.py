@@ -70,6 +70,20 @@ def run_bench(script: str, *args: str) -> str:
     return output
 
 
+def usage_error(script: str, *args: str) -> str:
+    """What `bench/<script>.py` with `args` says on stderr, once it refused them (status 2)."""
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused
+    return refused.stderr
+
+
 async def queues_left(prefixes: tuple[str, str], hops: tuple[str, str]) -> list[str]:
     """The queues of both targets' topologies that still exist."""
     topology, _ = rabbitmq_layout(prefixes, hops)
@@ -222,15 +236,7 @@ def test_the_engine_bench_through_rabbitmq_deletes_both_sides_queues() -> None:
 )
 def test_the_engine_bench_refuses_a_broker_it_cannot_run_on(args: list[str]) -> None:
     """`--broker` is RabbitMQ's, for the throttling facade: anything else is a usage error."""
-    refused = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "engine.py"), *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-    )
-    assert refused.returncode == 2, refused
-    assert "--broker takes an amqp:// URL, with --facade throttling" in refused.stderr
+    assert "--broker takes an amqp:// URL, with --facade throttling" in usage_error("engine", *args)
 
 
 def test_the_engine_bench_samples_both_sides_and_compares_them_per_saga(tmp_path: Path) -> None:
@@ -337,22 +343,10 @@ def test_a_journaled_baseline_records_every_saga_it_ran_before_its_effects_go_on
 
 def test_only_the_rabbitmq_baseline_keeps_a_journal() -> None:
     """The NATS baseline has none: asking for it is refused before anything starts."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "async_booking.py"),
-            "--broker",
-            "nats://127.0.0.1:4222",
-            "--journaled-baseline",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
+    refusal = usage_error(
+        "async_booking", "--broker", "nats://127.0.0.1:4222", "--journaled-baseline"
     )
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "only the RabbitMQ baseline keeps a journal" in done.stderr
+    assert "only the RabbitMQ baseline keeps a journal" in refusal
 
 
 def test_the_hand_written_journal_records_a_saga_once(tmp_path: Path) -> None:
