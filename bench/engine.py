@@ -23,6 +23,12 @@ gRPC, upstreams or a second process.
     .venv/bin/python bench/engine.py [--facade sync|throttling] [--sagas 6000] [--runs 3]
         [--store sqlite|memory|URL] [--broker amqp://guest:guest@127.0.0.1:5672/]
 
+On SQLite, whose statements run on the event loop, each run also says how much of the
+framework's CPU per saga went into the store's statements and commits (its writes and the
+hops' position reads, as the store counts them in ``WriterStats.loop_seconds``), so what the
+journal costs and what the rest of the engine costs can be told apart; the median is given
+as ``store_cpu_per_saga_us=X``.
+
 The last line is always ``cpu_per_saga_us=X`` (the median of the framework's
 runs); ``bench/ab.py`` compares it between two revisions.
 """
@@ -61,7 +67,8 @@ from orchestrator import (  # noqa: E402
 )
 from orchestrator.broker import Broker, InMemoryBroker  # noqa: E402
 from orchestrator.config import BrokerSettings  # noqa: E402
-from orchestrator.store import store_from_url  # noqa: E402
+from orchestrator.store import SagaStore, store_from_url  # noqa: E402
+from orchestrator.store.sql import SqlSagaStore  # noqa: E402
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse  # noqa: E402
 
 FACADE = "SyncBooking"
@@ -144,21 +151,26 @@ async def measure(
     warm: bool,
     spy: Path | None,
     database: list[float] | None = None,
+    store: tuple[Callable[[], float], list[float]] | None = None,
 ) -> float:
     """CPU microseconds per saga of `--sagas` sagas, after as many uncounted if `warm`;
     with `spy`, sampled by py-spy into `spy` for part of the measured phase. With
     `database` (and a local PostgreSQL store), the database server's CPU microseconds per
-    saga over the measured phase are appended to it."""
+    saga over the measured phase are appended to it; with `store` (a reading of the
+    store's CPU seconds so far, and a list), the store's CPU microseconds per saga."""
     sagas: int = args.sagas
     if warm:
         await callers(args.concurrency, sagas, saga)
     if spy is None:
         server = args.database_pid if database is not None else None
         before = None if server is None else tree_cpu_seconds(server)
+        store_before = None if store is None else store[0]()
         cpu = await callers(args.concurrency, sagas, saga) * 1e6 / sagas
         after = None if server is None else tree_cpu_seconds(server)
         if database is not None and before is not None and after is not None:
             database.append((after - before) * 1e6 / sagas)
+        if store is not None and store_before is not None:
+            store[1].append((store[0]() - store_before) * 1e6 / sagas)
         return cpu
     done = [0]
     running = asyncio.create_task(callers(args.concurrency, sagas, saga, done))
@@ -182,11 +194,10 @@ def prefixes(tag: str) -> tuple[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def orchestrator_on(broker: Broker, store_url: str) -> AsyncIterator[Orchestrator]:
+async def orchestrator_on(broker: Broker, store: SagaStore) -> AsyncIterator[Orchestrator]:
     """An orchestrator as users build one (no test kit: no faults armed, the default
-    heartbeat and dead-letter rounds) on `broker` and the store at `store_url`, with the
-    engine's facades; closed, with its store, when the block ends."""
-    store = store_from_url(store_url)
+    heartbeat and dead-letter rounds) on `broker` and `store`, with the engine's facades;
+    closed, with its store, when the block ends."""
     await store.start()
     orchestrator = Orchestrator(broker, store=store)
     try:
@@ -202,11 +213,13 @@ async def framework_run(
     tag: str,
     args: argparse.Namespace,
     spy: Path | None,
+    *,
     database: list[float] | None = None,
+    store_cpu: list[float] | None = None,
 ) -> float:
     """CPU microseconds per saga through the facade, after a warm-up of as many sagas (on
-    RabbitMQ, under the prefixes of the run `tag`); the database's appended to `database`
-    (see `measure`)."""
+    RabbitMQ, under the prefixes of the run `tag`); the database's appended to `database`,
+    and on SQLite the store's own on the loop to `store_cpu` (see `measure`)."""
     async with contextlib.AsyncExitStack() as stack:
         if args.broker is None:
             broker: Broker = InMemoryBroker(BrokerSettings())
@@ -214,7 +227,8 @@ async def framework_run(
             prefix, _ = prefixes(tag)
             broker = rabbitmq_broker(args.broker, prefix, args.prefetch)
             await stack.enter_async_context(deleted_after(args.broker, prefix, HOPS))
-        orchestrator = await stack.enter_async_context(orchestrator_on(broker, store_url))
+        store = store_from_url(store_url)
+        orchestrator = await stack.enter_async_context(orchestrator_on(broker, store))
         flow = orchestrator.get_sync_facade(FACADE)
         throttled = orchestrator.get_throttling_facade(THROTTLING)
 
@@ -226,7 +240,17 @@ async def framework_run(
             return flow.run(new_request_id(tag), BookingRequest(ProductID=1))
 
         saga = throttling if args.facade == "throttling" else sync
-        return await measure(args, saga, warm=True, spy=spy, database=database)
+        reading = None
+        # SQLite's statements run on the loop, and the store counts their CPU (revisions
+        # before it did not: ab.py runs this bench on them too).
+        stats = store.stats if isinstance(store, SqlSagaStore) else None
+        if (
+            store_url.startswith("sqlite")
+            and hasattr(stats, "loop_seconds")
+            and store_cpu is not None
+        ):
+            reading = (lambda: stats.loop_seconds), store_cpu
+        return await measure(args, saga, warm=True, spy=spy, database=database, store=reading)
 
 
 async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> float:
@@ -272,6 +296,7 @@ async def main(args: argparse.Namespace) -> None:
     framework: list[float] = []
     baseline: list[float] = []
     database: list[float] = []
+    store_cpu: list[float] = []
     args.database_pid = find_database_pid(args.store)
     if args.py_spy is not None:  # an earlier invocation's counts would pass for this one's
         for side in (args.py_spy, spy_output(args.py_spy, "baseline")):
@@ -286,7 +311,9 @@ async def main(args: argparse.Namespace) -> None:
             if args.broker is not None:
                 print(f"run {run} prefixes={','.join(prefixes(tag))}", flush=True)
             spy = args.py_spy if run == 1 else None
-            framework.append(await framework_run(url, tag, args, spy, database))
+            framework.append(
+                await framework_run(url, tag, args, spy, database=database, store_cpu=store_cpu)
+            )
             baseline.append(await baseline_run(tag, args, spy and spy_output(spy, "baseline")))
             print(
                 f"run {run}: framework {framework[-1]:.0f} us/saga,"
@@ -294,10 +321,18 @@ async def main(args: argparse.Namespace) -> None:
                 + (f", database {database[-1]:.0f} us/saga" if len(database) == run else ""),
                 flush=True,
             )
+            if len(store_cpu) == run:
+                print(
+                    f"  of the framework's, the store's statements and commits on the loop:"
+                    f" {store_cpu[-1]:.0f} us/saga",
+                    flush=True,
+                )
     if args.py_spy is not None:
         print_comparison(args.py_spy)
     if database:
         print(f"database_cpu_per_saga_us={statistics.median(database):.0f}")
+    if store_cpu:
+        print(f"store_cpu_per_saga_us={statistics.median(store_cpu):.0f}")
     print(f"baseline_cpu_per_saga_us={statistics.median(baseline):.0f}")
     print(f"cpu_per_saga_us={statistics.median(framework):.0f}")
 

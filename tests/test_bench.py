@@ -192,6 +192,22 @@ def test_the_engine_bench_compares_the_facade_with_its_nodes_awaited_by_hand() -
     assert re.search(r"\ncpu_per_saga_us=\d+\n$", output), output
 
 
+def test_the_engine_bench_on_sqlite_says_how_much_of_the_framework_s_cpu_the_store_took() -> None:
+    """On SQLite, whose statements run on the loop, each run says how much of the
+    framework's CPU per saga went into the store's statements and commits (some, never all
+    of it), and their median is a figure of its own for `ab.py --also`."""
+    output = run_bench("engine", "--facade", "sync", "--sagas", "300", "--runs", "1")
+    framework = re.search(r"^run 1: framework (\d+) us/saga", output, re.M)
+    store = re.search(
+        r"^  of the framework's, the store's statements and commits on the loop: (\d+) us/saga$",
+        output,
+        re.M,
+    )
+    assert framework and store, output
+    assert 0 < int(store[1]) < int(framework[1]), output
+    assert re.search(r"\nstore_cpu_per_saga_us=\d+\n(.+\n)+cpu_per_saga_us=\d+\n$", output), output
+
+
 def test_the_engine_bench_on_postgresql_gives_the_database_s_cpu_per_saga(
     postgres_url: str,
 ) -> None:

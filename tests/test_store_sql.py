@@ -135,6 +135,23 @@ async def test_group_commit_makes_200_concurrent_sagas_durable(open_store: Store
         ]
 
 
+async def test_sqlite_s_statements_count_their_cpu_on_the_loop_and_postgresql_s_count_none(
+    store: SqlSagaStore, store_url: str
+) -> None:
+    """SQLite's statements run on the event loop: the store counts the CPU they take there
+    (`WriterStats.loop_seconds`), its batches' and its position reads'. PostgreSQL is reached
+    by asynchronous I/O, whose time on the loop is not the store's alone: it counts none."""
+    await asyncio.gather(*(run_saga(store, f"saga-{i:02d}") for i in range(50)))
+    written = store.stats.loop_seconds
+    assert await store.position(FACADE, "saga-00") is not None
+    read = store.stats.loop_seconds
+
+    if is_sqlite(store_url):
+        assert 0 < written < read
+    else:
+        assert written == read == 0
+
+
 async def test_a_bad_write_fails_alone_and_spares_its_batch(
     store: SqlSagaStore, store_url: str
 ) -> None:

@@ -40,7 +40,7 @@ log = logging.getLogger("orchestrator.store.sql")
 class WriterStats:
     """What the writer has done so far: how well group commit is batching."""
 
-    __slots__ = ("failed_batches", "largest_batch", "ops", "transactions")
+    __slots__ = ("failed_batches", "largest_batch", "loop_seconds", "ops", "transactions")
 
     def __init__(self) -> None:
         self.ops = 0
@@ -50,6 +50,11 @@ class WriterStats:
         self.largest_batch = 0
         self.failed_batches = 0
         """Transactions that failed (their ops were failed or split and retried)."""
+        self.loop_seconds = 0.0
+        """CPU seconds the event loop's thread spent in the database library: on SQLite,
+        whose statements run on the loop, its batches and the point reads it serves; 0 on
+        a database reached by asynchronous I/O (PostgreSQL), whose time interleaves with
+        everything else on the loop."""
 
 
 @dataclass(frozen=True, slots=True)
