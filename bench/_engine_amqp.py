@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import aio_pika
@@ -30,6 +30,8 @@ from orchestrator.config import BrokerSettings
 
 DELIVERY_LIMIT: Final = 5
 """deployment/local/app.yaml's `delivery_limit`."""
+SETTLE_SECONDS: Final = 10.0
+"""How long the hand-written side's last hops may take to ack once its callers are done."""
 
 Run = Callable[[str], Awaitable[object]]
 """Runs the hand-written saga of a request id to its end."""
@@ -74,6 +76,25 @@ class HandWritten:
         self._first = f"{prefix}{names[0]}"
         self._second = f"{prefix}{names[1]}"
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # Hops being handled: the last caller wakes before its first hop's ack is sent.
+        self._handling = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def settled(self) -> None:
+        """Return once no hop is being handled (every delivery taken so far acked)."""
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def _handled(self) -> Iterator[None]:
+        self._handling += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
 
     async def run(self, request_id: str) -> dict[str, Any]:
         """Publish the saga's first hop and wait for its last one's end."""
@@ -88,21 +109,23 @@ class HandWritten:
 
     async def first_hop(self, message: AbstractIncomingMessage) -> None:
         """Run the first node, publish the second hop (confirmed), ack."""
-        body = json.loads(message.body)
-        await asyncio.sleep(0)
-        body["order_id"] = 7
-        await publish(self._exchange, self._second, body, f"{body['request_id']}:1")
-        await message.ack()
+        with self._handled():
+            body = json.loads(message.body)
+            await asyncio.sleep(0)
+            body["order_id"] = 7
+            await publish(self._exchange, self._second, body, f"{body['request_id']}:1")
+            await message.ack()
 
     async def second_hop(self, message: AbstractIncomingMessage) -> None:
         """Run the last node, ack, wake the caller."""
-        body = json.loads(message.body)
-        await asyncio.sleep(0)
-        body["payment_id"] = 9
-        await message.ack()
-        future = self._waiting.pop(body["request_id"], None)
-        if future is not None and not future.done():
-            future.set_result(body)
+        with self._handled():
+            body = json.loads(message.body)
+            await asyncio.sleep(0)
+            body["payment_id"] = 9
+            await message.ack()
+            future = self._waiting.pop(body["request_id"], None)
+            if future is not None and not future.done():
+                future.set_result(body)
 
 
 @contextlib.asynccontextmanager
@@ -123,6 +146,9 @@ async def hand_written(
             queue = await channel.get_queue(f"{prefix}{name}", ensure=False)
             await queue.consume(hop)
         yield saga.run
+        # The callers are done, but a first hop may not have sent its ack yet: closing now
+        # would hand its message back to the queue.
+        await asyncio.wait_for(saga.settled(), SETTLE_SECONDS)
     finally:
         await connection.close()
         left = await delete_topology(url, *topology(prefix, names))
