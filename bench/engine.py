@@ -240,10 +240,10 @@ async def framework_run(
             return flow.run(new_request_id(tag), BookingRequest(ProductID=1))
 
         saga = throttling if args.facade == "throttling" else sync
-        reading = None
         # SQLite's statements run on the loop, and the store counts their CPU (revisions
         # before it did not: ab.py runs this bench on them too).
         stats = store.stats if isinstance(store, SqlSagaStore) else None
+        reading = None
         if (
             store_url.startswith("sqlite")
             and hasattr(stats, "loop_seconds")

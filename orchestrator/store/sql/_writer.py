@@ -38,7 +38,8 @@ log = logging.getLogger("orchestrator.store.sql")
 
 
 class WriterStats:
-    """What the writer has done so far: how well group commit is batching."""
+    """What the writer has done so far: how well group commit is batching, and (on SQLite)
+    what its statements cost the event loop."""
 
     __slots__ = ("failed_batches", "largest_batch", "loop_seconds", "ops", "transactions")
 
