@@ -609,6 +609,8 @@ def test_the_console_is_usable_with_the_keyboard_alone(
 def test_the_pages_fit_a_phone_width_window(
     service: Service, chromium: Browser, booked: dict[str, str], screenshots: Path
 ) -> None:
+    from playwright.sync_api import expect  # with the browser tests, as the rest of playwright
+
     phone = chromium.new_context(
         viewport={"width": 390, "height": 844}, timezone_id=TIME_ZONE, is_mobile=True
     )
@@ -620,7 +622,10 @@ def test_the_pages_fit_a_phone_width_window(
         sign_in(tab, service, READ_TOKEN)
         assert fits_the_width(tab)
         cells = tab.page.locator(f"{row(tab, request_id)} td")
-        assert cells.first.evaluate("cell => getComputedStyle(cell).display") == "block"
+        # Each row is a stack of blocks. Asked through `expect`, which retries: the list is
+        # rendered again as its sagas change, and a cell read while it is being replaced has
+        # no computed style at all.
+        expect(cells.first).to_have_css("display", "block")
         tab.page.screenshot(path=screenshots / "console-sagas-phone.png", full_page=True)
 
         open_saga(tab, service, request_id, "SyncBooking")
