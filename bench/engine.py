@@ -68,7 +68,7 @@ from orchestrator import (  # noqa: E402
 from orchestrator.broker import Broker, InMemoryBroker  # noqa: E402
 from orchestrator.config import BrokerSettings  # noqa: E402
 from orchestrator.store import SagaStore, store_from_url  # noqa: E402
-from orchestrator.store.sql import SqlSagaStore  # noqa: E402
+from orchestrator.store.sql import SqlSagaStore, WriterStats  # noqa: E402
 from pb.booking_pb2 import BookingRequest, BookingSyncResponse  # noqa: E402
 
 FACADE = "SyncBooking"
@@ -151,26 +151,26 @@ async def measure(
     warm: bool,
     spy: Path | None,
     database: list[float] | None = None,
-    store: tuple[Callable[[], float], list[float]] | None = None,
+    store: tuple[WriterStats, list[float]] | None = None,
 ) -> float:
     """CPU microseconds per saga of `--sagas` sagas, after as many uncounted if `warm`;
     with `spy`, sampled by py-spy into `spy` for part of the measured phase. With
     `database` (and a local PostgreSQL store), the database server's CPU microseconds per
-    saga over the measured phase are appended to it; with `store` (a reading of the
-    store's CPU seconds so far, and a list), the store's CPU microseconds per saga."""
+    saga over the measured phase are appended to it; with `store` (a SQLite store's
+    stats and a list), the CPU microseconds per saga its statements took on the loop."""
     sagas: int = args.sagas
     if warm:
         await callers(args.concurrency, sagas, saga)
     if spy is None:
         server = args.database_pid if database is not None else None
         before = None if server is None else tree_cpu_seconds(server)
-        store_before = None if store is None else store[0]()
+        store_before = None if store is None else store[0].loop_seconds
         cpu = await callers(args.concurrency, sagas, saga) * 1e6 / sagas
         after = None if server is None else tree_cpu_seconds(server)
         if database is not None and before is not None and after is not None:
             database.append((after - before) * 1e6 / sagas)
         if store is not None and store_before is not None:
-            store[1].append((store[0]() - store_before) * 1e6 / sagas)
+            store[1].append((store[0].loop_seconds - store_before) * 1e6 / sagas)
         return cpu
     done = [0]
     running = asyncio.create_task(callers(args.concurrency, sagas, saga, done))
@@ -243,14 +243,10 @@ async def framework_run(
         # SQLite's statements run on the loop, and the store counts their CPU (revisions
         # before it did not: ab.py runs this bench on them too).
         stats = store.stats if isinstance(store, SqlSagaStore) else None
-        reading = None
-        if (
-            store_url.startswith("sqlite")
-            and hasattr(stats, "loop_seconds")
-            and store_cpu is not None
-        ):
-            reading = (lambda: stats.loop_seconds), store_cpu
-        return await measure(args, saga, warm=True, spy=spy, database=database, store=reading)
+        counted = None
+        if stats is not None and hasattr(stats, "loop_seconds") and store_cpu is not None:
+            counted = (stats, store_cpu) if store_url.startswith("sqlite") else None
+        return await measure(args, saga, warm=True, spy=spy, database=database, store=counted)
 
 
 async def baseline_run(tag: str, args: argparse.Namespace, spy: Path | None) -> float:
